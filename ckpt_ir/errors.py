@@ -1,0 +1,80 @@
+"""The one exception hierarchy of ckpt-ir.
+
+Every error a user can cause derives from :class:`CheckpointError` and renders as one line.
+The CLI maps them to exit code 2; :class:`InternalError` (our bug) maps to exit code 1.
+Structured fields (``path``, ``tensor``) let callers react without parsing messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "DestinationExistsError",
+    "FormatError",
+    "IncompatibleLayoutError",
+    "InternalError",
+    "MissingConfigError",
+    "PlanError",
+    "UnsafeCheckpointError",
+]
+
+
+class CheckpointError(Exception):
+    """Base of every input or user error; ``str()`` is one line."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None,
+                 tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.tensor = tensor
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.tensor is not None and self.tensor not in self.message:
+            parts.append(f"(tensor {self.tensor})")
+        if self.path is not None and self.path not in self.message:
+            parts.append(f"[{self.path}]")
+        return " ".join(parts).replace("\n", " ")
+
+
+class FormatError(CheckpointError):
+    """The input is not a recognised format, or uses an unsupported architecture or variant."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Truncated files, bad headers or offsets, missing shards, inconsistent metadata."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle references a global outside the allow-list; nothing was executed."""
+
+
+class IncompatibleLayoutError(CheckpointError):
+    """A parallel layout that cannot hold this model (e.g. TP does not divide KV groups)."""
+
+
+class MissingConfigError(CheckpointError):
+    """No model configuration could be found or derived for the checkpoint."""
+
+
+class DestinationExistsError(CheckpointError):
+    """The destination exists and ``overwrite`` was not requested."""
+
+
+class PlanError(CheckpointError):
+    """The conversion plan is invalid; carries every problem found, not just the first."""
+
+    def __init__(self, problems: Sequence[str], *, path: str | Path | None = None) -> None:
+        self.problems = list(problems)
+        head = self.problems[0] if self.problems else "invalid plan"
+        more = f" (and {len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else ""
+        super().__init__(f"{head}{more}", path=path)
+
+
+class InternalError(Exception):
+    """A broken invariant inside ckpt-ir: a bug, never the user's input."""

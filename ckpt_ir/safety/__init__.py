@@ -1,0 +1,1 @@
+"""Safe loading of pickled inputs: nothing in a checkpoint is ever executed."""
