@@ -13,6 +13,7 @@ from pathlib import Path
 __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
+    "DestinationError",
     "DestinationExistsError",
     "FormatError",
     "IncompatibleLayoutError",
@@ -64,6 +65,10 @@ class MissingConfigError(CheckpointError):
 
 class DestinationExistsError(CheckpointError):
     """The destination exists and ``overwrite`` was not requested."""
+
+
+class DestinationError(CheckpointError):
+    """The destination cannot be written (read-only, full, permission denied)."""
 
 
 class PlanError(CheckpointError):

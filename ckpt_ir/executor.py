@@ -1,0 +1,153 @@
+"""Execute a validated plan: stream units from a reader through transforms into a writer.
+
+Memory holds one unit at a time (the plan's ``peak_bytes``); tensors read from mmap-backed
+files stay views until a transform needs a copy. Output goes to a temporary sibling directory
+that replaces the destination only after the writer has fsynced everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from ckpt_ir.errors import (
+    CheckpointError,
+    DestinationError,
+    DestinationExistsError,
+    InternalError,
+)
+from ckpt_ir.planner import Plan
+
+__all__ = ["TEMP_MARKER", "atomic_directory", "execute", "fsync_dir"]
+
+log = logging.getLogger(__name__)
+
+TEMP_MARKER = ".ckpt-ir-tmp-"
+"""Temporary output directories are named ``.<dest name>.ckpt-ir-tmp-<pid>-<id>``."""
+
+
+def execute(plan: Plan, reader, writer, *,
+            on_progress: Callable[[int], None] | None = None) -> None:
+    """Run every unit of ``plan``: read sources, invert their transforms, apply the targets'."""
+    specs = {s.name: s for s in plan.dest_specs}
+    writer.begin(plan.dest_specs)
+    for unit in plan.units:
+        ir: dict[str, torch.Tensor] = {}
+        for b in unit.sources:
+            native = reader.read(b.native)
+            for role, tensor in b.transform.inverse(native).items():
+                ir[b.ir[role]] = tensor
+        for b in unit.targets:
+            out = b.transform.apply({role: ir[name] for role, name in b.ir.items()})
+            spec = specs[b.native]
+            if out.dtype != spec.dtype:
+                out = out.to(spec.dtype)
+            if tuple(out.shape) != spec.shape:
+                raise InternalError(f"{b.native}: produced shape {tuple(out.shape)}, "
+                                    f"planned {spec.shape}")
+            writer.write(b.native, out)
+        del ir
+        if on_progress is not None:
+            on_progress(unit.bytes_written)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stale_temps(dest: Path) -> list[Path]:
+    prefix = f".{dest.name}{TEMP_MARKER}"
+    if not dest.parent.is_dir():
+        return []
+    return [p for p in dest.parent.iterdir() if p.name.startswith(prefix)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(dest: Path) -> list[str]:
+    """Remove temp dirs left by killed runs for ``dest`` (their pid is gone); report them."""
+    removed = []
+    for p in _stale_temps(dest):
+        try:
+            pid = int(p.name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+            log.warning("removed %s left behind by an interrupted run", p)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False,
+                     protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``dest``; rename it onto ``dest`` on success.
+
+    ``protect`` lists source paths the destination must neither be nor contain nor be inside.
+    On any exception the temporary directory is removed and ``dest`` is left as it was.
+    """
+    dest = Path(dest).absolute()
+    for src in protect:
+        src = src.resolve()
+        d = dest.resolve() if dest.exists() else dest
+        if d == src or src in d.parents or d in src.parents:
+            raise DestinationExistsError(
+                f"destination {dest} overlaps the source {src}; ckpt-ir never writes into "
+                "its source", path=dest)
+    if dest.exists() and not overwrite:
+        raise DestinationExistsError(f"destination {dest} exists (pass --overwrite to replace "
+                                     "it)", path=dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(dest)
+        tmp = dest.parent / f".{dest.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise _os_error(e, dest) from e
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if dest.exists():
+            trash = dest.parent / f".{dest.name}{TEMP_MARKER}{os.getpid()}-old"
+            os.replace(dest, trash)
+            os.replace(tmp, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(e, dest) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _os_error(e: OSError, dest: Path) -> CheckpointError:
+    if e.errno == errno.ENOSPC:
+        return DestinationError(f"no space left on the device holding {dest}", path=dest)
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DestinationError(f"cannot write {dest}: {os.strerror(e.errno)}", path=dest)
+    return DestinationError(f"cannot write {dest}: {e.strerror or e}", path=dest)

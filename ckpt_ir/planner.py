@@ -1,0 +1,210 @@
+"""Plan a conversion from metadata alone, then validate it before any byte is written.
+
+The plan is a list of *units*: the smallest sets of source tensors and destination tensors that
+must be in memory together (one layer's fused QKV and its q/k/v, say). Units are the connected
+components of the graph source native -> IR tensor -> destination native, so a fused tensor is
+read once however many destination tensors it feeds. Peak memory is the largest unit, never the
+model. Every problem found is collected and raised together as one :class:`PlanError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckpt_ir.errors import PlanError
+from ckpt_ir.ir import ModelConfig, Shape, TensorSpec, dtype_name
+from ckpt_ir.tables import Binding, NativeParams, Table, build_table
+
+__all__ = ["DROPPABLE", "Plan", "Unit", "make_plan"]
+
+# Source tensors that no table maps but that are safe to leave out, with the reason reported.
+DROPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(^|\.)_extra_state(/|$)"), "extra state (TE FP8 metadata), not a weight"),
+    (re.compile(r"^optimizer\."), "optimizer state"),
+    (re.compile(r"rotary_emb\.inv_freq$"), "rotary inverse frequencies (derived from the config)"),
+)
+_TIED_COPIES = ("lm_head.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """Source tensors read together and the destination tensors made from them."""
+
+    sources: tuple[Binding, ...]
+    targets: tuple[Binding, ...]
+    bytes_read: int
+    bytes_written: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    source_format: str
+    dest_format: str
+    config: ModelConfig
+    units: tuple[Unit, ...]
+    dest_specs: tuple[TensorSpec, ...]
+    ir_specs: Mapping[str, TensorSpec]
+    dropped: Mapping[str, str]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(u.bytes_read for u in self.units)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(u.bytes_written for u in self.units)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((u.peak_bytes for u in self.units), default=0)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able figures for ``--dry-run`` and reports."""
+        largest = max(self.units, key=lambda u: u.peak_bytes, default=None)
+        return {
+            "source_format": self.source_format,
+            "dest_format": self.dest_format,
+            "architecture": self.config.architecture,
+            "num_layers": self.config.num_layers,
+            "ir_tensors": len(self.ir_specs),
+            "dest_tensors": len(self.dest_specs),
+            "units": len(self.units),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "peak_bytes_estimate": self.peak_bytes,
+            "largest_unit": [b.native for b in largest.targets] if largest else [],
+            "dropped": dict(sorted(self.dropped.items())),
+            "dest_dtypes": sorted({dtype_name(s.dtype) for s in self.dest_specs}),
+            "notes": list(self.notes),
+        }
+
+
+class _Components:
+    """Union-find over source bindings (by native name)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _shape_of(binding: Binding, schema: Mapping[str, Shape]) -> Shape:
+    return tuple(binding.transform.shapes({r: schema[n] for r, n in binding.ir.items()}))
+
+
+def make_plan(*, source_format: str, source_naming: str, source_params: NativeParams,
+              source_tensors: Mapping[str, TensorSpec], source_dropped: Mapping[str, str],
+              config: ModelConfig, dest_format: str, dest_naming: str,
+              dest_params: NativeParams, dtype: torch.dtype | None = None,
+              notes: tuple[str, ...] = ()) -> Plan:
+    """Build and validate the plan; raises :class:`PlanError` listing every problem."""
+    schema = config.schema()
+    src: Table = build_table(source_naming, config, source_params)
+    dst: Table = build_table(dest_naming, config, dest_params)
+    problems: list[str] = []
+    dropped: dict[str, str] = dict(source_dropped)
+
+    # 1. Every source tensor is mapped (with the shape the config implies) or dropped.
+    for name, spec in source_tensors.items():
+        binding = src.by_native.get(name)
+        if binding is None:
+            if name in _TIED_COPIES and config.tie_word_embeddings:
+                dropped[name] = "tied to the input embedding (tie_word_embeddings=true)"
+                continue
+            reason = next((why for pat, why in DROPPABLE if pat.search(name)), None)
+            if reason is None:
+                problems.append(f"source tensor {name} {list(spec.shape)} is not mapped by the "
+                                f"{config.architecture} {source_naming} table")
+            else:
+                dropped[name] = reason
+            continue
+        expected = _shape_of(binding, schema)
+        if tuple(spec.shape) != expected:
+            problems.append(f"source tensor {name} has shape {list(spec.shape)}, but the config "
+                            f"implies {list(expected)}")
+
+    # 2. Every IR tensor has a source, and gets the dtype of the native tensor it comes from.
+    ir_specs: dict[str, TensorSpec] = {}
+    for ir_name, shape in schema.items():
+        hit = src.by_ir.get(ir_name)
+        if hit is None or hit[0].native not in source_tensors:
+            native = hit[0].native if hit else "?"
+            problems.append(f"IR tensor {ir_name} has no source (expected {native})")
+            continue
+        ir_specs[ir_name] = TensorSpec(ir_name, shape, source_tensors[hit[0].native].dtype)
+    if problems:
+        raise PlanError(problems)
+
+    # 3. Destination tensors, their dtype, and units = connected components over sources.
+    comps = _Components()
+    dest_specs: list[TensorSpec] = []
+    dest_sources: list[list[Binding]] = []
+    for b in dst.bindings:
+        parts = [ir_specs[n] for n in b.ir.values()]
+        dtypes = {p.dtype for p in parts}
+        if dtype is not None:
+            out_dtype = dtype if all(p.dtype.is_floating_point for p in parts) else parts[0].dtype
+        elif len(dtypes) == 1:
+            out_dtype = parts[0].dtype
+        else:
+            problems.append(f"destination tensor {b.native} fuses parts of different dtypes "
+                            f"{sorted(dtype_name(d) for d in dtypes)}; pass an explicit dtype")
+            continue
+        dest_specs.append(TensorSpec(b.native, _shape_of(b, schema), out_dtype))
+        sources = list({src.by_ir[n][0].native: src.by_ir[n][0] for n in b.ir.values()}.values())
+        dest_sources.append(sources)
+        for s in sources[1:]:
+            comps.union(sources[0].native, s.native)
+    if problems:
+        raise PlanError(problems)
+
+    groups: dict[str, tuple[list[Binding], list[int]]] = {}
+    for i, sources in enumerate(dest_sources):
+        root = comps.find(sources[0].native)
+        srcs, targets = groups.setdefault(root, ([], []))
+        for s in sources:
+            if s not in srcs:
+                srcs.append(s)
+        targets.append(i)
+
+    units: list[Unit] = []
+    written: set[str] = set()
+    for srcs, target_idx in groups.values():
+        targets = tuple(dst.bindings[i] for i in target_idx)
+        read = sum(source_tensors[s.native].nbytes for s in srcs)
+        ir_bytes = sum(ir_specs[n].nbytes for s in srcs for n in s.ir.values())
+        out = sum(dest_specs[i].nbytes for i in target_idx)
+        units.append(Unit(tuple(srcs), targets, read, out, read + ir_bytes + out))
+        for t in targets:
+            if t.native in written:
+                problems.append(f"destination tensor {t.native} would be written twice")
+            written.add(t.native)
+    if written != {s.name for s in dest_specs}:
+        problems.append("some destination tensors are not produced by any unit")
+    if problems:
+        raise PlanError(problems)
+
+    # Units run in destination order, so writers see tensors in the order they were declared.
+    order = {s.name: i for i, s in enumerate(dest_specs)}
+    units.sort(key=lambda u: order[u.targets[0].native])
+    rank = {t.native: i for i, u in enumerate(units) for t in u.targets}
+    ordered_specs = tuple(sorted(dest_specs, key=lambda s: rank[s.name]))
+    return Plan(source_format, dest_format, config, tuple(units), ordered_specs,
+                ir_specs, dropped, notes)

@@ -1,0 +1,91 @@
+"""The one Reader/Writer protocol every format implements, and the options writers take.
+
+A reader exposes *native* tensors (the format's own names, with the unsharded layout of its
+naming family, see :mod:`ckpt_ir.tables`) and reads them lazily; a writer accepts native tensors
+one at a time after being told, from the plan, every tensor it will receive. Readers and writers
+know files, not models: the planner decides what goes where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.tables import NativeParams
+
+__all__ = ["Reader", "SourceFiles", "WriteOptions", "Writer"]
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """Non-weight files a reader carries along (tokenizer, generation config), by file name."""
+
+    files: Mapping[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Options every writer understands; format-specific ones go in ``extra``."""
+
+    dtype: torch.dtype | None = None
+    pad_vocab_to_multiple: int | None = None
+    max_shard_bytes: int = 5 * 1000**3
+    trust_pickles: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Lazy read access to one checkpoint in one format."""
+
+    format: ClassVar[str]
+    naming: ClassVar[str]
+    path: Path
+    config: ModelConfig
+    params: NativeParams
+
+    def tensors(self) -> Mapping[str, TensorSpec]:
+        """Every native model tensor with its global (unsharded) shape and dtype."""
+
+    def dropped(self) -> Mapping[str, str]:
+        """Entries that are not model weights (optimizer, rng, extra state) -> why skipped."""
+
+    def read(self, name: str) -> torch.Tensor:
+        """One native tensor, reading only the regions it needs. May be a read-only view."""
+
+    def source_files(self) -> SourceFiles:
+        """Tokenizer and other files a destination should carry."""
+
+    def describe(self) -> dict[str, Any]:
+        """Format-specific facts for ``ckpt-ir inspect`` (layout, resolved paths, notes)."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """Writes one checkpoint in one format into a (temporary) directory."""
+
+    format: ClassVar[str]
+    naming: ClassVar[str]
+    params: NativeParams
+
+    @classmethod
+    def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
+        """The physical choices this writer will make, known before it is constructed."""
+
+    def begin(self, specs: Sequence[TensorSpec]) -> None:
+        """Every native tensor this writer will receive, in the order it will receive them."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def finish(self, source: Reader) -> None:
+        """Write metadata, config and carried files; called once after the last tensor."""
+
+    def abort(self) -> None:
+        """Release resources after a failure; the caller removes the directory."""

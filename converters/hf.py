@@ -1,0 +1,256 @@
+"""``hf``: a Hugging Face transformers model directory.
+
+Reads ``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors`` with
+``model.safetensors.index.json``, or ``pytorch_model*.bin`` (through the restricted unpickler).
+Writes size-capped safetensors shards streamed tensor by tensor into pre-sized files, the index,
+``config.json`` and the tokenizer / generation files carried from the source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.safetensors_file import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    read_header,
+)
+from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
+from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name
+from ckpt_ir.safety.unpickler import load_torch
+from ckpt_ir.tables import NativeParams
+
+__all__ = ["HfReader", "HfWriter", "is_hf_dir"]
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+def is_hf_dir(path: Path) -> bool:
+    """A directory with config.json and HF weight files."""
+    if not (path / "config.json").is_file():
+        return False
+    return any((path / n).is_file() for n in ("model.safetensors", SAFETENSORS_INDEX,
+                                               "pytorch_model.bin", BIN_INDEX))
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        weight_map = data["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{path.name} is not a valid weight index: {e}",
+                                     path=path) from e
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CorruptCheckpointError(f"{path.name}: weight_map must map names to file names",
+                                     path=path)
+    for file in set(weight_map.values()):
+        if Path(file).name != file:
+            raise CorruptCheckpointError(f"{path.name} lists {file!r}, which is not a file in "
+                                         "the checkpoint directory", path=path)
+        if not (path.parent / file).is_file():
+            raise CorruptCheckpointError(f"shard {file} listed in {path.name} is missing",
+                                         path=path.parent / file)
+    return weight_map
+
+
+class HfReader:
+    """Lazy reader of an HF model directory; tensors are zero-copy mmap views."""
+
+    format: ClassVar[str] = "hf"
+    naming: ClassVar[str] = "hf"
+
+    def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
+                 trust_pickles: bool = False, config_candidates: Sequence[Path] = ()) -> None:
+        self.path = Path(path)
+        self._config_dir = Path(hf_config) if hf_config else self.path
+        self.config = ModelConfig.from_hf(load_hf_config(self._config_dir))
+        self.params = NativeParams()
+        self._specs: dict[str, TensorSpec] = {}
+        self._where: dict[str, str] = {}
+        self._open: dict[str, SafetensorsFile] = {}
+        self._bin: dict[str, torch.Tensor] = {}
+        self._trust = trust_pickles
+        self._kind = self._scan()
+
+    def _scan(self) -> str:
+        p = self.path
+        expected: dict[str, str] | None = None
+        if (p / SAFETENSORS_INDEX).is_file():
+            expected = _read_index(p / SAFETENSORS_INDEX)
+            files = sorted(set(expected.values()))
+        elif (p / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        elif (p / BIN_INDEX).is_file() or (p / "pytorch_model.bin").is_file():
+            self._scan_bin()
+            return "pytorch_model.bin"
+        else:
+            raise FormatError(f"no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin "
+                              f"in {p}", path=p)
+        for file in files:
+            header = read_header(p / file)
+            for name, entry in header.entries.items():
+                if name in self._specs:
+                    raise CorruptCheckpointError(f"tensor {name} appears in two shards",
+                                                 path=p / file, tensor=name)
+                self._specs[name] = TensorSpec(name, tuple(entry.shape), entry.dtype)
+                self._where[name] = file
+        if expected is not None:
+            for name, file in expected.items():
+                if self._where.get(name) != file:
+                    raise CorruptCheckpointError(
+                        f"{SAFETENSORS_INDEX} lists {name} in {file}, but that shard does not "
+                        "hold it", path=p / file, tensor=name)
+        return "safetensors"
+
+    def _scan_bin(self) -> None:
+        p = self.path
+        files = sorted(set(_read_index(p / BIN_INDEX).values())) if (p / BIN_INDEX).is_file() \
+            else ["pytorch_model.bin"]
+        for file in files:
+            state = load_torch(p / file, trust=self._trust)
+            if not isinstance(state, Mapping):
+                raise CorruptCheckpointError(f"{file} does not hold a state dict", path=p / file)
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                self._bin[name] = t
+                self._specs[name] = TensorSpec(name, tuple(t.shape), t.dtype)
+                self._where[name] = file
+
+    def tensors(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def dropped(self) -> Mapping[str, str]:
+        return {}
+
+    def read(self, name: str) -> torch.Tensor:
+        if name in self._bin:
+            return self._bin[name]
+        file = self._where.get(name)
+        if file is None:
+            raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name)
+        handle = self._open.get(file)
+        if handle is None:
+            handle = self._open[file] = SafetensorsFile(self.path / file)
+        return handle.get(name)
+
+    def source_files(self) -> SourceFiles:
+        return SourceFiles(carried_files((self.path, self._config_dir)))
+
+    def describe(self) -> dict[str, Any]:
+        files = sorted(set(self._where.values()))
+        return {"weights": self._kind, "files": files, "config_from": str(self._config_dir)}
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+        self._bin.clear()
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class HfWriter:
+    """Streams tensors into pre-sized safetensors shards of at most ``max_shard_bytes``."""
+
+    format: ClassVar[str] = "hf"
+    naming: ClassVar[str] = "hf"
+
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+        self.directory = directory
+        self.config = config
+        self.options = options
+        self.params = self.params_for(config, options)
+        self._shard_of: dict[str, int] = {}
+        self._entries: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
+        self._pending: list[int] = []
+        self._writers: dict[int, SafetensorsWriter] = {}
+        self._names: list[str] = []
+        self._dtypes: set[torch.dtype] = set()
+        self._total = 0
+
+    @classmethod
+    def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
+        """HF names carry no padding and no variants."""
+        return NativeParams()
+
+    def begin(self, specs: Sequence[TensorSpec]) -> None:
+        cap = self.options.max_shard_bytes
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for s in specs:
+            # A tensor larger than the cap gets a shard of its own, as transformers does.
+            if shards[-1] and size + s.nbytes > cap:
+                shards.append([])
+                size = 0
+            shards[-1].append(s)
+            size += s.nbytes
+        self._names = _shard_names(len(shards))
+        for i, shard in enumerate(shards):
+            self._entries.append([(s.name, s.dtype, s.shape) for s in shard])
+            self._pending.append(len(shard))
+            for s in shard:
+                self._shard_of[s.name] = i
+                self._dtypes.add(s.dtype)
+                self._total += s.nbytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        i = self._shard_of.get(name)
+        if i is None:
+            raise InternalError(f"hf writer was not told about {name}")
+        w = self._writers.get(i)
+        if w is None:
+            w = self._writers[i] = SafetensorsWriter(self.directory / self._names[i],
+                                                     self._entries[i], {"format": "pt"})
+        w.write(name, tensor)
+        self._pending[i] -= 1
+        if self._pending[i] == 0:
+            w.close(fsync=True)
+            del self._writers[i]
+
+    def finish(self, source) -> None:
+        if any(self._pending):
+            raise InternalError("hf writer finished with unwritten tensors")
+        if len(self._names) > 1:
+            _write_json(self.directory / SAFETENSORS_INDEX, {
+                "metadata": {"total_size": self._total},
+                "weight_map": {n: self._names[i] for n, i in sorted(self._shard_of.items())},
+            })
+        dtype = self.options.dtype or (next(iter(self._dtypes)) if len(self._dtypes) == 1
+                                        else None)
+        config = self.config.to_hf_dict(dtype=dtype)
+        if dtype is not None:
+            config["dtype"] = dtype_name(dtype)
+        _write_json(self.directory / "config.json", config)
+        for name, path in source.source_files().files.items():
+            shutil.copyfile(path, self.directory / name)
+
+    def abort(self) -> None:
+        for w in self._writers.values():
+            w.abort()
+        self._writers.clear()
