@@ -1,0 +1,59 @@
+"""Small checkpoints written directly (no transformers): fast inputs for format and CLI tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ckpt_ir.ir import ModelConfig
+
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2,
+    "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12,
+    "intermediate_size": 40, "vocab_size": 97, "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 64,
+}
+
+
+def random_state(hf_config: dict[str, Any], *, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    cfg = ModelConfig.from_hf(hf_config)
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g).to(dtype) for n, s in cfg.schema().items()}
+
+
+def write_hf(path: Path, hf_config: dict[str, Any] | None = None, *,
+             dtype: torch.dtype = torch.bfloat16, seed: int = 0, shards: int = 1,
+             extra_files: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """An HF directory with random weights; returns the tensors written."""
+    hf_config = dict(hf_config or TINY_LLAMA)
+    state = random_state(hf_config, dtype=dtype, seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config))
+    names = list(state)
+    if shards == 1:
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for i in range(shards):
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: state[n] for n in names[i * per:(i + 1) * per]}
+            save_file(part, path / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, file))
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
+             "weight_map": weight_map}))
+    for name, text in (extra_files or {}).items():
+        (path / name).write_text(text)
+    return state
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes (to prove a source was not touched)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent set-up for `make demo` / `make test`: a virtualenv in .venv with a CPU torch and
+# pinned dependencies. Re-running is cheap: a stamp records what was installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+TORCH_SPEC=${CKPT_IR_TORCH:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.ckpt-ir-setup"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16) $TORCH_SPEC"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first, pinned: any unpinned torch requirement resolved later would otherwise pull the
+# newest CUDA build (several GB). An already-installed torch that satisfies the pin is kept.
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+fi
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+echo "$want" > "$stamp"
