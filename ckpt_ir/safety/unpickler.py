@@ -890,9 +890,12 @@ def _unpickle(data: bytes | bytearray | memoryview, where: str, path: str | None
         raise
     except CheckpointError:
         raise
+    except EOFError as exc:
+        raise CorruptCheckpointError(f"cannot unpickle {where}: pickle data was truncated",
+                                     path=path) from exc
     except Exception as exc:  # hostile input can raise anything; report it as corruption
-        raise CorruptCheckpointError(
-            f"cannot unpickle {where}: {type(exc).__name__}: {exc}", path=path) from exc
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise CorruptCheckpointError(f"cannot unpickle {where}: {reason}", path=path) from exc
 
 
 # --------------------------------------------------------------------------------------------
