@@ -35,12 +35,12 @@ class CheckpointError(Exception):
         self.tensor = tensor
 
     def __str__(self) -> str:
-        parts = [self.message]
-        if self.tensor is not None and self.tensor not in self.message:
-            parts.append(f"(tensor {self.tensor})")
-        if self.path is not None and self.path not in self.message:
-            parts.append(f"[{self.path}]")
-        return " ".join(parts).replace("\n", " ")
+        # Messages name the tensor themselves (quoted with repr where it came from an untrusted
+        # file); only the path is appended, and only when the message does not carry it.
+        text = self.message
+        if self.path is not None and self.path not in text:
+            text = f"{text} [{self.path}]"
+        return text.replace("\n", " ")
 
 
 class FormatError(CheckpointError):

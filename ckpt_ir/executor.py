@@ -55,6 +55,7 @@ def execute(plan: Plan, reader, writer, *,
                                     f"planned {spec.shape}")
             writer.write(b.native, out)
         del ir
+        reader.release()
         if on_progress is not None:
             on_progress(unit.bytes_written)
 

@@ -64,6 +64,9 @@ class Reader(Protocol):
     def describe(self) -> dict[str, Any]:
         """Format-specific facts for ``ckpt-ir inspect`` (layout, resolved paths, notes)."""
 
+    def release(self) -> None:
+        """Drop mapped pages of data already consumed, so RSS stays at one unit of work."""
+
     def close(self) -> None: ...
 
 

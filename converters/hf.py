@@ -154,6 +154,10 @@ class HfReader:
         files = sorted(set(self._where.values()))
         return {"weights": self._kind, "files": files, "config_from": str(self._config_dir)}
 
+    def release(self) -> None:
+        for f in self._open.values():
+            f.release()
+
     def close(self) -> None:
         for f in self._open.values():
             f.close()
@@ -212,7 +216,10 @@ class HfWriter:
             size += s.nbytes
         self._names = _shard_names(len(shards))
         for i, shard in enumerate(shards):
-            self._entries.append([(s.name, s.dtype, s.shape) for s in shard])
+            # Widest dtypes first keeps every tensor aligned to its item size in the file
+            # (zero-copy reads); the writer accepts tensors in any order.
+            ordered = sorted(shard, key=lambda s: -s.dtype.itemsize)
+            self._entries.append([(s.name, s.dtype, s.shape) for s in ordered])
             self._pending.append(len(shard))
             for s in shard:
                 self._shard_of[s.name] = i

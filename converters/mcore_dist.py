@@ -219,6 +219,9 @@ class McoreDistReader:
             else ">=0.19 (common_state object)",
         }
 
+    def release(self) -> None:
+        self._dcp.release()
+
     def close(self) -> None:
         self._dcp.close()
 

@@ -148,9 +148,8 @@ class StandIn(metaclass=_StandInMeta):
         raise AttributeError(f"stand-in {type(self).module}.{type(self).qualname} has no {name!r}")
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
+        if not isinstance(other, StandIn) or type(other) is not type(self):
             return NotImplemented
-        assert isinstance(other, StandIn)
         return (self.args, self.kwargs, self.state) == (other.args, other.kwargs, other.state)
 
     def __hash__(self) -> int:
@@ -446,12 +445,12 @@ def _rebuild_from_type_v2(*args: Any) -> torch.Tensor:
     _argc("_rebuild_from_type_v2", args, 4, 4)
     func, new_type, func_args, state = args
     rule = _rule_for(func)
-    _check(rule is not None and rule.call in _TENSOR_REBUILDERS.values(),
-           "_rebuild_from_type_v2 with a function that is not a tensor rebuilder")
+    if rule is None or rule.call is None or rule.call not in _TENSOR_REBUILDERS.values():
+        raise pickle.UnpicklingError(
+            "_rebuild_from_type_v2 with a function that is not a tensor rebuilder")
     _check(new_type is torch.Tensor or new_type is torch.nn.Parameter,
            "_rebuild_from_type_v2 with an unsupported tensor type")
     _check(isinstance(func_args, tuple), "_rebuild_from_type_v2 arguments are not a tuple")
-    assert rule is not None and rule.call is not None
     result = rule.call(*func_args)
     if type(result) is not new_type:
         result = result.as_subclass(new_type)
@@ -718,10 +717,10 @@ class RestrictedUnpickler(pickle._Unpickler):
                "unsupported persistent id")
         _, storage_type, key, _location, numel = pid
         dtype = _storage_dtype_by_identity().get(id(storage_type))
-        _check(dtype is not None, "persistent id names an unknown storage type")
+        if dtype is None:
+            raise pickle.UnpicklingError("persistent id names an unknown storage type")
         _check(isinstance(key, str) and _is_int(numel) and numel >= 0,
                "invalid storage key or size")
-        assert dtype is not None
         return self._storages(key, dtype, numel)
 
     # ---- calls ----
@@ -895,6 +894,7 @@ def _unpickle(data: bytes | bytearray | memoryview, where: str, path: str | None
                                      path=path) from exc
     except Exception as exc:  # hostile input can raise anything; report it as corruption
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."  # long bytes reprs
         raise CorruptCheckpointError(f"cannot unpickle {where}: {reason}", path=path) from exc
 
 
@@ -1000,8 +1000,8 @@ class _Archive:
             _check(cached[1:] == (dtype, numel), f"storage {key} is used with two dtypes/sizes")
             return cached[0]
         record = self._records.get(f"data/{key}")
-        _check(record is not None, f"storage record data/{key} is missing")
-        assert record is not None
+        if record is None:
+            raise pickle.UnpicklingError(f"storage record data/{key} is missing")
         nbytes = numel * dtype.itemsize
         _check(record.size == nbytes,
                f"storage record data/{key} has {record.size} bytes, expected {nbytes}")
@@ -1026,7 +1026,16 @@ def _where(path: str | None, offset: int, length: int, whole: bool) -> str:
     return name if whole else f"{name} [bytes {offset}:{offset + length}]"
 
 
-def _warn_trusted(where: str) -> None:
+_WARNED: set[str] = set()
+
+
+def _warn_trusted(where: str, path: str | None = None) -> None:
+    # Once per file: a DCP reader with trust loads hundreds of archives from one .distcp.
+    key = where if path is None else path
+    if key in _WARNED:
+        return
+    if len(_WARNED) < 4096:
+        _WARNED.add(key)
     logger.warning("trust_pickles: unpickling %s without restrictions; code in it will run",
                    where)
 
@@ -1078,7 +1087,7 @@ def load_torch(path: str | os.PathLike[str], *, offset: int = 0, length: int | N
             raise CorruptCheckpointError(f"cannot read {name}: {exc}", path=name) from exc
         length = size - offset if length is None else length
         _check_range(name, size, offset, length)
-        _warn_trusted(_where(name, offset, length, offset == 0 and length == size))
+        _warn_trusted(_where(name, offset, length, offset == 0 and length == size), name)
         if offset == 0 and length == size:
             return torch.load(name, map_location="cpu", weights_only=False, mmap=True)
         with open(name, "rb") as file:

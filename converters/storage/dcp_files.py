@@ -231,8 +231,8 @@ def _coverage_problem(shape: tuple[int, ...], boxes: Sequence[Box]) -> str | Non
     """Why ``boxes`` do not tile ``shape`` exactly (inside, disjoint, complete), or None."""
     for offsets, sizes in boxes:
         if len(offsets) != len(shape) or len(sizes) != len(shape):
-            return (f"chunk at offsets {offsets} has {len(offsets)} dimensions, "
-                    f"the tensor has {len(shape)}")
+            return (f"chunk at offsets {offsets} with sizes {sizes} does not have "
+                    f"{len(shape)} dimensions")
         if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape, strict=True)):
             return f"chunk at offsets {offsets} with sizes {sizes} lies outside its shape {shape}"
     solid = [i for i, (_, sizes) in enumerate(boxes) if _volume(sizes) > 0]
@@ -261,8 +261,8 @@ def _int_tuple(value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _safe_relative(name: Any) -> bool:
-    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+def _safe_relative(name: str) -> bool:
+    if not name or "\\" in name or "\x00" in name:
         return False
     path = PurePosixPath(name)
     return not path.is_absolute() and ".." not in path.parts and path.parts != ()
@@ -303,10 +303,9 @@ class _IndexBuilder:
     def locate(self, fqn: str, what: str, info: _StorageInfo) -> tuple[str, int, int]:
         """Check one storage record against the directory; returns (file, offset, length)."""
         name = getattr(info, "relative_path", None)
-        if not _safe_relative(name):
+        if not isinstance(name, str) or not _safe_relative(name):
             raise self.corrupt(f"storage record for {what} uses path {name!r} that escapes "
                                f"the checkpoint directory", fqn)
-        assert isinstance(name, str)
         transforms = getattr(info, "transform_descriptors", None)
         if transforms:
             raise FormatError(
@@ -443,6 +442,16 @@ class DcpReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def release(self) -> None:
+        """Drop the pages read so far from this process (they stay in the page cache).
+
+        Mapped pages count towards RSS until dropped; a streaming caller calls this after each
+        unit of work. Tensors already returned stay valid (their pages fault back in from the
+        file), but in-place edits made to such views are discarded: copy before editing.
+        """
+        for buffer in self._maps.values():
+            buffer.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         """Drop the file mappings; tensors already returned keep theirs alive."""

@@ -34,7 +34,6 @@ import mmap
 import operator
 import os
 import threading
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -156,7 +155,10 @@ class SafetensorsFile:
         try:
             self.header: SafetensorsHeader = _read_header_fd(fd, path)
             # The mapping keeps its own reference to the file; our descriptor is not needed.
-            self._mmap = mmap.mmap(fd, self.header.file_size, access=mmap.ACCESS_READ)
+            # Copy-on-write rather than read-only: torch cannot mark a tensor read-only, and an
+            # in-place op on a read-only mapping is a SIGSEGV. Nothing here writes, so no page
+            # is ever copied.
+            self._mmap = mmap.mmap(fd, self.header.file_size, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
             # ValueError: the file shrank between the header check and the mapping.
             raise CorruptCheckpointError(
@@ -172,8 +174,8 @@ class SafetensorsFile:
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as a zero-copy view of the file.
 
-        The view is read-only memory that torch cannot mark read-only: writing into it (any
-        in-place op) kills the process with SIGSEGV. ``clone()`` before modifying it. A tensor
+        The mapping is private (copy-on-write): an in-place op changes this process's copy
+        only, never the file, and :meth:`release` discards such changes. A tensor
         whose offset is not a multiple of its item size (never the case in files from
         :class:`SafetensorsWriter` with entries sorted by descending item size, nor from the
         reference writer) is copied instead, because misaligned element pointers are undefined
@@ -195,17 +197,23 @@ class SafetensorsFile:
         # mmap, so close() cannot unmap memory a live tensor still points into.
         view = memoryview(self._mmap)
         itemsize = entry.dtype.itemsize
-        with warnings.catch_warnings():
-            # torch warns that the buffer is not writable; the docstring says so instead.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable",
-                                    category=UserWarning)
-            if offset % itemsize == 0:
-                flat = torch.frombuffer(view, dtype=entry.dtype,
-                                        count=entry.nbytes // itemsize, offset=offset)
-            else:
-                raw = torch.frombuffer(view, dtype=torch.uint8, count=entry.nbytes, offset=offset)
-                flat = raw.clone().view(entry.dtype)
+        if offset % itemsize == 0:
+            flat = torch.frombuffer(view, dtype=entry.dtype,
+                                    count=entry.nbytes // itemsize, offset=offset)
+        else:
+            raw = torch.frombuffer(view, dtype=torch.uint8, count=entry.nbytes, offset=offset)
+            flat = raw.clone().view(entry.dtype)
         return flat.view(entry.shape)
+
+    def release(self) -> None:
+        """Drop the pages read so far from this process (they stay in the page cache).
+
+        Mapped pages count towards RSS until unmapped; a streaming reader calls this after each
+        unit of work so RSS stays at one unit, not the whole file. Tensors still alive remain
+        valid: their pages fault back in from the file.
+        """
+        if self._mmap is not None:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         """Drop the mapping; it is unmapped now, or when the last tensor from it is freed."""

@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import sys
-import textwrap
 import zipfile
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -464,16 +463,23 @@ def test_malicious_pickles_never_run(tmp_path: Path, cls: type, name: str) -> No
 
 # ---- real megatron-core 0.16.1 files ---------------------------------------------------------
 
-MEGATRON_SAVE = textwrap.dedent('''
-    import argparse, os, random, sys
-    import numpy as np
-    import torch
-    # CPU-only torch: megatron's async writer syncs CUDA and builds a tensor on the current
-    # device (reference notes 1.11); both are no-ops here.
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_device = lambda: "cpu"
-    import torch.distributed as dist
-    out, port = sys.argv[1], sys.argv[2]
+MEGATRON_SAVE = """
+import argparse
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+# CPU-only torch: megatron's async writer syncs CUDA and builds a tensor on the current device
+# (reference notes 1.11); both are no-ops here.
+torch.cuda.synchronize = lambda *a, **k: None
+torch.cuda.current_device = lambda: "cpu"
+import torch.distributed as dist
+
+
+def main(out, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=0, world_size=1)
     from megatron.core import dist_checkpointing, tensor_parallel
@@ -483,6 +489,7 @@ MEGATRON_SAVE = textwrap.dedent('''
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
+
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     cfg = TransformerConfig(
@@ -516,7 +523,12 @@ MEGATRON_SAVE = textwrap.dedent('''
         "rng": rng,
     }, os.path.join(os.path.dirname(out), "expected.pt"))
     dist.destroy_process_group()
-''')
+
+
+# megatron's async writer may start worker processes that re-import this file.
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+"""
 
 
 def free_port() -> str:
@@ -593,7 +605,8 @@ def test_real_megatron_checkpoint_loads_restricted(megatron_checkpoint: Path) ->
             assert torch.equal(bits(whole), bits(expected[fqn]))
         extra = [f for f in reader.index.blobs if "_extra_state" in f]
         assert extra and all(reader.read_object(f) == [None] for f in extra)
-        (rng,) = reader.read_object("rng_state/shard_0.0_1.1")
+        # ShardedObject payloads are lists; this one's data is itself a list (as Megatron-LM's).
+        ((rng,),) = reader.read_object("rng_state/shard_0.0_1.1")
         want = expected["rng"]
         assert rng["random_rng_state"] == want["random_rng_state"]
         assert np.array_equal(rng["np_rng_state"][1], want["np_rng_state"][1])
