@@ -1,1 +1,1 @@
-"""Format modules: one Reader/Writer pair per checkpoint format (installed as ckpt_ir.converters)."""
+"""Format modules: one Reader/Writer pair per format (installed as ``ckpt_ir.converters``)."""

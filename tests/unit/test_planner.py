@@ -19,7 +19,8 @@ def _hf_specs(cfg: ModelConfig, dtype=torch.bfloat16) -> dict[str, TensorSpec]:
     return {n: TensorSpec(n, s, dtype) for n, s in cfg.schema().items()}
 
 
-def _plan(cfg, specs, dest="mcore", params=NativeParams(), **kw):
+def _plan(cfg, specs, dest="mcore", params=None, **kw):
+    params = params or NativeParams()
     return make_plan(source_format="hf", source_naming="hf", source_params=NativeParams(),
                      source_tensors=specs, source_dropped={}, config=cfg, dest_format=dest,
                      dest_naming=dest, dest_params=params, **kw)
