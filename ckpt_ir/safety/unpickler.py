@@ -50,7 +50,6 @@ yourself: it uses plain ``pickle``/``torch.load(weights_only=False)`` and logs a
 from __future__ import annotations
 
 import argparse
-import copyreg
 import importlib
 import io
 import logging
@@ -202,6 +201,12 @@ class _Rule:
     obj: Any
     call: Callable[..., Any] | None = None  # REDUCE/INST/OBJ run this instead of obj(*args)
     new: Callable[[], Any] | None = None  # NEWOBJ with no arguments runs this
+
+
+def _function(safe: Callable[..., Any]) -> _Rule:
+    """An allowed *function* resolves to its safe re-implementation, never to the original:
+    a loaded object that holds it (or a planted ``__deepcopy__``) cannot reach the real one."""
+    return _Rule(safe, call=safe)
 
 
 def _argc(name: str, args: tuple[Any, ...], low: int, high: int) -> None:
@@ -467,7 +472,6 @@ def _numpy_rules() -> dict[tuple[str, str], _Rule]:
     # numpy 2 moved numpy.core to numpy._core; pickles name either, both map to the same objects.
     core = importlib.import_module("numpy._core" if hasattr(np, "_core") else "numpy.core")
     multiarray = importlib.import_module(f"{core.__name__}.multiarray")
-    numeric = importlib.import_module(f"{core.__name__}.numeric")
 
     def reconstruct(*args: Any) -> Any:
         # numpy pickles arrays as _reconstruct(ndarray, (0,), b'b') + BUILD(state); the shape
@@ -504,11 +508,9 @@ def _numpy_rules() -> dict[tuple[str, str], _Rule]:
         ("numpy", "dtype"): _Rule(np.dtype, call=dtype),
     }
     for spelling in ("numpy.core", "numpy._core"):
-        rules[(f"{spelling}.multiarray", "_reconstruct")] = _Rule(multiarray._reconstruct,
-                                                                  call=reconstruct)
-        rules[(f"{spelling}.multiarray", "scalar")] = _Rule(multiarray.scalar, call=scalar)
-        rules[(f"{spelling}.numeric", "_frombuffer")] = _Rule(numeric._frombuffer,
-                                                              call=frombuffer)
+        rules[(f"{spelling}.multiarray", "_reconstruct")] = _function(reconstruct)
+        rules[(f"{spelling}.multiarray", "scalar")] = _function(scalar)
+        rules[(f"{spelling}.numeric", "_frombuffer")] = _function(frombuffer)
     dtypes = importlib.import_module("numpy.dtypes")
     for name in dir(dtypes):
         value = getattr(dtypes, name)
@@ -554,11 +556,11 @@ def _table() -> dict[tuple[str, str], _Rule]:
         ("builtins", "bytearray"): _Rule(bytearray, call=_safe_bytearray),
         ("builtins", "slice"): _Rule(slice, call=_safe_slice),
         ("builtins", "complex"): _Rule(complex, call=_safe_complex),
-        ("_codecs", "encode"): _Rule(_safe_codecs_encode, call=_safe_codecs_encode),
+        ("_codecs", "encode"): _function(_safe_codecs_encode),
         ("collections", "OrderedDict"): _Rule(OrderedDict,
                                               call=_iterable_call(OrderedDict, "OrderedDict")),
         ("collections", "defaultdict"): _Rule(defaultdict, call=_safe_defaultdict),
-        ("copyreg", "_reconstructor"): _Rule(copyreg._reconstructor, call=_safe_reconstructor),
+        ("copyreg", "_reconstructor"): _function(_safe_reconstructor),
         ("argparse", "Namespace"): _Rule(argparse.Namespace, call=_safe_namespace,
                                          new=argparse.Namespace),
         ("_io", "BytesIO"): _Rule(io.BytesIO, call=_safe_bytesio, new=io.BytesIO),
@@ -574,17 +576,15 @@ def _table() -> dict[tuple[str, str], _Rule]:
         ("torch", "device"): _Rule(torch.device, call=_safe_device),
         ("torch", "Tensor"): _Rule(torch.Tensor),
         ("torch.nn.parameter", "Parameter"): _Rule(torch.nn.Parameter),
-        ("torch.serialization", "_get_layout"): _Rule(torch.serialization._get_layout,
-                                                      call=_safe_get_layout),
-        ("torch._tensor", "_rebuild_from_type_v2"): _Rule(torch._tensor._rebuild_from_type_v2,
-                                                          call=_rebuild_from_type_v2),
+        ("torch.serialization", "_get_layout"): _function(_safe_get_layout),
+        ("torch._tensor", "_rebuild_from_type_v2"): _function(_rebuild_from_type_v2),
     }
     # Scalars and `object` are referenced (defaultdict factories, _reconstructor base), never
     # called: int(<huge str>) or bytes(<int>) would only cost time and memory.
     for ref in (int, float, str, bytes, bool, object):
         rules[("builtins", ref.__name__)] = _Rule(ref)
     for name, fn in _TENSOR_REBUILDERS.items():
-        rules[("torch._utils", name)] = _Rule(getattr(torch._utils, name), call=fn)
+        rules[("torch._utils", name)] = _function(fn)
     for name, value in vars(torch).items():
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             rules[("torch", name)] = _Rule(value)
@@ -786,8 +786,10 @@ class RestrictedUnpickler(pickle._Unpickler):
         if cls in _dict_state_types():
             if isinstance(state, tuple) and len(state) == 2 and not state[1]:
                 state = state[0]
-            _check(state is None or (isinstance(state, dict)
-                                     and all(type(k) is str for k in state)),
+            # No dunder keys: an instance attribute such as __deepcopy__ or __reduce_ex__ would
+            # be looked up (and called) by copy/pickle on the loaded object later.
+            _check(state is None or (isinstance(state, dict) and all(
+                type(k) is str and not k.startswith("__") for k in state)),
                    f"invalid state for {cls.__qualname__}")
             if state:
                 inst.__dict__.update(state)
@@ -802,8 +804,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         if cls is io.BytesIO:
             _check(isinstance(state, tuple) and len(state) == 3
                    and isinstance(state[0], bytes) and _is_int(state[1])
-                   and (state[2] is None or (isinstance(state[2], dict)
-                                             and all(type(k) is str for k in state[2]))),
+                   and (state[2] is None or (isinstance(state[2], dict) and all(
+                       type(k) is str and not k.startswith("__") for k in state[2]))),
                    "invalid BytesIO state")
             inst.__setstate__(state)
             return

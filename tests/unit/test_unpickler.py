@@ -358,11 +358,25 @@ def test_refusals_name_what_was_refused(data: bytes, message: str) -> None:
         b"N\x87R"),
      "cannot unpickle m.pkl: UnpicklingError: copyreg._reconstructor only admits "
      "(cls, object, None)"),
+    # A planted __deepcopy__ would be called by copy.deepcopy(namespace) later.
+    (p2(g("argparse", "Namespace"), b")\x81}", text("__deepcopy__"), g("builtins", "set"),
+        b"sb"),
+     "cannot unpickle m.pkl: UnpicklingError: invalid state for Namespace"),
 ])
 def test_misuse_of_allowed_names_is_corrupt(data: bytes, message: str) -> None:
     with pytest.raises(CorruptCheckpointError) as info:
         load_pickle(data, path="m.pkl")
     assert str(info.value) == message
+
+
+def test_allowed_functions_resolve_to_safe_stand_ins_not_the_originals() -> None:
+    # A loaded object can hold a function reference; it must not be torch's unchecked one.
+    loaded = load_pickle(pickle.dumps([torch._utils._rebuild_tensor_v2,
+                                       torch._tensor._rebuild_from_type_v2], protocol=2))
+    assert loaded[0] is not torch._utils._rebuild_tensor_v2
+    assert loaded[1] is not torch._tensor._rebuild_from_type_v2
+    with pytest.raises(pickle.UnpicklingError, match="not a storage"):
+        loaded[0](None, 0, (1,), (1,), False, OrderedDict())
 
 
 def test_legacy_torch_files_are_a_format_error(tmp_path: Path) -> None:
