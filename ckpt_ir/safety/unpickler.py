@@ -654,6 +654,7 @@ def _describe(obj: Any) -> str:
 # Python 2 module names that protocol 0-2 pickles (torch.save's default) still write.
 _MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
+
 @cache
 def _dict_state_types() -> tuple[type, ...]:
     """Classes whose BUILD state is applied as a plain ``__dict__`` update (no setattr)."""
@@ -969,12 +970,15 @@ class _Archive:
                 raise CorruptCheckpointError(
                     f"record {info.filename!r} in {where} is compressed or encrypted; torch "
                     f"writes stored records only", path=path)
-            local = bytes(view[info.header_offset:info.header_offset + 30])
+            # zipfile shifts offsets when the directory disagrees with the data; a negative one
+            # would index backwards (Python slicing) into whatever precedes the archive.
+            header = info.header_offset
+            local = bytes(view[header:header + 30]) if header >= 0 else b""
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise CorruptCheckpointError(
                     f"record {info.filename!r} in {where} has no local header", path=path)
             name_len, extra_len = struct.unpack("<HH", local[26:30])
-            data = info.header_offset + 30 + name_len + extra_len
+            data = header + 30 + name_len + extra_len
             if data + info.file_size > length:
                 raise CorruptCheckpointError(
                     f"record {info.filename!r} in {where} extends past the end of the archive",
@@ -988,10 +992,13 @@ class _Archive:
         self._records = {name[len(prefix):]: rec for name, rec in records.items()
                          if name.startswith(prefix)}
         order = self._records.get("byteorder")
-        if order is not None and self._read(order) not in (sys.byteorder.encode(),):
-            raise FormatError(
-                f"{where} was saved on a {self._read(order).decode('ascii', 'replace')}-endian "
-                f"machine; byte-swapping is not supported", path=path)
+        if order is not None and order.size <= 8:
+            value = self._read(order)
+            if value in (b"little", b"big") and value != sys.byteorder.encode():
+                raise FormatError(f"{where} was saved on a {value.decode()}-endian machine; "
+                                  f"byte-swapping is not supported", path=path)
+        if order is not None and (order.size > 8 or self._read(order) not in (b"little", b"big")):
+            raise CorruptCheckpointError(f"{where} has an invalid byteorder record", path=path)
 
     def _read(self, record: _Record) -> bytes:
         return bytes(memoryview(self._buffer)[record.offset:record.offset + record.size])

@@ -8,6 +8,7 @@ by a length field of the input (the 2 GB preallocation this module pins in @exam
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import pickle
 import shutil
@@ -52,6 +53,7 @@ def torch_archive() -> bytes:
 @cache
 def dcp_directory() -> Path:
     directory = Path(tempfile.mkdtemp(prefix="ckpt_ir_fuzz_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     full = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     with DcpDataFile(directory) as data_file:
         records = [data_file.add_tensor("w", (0, 0), full[:2]),

@@ -375,7 +375,7 @@ def test_allowed_functions_resolve_to_safe_stand_ins_not_the_originals() -> None
                                        torch._tensor._rebuild_from_type_v2], protocol=2))
     assert loaded[0] is not torch._utils._rebuild_tensor_v2
     assert loaded[1] is not torch._tensor._rebuild_from_type_v2
-    with pytest.raises(pickle.UnpicklingError, match="not a storage"):
+    with pytest.raises(pickle.UnpicklingError, match="rebuilt without a storage"):
         loaded[0](None, 0, (1,), (1,), False, OrderedDict())
 
 
@@ -385,6 +385,20 @@ def test_legacy_torch_files_are_a_format_error(tmp_path: Path) -> None:
     with pytest.raises(FormatError) as info:
         load_torch(path)
     assert str(info.value).startswith("legacy torch serialization is not supported")
+
+
+def test_big_endian_archives_are_a_format_error() -> None:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(saved({"w": torch.ones(2)}))) as src, \
+            zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            foreign = "big" if sys.byteorder == "little" else "little"
+            dst.writestr(info.filename, foreign if info.filename.endswith("/byteorder")
+                         else src.read(info))
+    with pytest.raises(FormatError) as info:
+        load_torch_bytes(out.getvalue(), path="be.pt")
+    assert str(info.value) == (f"be.pt was saved on a {foreign}-endian machine; byte-swapping "
+                               f"is not supported")
 
 
 def test_bad_archives_are_corrupt(tmp_path: Path) -> None:
