@@ -113,9 +113,14 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
               source_tensors: Mapping[str, TensorSpec], source_dropped: Mapping[str, str],
               config: ModelConfig, dest_format: str, dest_naming: str,
               dest_params: NativeParams, dtype: torch.dtype | None = None,
-              notes: tuple[str, ...] = ()) -> Plan:
-    """Build and validate the plan; raises :class:`PlanError` listing every problem."""
-    schema = config.schema()
+              notes: tuple[str, ...] = (), schema: Mapping[str, Shape] | None = None) -> Plan:
+    """Build and validate the plan; raises :class:`PlanError` listing every problem.
+
+    ``schema`` is the set of logical IR tensors to move (default: the model's
+    :meth:`ModelConfig.schema`); checkpoints that hold something else, such as adapters, pass
+    their own.
+    """
+    schema = dict(config.schema() if schema is None else schema)
     src: Table = build_table(source_naming, config, source_params)
     dst: Table = build_table(dest_naming, config, dest_params)
     problems: list[str] = []
