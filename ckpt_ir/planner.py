@@ -121,8 +121,8 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
     their own.
     """
     schema = dict(config.schema() if schema is None else schema)
-    src: Table = build_table(source_naming, config, source_params)
-    dst: Table = build_table(dest_naming, config, dest_params)
+    src: Table = build_table(source_naming, config, source_params, schema=schema)
+    dst: Table = build_table(dest_naming, config, dest_params, schema=schema)
     problems: list[str] = []
     dropped: dict[str, str] = dict(source_dropped)
 

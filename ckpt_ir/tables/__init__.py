@@ -5,7 +5,7 @@ from, a transform (or a factory that configures one from the model's numbers), t
 partition rule, and an optional condition naming a feature of the model (``has_qkv_bias``).
 Patterns use the named placeholder ``{layer}``; both directions resolve alike.
 
-Two namings exist:
+Three namings exist:
 
 * ``"hf"``: Hugging Face transformers names; the IR names *are* HF names, so this table is
   the identity over :meth:`ModelConfig.schema`.
@@ -13,6 +13,9 @@ Two namings exist:
   layer index and the *unsharded* (TP-invariant) layout. Storage formats then add their own
   physical layer: torch_dist stacks layers into ``decoder.layers.<param>`` keys, per-rank
   formats cut TP shards by the row's partition and renumber layers per pipeline stage.
+* ``"verl-native"``: verl's own Megatron models of March 2025 (era A of ``verl-legacy``):
+  ``model.layers.{layer}.self_attn.qkv_proj`` as plain ``[q; k; v]``, ``mlp.gate_up_proj``;
+  read-only, registered for the architectures verl had then.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ckpt_ir.transforms import TENSOR, Identity, Transform
 
 __all__ = [
     "NAMINGS",
+    "PIPELINE_TAIL",
     "Binding",
     "NativeParams",
     "Row",
@@ -37,7 +41,11 @@ __all__ = [
     "describe_rows",
 ]
 
-NAMINGS = ("hf", "mcore")
+NAMINGS = ("hf", "mcore", "verl-native")
+
+PIPELINE_TAIL = ("decoder.final", "output_layer", "model.norm", "lm_head")
+"""Name prefixes of the non-layer tensors that follow the layers: the last pipeline stage holds
+them (the others, the embedding, live on the first stage)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,15 +155,15 @@ def _expand(rows: Iterable[Row], config: ModelConfig, params: NativeParams) -> l
                 t, row.partition, i)
         for i in range(config.num_layers) for row, t in per_layer
     ]
-    head = [b for b in out if not b.native.startswith(("decoder.final", "output_layer"))]
+    head = [b for b in out if not b.native.startswith(PIPELINE_TAIL)]
     tail = [b for b in out if b not in head]
     return head + layered + tail
 
 
-def _identity_table(config: ModelConfig) -> Table:
+def _identity_table(names: Iterable[str]) -> Table:
     layer_re = re.compile(r"^model\.layers\.(\d+)\.")
     bindings = []
-    for name in config.schema():
+    for name in names:
         m = layer_re.match(name)
         bindings.append(Binding(name, one(name), Identity(), Partition.REPLICATED,
                                 int(m.group(1)) if m else None))
@@ -174,12 +182,16 @@ def rows_for(config: ModelConfig, naming: str) -> tuple[Row, ...]:
     return arch[naming]
 
 
-def build_table(naming: str, config: ModelConfig, params: NativeParams | None = None) -> Table:
-    """Instantiate the ``naming`` table for ``config`` (every layer, every enabled row)."""
+def build_table(naming: str, config: ModelConfig, params: NativeParams | None = None, *,
+                schema: Iterable[str] | None = None) -> Table:
+    """Instantiate the ``naming`` table for ``config`` (every layer, every enabled row).
+
+    The ``hf`` naming is the identity over ``schema`` (default: the model's own schema).
+    """
     if naming not in NAMINGS:
         raise InternalError(f"unknown naming {naming!r}")
     if naming == "hf":
-        return _identity_table(config)
+        return _identity_table(config.schema() if schema is None else schema)
     return Table(naming, _expand(rows_for(config, naming), config, params or NativeParams()))
 
 
