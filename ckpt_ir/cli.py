@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from ckpt_ir.commands import COMMANDS
+from ckpt_ir.distributed import env_world
 from ckpt_ir.errors import CheckpointError, PlanError
 
 __all__ = ["main"]
@@ -63,13 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckpt-ir: internal error: {type(e).__name__}: {e} (rerun with --debug for a "
               "traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+    exit_code = getattr(module, "exit_code", None)
+    code = exit_code(result) if exit_code is not None else EXIT_OK
+    if env_world()[0] != 0:
+        return code  # under torchrun only rank 0 reports
     if args.json:
         json.dump(result, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         module.show(result)
-    exit_code = getattr(module, "exit_code", None)
-    return exit_code(result) if exit_code is not None else EXIT_OK
+    return code
 
 
 if __name__ == "__main__":

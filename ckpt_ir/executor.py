@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ckpt_ir.errors import (
     DestinationExistsError,
     InternalError,
 )
-from ckpt_ir.planner import Plan
+from ckpt_ir.planner import Plan, Unit
 
 __all__ = ["TEMP_MARKER", "atomic_directory", "execute", "fsync_dir"]
 
@@ -35,11 +35,17 @@ TEMP_MARKER = ".ckpt-ir-tmp-"
 
 
 def execute(plan: Plan, reader, writer, *,
-            on_progress: Callable[[int], None] | None = None) -> None:
-    """Run every unit of ``plan``: read sources, invert their transforms, apply the targets'."""
+            on_progress: Callable[[int], None] | None = None,
+            units: Iterable[Unit] | None = None, begin: bool = True) -> None:
+    """Run the units of ``plan``: read sources, invert their transforms, apply the targets'.
+
+    ``units`` restricts the run to a subset (one rank's share in a distributed conversion,
+    whose writer was begun by the caller: ``begin=False``).
+    """
     specs = {s.name: s for s in plan.dest_specs}
-    writer.begin(plan.dest_specs)
-    for unit in plan.units:
+    if begin:
+        writer.begin(plan.dest_specs)
+    for unit in plan.units if units is None else units:
         ir: dict[str, torch.Tensor] = {}
         for b in unit.sources:
             native = reader.read(b.native)

@@ -18,7 +18,7 @@ import torch
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.tables import NativeParams
 
-__all__ = ["Reader", "SourceFiles", "WriteOptions", "Writer"]
+__all__ = ["DistributedWriter", "Reader", "SourceFiles", "WriteOptions", "Writer"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class WriteOptions:
     pad_vocab_to_multiple: int | None = None
     max_shard_bytes: int = 5 * 1000**3
     trust_pickles: bool = False
+    # Several processes writing one checkpoint (torchrun): this process's place among them.
+    rank: int = 0
+    world_size: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -92,3 +95,21 @@ class Writer(Protocol):
 
     def abort(self) -> None:
         """Release resources after a failure; the caller removes the directory."""
+
+
+class DistributedWriter(Writer, Protocol):
+    """A writer several processes can share (``torchrun ... ckpt_ir convert``).
+
+    Every rank calls ``begin`` with *all* destination specs (so every rank agrees on file
+    layout), then ``write`` for the tensors of the units it owns. ``file_of`` names the file a
+    tensor lands in, or ``None`` when each rank writes such tensors into a file of its own; the
+    partitioner gives all tensors of one file to one rank. ``finish_rank`` closes this rank's
+    files and returns a picklable summary; rank 0 then calls ``finish_all`` with every rank's
+    summary to write the index / metadata last.
+    """
+
+    def file_of(self, name: str) -> str | None: ...
+
+    def finish_rank(self) -> Any: ...
+
+    def finish_all(self, source: Reader, parts: Sequence[Any]) -> None: ...

@@ -19,7 +19,11 @@ from typing import Any, ClassVar
 import torch
 
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
-from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import (
+    carried_files,
+    check_layer_count,
+    load_hf_config,
+)
 from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsFile,
     SafetensorsWriter,
@@ -84,6 +88,7 @@ class HfReader:
         self._bin: dict[str, torch.Tensor] = {}
         self._trust = trust_pickles
         self._kind = self._scan()
+        check_layer_count(self.config, len(self._specs), self._config_dir / "config.json")
 
     def _scan(self) -> str:
         p = self.path
@@ -240,9 +245,22 @@ class HfWriter:
             w.close(fsync=True)
             del self._writers[i]
 
+    def file_of(self, name: str) -> str | None:
+        return self._names[self._shard_of[name]]
+
+    def finish_rank(self) -> None:
+        """Every shard this process started is complete (shards close as they fill)."""
+        if self._writers:
+            open_shards = sorted(self._names[i] for i in self._writers)
+            raise InternalError(f"hf writer finished with incomplete shards {open_shards}")
+
     def finish(self, source) -> None:
         if any(self._pending):
             raise InternalError("hf writer finished with unwritten tensors")
+        self.finish_all(source, [None])
+
+    def finish_all(self, source, parts: Sequence[object]) -> None:
+        """Index, config and carried files: rank 0, after every shard is durable."""
         if len(self._names) > 1:
             _write_json(self.directory / SAFETENSORS_INDEX, {
                 "metadata": {"total_size": self._total},

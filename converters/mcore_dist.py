@@ -18,8 +18,10 @@ in-memory tensor. The layout is TP-invariant (fused QKV in whole groups, fc1 as
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -32,7 +34,11 @@ import yaml
 
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
-from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import (
+    carried_files,
+    check_layer_count,
+    load_hf_config,
+)
 from ckpt_ir.detect import read_json_file
 from ckpt_ir.errors import (
     CheckpointError,
@@ -68,6 +74,9 @@ EXTRA_STATE_MODULES: Mapping[str, tuple[str, ...]] = {
 EXTRA_STATE_MODULES = {**EXTRA_STATE_MODULES,
                        "any": tuple(dict.fromkeys(EXTRA_STATE_MODULES["local"]
                                                   + EXTRA_STATE_MODULES["te"]))}
+
+# A bare model save has an empty common state (verified with megatron-core 0.16.1).
+_COMMON_STATE: dict[str, Any] = {}
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
@@ -114,6 +123,12 @@ class McoreDistReader:
                 continue
             m = _STACKED.match(fqn)
             if m and len(t.shape) >= 1:
+                # A non-empty stack is bounded by its chunks' bytes (checked by the index); an
+                # empty one could claim any number of layers, each becoming a name here.
+                if math.prod(t.shape) == 0 and t.shape[0] > max(len(t.chunks), 1):
+                    raise CorruptCheckpointError(
+                        f"stacked tensor {fqn!r} declares {t.shape[0]} layers of no data",
+                        path=self.path / ".metadata", tensor=fqn)
                 for layer in range(t.shape[0]):
                     name = f"decoder.layers.{layer}.{m.group(1)}"
                     self._natives[name] = (fqn, layer)
@@ -125,6 +140,7 @@ class McoreDistReader:
             self._dropped[fqn] = _blob_reason(fqn)
         self._config_source, hf = self._find_config(hf_config, config_candidates)
         self.config = ModelConfig.from_hf(hf)
+        check_layer_count(self.config, len(self._specs), self._config_source)
         emb = self._specs.get("embedding.word_embeddings.weight")
         padded = emb.shape[0] if emb is not None else None
         self.params = NativeParams(padded_vocab_size=padded, norm_style="te")
@@ -157,8 +173,7 @@ class McoreDistReader:
                 return str(c), load_hf_config(c)
         for c in candidates:
             if c.is_file() and c.name == "transformer_config.json":
-                return str(c), hf_config_from_megatron(read_json_file(c),
-                                                       vocab_size=self._vocab_rows())
+                return str(c), self._from_megatron(read_json_file(c), c)
         run_config = self.path / "run_config.yaml"
         if run_config.is_file():
             try:
@@ -168,18 +183,33 @@ class McoreDistReader:
                                              path=run_config) from e
             model = data.get("model") if isinstance(data, dict) else None
             if isinstance(model, dict):
-                return str(run_config), hf_config_from_megatron(model,
-                                                                vocab_size=self._vocab_rows())
+                return str(run_config), self._from_megatron(model, run_config)
         common = self._common_state()
         args = common.get("args") if isinstance(common, Mapping) else None
         if args is not None:
-            fields = dict(vars(args)) if hasattr(args, "__dict__") else dict(args)
-            vocab = fields.get("vocab_size") or self._vocab_rows()
-            return "common state args", hf_config_from_megatron(fields, vocab_size=vocab)
+            where = self.path / "common.pt" if (self.path / "common.pt").is_file() \
+                else self.path / "common_state/shard_0_1"
+            if isinstance(args, argparse.Namespace):
+                args = vars(args)
+            if not isinstance(args, Mapping):
+                raise CorruptCheckpointError(
+                    f"the Megatron-LM args in {where.name} are a {type(args).__qualname__}, "
+                    "not a namespace", path=where)
+            return "common state args", self._from_megatron(args, where)
         raise MissingConfigError(
             f"{self.path} carries no model config (no hf_config/, huggingface/config.json, "
             "transformer_config.json, run_config.yaml or Megatron-LM args); pass --hf-config DIR",
             path=self.path)
+
+    def _from_megatron(self, fields: Mapping[str, Any], where: Path) -> dict[str, Any]:
+        """An HF config from Megatron arguments read from ``where`` (untrusted values)."""
+        try:
+            vocab = fields.get("vocab_size") or self._vocab_rows()
+            return hf_config_from_megatron(dict(fields), vocab_size=vocab)
+        except (TypeError, ValueError, ArithmeticError) as e:
+            # int("x"), int(inf), hidden // 0 heads: a malformed argument, not our bug.
+            raise CorruptCheckpointError(f"malformed Megatron arguments in {where.name}: {e}",
+                                         path=where) from e
 
     # -- Reader protocol ----------------------------------------------------------------------
 
@@ -268,7 +298,8 @@ class McoreDistWriter:
                 raise InternalError(f"layers of {key} disagree on shape or dtype")
             self._globals[key] = (shape, s.dtype)
             self._where[s.name] = (key, offsets, stacked)
-        self._data = DcpDataFile(self.directory, "__0_0.distcp")
+        # torch DCP names data files __<rank>_<i>.distcp; each process appends to its own.
+        self._data = DcpDataFile(self.directory, f"__{self.options.rank}_0.distcp")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._data is None:
@@ -276,18 +307,33 @@ class McoreDistWriter:
         key, offsets, stacked = self._where[name]
         self._data.add_tensor(key, offsets, tensor.unsqueeze(0) if stacked else tensor)
 
-    def finish(self, source) -> None:
+    def file_of(self, name: str) -> str | None:
+        return None  # every rank appends its chunks to its own data file
+
+    def finish_rank(self) -> list:
+        """Close this rank's data file; rank 0 also stores the objects. Returns its records."""
         if self._data is None:
             raise InternalError("mcore-dist writer finished before begin()")
-        num_layers = self.config.num_layers
-        for module in EXTRA_STATE_MODULES[self.spec]:
-            for layer in range(num_layers):
-                fqn = f"decoder.layers.{module}._extra_state/shard_{layer}_{num_layers}"
-                self._data.add_object(fqn, [None])
-        common: dict[str, Any] = {}
-        # megatron-core >= 0.19 reads common state from this object; <= 0.18 from common.pt.
-        self._data.add_object("common_state/shard_0_1", [common])
+        if self.options.rank == 0:
+            num_layers = self.config.num_layers
+            for module in EXTRA_STATE_MODULES[self.spec]:
+                for layer in range(num_layers):
+                    fqn = f"decoder.layers.{module}._extra_state/shard_{layer}_{num_layers}"
+                    self._data.add_object(fqn, [None])
+            # megatron-core >= 0.19 reads common state from this object; <= 0.18 from
+            # common.pt (written in finish_all).
+            self._data.add_object("common_state/shard_0_1", [_COMMON_STATE])
         records = self._data.close(fsync=True)
+        self._data = None
+        return records
+
+    def finish(self, source) -> None:
+        self.finish_all(source, [self.finish_rank()])
+
+    def finish_all(self, source, parts: Sequence[list]) -> None:
+        """``.metadata`` over every rank's records, then common.pt, hf_config/, metadata.json."""
+        records = [r for part in parts for r in part]
+        common = _COMMON_STATE
         write_metadata(self.directory, records, self._globals)
         with open(self.directory / "common.pt", "wb") as f:
             torch.save(common, f)

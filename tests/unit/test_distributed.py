@@ -1,0 +1,104 @@
+"""Conversion spread over processes (torchrun, gloo): same output as one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ckpt_ir
+from ckpt_ir.converters.storage.dcp_files import DcpReader
+from ckpt_ir.distributed import partition_units
+from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.planner import make_plan
+from ckpt_ir.tables import NativeParams
+from tests.fixtures import TINY_LLAMA, write_hf
+from tests.strategies import bits_equal, dense_configs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", "-m", "ckpt_ir", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@settings(max_examples=40)
+@given(config=dense_configs(), world=st.integers(1, 5), files=st.integers(1, 7))
+def test_partition_covers_every_unit_once_and_keeps_files_together(config, world, files):
+    cfg = ModelConfig.from_hf(config)
+    specs = {n: TensorSpec(n, s, torch.bfloat16) for n, s in cfg.schema().items()}
+    plan = make_plan(source_format="hf", source_naming="hf", source_params=NativeParams(),
+                     source_tensors=specs, source_dropped={}, config=cfg,
+                     dest_format="mcore-dist", dest_naming="mcore", dest_params=NativeParams())
+    names = [s.name for s in plan.dest_specs]
+    file_of = {n: (f"f{i * files // len(names)}" if i % 3 else None)
+               for i, n in enumerate(names)}
+    shares = partition_units(plan, file_of.__getitem__, world)
+    assert len(shares) == world
+    assert sorted(i for s in shares for i in s) == list(range(len(plan.units)))
+    owner = {}
+    for rank, share in enumerate(shares):
+        for i in share:
+            for t in plan.units[i].targets:
+                f = file_of[t.native]
+                if f is not None:
+                    assert owner.setdefault(f, rank) == rank
+
+
+def _dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with DcpReader(path) as r:
+        return {k: r.read_region(k, (0,) * len(t.shape), t.shape).clone()
+                for k, t in r.index.tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("dist") / "hf"
+    write_hf(src, {**TINY_LLAMA, "num_hidden_layers": 4}, shards=2)
+    return src
+
+
+def test_torchrun_hf_to_mcore_dist_matches_single_process(model, tmp_path):
+    ckpt_ir.convert(model, tmp_path / "single", to="mcore-dist")
+    r = torchrun("convert", str(model), str(tmp_path / "multi"), "--to", "mcore-dist",
+                 "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("written by 2 processes") == 1  # only rank 0 reports
+    files = {p.name for p in (tmp_path / "multi").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "metadata.json"} <= files
+    a, b = _dcp_tensors(tmp_path / "single"), _dcp_tensors(tmp_path / "multi")
+    assert a.keys() == b.keys()
+    assert all(bits_equal(a[k], b[k]) for k in a)
+    assert not [p for p in tmp_path.iterdir() if ".ckpt-ir-tmp-" in p.name]
+
+
+def test_torchrun_mcore_dist_to_hf_is_byte_identical(model, tmp_path):
+    ckpt_ir.convert(model, tmp_path / "dist", to="mcore-dist")
+    ckpt_ir.convert(tmp_path / "dist", tmp_path / "single", to="hf", max_shard_size=20000)
+    r = torchrun("convert", str(tmp_path / "dist"), str(tmp_path / "multi"), "--to", "hf",
+                 "--max-shard-size", "20000", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert len([n for n in single if n.endswith(".safetensors")]) > 2
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == single
+    for name in single:
+        assert (tmp_path / "single" / name).read_bytes() == \
+            (tmp_path / "multi" / name).read_bytes(), name
+
+
+def test_torchrun_reports_input_errors_once_and_writes_nothing(model, tmp_path):
+    (tmp_path / "taken").mkdir()
+    r = torchrun("convert", str(model), str(tmp_path / "taken"), "--to", "mcore-dist")
+    assert r.returncode != 0
+    assert "exists (pass --overwrite to replace it)" in r.stderr
+    assert list((tmp_path / "taken").iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if ".ckpt-ir-tmp-" in p.name]
