@@ -194,9 +194,16 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
     for srcs, target_idx in groups.values():
         targets = tuple(dst.bindings[i] for i in target_idx)
         read = sum(source_tensors[s.native].nbytes for s in srcs)
-        ir_bytes = sum(ir_specs[n].nbytes for s in srcs for n in s.ir.values())
         out = sum(dest_specs[i].nbytes for i in target_idx)
-        units.append(Unit(tuple(srcs), targets, read, out, read + ir_bytes + out))
+        # Held at once: the sources, the IR parts their inverses copy, and the destination
+        # tensors that are built (fused, padded or cast) rather than passed through as views.
+        ir_copies = sum(ir_specs[n].nbytes for s in srcs if s.transform.copies_on_inverse()
+                        for n in s.ir.values())
+        built = sum(dest_specs[i].nbytes for i in target_idx
+                    if dst.bindings[i].transform.copies_on_apply()
+                    or any(ir_specs[n].dtype != dest_specs[i].dtype
+                           for n in dst.bindings[i].ir.values()))
+        units.append(Unit(tuple(srcs), targets, read, out, read + ir_copies + built))
         for t in targets:
             if t.native in written:
                 problems.append(f"destination tensor {t.native} would be written twice")

@@ -21,7 +21,8 @@ import torch
 from ckpt_ir.errors import InternalError
 from ckpt_ir.ir import Shape
 
-__all__ = ["TENSOR", "ConcatGateUp", "Identity", "InterleaveQKV", "PadRows", "Transform"]
+__all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveQKV", "PadRows",
+           "Transform"]
 
 TENSOR = "tensor"
 """The role name of a transform with a single part."""
@@ -47,6 +48,14 @@ class Transform(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    # Memory accounting for the planner's peak estimate: a transform that returns views of its
+    # input costs nothing beyond the input. Conservative default: it allocates.
+    def copies_on_apply(self) -> bool:
+        return True
+
+    def copies_on_inverse(self) -> bool:
+        return True
+
 
 @dataclass(frozen=True, slots=True)
 class Identity(Transform):
@@ -62,6 +71,12 @@ class Identity(Transform):
 
     def shapes(self, parts: Mapping[str, Shape]) -> Shape:
         return tuple(parts[TENSOR])
+
+    def copies_on_apply(self) -> bool:
+        return False
+
+    def copies_on_inverse(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +106,44 @@ class ConcatGateUp(Transform):
     def shapes(self, parts: Mapping[str, Shape]) -> Shape:
         gate, up = parts["gate"], parts["up"]
         return (gate[0] + up[0], *gate[1:])
+
+    def copies_on_inverse(self) -> bool:
+        return False  # tensor_split returns views
+
+
+@dataclass(frozen=True, slots=True)
+class ConcatQKV(Transform):
+    """q, k and v fused as plain ``[q; k; v]`` on dim 0 (verl's era-A ``qkv_proj``, not grouped).
+
+    ::
+
+        rows 0 .. q_rows-1                    q_proj (all query heads)
+        rows q_rows .. q_rows+kv_rows-1       k_proj
+        rows q_rows+kv_rows .. end            v_proj
+
+    A TP rank holds ``[q_t; k_t; v_t]``: the ``BLOCKS`` partition, not this transform.
+    """
+
+    q_rows: int
+    kv_rows: int
+    roles = ("q", "k", "v")
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat((parts["q"], parts["k"], parts["v"]), dim=0)
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        if native.shape[0] != self.q_rows + 2 * self.kv_rows:
+            raise InternalError(f"fused [q; k; v] has {native.shape[0]} rows, expected "
+                                f"{self.q_rows + 2 * self.kv_rows}")
+        q, k, v = native.split((self.q_rows, self.kv_rows, self.kv_rows), dim=0)
+        return {"q": q, "k": k, "v": v}
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        return (q[0] + k[0] + v[0], *q[1:])
+
+    def describe(self) -> str:
+        return f"ConcatQKV(q_rows={self.q_rows}, kv_rows={self.kv_rows})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,3 +225,10 @@ class PadRows(Transform):
 
     def describe(self) -> str:
         return f"PadRows({self.rows} -> {self.padded_rows})"
+
+    def copies_on_apply(self) -> bool:
+        return self.padded_rows != self.rows
+
+    def copies_on_inverse(self) -> bool:
+        return False  # a slice of the padded rows
+

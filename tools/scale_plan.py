@@ -1,0 +1,121 @@
+"""Plan, without any weights, the conversion of very large models and size a multi-node run.
+
+    python tools/scale_plan.py                 # print the table
+    python tools/scale_plan.py --write-docs    # refresh the table in docs/scale.md
+
+For each model config (shapes only: a directory holding just config.json) it times
+``ckpt_ir.convert(..., dry_run=True)`` in both directions' first leg (hf -> mcore-dist) and
+partitions the plan over N workers the way ``torchrun -m ckpt_ir convert`` would, reporting
+bytes per worker and the largest unit (the per-worker peak memory estimate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import ckpt_ir  # noqa: E402
+from ckpt_ir.api import _open_reader, plan_conversion  # noqa: E402
+from ckpt_ir.converters.base import WriteOptions  # noqa: E402
+from ckpt_ir.distributed import partition_units  # noqa: E402
+
+LLAMA3_405B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
+    "intermediate_size": 53248, "num_attention_heads": 128, "num_key_value_heads": 8,
+    "head_dim": 128, "num_hidden_layers": 126, "vocab_size": 128256,
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-05, "max_position_embeddings": 131072,
+    "hidden_act": "silu", "dtype": "bfloat16",
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192},
+}
+
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "moe_layer_freq": 1, "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "n_group": 8, "topk_group": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "num_nextn_predict_layers": 1,
+    "vocab_size": 129280, "tie_word_embeddings": False, "rms_norm_eps": 1e-06,
+    "max_position_embeddings": 163840, "hidden_act": "silu", "dtype": "bfloat16",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+
+MODELS = {"Llama-3.1-405B": LLAMA3_405B, "DeepSeek-V3-671B": DEEPSEEK_V3}
+WORKERS = (1, 8, 64)
+GIB = 2**30
+
+
+def study(name: str, config: dict, to: str = "mcore-dist") -> dict | None:
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / name
+        src.mkdir()
+        (src / "config.json").write_text(json.dumps(config))
+        t0 = time.perf_counter()
+        try:
+            report = ckpt_ir.convert(src, Path(d) / "out", to=to, dry_run=True)
+        except ckpt_ir.FormatError as e:
+            print(f"{name}: not supported yet ({e})", file=sys.stderr)
+            return None
+        seconds = time.perf_counter() - t0
+        reader, _ = _open_reader(src, None)
+        opts = WriteOptions()
+        plan, writer_cls = plan_conversion(reader, to, opts)
+        writer = writer_cls(Path(d), reader.config, opts)
+        writer.begin(plan.dest_specs)
+        per_worker = {}
+        for n in WORKERS:
+            shares = partition_units(plan, writer.file_of, n)
+            loads = [sum(plan.units[i].bytes_written for i in s) for s in shares]
+            per_worker[n] = max(loads)
+        reader.close()
+    return {"name": name, "tensors": report.tensors_written, "bytes": report.bytes_written,
+            "units": len(plan.units), "peak": report.peak_bytes_estimate,
+            "largest": max(s.nbytes for s in plan.dest_specs), "seconds": seconds,
+            "per_worker": per_worker}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | tensors written | bytes | units | largest tensor | peak per worker "
+            "(largest unit) | plan time | " + " | ".join(
+                f"bytes/worker, {n} workers" for n in WORKERS) + " |")
+    lines = [head, "|" + " --- |" * (7 + len(WORKERS))]
+    for r in rows:
+        cells = [r["name"], str(r["tensors"]), f"{r['bytes'] / GIB:.1f} GiB", str(r["units"]),
+                 f"{r['largest'] / GIB:.2f} GiB", f"{r['peak'] / GIB:.2f} GiB",
+                 f"{r['seconds']:.1f} s",
+                 *(f"{r['per_worker'][n] / GIB:.1f} GiB" for n in WORKERS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--write-docs", action="store_true")
+    args = p.parse_args()
+    rows = [r for name, cfg in MODELS.items() if (r := study(name, cfg)) is not None]
+    text = table(rows)
+    print(text)
+    if args.write_docs:
+        path = REPO / "docs" / "scale.md"
+        doc = path.read_text()
+        doc = re.sub(r"<!-- scale:begin -->.*?<!-- scale:end -->",
+                     lambda _: f"<!-- scale:begin -->\n{text}\n<!-- scale:end -->", doc, flags=re.S)
+        path.write_text(doc)
+        print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
