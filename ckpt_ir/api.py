@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ from typing import Any
 import torch
 
 from ckpt_ir.detect import Resolved, resolve
+from ckpt_ir.distributed import env_world, run_distributed
 from ckpt_ir.errors import FormatError
 from ckpt_ir.executor import atomic_directory, execute
-from ckpt_ir.formats import reader_class, writer_class
+from ckpt_ir.formats import PER_RANK_FORMATS, reader_class, writer_class
 from ckpt_ir.ir import Checkpoint, parse_dtype
+from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.planner import Plan, make_plan
 from ckpt_ir.tables import build_table
 
@@ -44,6 +47,7 @@ class Report:
     dropped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    dest_layout: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,15 +72,57 @@ def _parse_size(value: int | str) -> int:
 
 
 def _open_reader(src: str | os.PathLike, fmt: str | None, *, hf_config=None,
-                 trust_pickles: bool = False):
+                 trust_pickles: bool = False, source_ep: int | None = None):
     resolved: Resolved = resolve(src)
     if fmt is not None and fmt != resolved.format:
         raise FormatError(f"{src} looks like {resolved.format} ({resolved.layout}), not {fmt}",
                           path=src)
     cls = reader_class(resolved.format)
+    kwargs: dict[str, Any] = {}
+    if source_ep is not None:
+        # Only per-rank names (mp_rank_TT_NNN) can leave the expert-parallel size ambiguous.
+        if resolved.format not in PER_RANK_FORMATS:
+            raise FormatError(f"source_ep applies to per-rank formats, not {resolved.format}",
+                              path=src)
+        kwargs["source_ep"] = source_ep
     reader = cls(resolved.path, hf_config=hf_config, trust_pickles=trust_pickles,
-                 config_candidates=resolved.config_candidates)
+                 config_candidates=resolved.config_candidates, **kwargs)
     return reader, resolved
+
+
+LayoutRequest = ParallelLayout | Mapping[str, int | None] | None
+"""A full destination layout, or layout fields overriding the source's (or the default)."""
+
+
+def target_layout(reader, to: str, layout: LayoutRequest) -> ParallelLayout | None:
+    """The parallel layout a per-rank destination gets; None for layout-free formats.
+
+    A :class:`ParallelLayout` is taken as it is. A mapping of fields (``{"tp": 4}``) overrides
+    those of the source's layout when the source is per-rank, else of TP=1/PP=1; fields set to
+    None are left alone. A new ``pp`` resets ``vpp`` to 1, and a new ``pp`` or ``vpp`` makes the
+    stages even, unless those fields are given too.
+    """
+    fields = dict(layout) if isinstance(layout, Mapping) else {}
+    given = {k: v for k, v in fields.items() if v is not None}
+    if to not in PER_RANK_FORMATS:
+        if isinstance(layout, ParallelLayout) or given:
+            raise FormatError(f"a parallel layout (--tp, --pp, ...) applies to per-rank formats "
+                              f"({', '.join(PER_RANK_FORMATS)}), not {to}")
+        return None
+    if isinstance(layout, ParallelLayout):
+        return layout
+    unknown = set(fields) - set(ParallelLayout.__dataclass_fields__)
+    if unknown:
+        raise FormatError(f"unknown layout field(s): {', '.join(sorted(unknown))}")
+    source = getattr(reader, "layout", None)
+    base = source if isinstance(source, ParallelLayout) else ParallelLayout()
+    # The pipeline split is one decision: a new PP starts from VPP=1 and even stages, a new
+    # VPP from even stages, unless those are given too.
+    if "pp" in given:
+        base = dataclasses.replace(base, vpp=1)
+    if {"pp", "vpp"} & given.keys():
+        base = dataclasses.replace(base, first_stage_layers=None, last_stage_layers=None)
+    return dataclasses.replace(base, **given)
 
 
 def detect(src: str | os.PathLike) -> str:
@@ -124,18 +170,41 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             dtype: str | torch.dtype | None = None, pad_vocab_to_multiple: int | None = None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, dry_run: bool = False,
             trust_pickles: bool = False, mcore_spec: str = "any",
-            progress: Callable[[int, int], None] | None = None, **options: Any) -> Report:
+            progress: Callable[[int, int], None] | None = None,
+            layout: LayoutRequest = None, source_ep: int | None = None,
+            hf_experts: str = "per-expert", mcore_experts: str | None = None,
+            **options: Any) -> Report:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     The plan is built and validated from metadata first; then tensors stream through, one
     unit at a time, into a temporary sibling of ``dst`` that is renamed into place only when
     complete. ``dry_run`` stops after planning and writes nothing. ``progress(done, total)``
     receives bytes written.
+
+    ``layout`` (per-rank destinations ``verl-legacy`` / ``megatron-legacy``): a
+    :class:`~ckpt_ir.layout.ParallelLayout`, or fields overriding the source's layout (see
+    :func:`target_layout`); by default a per-rank source keeps its layout, others get TP=1, PP=1.
+    ``source_ep`` settles whether ``mp_rank_TT_NNN`` source directories number expert ranks.
+    ``hf_experts`` (``hf`` destinations of MoE models): ``"per-expert"``, what transformers
+    writes, or ``"fused"``, its in-memory ``mlp.experts.gate_up_proj`` / ``down_proj``.
+    ``mcore_experts`` (per-rank destinations of MoE models): ``"sequential"``
+    (``local_experts.{k}.linear_fc1.weight``) or ``"grouped"`` (``linear_fc1.weight{k}``);
+    default grouped for the TE spec, sequential for the local one.
     """
     from ckpt_ir.converters.base import WriteOptions
 
     if "from" in options:
         source_format = options.pop("from")
+    from ckpt_ir.adapter_api import adapter_conversion, convert_adapter
+
+    if adapter_conversion(src, to, source_format):
+        # A LoRA adapter (hf-peft in or out, or a source holding only an adapter); options
+        # lora_alpha, lora_style. See ckpt_ir.adapter_api.
+        return convert_adapter(src, dst, to, source_format=source_format, hf_config=hf_config,
+                               dtype=dtype, overwrite=overwrite, dry_run=dry_run,
+                               trust_pickles=trust_pickles, layout=layout, progress=progress,
+                               pad_vocab_to_multiple=pad_vocab_to_multiple,
+                               source_ep=source_ep, **options)
     if options:
         raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
     started = time.perf_counter()
@@ -144,22 +213,33 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         pad_vocab_to_multiple=pad_vocab_to_multiple,
         max_shard_bytes=_parse_size(max_shard_size),
         trust_pickles=trust_pickles,
-        extra={"mcore_spec": mcore_spec},
+        extra={"mcore_spec": mcore_spec, "hf_experts": hf_experts,
+               "mcore_experts": mcore_experts},
     )
     reader, resolved = _open_reader(src, source_format, hf_config=hf_config,
-                                    trust_pickles=trust_pickles)
+                                    trust_pickles=trust_pickles, source_ep=source_ep)
     try:
+        dest_layout = target_layout(reader, to, layout)
+        wopts = dataclasses.replace(wopts, extra={**wopts.extra, "layout": dest_layout,
+                                                  "source_params": reader.params})
         plan, writer_cls = plan_conversion(reader, to, wopts)
         notes = list(resolved.notes)
+        source_layout = resolved.layout
+        if isinstance(getattr(reader, "layout", None), ParallelLayout):
+            source_layout += f", {reader.layout.describe()}"
         report = Report(
             source=str(src), destination=str(dst), source_format=reader.format, dest_format=to,
-            source_layout=resolved.layout, architecture=reader.config.architecture,
+            source_layout=source_layout, architecture=reader.config.architecture,
             dry_run=dry_run, tensors_written=len(plan.dest_specs), bytes_read=plan.bytes_read,
             bytes_written=plan.bytes_written, peak_bytes_estimate=plan.peak_bytes, seconds=0.0,
-            dropped=dict(plan.dropped), notes=notes)
+            dropped=dict(plan.dropped), notes=notes,
+            dest_layout=dest_layout.describe() if dest_layout is not None else "")
         if dry_run:
             report.seconds = time.perf_counter() - started
             return report
+        if not getattr(reader, "has_data", True):
+            raise FormatError(f"{src} holds a config but no weights; only --dry-run can plan "
+                              "it", path=src)
         total = plan.bytes_written
         done = 0
 
@@ -169,16 +249,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             if progress is not None:
                 progress(done, total)
 
-        with atomic_directory(dst, overwrite=overwrite,
-                              protect=(Path(src), resolved.path)) as tmp:
-            writer = writer_cls(tmp, reader.config, wopts)
-            try:
-                execute(plan, reader, writer, on_progress=on_progress)
-                writer.finish(reader)
-            except BaseException:
-                writer.abort()
-                raise
-            report.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        if env_world()[1] > 1:
+            report.files = run_distributed(plan, reader, writer_cls, wopts, dst,
+                                           overwrite=overwrite,
+                                           protect=(Path(src), resolved.path),
+                                           on_progress=on_progress)
+            report.notes.append(f"written by {env_world()[1]} processes")
+        else:
+            with atomic_directory(dst, overwrite=overwrite,
+                                  protect=(Path(src), resolved.path)) as tmp:
+                writer = writer_cls(tmp, reader.config, wopts)
+                try:
+                    execute(plan, reader, writer, on_progress=on_progress)
+                    writer.finish(reader)
+                except BaseException:
+                    writer.abort()
+                    raise
+                report.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                                      if p.is_file())
     finally:
         reader.close()
     report.seconds = time.perf_counter() - started

@@ -2,13 +2,27 @@
 
 Users point ckpt-ir at whatever they have: a torch_dist directory, an HF model, a Megatron-LM
 run directory (``latest_checkpointed_iteration.txt`` + ``iter_0000123/``), a Megatron-Bridge
-run (``iter_*/`` with ``run_config.yaml``), or a verl role directory (``global_step_N/actor``
-holding ``dist_ckpt/``, ``model/dist_ckpt/`` or ``huggingface/``). Only names and small JSON
-files are inspected here; nothing is unpickled.
+run (``iter_*/`` with ``run_config.yaml``), or a verl run / step / role directory
+(``global_step_N/actor``) in any of verl's layouts:
+
+* v2 (verl #6014): ``ckpt_contents.json`` manifest, ``model/{huggingface,dist_ckpt}``,
+  ``optimizer/dist_ckpt``, ``extra/dist_ckpt``;
+* v1: ``dist_ckpt/`` (model + optimizer + RNG) and ``huggingface/`` (config, tokenizer);
+* bridge: ``huggingface/`` with the weights, ``dist_ckpt/`` without them;
+* legacy: ``model/mp_rank_*/model.pt`` (verl-legacy), ``hf_config_and_tokenizer/``.
+
+Only completed saves are trusted: the tracker ``latest_checkpointed_iteration.txt`` names one
+(verl and Megatron-LM write it after the save, async saves in their finalize step), a v2 role
+directory is complete once its ``ckpt_contents.json`` exists, a torch_dist directory once its
+``metadata.json`` does. Without a tracker the newest *complete* step is used and newer
+incomplete ones are reported. :attr:`Resolved.tree` says what each directory on the way holds
+(``ckpt-ir inspect`` prints it). Only names and small JSON files are inspected here; nothing is
+unpickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -16,11 +30,13 @@ from pathlib import Path
 
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
 
-__all__ = ["FORMAT_NAMES", "Resolved", "detect", "resolve"]
+__all__ = ["FORMAT_NAMES", "MANIFEST", "Resolved", "detect", "resolve", "resolve_adapter",
+           "save_status"]
 
 FORMAT_NAMES = ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy")
 
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "ckpt_contents.json"
 _ITER = re.compile(r"^iter_(\d+)$")
 _STEP = re.compile(r"^global_step_(\d+)$")
 _RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
@@ -39,6 +55,8 @@ class Resolved:
     notes: tuple[str, ...] = ()
     step: int | None = None
     config_candidates: tuple[Path, ...] = field(default=())
+    # (path relative to `given`, what it holds) for the directories passed through.
+    tree: tuple[tuple[str, str], ...] = field(default=())
 
 
 def is_dist_dir(p: Path) -> bool:
@@ -71,12 +89,28 @@ def _dist_has_model(p: Path) -> bool:
     return b"embedding.word_embeddings" in raw or b"decoder.layers" in raw
 
 
+def _manifest(p: Path) -> dict | None:
+    """verl v2's ``ckpt_contents.json`` of a role directory, or None."""
+    path = p / MANIFEST
+    return read_json_file(path) if path.is_file() else None
+
+
 def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
-    """A verl role directory (global_step_N/actor): v2, v1 or bridge layout."""
+    """A verl role directory (global_step_N/actor): v2, v1, bridge or legacy layout."""
     candidates_cfg = tuple(c for c in (p / "huggingface", p / "model" / "huggingface",
                                        p / "hf_config_and_tokenizer") if c.is_dir())
     tc = p / "transformer_config.json"
     cfgs = candidates_cfg + ((tc,) if tc.is_file() else ())
+    manifest = _manifest(p)
+    if manifest is not None:
+        chosen = _from_manifest(p, manifest, given, notes, step, cfgs)
+        if chosen is not None:
+            return chosen
+    elif any((p / d).is_dir() for d in ("optimizer", "extra")) or (
+            (p / "model").is_dir() and not _has_rank_dirs(p / "model")):
+        complete, why = save_status(p)
+        if not complete:
+            notes.append(f"{p.name}: {why}; this save may be incomplete")
     layouts = (
         (p / "model" / "dist_ckpt", "verl v2 (model/dist_ckpt)"),
         (p / "dist_ckpt", "verl v1 (dist_ckpt)"),
@@ -88,15 +122,192 @@ def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resol
                       (p / "huggingface", "verl bridge (huggingface)")):
         if is_hf_dir(d):
             return Resolved("hf", d, given, layout, tuple(notes), step, cfgs)
-    if (p / "model").is_dir() and any(_RANK_DIR.match(c.name) for c in (p / "model").iterdir()):
+    if (p / "model").is_dir() and _has_rank_dirs(p / "model"):
         return Resolved("verl-legacy", p / "model", given, "verl legacy (model/mp_rank_*)",
                         tuple(notes), step, cfgs)
     return None
 
 
+def _from_manifest(p: Path, manifest: dict, given: Path, notes: list[str], step: int | None,
+                   cfgs: tuple[Path, ...]) -> Resolved | None:
+    """The model directory verl's v2 manifest names (``contents.model`` / ``hf_model``)."""
+    contents = manifest.get("contents")
+    if not isinstance(contents, dict):
+        raise CorruptCheckpointError(f"{MANIFEST} has no 'contents' object", path=p / MANIFEST)
+    for key in ("model", "hf_model"):
+        entry = contents.get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        d = p / entry["path"]
+        try:
+            inside = p.resolve() in d.resolve().parents
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+            inside = False
+        if not inside:
+            raise CorruptCheckpointError(f"{MANIFEST} names {entry['path']!r}, outside the role "
+                                         "directory", path=p / MANIFEST)
+        fmt = entry.get("format")
+        layout = f"verl v2 ({entry['path']}, from {MANIFEST})"
+        if fmt == "megatron_dist_checkpoint" and is_dist_dir(d) and _dist_has_model(d):
+            return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)
+        if fmt == "huggingface" and is_hf_dir(d):
+            return Resolved("hf", d, given, layout, tuple(notes), step, cfgs)
+        if fmt == "huggingface" and is_peft_dir(d / "adapter"):
+            continue  # a PEFT adapter export, not model weights
+        notes.append(f"{MANIFEST} lists {key} at {entry['path']} ({fmt}), which holds no "
+                     "readable weights")
+    return None
+
+
+def _has_rank_dirs(p: Path) -> bool:
+    try:
+        return any(_RANK_DIR.match(c.name) and c.is_dir() for c in p.iterdir())
+    except OSError:
+        return False
+
+
+def _rel(p: Path, base: Path) -> str:
+    """``p`` relative to ``base`` as ``"a/b/"``; ``""`` when they are the same directory."""
+    try:
+        rel = p.relative_to(base)
+    except ValueError:
+        return f"{p}/"
+    return "" if str(rel) == "." else f"{rel}/"
+
+
+def _has_no(d: Path, base: Path, what: str) -> str:
+    rel = _rel(d, base)
+    return f"{rel} has no {what}" if rel else f"no {what}"
+
+
+def save_status(p: Path) -> tuple[bool, str]:
+    """Whether the save in ``p`` (a step, role or iteration directory) completed, and why not.
+
+    Markers: a v2 role directory's ``ckpt_contents.json``; a torch_dist directory's
+    ``metadata.json`` (megatron-core writes it after every rank finished). Formats without a
+    marker (per-rank files, HF weights) count as complete.
+    """
+    roles = [p / r for r in ("actor", "critic") if (p / r).is_dir()]
+    for role in roles or [p]:
+        if (role / MANIFEST).is_file():
+            continue
+        v2 = any((role / d).is_dir() for d in ("optimizer", "extra")) or (
+            (role / "model").is_dir() and not _has_rank_dirs(role / "model"))
+        if v2:
+            return False, f"{_has_no(role, p, MANIFEST)} (verl writes it last)"
+        for d in (role / "dist_ckpt", role):
+            if d.is_dir() and ((d / ".metadata").is_file() or any(d.glob("*.distcp"))) \
+                    and not (d / "metadata.json").is_file():
+                return False, f"{_has_no(d, p, 'metadata.json')} (torch_dist writes it last)"
+    return True, ""
+
+
+def _pick_step(p: Path, steps: list[tuple[int, Path]], notes: list[str]) -> tuple[int, Path]:
+    """The newest step directory whose save completed (no tracker to say which)."""
+    skipped: list[str] = []
+    for n, d in reversed(steps):
+        complete, why = save_status(d)
+        if complete:
+            notes.extend(f"{s}: an async save in progress or a failed one; skipped"
+                         for s in skipped)
+            notes.append(f"no {TRACKER}; using {d.name}, the newest completed save")
+            return n, d
+        skipped.append(f"{d.name} is incomplete ({why})")
+    raise CorruptCheckpointError(f"no completed save under {p}: {'; '.join(skipped)}", path=p)
+
+
+_DESCRIPTIONS = (
+    (MANIFEST, "verl v2 manifest: the save completed; names what each directory holds"),
+    (TRACKER, "tracker: the last completed save"),
+    ("transformer_config.json", "megatron-core TransformerConfig as JSON"),
+    ("data.pt", "dataloader state (not converted)"),
+    ("optim", "distributed optimizer state per rank (not converted)"),
+    ("rng_states", "RNG state per rank (not converted)"),
+    ("optimizer_scheduler", "LR scheduler state (not converted)"),
+    ("optimizer", "optimizer and LR scheduler (torch_dist, not converted)"),
+    ("extra", "RNG state (torch_dist, not converted)"),
+    ("hf_config_and_tokenizer", "HF config and tokenizer"),
+    ("hf_config", "HF config and tokenizer (written by ckpt-ir)"),
+    ("adapter_checkpoint", "verl LoRA adapter files per rank (extract-adapter reads them)"),
+    ("run_config.yaml", "Megatron-Bridge run config"),
+    ("common.pt", "torch_dist common state (megatron-core <= 0.18)"),
+)
+
+
+def describe_entry(c: Path) -> str | None:
+    """One line on what a file or directory of a checkpoint tree holds (None: not known)."""
+    name = c.name
+    if c.is_dir():
+        if _STEP.match(name) or _ITER.match(name) or name == "release":
+            complete, why = save_status(c)
+            return "a saved step" + ("" if complete else f", INCOMPLETE: {why}")
+        if name in ("actor", "critic"):
+            return f"the {name}'s checkpoint"
+        if is_hf_dir(c):
+            return "HF weights, config and tokenizer"
+        if is_peft_dir(c):
+            return "HF PEFT adapter"
+        if is_dist_dir(c) or any(c.glob("*.distcp")):
+            if not (c / "metadata.json").is_file():
+                return "torch_dist, INCOMPLETE (no metadata.json yet)"
+            return "torch_dist model weights" if _dist_has_model(c) else \
+                "torch_dist without model weights (optimizer / RNG / adapters)"
+        if _has_rank_dirs(c):
+            n = sum(1 for d in c.iterdir() if _RANK_DIR.match(d.name))
+            kind = "model_optim_rng.pt" if any(
+                (d / "model_optim_rng.pt").is_file() for d in c.iterdir()) else "model.pt"
+            return f"per-rank model files ({n} mp_rank_* directories of {kind})"
+        if name == "huggingface" and (c / "config.json").is_file():
+            return "HF config and tokenizer (no weights)"
+        if name == "model":
+            return "model weights (verl v2): " + ", ".join(
+                f"{d.name}/" for d in sorted(c.iterdir()) if d.is_dir()) if any(
+                d.is_dir() for d in c.iterdir()) else "model weights (verl v2), empty"
+    for key, text in _DESCRIPTIONS:
+        if name == key:
+            return text
+    if _RANK_DIR.match(name):
+        return "one model-parallel rank's files"
+    return None
+
+
+def _tree(given: Path, visited: list[Path]) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for d in visited:
+        try:
+            children = sorted(d.iterdir())
+        except OSError:
+            continue
+        for c in children:
+            if c in seen or c.name.startswith("."):
+                continue
+            seen.add(c)
+            try:
+                text = describe_entry(c)
+            except OSError:
+                text = "unreadable"
+            if text is not None:
+                rel = c.relative_to(given) if c.is_relative_to(given) else c
+                out.append((f"{rel}/" if c.is_dir() else str(rel), text))
+    # Parents before their children, siblings by name: reads as a tree.
+    return tuple(sorted(out, key=lambda e: Path(e[0]).parts))
+
+
 def resolve(src: str | Path) -> Resolved:
     """Resolve ``src`` to a format and the directory its reader opens."""
-    given = Path(src)
+    visited: list[Path] = []
+    resolved = _resolve(Path(src), visited)
+    # Also describe the directories between the last one looked at and the one read
+    # (role/model/ on the way to role/model/huggingface/).
+    inner = resolved.path.parent
+    while visited and inner != visited[-1] and visited[-1] in inner.parents:
+        visited.append(inner)
+        inner = inner.parent
+    return dataclasses.replace(resolved, tree=_tree(resolved.given, visited))
+
+
+def _resolve(given: Path, visited: list[Path]) -> Resolved:
     if not given.exists():
         raise FormatError(f"{given} does not exist", path=given)
     if not given.is_dir():
@@ -105,6 +316,7 @@ def resolve(src: str | Path) -> Resolved:
     notes: list[str] = []
     p, step = given, None
     for _ in range(4):  # run dir -> step dir -> role dir -> inner dir, at most
+        visited.append(p)
         if is_peft_dir(p):
             return Resolved("hf-peft", p, given, "hf peft adapter", tuple(notes), step)
         if is_hf_dir(p):
@@ -136,14 +348,16 @@ def resolve(src: str | Path) -> Resolved:
                                              "iter_/global_step_ directory exists",
                                              path=p / TRACKER)
             notes.append(f"{TRACKER} points at {inner.name}")
+            newer = [c.name for n, c in _steps(p) if step is not None and n > step]
+            if newer:
+                notes.append(f"{', '.join(newer)} {'is' if len(newer) == 1 else 'are'} newer "
+                             f"than the tracker's step {step}: an unfinished or failed save, "
+                             "not used")
             p = inner
             continue
-        steps = sorted(((int(m.group(1)), c) for c in p.iterdir()
-                        if (m := _ITER.match(c.name) or _STEP.match(c.name)) and c.is_dir()),
-                       key=lambda t: t[0])
+        steps = _steps(p)
         if steps:
-            step, p = steps[-1]
-            notes.append(f"no tracker file; using the newest step directory {p.name}")
+            step, p = _pick_step(p, steps, notes)
             continue
         roles = [r for r in ("actor", "critic") if (p / r).is_dir()]
         if roles:
@@ -153,9 +367,19 @@ def resolve(src: str | Path) -> Resolved:
             p = p / roles[0]
             continue
         break
+    if (given / "config.json").is_file() and not any(given.glob("*.safetensors")):
+        # A config alone describes every tensor's shape: enough to plan (--dry-run) at any
+        # scale without weights, e.g. for sizing a 405B conversion before downloading it.
+        return Resolved("hf", given, given, "config only (shapes, no weights)", tuple(notes))
     raise FormatError(f"cannot tell what checkpoint format {given} holds (no config.json with "
                       "weights, no metadata.json, no tracker file, no mp_rank_* dirs)",
                       path=given)
+
+
+def _steps(p: Path) -> list[tuple[int, Path]]:
+    return sorted(((int(m.group(1)), c) for c in p.iterdir()
+                   if (m := _ITER.match(c.name) or _STEP.match(c.name)) and c.is_dir()),
+                  key=lambda t: t[0])
 
 
 def detect(src: str | Path) -> str:
@@ -172,3 +396,94 @@ def read_json_file(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA adapters
+# --------------------------------------------------------------------------------------------
+
+ADAPTER_DIR = "adapter_checkpoint"
+_ADAPTER_FILE = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?_adapter\.pt$")
+
+
+def has_verl_adapter_files(p: Path) -> bool:
+    """verl's per-rank adapter files (``mp_rank_TT[_PPP][_EEE]_adapter.pt``) in ``p``."""
+    try:
+        return p.is_dir() and any(_ADAPTER_FILE.match(c.name) for c in p.iterdir())
+    except OSError:
+        return False
+
+
+def dist_has_adapter(p: Path) -> bool:
+    """Whether a torch_dist dir holds Megatron-Bridge LoRA tensors (names peeked, not unpickled)."""
+    try:
+        raw = (p / ".metadata").read_bytes()
+    except OSError:
+        return False
+    return b".adapter.linear_in." in raw or b".adapter.adapter_" in raw
+
+
+def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
+    role_cfgs = tuple(c for c in (p / "huggingface", p / "model" / "huggingface",
+                                  p / "hf_config_and_tokenizer", p.parent / "huggingface",
+                                  p.parent / "hf_config_and_tokenizer") if c.is_dir())
+    tc = [c for c in (p / "transformer_config.json", p.parent / "transformer_config.json")
+          if c.is_file()]
+    cfgs = role_cfgs + tuple(tc)
+    if is_peft_dir(p):
+        return Resolved("hf-peft", p, given, "hf peft adapter", tuple(notes), step, cfgs)
+    if has_verl_adapter_files(p):
+        return Resolved("verl-legacy", p, given, f"verl adapter files ({p.name}/)", tuple(notes),
+                        step, cfgs)
+    if has_verl_adapter_files(p / ADAPTER_DIR):
+        return Resolved("verl-legacy", p / ADAPTER_DIR, given,
+                        f"verl adapter files ({ADAPTER_DIR}/)", tuple(notes), step, cfgs)
+    for d in (p, p / "model" / "dist_ckpt", p / "dist_ckpt"):
+        if is_dist_dir(d) and dist_has_adapter(d):
+            layout = "megatron-bridge iter" if (d / "run_config.yaml").is_file() else \
+                f"torch_dist with LoRA adapters ({_rel(d, given)})"
+            return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)
+    for d in (p / "huggingface" / "adapter", p / "model" / "huggingface" / "adapter"):
+        if is_peft_dir(d):
+            return Resolved("hf-peft", d, given, f"verl HF PEFT export ({_rel(d, given)})",
+                            tuple(notes), step, cfgs)
+    return None
+
+
+def resolve_adapter(src: str | Path) -> Resolved:
+    """Resolve ``src`` to the LoRA adapter it holds (a run, step or role directory, or the
+    adapter itself): an HF PEFT directory, verl's ``adapter_checkpoint/`` files, or a
+    torch_dist directory with Megatron-Bridge adapter tensors (adapter-only or with the base)."""
+    given = Path(src)
+    if not given.is_dir():
+        raise FormatError(f"{given} is not a directory", path=given)
+    notes: list[str] = []
+    p, step = given, None
+    for _ in range(4):  # run dir -> step dir -> role dir -> inner dir, at most
+        hit = _adapter_in(p, given, notes, step)
+        if hit is not None:
+            return hit
+        if (p / TRACKER).is_file():
+            value = _read_tracker(p)
+            candidates = [p / "release"] if value == "release" else \
+                [p / f"iter_{int(value):07d}", p / f"global_step_{value}"] if value.isdigit() \
+                else []
+            inner = next((c for c in candidates if c.is_dir()), None)
+            if inner is None:
+                break
+            notes.append(f"{TRACKER} points at {inner.name}")
+            p, step = inner, (int(value) if value.isdigit() else None)
+            continue
+        steps = _steps(p)
+        if steps:
+            step, p = steps[-1]
+            notes.append(f"no {TRACKER}; using the newest step directory {p.name}")
+            continue
+        roles = [r for r in ("actor", "critic") if (p / r).is_dir()]
+        if roles:
+            p = p / roles[0]
+            continue
+        break
+    raise FormatError(f"{given} holds no LoRA adapter (no adapter_config.json, no "
+                      f"{ADAPTER_DIR}/mp_rank_*_adapter.pt, no torch_dist adapter tensors)",
+                      path=given)

@@ -8,6 +8,7 @@ that replaces the destination only after the writer has fsynced everything.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -104,7 +105,32 @@ def clean_stale_temps(dest: Path) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(str(p))
             log.warning("removed %s left behind by an interrupted run", p)
+        else:
+            log.warning("left %s alone: process %d, which is writing it, is still running",
+                        p, pid)
     return removed
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or filesystem cannot (the caller falls back to two
+    renames); other failures raise OSError.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 @contextlib.contextmanager
@@ -137,10 +163,17 @@ def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False,
         yield tmp
         fsync_dir(tmp)
         if dest.exists():
-            trash = dest.parent / f".{dest.name}{TEMP_MARKER}{os.getpid()}-old"
-            os.replace(dest, trash)
-            os.replace(tmp, dest)
-            shutil.rmtree(trash, ignore_errors=True)
+            # One atomic swap: at every instant `dest` is the old checkpoint or the new one.
+            # Two renames would leave neither there if the process died between them. After
+            # the swap `tmp` holds the old one (a kill before it is removed leaves a stale
+            # temp dir for the next run to clean).
+            if _exchange(tmp, dest):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                trash = dest.parent / f".{dest.name}{TEMP_MARKER}{os.getpid()}-old"
+                os.replace(dest, trash)
+                os.replace(tmp, dest)
+                shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, dest)
         fsync_dir(dest.parent)
@@ -155,6 +188,9 @@ def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False,
 def _os_error(e: OSError, dest: Path) -> CheckpointError:
     if e.errno == errno.ENOSPC:
         return DestinationError(f"no space left on the device holding {dest}", path=dest)
+    if e.errno == errno.EFBIG:
+        return DestinationError(f"cannot write {dest}: a file reached the size limit "
+                                f"(ulimit -f) or the filesystem's largest file", path=dest)
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return DestinationError(f"cannot write {dest}: {os.strerror(e.errno)}", path=dest)
     return DestinationError(f"cannot write {dest}: {e.strerror or e}", path=dest)

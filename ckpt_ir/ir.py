@@ -11,6 +11,7 @@ This module imports torch only for dtypes; it does no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import torch
 
 from ckpt_ir.errors import FormatError
 
-__all__ = ["Checkpoint", "ModelConfig", "Shape", "TensorSpec", "dtype_name", "parse_dtype"]
+__all__ = ["ARCHITECTURES", "MOE_NAMES", "Checkpoint", "ModelConfig", "MoeNames", "Shape",
+           "TensorSpec", "dtype_name", "parse_dtype"]
 
 Shape = tuple[int, ...]
 
@@ -63,8 +65,44 @@ class TensorSpec:
         return self.numel * self.dtype.itemsize
 
 
-# Dense decoder families handled by the dense tables; MoE families register later.
+# Dense decoder families handled by the dense tables.
 DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Mixture-of-experts families (tables/moe.py, tables/deepseek.py).
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+
+
+@dataclass(frozen=True, slots=True)
+class MoeNames:
+    """Where one MoE family keeps its MLP tensors, relative to ``model.layers.{layer}.``.
+
+    These are the names transformers *writes* (``save_pretrained``): one tensor per expert.
+    transformers 5 holds the experts fused in memory (``mlp.experts.gate_up_proj``); that layout
+    is a naming of the same IR (``NativeParams.hf_experts="fused"``), not the IR.
+    """
+
+    router: str           # [E, H]
+    expert: str           # prefix of expert {expert}'s three projections
+    gate: str
+    up: str
+    down: str
+    shared: str | None = None        # prefix of the shared expert MLP (gate/up/down_proj)
+    shared_gate: str | None = None   # [1, H] sigmoid gate on the shared expert (qwen2_moe)
+    expert_bias: str | None = None   # [E] routing-only score correction (deepseek_v3)
+
+
+MOE_NAMES: Mapping[str, MoeNames] = MappingProxyType({
+    "mixtral": MoeNames("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{expert}.",
+                        "w1", "w3", "w2"),
+    "qwen2_moe": MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
+                          "down_proj", shared="mlp.shared_expert.",
+                          shared_gate="mlp.shared_expert_gate.weight"),
+    "qwen3_moe": MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
+                          "down_proj"),
+    "deepseek_v3": MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
+                            "down_proj", shared="mlp.shared_experts.",
+                            expert_bias="mlp.gate.e_score_correction_bias"),
+})
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,24 +125,79 @@ class ModelConfig:
     has_qkv_bias: bool
     has_qk_norm: bool
     hf: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # Mixture of experts (0 experts: dense). ``moe_layers`` are the decoder layers whose MLP is
+    # routed; the others are dense with ``intermediate_size``. Shared-expert size 0: none.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    moe_layers: tuple[int, ...] = ()
+    # Multi-head latent attention (DeepSeek): kv_lora_rank 0 means standard attention;
+    # q_lora_rank 0 means an unfactored q_proj.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Multi-token prediction layers, stored by HF as model.layers.{num_layers + k}.
+    num_mtp_layers: int = 0
 
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def has_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe_names(self) -> MoeNames | None:
+        return MOE_NAMES.get(self.architecture) if self.is_moe else None
+
+    @property
+    def has_uniform_layers(self) -> bool:
+        """Dense, or every decoder layer routed: megatron-core then stacks layers in torch_dist.
+
+        An MoE model with any dense layer needs a per-layer ``moe_layer_freq`` list, and
+        megatron-core keeps per-layer keys whenever that is a list (even all zeros).
+        """
+        return not self.is_moe or len(self.moe_layers) == self.num_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether HF layer ``layer`` routes to experts. MTP layers (``layer >= num_layers``)
+        are built like the last decoder layer, as megatron-core's MTP block does."""
+        if layer >= self.num_layers:
+            layer = self.num_layers - 1
+        return layer in self.moe_layers
+
+    def without_mtp(self) -> ModelConfig:
+        """This config with no MTP layers (a checkpoint whose config announces MTP layers but
+        whose files hold none, as transformers writes DeepSeek-V3); ``hf`` says so too."""
+        if not self.num_mtp_layers:
+            return self
+        hf = dict(self.hf)
+        hf["num_nextn_predict_layers"] = 0
+        hf.pop("num_mtp_layers", None)
+        return dataclasses.replace(self, num_mtp_layers=0, hf=MappingProxyType(hf))
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Build from an HF ``config.json`` dict; refuses variants the tables cannot express."""
         hf = dict(hf)
         arch = hf.get("model_type")
-        if arch not in DENSE_ARCHITECTURES:
+        if arch not in ARCHITECTURES:
             raise FormatError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(DENSE_ARCHITECTURES)}")
+                f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
         try:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
             kv_heads = int(hf.get("num_key_value_heads") or heads)
             head_dim = int(hf.get("head_dim") or hidden // heads)
+            moe = _moe_fields(arch, hf) if arch in MOE_ARCHITECTURES else {}
             cfg = cls(
                 architecture=arch,
                 num_layers=int(hf["num_hidden_layers"]),
@@ -117,18 +210,21 @@ class ModelConfig:
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v biases; Llama/Mistral/Qwen3 expose `attention_bias`,
                 # which also adds an o_proj bias that Megatron's add_qkv_bias cannot express.
-                has_qkv_bias=arch == "qwen2",
-                has_qk_norm=arch == "qwen3",
+                has_qkv_bias=arch == "qwen2" or (arch == "qwen2_moe"
+                                                 and bool(hf.get("qkv_bias", True))),
+                has_qk_norm=arch in ("qwen3", "qwen3_moe"),
                 hf=MappingProxyType(hf),
+                **moe,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+            # ArithmeticError: hidden // 0 heads, int(inf) from a hostile config.
             raise FormatError(f"HF config is missing or has a malformed field: {e}") from e
         cfg._check_supported()
         return cfg
 
     def _check_supported(self) -> None:
         hf = self.hf
-        if hf.get("attention_bias") and self.architecture != "qwen2":
+        if hf.get("attention_bias") and self.architecture not in ("qwen2", "qwen2_moe"):
             raise FormatError(f"{self.architecture} with attention_bias=True (o_proj bias) is not "
                               "supported: Megatron's add_qkv_bias covers q/k/v only")
         if hf.get("mlp_bias"):
@@ -143,9 +239,31 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise FormatError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                               f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.is_moe:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise FormatError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                  f"1..{self.num_experts} (the number of experts)")
+            if self.moe_intermediate_size <= 0:
+                raise FormatError("the expert FFN size must be positive")
+            # transformers builds these shared experts whatever their size; with size 0 they
+            # are empty tensors that megatron-core (no shared expert) has no place for.
+            if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size <= 0:
+                raise FormatError("qwen2_moe needs shared_expert_intermediate_size > 0")
+            if self.architecture == "deepseek_v3" and self.shared_expert_intermediate_size <= 0:
+                raise FormatError("deepseek_v3 needs n_shared_experts > 0")
+        if self.architecture in MOE_ARCHITECTURES and not self.is_moe:
+            raise FormatError(f"{self.architecture} with no experts is not supported")
+        if self.has_mla or self.architecture == "deepseek_v3":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    raise FormatError(f"HF config field {name} must be positive")
+        if self.num_mtp_layers < 0 or self.q_lora_rank < 0:
+            raise FormatError("num_nextn_predict_layers and q_lora_rank must not be negative")
 
     def schema(self) -> dict[str, Shape]:
         """Every logical IR tensor of this model with its global shape, in a stable order."""
+        if self.is_moe or self.has_mla:
+            return self._moe_schema()
         h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
         q_rows, kv_rows = self.num_attention_heads * d, self.num_key_value_heads * d
         out: dict[str, Shape] = {"model.embed_tokens.weight": (self.vocab_size, h)}
@@ -172,6 +290,93 @@ class ModelConfig:
             out["lm_head.weight"] = (self.vocab_size, h)
         return out
 
+    def _moe_schema(self) -> dict[str, Shape]:
+        """The schema of MoE / MLA / MTP models, per layer kind.
+
+        Layer ``i`` holds attention (standard or MLA), its two norms, and either a dense MLP or
+        a router with ``num_experts`` experts (names from :data:`MOE_NAMES`), an optional
+        shared expert, its gate or the routing bias. MTP layer ``k`` is HF layer
+        ``num_layers + k``: a full decoder layer plus ``enorm``, ``hnorm``, ``eh_proj`` and
+        ``shared_head.norm``. Its copies of the embedding and the output head are not IR
+        tensors (megatron-core shares them with the main model).
+        """
+        h = self.hidden_size
+        out: dict[str, Shape] = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        for i in range(self.num_layers + self.num_mtp_layers):
+            p = f"model.layers.{i}."
+            if i >= self.num_layers:
+                out[p + "enorm.weight"] = (h,)
+                out[p + "hnorm.weight"] = (h,)
+                out[p + "eh_proj.weight"] = (h, 2 * h)
+            out[p + "input_layernorm.weight"] = (h,)
+            self._attention_schema(p, out)
+            out[p + "post_attention_layernorm.weight"] = (h,)
+            self._mlp_schema(i, p, out)
+            if i >= self.num_layers:
+                out[p + "shared_head.norm.weight"] = (h,)
+        out["model.norm.weight"] = (h,)
+        if not self.tie_word_embeddings:
+            out["lm_head.weight"] = (self.vocab_size, h)
+        return out
+
+    def _attention_schema(self, p: str, out: dict[str, Shape]) -> None:
+        h = self.hidden_size
+        a = p + "self_attn."
+        if not self.has_mla:
+            d = self.head_dim
+            q_rows, kv_rows = self.num_attention_heads * d, self.num_key_value_heads * d
+            out[a + "q_proj.weight"] = (q_rows, h)
+            out[a + "k_proj.weight"] = (kv_rows, h)
+            out[a + "v_proj.weight"] = (kv_rows, h)
+            if self.has_qkv_bias:
+                out[a + "q_proj.bias"] = (q_rows,)
+                out[a + "k_proj.bias"] = (kv_rows,)
+                out[a + "v_proj.bias"] = (kv_rows,)
+            if self.has_qk_norm:
+                out[a + "q_norm.weight"] = (d,)
+                out[a + "k_norm.weight"] = (d,)
+            out[a + "o_proj.weight"] = (h, q_rows)
+            return
+        n = self.num_attention_heads
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.q_lora_rank:
+            out[a + "q_a_proj.weight"] = (self.q_lora_rank, h)
+            out[a + "q_a_layernorm.weight"] = (self.q_lora_rank,)
+            out[a + "q_b_proj.weight"] = (n * qk, self.q_lora_rank)
+        else:
+            out[a + "q_proj.weight"] = (n * qk, h)
+        out[a + "kv_a_proj_with_mqa.weight"] = (self.kv_lora_rank + self.qk_rope_head_dim, h)
+        out[a + "kv_a_layernorm.weight"] = (self.kv_lora_rank,)
+        out[a + "kv_b_proj.weight"] = (n * (self.qk_nope_head_dim + self.v_head_dim),
+                                       self.kv_lora_rank)
+        out[a + "o_proj.weight"] = (h, n * self.v_head_dim)
+
+    def _mlp_schema(self, layer: int, p: str, out: dict[str, Shape]) -> None:
+        h = self.hidden_size
+        names = self.moe_names
+        if names is None or not self.is_moe_layer(layer):
+            f = self.intermediate_size
+            out[p + "mlp.gate_proj.weight"] = (f, h)
+            out[p + "mlp.up_proj.weight"] = (f, h)
+            out[p + "mlp.down_proj.weight"] = (h, f)
+            return
+        e_count, f = self.num_experts, self.moe_intermediate_size
+        out[p + names.router] = (e_count, h)
+        if names.expert_bias:
+            out[p + names.expert_bias] = (e_count,)
+        for e in range(e_count):
+            x = p + names.expert.format(expert=e)
+            out[x + names.gate + ".weight"] = (f, h)
+            out[x + names.up + ".weight"] = (f, h)
+            out[x + names.down + ".weight"] = (h, f)
+        if names.shared and self.shared_expert_intermediate_size:
+            fs = self.shared_expert_intermediate_size
+            out[p + names.shared + "gate_proj.weight"] = (fs, h)
+            out[p + names.shared + "up_proj.weight"] = (fs, h)
+            out[p + names.shared + "down_proj.weight"] = (h, fs)
+        if names.shared_gate:
+            out[p + names.shared_gate] = (1, h)
+
     def to_hf_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """The HF config.json content, with ``dtype`` updated when the weights were cast."""
         out = dict(self.hf)
@@ -179,6 +384,58 @@ class ModelConfig:
             out["dtype"] = dtype_name(dtype)
             out.pop("torch_dtype", None)
         return out
+
+
+def _int(hf: Mapping[str, Any], *names: str, default: int | None = None) -> int:
+    """The first of ``names`` present (and not null) in ``hf``, as an int."""
+    for n in names:
+        if hf.get(n) is not None:
+            return int(hf[n])
+    if default is None:
+        raise KeyError(names[0])
+    return default
+
+
+def _moe_fields(arch: str, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """MoE / MLA / MTP fields of an HF config (which field names each family uses).
+
+    transformers 5 spells the expert count ``num_local_experts`` for mixtral and qwen3_moe
+    (``num_experts`` is an alias), ``num_experts`` for qwen2_moe, ``n_routed_experts`` for
+    DeepSeek. Mixtral's experts use ``intermediate_size``; the others ``moe_intermediate_size``.
+    """
+    layers = int(hf["num_hidden_layers"])
+    out: dict[str, Any] = {
+        "num_experts": _int(hf, "num_local_experts", "num_experts", "n_routed_experts"),
+        "num_experts_per_tok": _int(hf, "num_experts_per_tok"),
+    }
+    if arch == "mixtral":
+        out["moe_intermediate_size"] = _int(hf, "intermediate_size")
+        out["moe_layers"] = tuple(range(layers))
+    elif arch in ("qwen2_moe", "qwen3_moe"):
+        out["moe_intermediate_size"] = _int(hf, "moe_intermediate_size")
+        # transformers: routed unless listed in mlp_only_layers, every decoder_sparse_step-th.
+        step = _int(hf, "decoder_sparse_step", default=1)
+        if step < 1:
+            raise ValueError("decoder_sparse_step must be >= 1")
+        dense = {int(i) for i in hf.get("mlp_only_layers") or ()}
+        out["moe_layers"] = tuple(i for i in range(layers)
+                                  if i not in dense and (i + 1) % step == 0)
+        if arch == "qwen2_moe":
+            out["shared_expert_intermediate_size"] = _int(hf, "shared_expert_intermediate_size")
+    else:  # deepseek_v3
+        out["moe_intermediate_size"] = _int(hf, "moe_intermediate_size")
+        first_dense = _int(hf, "first_k_dense_replace", default=0)
+        out["moe_layers"] = tuple(range(max(first_dense, 0), layers))
+        out["shared_expert_intermediate_size"] = (
+            _int(hf, "n_shared_experts", default=0) * out["moe_intermediate_size"])
+        out["q_lora_rank"] = _int(hf, "q_lora_rank", default=0)
+        out["kv_lora_rank"] = _int(hf, "kv_lora_rank")
+        out["qk_nope_head_dim"] = _int(hf, "qk_nope_head_dim")
+        out["qk_rope_head_dim"] = _int(hf, "qk_rope_head_dim")
+        out["v_head_dim"] = _int(hf, "v_head_dim")
+        out["num_mtp_layers"] = _int(hf, "num_nextn_predict_layers", "num_mtp_layers",
+                                     default=0)
+    return out
 
 
 class Checkpoint:

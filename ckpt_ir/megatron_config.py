@@ -42,6 +42,20 @@ class MegatronModelArgs:
 
     ``activation_func`` is named in ``activation`` rather than passed as a callable so the
     mapping stays JSON-serialisable; every supported architecture uses SiLU (SwiGLU).
+
+    Mixture of experts and DeepSeek-V3 add three choices, each named here:
+
+    * ``config_class``: ``"MLATransformerConfig"`` for multi-latent attention (DeepSeek-V3),
+      else ``"TransformerConfig"``;
+    * ``decoder_block_spec``: the layers differ (``moe_layer_freq`` is a list: dense-first
+      DeepSeek layers, Qwen ``mlp_only_layers``), so build the decoder with
+      ``get_gpt_decoder_block_spec(config, use_transformer_engine=..., normalization="RMSNorm")``
+      rather than one layer spec;
+    * ``mtp``: the model has MTP layers; pass
+      ``mtp_block_spec=get_gpt_mtp_block_spec(config, spec, use_transformer_engine=...)``.
+
+    MoE runtime choices stay with the caller: ``moe_grouped_gemm`` (False: SequentialMLP),
+    ``moe_token_dispatcher_type``, ``moe_aux_loss_coeff``, expert parallel sizes.
     """
 
     transformer_config: dict[str, Any]
@@ -49,6 +63,9 @@ class MegatronModelArgs:
     layer_spec: dict[str, Any]
     activation: str = "silu"
     notes: tuple[str, ...] = field(default=())
+    config_class: str = "TransformerConfig"
+    decoder_block_spec: bool = False
+    mtp: bool = False
 
 
 def padded_vocab_size(vocab_size: int, multiple: int | None) -> int:
@@ -75,6 +92,90 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any], list[str]]:
     elif rope_type != "default":
         notes.append(f"rope_type {rope_type!r} has no GPTModel equivalent here; set it yourself")
     return float(theta), extra, notes
+
+
+def _moe_args(cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
+    """TransformerConfig fields of the experts and their router.
+
+    Routing, HF -> megatron-core (verified by logits on CPU for mixtral, qwen2_moe, qwen3_moe):
+    Mixtral softmaxes over all experts, keeps the top k and renormalises, which is
+    megatron-core's default (top k of the logits, softmax over those). Qwen's
+    ``norm_topk_prob=False`` keeps the unnormalised softmax weights: ``moe_router_pre_softmax``.
+    DeepSeek-V3 scores with a sigmoid, picks experts from ``score + e_score_correction_bias``
+    within the best ``topk_group`` of ``n_group`` groups, normalises the chosen scores and
+    scales them by ``routed_scaling_factor``.
+    """
+    hf = cfg.hf
+    tc: dict[str, Any] = {
+        "num_moe_experts": cfg.num_experts,
+        "moe_router_topk": cfg.num_experts_per_tok,
+        "moe_ffn_hidden_size": cfg.moe_intermediate_size,
+    }
+    if not cfg.has_uniform_layers:
+        tc["moe_layer_freq"] = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    if cfg.shared_expert_intermediate_size:
+        tc["moe_shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+    names = cfg.moe_names
+    if names is not None and names.shared_gate:
+        tc["moe_shared_expert_gate"] = True
+    if cfg.architecture in ("qwen2_moe", "qwen3_moe") and not hf.get("norm_topk_prob", False):
+        tc["moe_router_pre_softmax"] = True
+    if cfg.architecture == "deepseek_v3":
+        tc.update({
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+            # transformers' DeepseekV3Config defaults when the file leaves a field out.
+            "moe_router_num_groups": int(hf.get("n_group") or 8),
+            "moe_router_group_topk": int(hf.get("topk_group") or 4),
+            "moe_router_topk_scaling_factor": float(hf.get("routed_scaling_factor") or 2.5),
+            # HF computes DeepSeek's router logits in fp32.
+            "moe_router_dtype": "fp32",
+        })
+        groups, group_topk = tc["moe_router_num_groups"], tc["moe_router_group_topk"]
+        if groups > 1 and cfg.num_experts_per_tok // group_topk != 2:
+            # megatron-core ranks groups by their top (topk / group_topk) scores, HF by top 2
+            # (the same for DeepSeek-V3's 8 / 4).
+            notes.append(f"num_experts_per_tok / topk_group = {cfg.num_experts_per_tok} / "
+                         f"{group_topk} != 2: megatron-core scores expert groups by their top "
+                         f"{cfg.num_experts_per_tok // group_topk} experts, transformers by "
+                         "their top 2; the routing will differ")
+        if not hf.get("norm_topk_prob", True) and cfg.num_experts_per_tok > 1:
+            notes.append("norm_topk_prob=false: megatron-core always normalises sigmoid "
+                         "routing scores over the top k; the routing will differ")
+    return tc
+
+
+def _mla_args(cfg: ModelConfig, theta: float, notes: list[str]) -> dict[str, Any]:
+    """MLATransformerConfig fields of DeepSeek's multi-latent attention (and its rope)."""
+    hf = cfg.hf
+    tc: dict[str, Any] = {
+        "multi_latent_attention": True,
+        "q_lora_rank": cfg.q_lora_rank or None,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_head_dim": cfg.qk_nope_head_dim,
+        "qk_pos_emb_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim,
+        # q_a_layernorm / kv_a_layernorm
+        "qk_layernorm": True,
+        "rotary_base": theta,
+        "rope_type": "rope",
+    }
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if (params.get("rope_type") or params.get("type")) == "yarn":
+        tc.update({"rope_type": "yarn",
+                   "rotary_scaling_factor": float(params["factor"]),
+                   "original_max_position_embeddings": int(
+                       params.get("original_max_position_embeddings") or 4096),
+                   "beta_fast": float(params.get("beta_fast", 32.0)),
+                   "beta_slow": float(params.get("beta_slow", 1.0)),
+                   "mscale": float(params.get("mscale", 1.0)),
+                   "mscale_all_dim": float(params.get("mscale_all_dim", 0.0))})
+    if not hf.get("rope_interleave", True):
+        notes.append("rope_interleave=false: megatron-core's MLA always applies the rotary "
+                     "embedding to interleaved pairs; the attention will differ")
+    if cfg.num_mtp_layers:
+        tc["mtp_num_layers"] = cfg.num_mtp_layers
+    return tc
 
 
 def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
@@ -109,7 +210,23 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         **rope_extra,
     }
     spec = {"normalization": "RMSNorm", "qk_layernorm": cfg.has_qk_norm}
-    return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes))
+    if not (cfg.is_moe or cfg.has_mla):
+        return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes))
+    if cfg.is_moe:
+        tc.update(_moe_args(cfg, notes))
+        spec["num_experts"] = cfg.num_experts
+    if cfg.has_mla:
+        # MLA sizes its heads itself; kv_channels / num_query_groups do not apply.
+        for unused in ("num_query_groups", "kv_channels"):
+            tc.pop(unused)
+        tc.update(_mla_args(cfg, theta, notes))
+        spec.update(multi_latent_attention=True, qk_layernorm=True)
+        notes[:] = [n for n in notes if "yarn" not in n]
+    return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes),
+                             config_class="MLATransformerConfig" if cfg.has_mla
+                             else "TransformerConfig",
+                             decoder_block_spec=not cfg.has_uniform_layers,
+                             mtp=cfg.num_mtp_layers > 0)
 
 
 def _get(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
@@ -127,7 +244,8 @@ def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None =
     ``padded_vocab_size``), TransformerConfig / Megatron-Bridge names
     (``share_embeddings_and_output_weights``, ``layernorm_epsilon``) and verl's
     ``transformer_config.json``. The architecture is inferred when not given: qk-norm means
-    qwen3, a QKV bias qwen2, otherwise llama.
+    qwen3, a QKV bias qwen2, otherwise llama; with ``num_moe_experts``, multi-latent attention
+    means deepseek_v3, a shared expert qwen2_moe, qk-norm qwen3_moe, otherwise mixtral.
     """
     try:
         layers = int(_get(args, "num_layers"))
@@ -153,14 +271,24 @@ def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None =
     qkv_bias = bool(_get(args, "add_qkv_bias", default=False))
     if _get(args, "add_bias_linear", default=False):
         raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
-    arch = architecture or ("qwen3" if qk_norm else "qwen2" if qkv_bias else "llama")
+    experts = int(_get(args, "num_moe_experts", default=0) or 0)
+    if experts:
+        inferred = ("deepseek_v3" if _get(args, "multi_latent_attention", default=False)
+                    else "qwen2_moe" if _get(args, "moe_shared_expert_intermediate_size",
+                                             default=0)
+                    else "qwen3_moe" if qk_norm else "mixtral")
+    else:
+        inferred = "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
+    arch = architecture or inferred
     norm = _get(args, "normalization", default="RMSNorm")
     if norm != "RMSNorm":
         raise FormatError(f"Megatron normalization {norm!r} is not supported (RMSNorm only)")
     theta = float(_get(args, "rotary_base", default=10000.0))
     archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-    return {
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+             "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+    out = {
         "architectures": [archs.get(arch, arch)],
         "model_type": arch,
         "num_hidden_layers": layers,
@@ -177,4 +305,71 @@ def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None =
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "hidden_act": "silu",
         **({"attention_bias": False} if arch != "qwen2" else {}),
+    }
+    if experts:
+        out.update(_moe_hf(args, arch, experts, layers))
+    return out
+
+
+def _moe_layer_pattern(args: Mapping[str, Any], layers: int) -> list[int]:
+    """megatron-core's ``moe_layer_freq`` as 0/1 per layer (int N: every N-th, from layer 0)."""
+    freq = _get(args, "moe_layer_freq", default=1)
+    if isinstance(freq, bool) or not isinstance(freq, (int, list)):
+        raise FormatError(f"moe_layer_freq {freq!r} is not an int or a list of 0/1")
+    if isinstance(freq, int):
+        if freq < 1:
+            raise FormatError(f"moe_layer_freq {freq} must be >= 1")
+        return [int(i % freq == 0) for i in range(layers)]
+    if len(freq) != layers or any(v not in (0, 1) for v in freq):
+        raise FormatError(f"moe_layer_freq {freq!r} must list 0 or 1 for each of {layers} "
+                          "layers")
+    return [int(v) for v in freq]
+
+
+def _moe_hf(args: Mapping[str, Any], arch: str, experts: int, layers: int) -> dict[str, Any]:
+    """The MoE / MLA fields of the HF config (inverse of ``_moe_args`` / ``_mla_args``)."""
+    topk = int(_get(args, "moe_router_topk", default=2))
+    ffn = int(_get(args, "moe_ffn_hidden_size", "ffn_hidden_size"))
+    shared = int(_get(args, "moe_shared_expert_intermediate_size", default=0) or 0)
+    pattern = _moe_layer_pattern(args, layers)
+    dense = [i for i, v in enumerate(pattern) if not v]
+    pre_softmax = bool(_get(args, "moe_router_pre_softmax", default=False))
+    if arch == "mixtral":
+        if dense:
+            raise FormatError(f"mixtral has no dense layers; moe_layer_freq marks {dense}")
+        return {"num_local_experts": experts, "num_experts_per_tok": topk,
+                "intermediate_size": ffn}
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        out = {"num_experts_per_tok": topk, "moe_intermediate_size": ffn,
+               "mlp_only_layers": dense, "decoder_sparse_step": 1,
+               "norm_topk_prob": not pre_softmax}
+        if arch == "qwen2_moe":
+            out.update(num_experts=experts, shared_expert_intermediate_size=shared,
+                       qkv_bias=bool(_get(args, "add_qkv_bias", default=False)))
+            out.pop("attention_bias", None)
+        else:
+            out["num_local_experts"] = experts
+        return out
+    if arch != "deepseek_v3":
+        raise FormatError(f"{arch} is not a mixture-of-experts architecture")
+    first_dense = pattern.index(1) if 1 in pattern else layers
+    if pattern != [0] * first_dense + [1] * (layers - first_dense):
+        raise FormatError(f"deepseek_v3 has dense layers first only; moe_layer_freq is "
+                          f"{pattern}")
+    q_lora = _get(args, "q_lora_rank", default=None)
+    return {
+        "n_routed_experts": experts, "num_experts_per_tok": topk, "moe_intermediate_size": ffn,
+        "n_shared_experts": shared // ffn if shared else 0,
+        "first_k_dense_replace": first_dense,
+        "q_lora_rank": int(q_lora) if q_lora else None,
+        "kv_lora_rank": int(_get(args, "kv_lora_rank", default=512)),
+        "qk_nope_head_dim": int(_get(args, "qk_head_dim", default=128)),
+        "qk_rope_head_dim": int(_get(args, "qk_pos_emb_head_dim", default=64)),
+        "v_head_dim": int(_get(args, "v_head_dim", default=128)),
+        "n_group": int(_get(args, "moe_router_num_groups", default=1)),
+        "topk_group": int(_get(args, "moe_router_group_topk", default=1)),
+        "routed_scaling_factor": float(_get(args, "moe_router_topk_scaling_factor",
+                                            default=1.0)),
+        "norm_topk_prob": True, "rope_interleave": True,
+        "num_nextn_predict_layers": int(_get(args, "mtp_num_layers", default=0) or 0),
     }

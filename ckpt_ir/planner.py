@@ -27,6 +27,10 @@ DROPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(^|\.)_extra_state(/|$)"), "extra state (TE FP8 metadata), not a weight"),
     (re.compile(r"^optimizer\."), "optimizer state"),
     (re.compile(r"rotary_emb\.inv_freq$"), "rotary inverse frequencies (derived from the config)"),
+    # DeepSeek-V3's HF MTP layer repeats the embedding and the output head; megatron-core's MTP
+    # shares the model's, so they are not IR tensors (unmapped elsewhere, they stay errors).
+    (re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$"),
+     "an MTP layer's copy of the shared embedding / output head"),
 )
 _TIED_COPIES = ("lm_head.weight", "output_layer.weight")
 
@@ -113,16 +117,18 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
               source_tensors: Mapping[str, TensorSpec], source_dropped: Mapping[str, str],
               config: ModelConfig, dest_format: str, dest_naming: str,
               dest_params: NativeParams, dtype: torch.dtype | None = None,
-              notes: tuple[str, ...] = (), schema: Mapping[str, Shape] | None = None) -> Plan:
+              notes: tuple[str, ...] = (), schema: Mapping[str, Shape] | None = None,
+              source_table: Table | None = None, dest_table: Table | None = None) -> Plan:
     """Build and validate the plan; raises :class:`PlanError` listing every problem.
 
     ``schema`` is the set of logical IR tensors to move (default: the model's
     :meth:`ModelConfig.schema`); checkpoints that hold something else, such as adapters, pass
-    their own.
+    their own. ``source_table`` / ``dest_table`` replace the namings' tables when one side
+    combines several (merging an adapter reads a base model's and an adapter's tensors).
     """
     schema = dict(config.schema() if schema is None else schema)
-    src: Table = build_table(source_naming, config, source_params, schema=schema)
-    dst: Table = build_table(dest_naming, config, dest_params, schema=schema)
+    src: Table = source_table or build_table(source_naming, config, source_params, schema=schema)
+    dst: Table = dest_table or build_table(dest_naming, config, dest_params, schema=schema)
     problems: list[str] = []
     dropped: dict[str, str] = dict(source_dropped)
 

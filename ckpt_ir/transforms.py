@@ -21,8 +21,8 @@ import torch
 from ckpt_ir.errors import InternalError
 from ckpt_ir.ir import Shape
 
-__all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveQKV", "PadRows",
-           "Transform"]
+__all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveQKV", "MergeLora",
+           "PadRows", "RankColumns", "StackExperts", "StackRanks", "Transform", "lora_roles"]
 
 TENSOR = "tensor"
 """The role name of a transform with a single part."""
@@ -232,3 +232,286 @@ class PadRows(Transform):
     def copies_on_inverse(self) -> bool:
         return False  # a slice of the padded rows
 
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA adapters (Megatron-Bridge's fused and canonical LoRA <-> HF PEFT per-module A and B)
+# --------------------------------------------------------------------------------------------
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (NaN payloads and -0.0 count), unlike ``torch.equal``."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _times(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t * factor`` computed in at least fp32, back in ``t``'s dtype (exact for powers of 2)."""
+    wide = torch.promote_types(t.dtype, torch.float32)
+    return (t.to(wide) * factor).to(t.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class StackRanks(Transform):
+    """LoRA A matrices (``[r, in]``) stacked on the rank axis into one Megatron ``linear_in``.
+
+    ``blocks`` lists, in order, the roles that share a block and the block's rows; ``total`` is
+    the Megatron rank (the rest is zero padding)::
+
+        fused, shared A (Megatron origin)    rank-stacked (HF PEFT origin)
+        rows 0 .. r-1      A_q = A_k = A_v    rows 0 .. r_q-1              A_q
+        rows r .. total-1  zeros              rows r_q .. r_q+r_k-1        A_k
+                                              rows r_q+r_k .. +r_v-1       A_v
+                                              rows .. total-1              zeros
+
+    ``inverse`` gives every role of a shared block the same rows: Megatron-Bridge's
+    ``save_hf_adapter`` copies the fused A to q/k/v (gate/up) the same way.
+    """
+
+    blocks: tuple[tuple[tuple[str, ...], int], ...]
+    total: int
+
+    def __post_init__(self) -> None:
+        roles = [r for rs, _ in self.blocks for r in rs]
+        if not roles or len(set(roles)) != len(roles) or any(not rs for rs, _ in self.blocks):
+            raise InternalError(f"StackRanks needs distinct roles in non-empty blocks: "
+                                f"{self.blocks}")
+        if any(rows <= 0 for _, rows in self.blocks) or \
+                sum(rows for _, rows in self.blocks) > self.total:
+            raise InternalError(f"StackRanks blocks {self.blocks} do not fit {self.total} rows")
+
+    @property
+    def roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(r for rs, _ in self.blocks for r in rs)
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        pieces = []
+        for roles, rows in self.blocks:
+            first = parts[roles[0]]
+            if first.shape[0] != rows:
+                raise InternalError(f"LoRA A of {roles[0]} has {first.shape[0]} rows, the block "
+                                    f"{rows}")
+            for other in roles[1:]:
+                # The planner chose a shared block because these were bit-identical.
+                if not _same_bits(parts[other], first):
+                    raise InternalError(f"LoRA A of {other} differs from {roles[0]}'s; they "
+                                        "cannot share one Megatron A")
+            pieces.append(first)
+        pad = self.total - sum(rows for _, rows in self.blocks)
+        if pad:
+            pieces.append(pieces[0].new_zeros((pad, *pieces[0].shape[1:])))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        if native.shape[0] != self.total:
+            raise InternalError(f"Megatron LoRA A has {native.shape[0]} rows, expected "
+                                f"{self.total}")
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for roles, rows in self.blocks:
+            piece = native[start:start + rows]
+            out.update((r, piece) for r in roles)
+            start += rows
+        return out
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        first = parts[self.blocks[0][0][0]]
+        return (self.total, *first[1:])
+
+    def describe(self) -> str:
+        blocks = " | ".join(f"{'='.join(rs)}:{rows}" for rs, rows in self.blocks)
+        return f"StackRanks({blocks} -> {self.total})"
+
+    def copies_on_inverse(self) -> bool:
+        return False  # row slices
+
+
+@dataclass(frozen=True, slots=True)
+class RankColumns(Transform):
+    """LoRA B matrices (``[out, r]``) put in their rank columns of a wider B, then fused.
+
+    ``columns`` gives each role's first column and width in a B of ``total`` columns (the
+    Megatron rank); ``inner`` then fuses the widened parts the way the base weight is fused
+    (``InterleaveQKV`` for ``linear_qkv``, ``ConcatGateUp`` for ``linear_fc1``, ``Identity``).
+    With a rank-stacked A, B_q sits in columns ``[0, r_q)``, B_k in ``[r_q, r_q + r_k)``, ...,
+    so ``B @ A`` reproduces every ``B_m @ A_m`` and nothing else::
+
+        B (rows interleaved like the base)    A
+        q rows: [ B_q  0    0   0 ]           [ A_q ]
+        k rows: [ 0    B_k  0   0 ]     @     [ A_k ]
+        v rows: [ 0    0    B_v 0 ]           [ A_v ]
+                                              [  0  ]
+
+    With a shared A every role starts at column 0. ``fill`` names inner roles without an adapter
+    (k when only q and v are targeted) and their rows: zero in the fused B, dropped by
+    ``inverse``. ``factors`` multiply a role's B (its scaling relative to Megatron's single
+    ``alpha / rank``); ``inverse`` divides again, exactly when the factor is a power of two.
+    """
+
+    inner: Transform
+    columns: tuple[tuple[str, int, int], ...]
+    total: int
+    fill: tuple[tuple[str, int], ...] = ()
+    factors: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        roles = [c[0] for c in self.columns] + [f[0] for f in self.fill]
+        if not self.columns or sorted(roles) != sorted(self.inner.roles):
+            raise InternalError(f"RankColumns roles {roles} do not cover "
+                                f"{self.inner.describe()}{self.inner.roles}")
+        for role, start, width in self.columns:
+            if start < 0 or width <= 0 or start + width > self.total:
+                raise InternalError(f"RankColumns: {role} columns [{start}, {start + width}) "
+                                    f"outside {self.total}")
+        if any(f == 0 for _, f in self.factors):
+            raise InternalError("RankColumns: a zero factor cannot be inverted")
+
+    @property
+    def roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(c[0] for c in self.columns)
+
+    def _factor(self, role: str) -> float:
+        return next((f for r, f in self.factors if r == role), 1.0)
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        wide: dict[str, torch.Tensor] = {}
+        for role, start, width in self.columns:
+            b = parts[role]
+            if b.shape[-1] != width:
+                raise InternalError(f"LoRA B of {role} has {b.shape[-1]} columns, expected "
+                                    f"{width}")
+            factor = self._factor(role)
+            if factor != 1.0:
+                b = _times(b, factor)
+            if start == 0 and width == self.total:
+                wide[role] = b
+            else:
+                w = b.new_zeros((b.shape[0], self.total))
+                w[:, start:start + width] = b
+                wide[role] = w
+        like = next(iter(wide.values()))
+        for role, rows in self.fill:
+            wide[role] = like.new_zeros((rows, self.total))
+        return self.inner.apply(wide)
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = self.inner.inverse(native)
+        out: dict[str, torch.Tensor] = {}
+        for role, start, width in self.columns:
+            b = parts[role][:, start:start + width]
+            factor = self._factor(role)
+            out[role] = _times(b, 1.0 / factor) if factor != 1.0 else b
+        return out
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        wide = {role: (parts[role][0], self.total) for role, _, _ in self.columns}
+        wide.update((role, (rows, self.total)) for role, rows in self.fill)
+        return self.inner.shapes(wide)
+
+    def describe(self) -> str:
+        cols = ", ".join(f"{r}:[{s},{s + w})" for r, s, w in self.columns)
+        return f"RankColumns({self.inner.describe()}; {cols} of {self.total})"
+
+
+def lora_roles(role: str) -> tuple[str, str]:
+    """The roles of a merged role's LoRA A and B in :class:`MergeLora`."""
+    return f"{role}.lora_A", f"{role}.lora_B"
+
+
+@dataclass(frozen=True, slots=True)
+class MergeLora(Transform):
+    """Base weights with their LoRA update merged in, then fused by ``inner``. One-way.
+
+    For each role in ``merges`` (with its scaling), ``W' = W + scaling · (B @ A)`` computed in
+    fp32 (fp64 stays fp64) and cast back to W's dtype, as PEFT's ``merge_and_unload`` and
+    Megatron-Bridge's ``merge_adapter_weights`` do; other roles pass through. The A and B of a
+    role are the parts named by :func:`lora_roles`. There is no inverse: a merged weight does not
+    remember its adapter.
+    """
+
+    inner: Transform
+    merges: tuple[tuple[str, float], ...]
+
+    def __post_init__(self) -> None:
+        unknown = {r for r, _ in self.merges} - set(self.inner.roles)
+        if unknown or not self.merges:
+            raise InternalError(f"MergeLora merges {sorted(unknown)} which "
+                                f"{self.inner.describe()} does not have")
+
+    @property
+    def roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (*self.inner.roles, *(x for r, _ in self.merges for x in lora_roles(r)))
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        merged = {r: parts[r] for r in self.inner.roles}
+        for role, scaling in self.merges:
+            w = parts[role]
+            a_role, b_role = lora_roles(role)
+            wide = torch.promote_types(w.dtype, torch.float32)
+            delta = (parts[b_role].to(wide) @ parts[a_role].to(wide)) * scaling
+            merged[role] = (w.to(wide) + delta).to(w.dtype)
+        return self.inner.apply(merged)
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise InternalError("a merged weight cannot be split back into base and adapter")
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        return self.inner.shapes({r: parts[r] for r in self.inner.roles})
+
+    def describe(self) -> str:
+        return f"MergeLora({', '.join(r for r, _ in self.merges)}; {self.inner.describe()})"
+
+
+@dataclass(frozen=True, slots=True)
+class StackExperts(Transform):
+    """The experts of one layer in one tensor, expert-major (transformers 5's fused layout).
+
+    Each expert contributes its ``parts`` concatenated on dim 0; the experts are stacked on a
+    new dim 0. With ``parts=("gate", "up")`` this is ``mlp.experts.gate_up_proj``::
+
+        [e, 0 .. F-1,  :]   gate_proj of expert e
+        [e, F .. 2F-1, :]   up_proj of expert e          shape [E, 2F, H]
+
+    and with ``parts=("tensor",)`` ``mlp.experts.down_proj`` ([E, H, F]). Roles are
+    ``<part>[<expert>]``. ``inverse`` returns views.
+    """
+
+    num_experts: int
+    parts: tuple[str, ...] = (TENSOR,)
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or not self.parts or len(set(self.parts)) != len(self.parts):
+            raise InternalError(f"StackExperts needs experts and distinct parts: {self}")
+
+    @property
+    def roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(f"{p}[{e}]" for e in range(self.num_experts) for p in self.parts)
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        experts = []
+        for e in range(self.num_experts):
+            pieces = [parts[f"{p}[{e}]"] for p in self.parts]
+            experts.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0))
+        return torch.stack(experts, dim=0)
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        if native.dim() < 2 or native.shape[0] != self.num_experts:
+            raise InternalError(f"stacked experts have shape {tuple(native.shape)}, expected "
+                                f"{self.num_experts} experts on dim 0")
+        rows = native.shape[1]
+        if rows % len(self.parts):
+            raise InternalError(f"{rows} rows per expert do not split into {self.parts}")
+        out: dict[str, torch.Tensor] = {}
+        for e in range(self.num_experts):
+            for p, piece in zip(self.parts, native[e].tensor_split(len(self.parts), dim=0),
+                                strict=True):
+                out[f"{p}[{e}]"] = piece
+        return out
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        first = [parts[f"{p}[0]"] for p in self.parts]
+        return (self.num_experts, sum(s[0] for s in first), *first[0][1:])
+
+    def describe(self) -> str:
+        return f"StackExperts({self.num_experts} experts of [{'; '.join(self.parts)}])"

@@ -2,6 +2,9 @@
 
 Reads ``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors`` with
 ``model.safetensors.index.json``, or ``pytorch_model*.bin`` (through the restricted unpickler).
+Mixture-of-experts experts may be per expert (what transformers saves) or fused (transformers
+5's ``mlp.experts.gate_up_proj`` / ``down_proj``), an ``hf`` naming variant recognised from the
+names and written with the ``hf_experts="fused"`` option.
 Writes size-capped safetensors shards streamed tensor by tensor into pre-sized files, the index,
 ``config.json`` and the tokenizer / generation files carried from the source.
 """
@@ -30,15 +33,18 @@ from ckpt_ir.converters.storage.safetensors_file import (
     read_header,
 )
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
-from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name
+from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
 from ckpt_ir.safety.unpickler import load_torch
-from ckpt_ir.tables import NativeParams
+from ckpt_ir.tables import NativeParams, drop_absent_mtp
 
 __all__ = ["HfReader", "HfWriter", "is_hf_dir"]
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_EXPERT_LAYOUTS = ("per-expert", "fused")
+"""``hf_experts`` writer option: what transformers writes, or its in-memory stacked layout."""
+FUSED_EXPERTS_SUFFIX = ".mlp.experts.gate_up_proj"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 def is_hf_dir(path: Path) -> bool:
@@ -53,7 +59,9 @@ def _read_index(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
         weight_map = data["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        # ValueError: JSONDecodeError, and integers past Python's 4300-digit limit, which
+        # json raises as a plain ValueError; RecursionError: absurdly nested arrays.
         raise CorruptCheckpointError(f"{path.name} is not a valid weight index: {e}",
                                      path=path) from e
     if not isinstance(weight_map, dict) or not all(
@@ -87,8 +95,14 @@ class HfReader:
         self._open: dict[str, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
         self._trust = trust_pickles
+        self.has_data = True
         self._kind = self._scan()
         check_layer_count(self.config, len(self._specs), self._config_dir / "config.json")
+        # transformers 5 can hold experts fused (gate_up_proj / down_proj): the same IR under
+        # another hf naming variant, recognised by its names.
+        if any(n.endswith(FUSED_EXPERTS_SUFFIX) for n in self._specs):
+            self.params = NativeParams(hf_experts="fused")
+        self.config = drop_absent_mtp(self.config, self.naming, self.params, self._specs)
 
     def _scan(self) -> str:
         p = self.path
@@ -102,8 +116,8 @@ class HfReader:
             self._scan_bin()
             return "pytorch_model.bin"
         else:
-            raise FormatError(f"no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin "
-                              f"in {p}", path=p)
+            self._scan_config_only()
+            return "config only"
         for file in files:
             header = read_header(p / file)
             for name, entry in header.entries.items():
@@ -119,6 +133,15 @@ class HfReader:
                         f"{SAFETENSORS_INDEX} lists {name} in {file}, but that shard does not "
                         "hold it", path=p / file, tensor=name)
         return "safetensors"
+
+    def _scan_config_only(self) -> None:
+        """Shape-only tensors from the config (dtype from its ``dtype`` / ``torch_dtype``):
+        plans and dry runs work; reading data does not."""
+        name = self.config.hf.get("dtype") or self.config.hf.get("torch_dtype") or "bfloat16"
+        dtype = parse_dtype(str(name))
+        for tensor, shape in self.config.schema().items():
+            self._specs[tensor] = TensorSpec(tensor, shape, dtype)
+        self.has_data = False
 
     def _scan_bin(self) -> None:
         p = self.path
@@ -142,6 +165,9 @@ class HfReader:
         return {}
 
     def read(self, name: str) -> torch.Tensor:
+        if not self.has_data:
+            raise FormatError(f"{self.path} holds a config but no weights; only --dry-run can "
+                              "plan it", path=self.path)
         if name in self._bin:
             return self._bin[name]
         file = self._where.get(name)
@@ -205,8 +231,12 @@ class HfWriter:
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
-        """HF names carry no padding and no variants."""
-        return NativeParams()
+        """HF names carry no padding; MoE experts per expert (default) or fused."""
+        experts = options.extra.get("hf_experts") or "per-expert"
+        if experts not in HF_EXPERT_LAYOUTS:
+            raise FormatError(f"hf_experts must be one of {', '.join(HF_EXPERT_LAYOUTS)}, "
+                              f"not {experts!r}")
+        return NativeParams(hf_experts=experts)
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         cap = self.options.max_shard_bytes

@@ -12,13 +12,21 @@ Uniform decoder layers are *stacked*: ``decoder.layers.<param>`` has global shap
 and the layer index is a chunk offset on axis 0, so pipeline stages are invisible in keys. This
 module maps those keys to per-layer native names ``decoder.layers.{l}.<param>`` (the ``mcore``
 naming of :mod:`ckpt_ir.tables`) and back; it writes one chunk per layer, never a stacked
-in-memory tensor. The layout is TP-invariant (fused QKV in whole groups, fc1 as
-``[gate; up]``), so any TP/PP loads it.
+in-memory tensor. Routed experts add a second prepended axis the same way: the native
+``decoder.layers.{l}.mlp.experts.experts.{e}.linear_fc1.weight`` is chunk ``(l, e)`` of the key
+``decoder.layers.mlp.experts.experts.linear_fc1.weight`` ``[L, E, 2F, H]``, so reads and writes
+hold one expert at a time. Models whose layers differ (dense-first DeepSeek layers,
+``mlp_only_layers``) keep one key per layer, ``decoder.layers.{l}.<param>`` (experts still
+stacked: ``[E, ...]``), as megatron-core does for non-homogeneous stacks; MTP layers
+(``mtp.layers.{k}.``) are never layer-stacked. The layout is TP-invariant (fused QKV in whole
+groups, fc1 as ``[gate; up]``), so any TP/PP/EP loads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -32,6 +40,13 @@ from typing import Any, ClassVar
 import torch
 import yaml
 
+from ckpt_ir.adapters import (
+    LORA_LAYOUT_FILE,
+    AdapterConfig,
+    LoraLayout,
+    from_lora_layout_json,
+    lora_layout_json,
+)
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.converters.storage.hf_files import (
@@ -46,13 +61,17 @@ from ckpt_ir.errors import (
     FormatError,
     InternalError,
     MissingConfigError,
+    PlanError,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.megatron_config import hf_config_from_megatron, padded_vocab_size
 from ckpt_ir.safety.unpickler import load_torch
-from ckpt_ir.tables import NativeParams
+from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
+from ckpt_ir.tables.lora import infer_megatron_lora
+from ckpt_ir.transforms import Identity
 
-__all__ = ["EXTRA_STATE_MODULES", "HF_CONFIG_DIR", "McoreDistReader", "McoreDistWriter"]
+__all__ = ["EXTRA_STATE_MODULES", "HF_CONFIG_DIR", "McoreDistAdapterReader",
+           "McoreDistAdapterWriter", "McoreDistReader", "McoreDistWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +80,13 @@ HF_CONFIG_DIR = "hf_config"
 
 _STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# Routed experts: ``.experts.experts.{e}.`` in a native name, ``.experts.experts.`` in a key.
+_EXPERTS = ".experts.experts."
+_EXPERT = re.compile(r"\.experts\.experts\.(\d+)\.")
+# Modules with an `_extra_state` object (megatron-core linear layers; MTP's eh_proj).
+_LINEAR_MODULE = re.compile(r"^(linear_\w+|eh_proj)$")
+_DUPLICATE_NORM = ("the same norm weight under the other layer spec's key (mcore_spec=any "
+                   "writes both)")
 
 # `_extra_state` objects a GPTModel requests per layer. The local spec asks for the four linear
 # layers; the TE spec also for core attention. Writing the union loads under megatron-core's
@@ -80,6 +106,30 @@ _COMMON_STATE: dict[str, Any] = {}
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
+
+
+# Megatron-Bridge LoRA tensors (`<base module>.adapter.linear_in.weight`, ...): the adapter view
+# of a checkpoint (McoreDistAdapterReader) reads them, the model view skips them.
+ADAPTER_KEY = ".adapter."
+ADAPTER_SKIPPED = ("LoRA adapter weight (read by extract-adapter, merge-adapter and convert "
+                   "--to hf-peft)")
+
+
+def _native_name(key: str, axes: tuple[str, ...], index: tuple[int, ...]) -> str:
+    """The native name of chunk ``index`` of a stacked key (inverse of the writer's locate)."""
+    name = key
+    for axis, i in zip(axes, index, strict=True):
+        if axis == "layer":
+            name = f"decoder.layers.{i}.{name[len('decoder.layers.'):]}"
+        else:
+            at = name.index(_EXPERTS) + len(_EXPERTS)
+            name = f"{name[:at]}{i}.{name[at:]}"
+    return name
+
+
+def _int_list(value: Any) -> bool:
+    """A list of plain ints (``moe_layer_freq`` as Megatron-LM stores it)."""
+    return type(value) is list and all(type(v) is int for v in value)
 
 
 def _blob_reason(fqn: str) -> str:
@@ -114,27 +164,33 @@ class McoreDistReader:
         else:
             log.warning("%s has no metadata.json: the save may not have completed", self.path)
         self._dcp = DcpReader(self.path, trust=trust_pickles)
-        self._natives: dict[str, tuple[str, int | None]] = {}
+        # native name -> (DCP key, index on the key's prepended axes: layer and/or expert)
+        self._natives: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._specs: dict[str, TensorSpec] = {}
         self._dropped: dict[str, str] = {}
         for fqn, t in self._dcp.index.tensors.items():
-            if fqn.startswith("optimizer."):
-                self._dropped[fqn] = "optimizer state"
+            skip = self._skip_reason(fqn)
+            if skip is not None:
+                self._dropped[fqn] = skip
                 continue
             m = _STACKED.match(fqn)
-            if m and len(t.shape) >= 1:
+            axes = ("layer",) if m else ()
+            if _EXPERTS in fqn:
+                axes += ("expert",)
+            if axes and len(t.shape) >= len(axes):
                 # A non-empty stack is bounded by its chunks' bytes (checked by the index); an
                 # empty one could claim any number of layers, each becoming a name here.
-                if math.prod(t.shape) == 0 and t.shape[0] > max(len(t.chunks), 1):
+                if math.prod(t.shape) == 0 and math.prod(t.shape[:len(axes)]) > \
+                        max(len(t.chunks), 1):
                     raise CorruptCheckpointError(
-                        f"stacked tensor {fqn!r} declares {t.shape[0]} layers of no data",
-                        path=self.path / ".metadata", tensor=fqn)
-                for layer in range(t.shape[0]):
-                    name = f"decoder.layers.{layer}.{m.group(1)}"
-                    self._natives[name] = (fqn, layer)
-                    self._specs[name] = TensorSpec(name, tuple(t.shape[1:]), t.dtype)
+                        f"stacked tensor {fqn!r} declares {list(t.shape[:len(axes)])} "
+                        "layers/experts of no data", path=self.path / ".metadata", tensor=fqn)
+                for index in itertools.product(*(range(n) for n in t.shape[:len(axes)])):
+                    name = _native_name(fqn, axes, index)
+                    self._natives[name] = (fqn, index)
+                    self._specs[name] = TensorSpec(name, tuple(t.shape[len(axes):]), t.dtype)
             else:
-                self._natives[fqn] = (fqn, None)
+                self._natives[fqn] = (fqn, ())
                 self._specs[fqn] = TensorSpec(fqn, tuple(t.shape), t.dtype)
         for fqn in self._dcp.index.blobs:
             self._dropped[fqn] = _blob_reason(fqn)
@@ -143,7 +199,42 @@ class McoreDistReader:
         check_layer_count(self.config, len(self._specs), self._config_source)
         emb = self._specs.get("embedding.word_embeddings.weight")
         padded = emb.shape[0] if emb is not None else None
-        self.params = NativeParams(padded_vocab_size=padded, norm_style="te")
+        if padded is not None and padded < self.config.vocab_size:
+            # Padding only adds rows; fewer means the config is not this model's.
+            raise PlanError([f"embedding.word_embeddings.weight has {padded} rows, fewer than "
+                             f"the config's vocab_size {self.config.vocab_size}"],
+                            path=self._config_source)
+        self.config = drop_absent_mtp(self.config, self.naming, NativeParams(), self._specs)
+        self.params = NativeParams(padded_vocab_size=padded, norm_style=self._norm_style())
+
+    def _norm_style(self) -> str:
+        """The layer spec whose norm keys this checkpoint uses (dense models: one set).
+
+        MoE and MLA norms sit under different keys for the TE and the local spec (see
+        :mod:`ckpt_ir.tables.moe`); ckpt-ir's ``mcore_spec="any"`` output has both, and the
+        copies of the style not chosen are dropped with a reason.
+        """
+        if not (self.config.is_moe or self.config.has_mla):
+            return "te"
+        present = set(self._specs)
+        natives = {style: {b.native for b in build_table(
+                       self.naming, self.config, NativeParams(norm_style=style)).bindings}
+                   for style in ("local-dist", "te")}
+        chosen = next((s for s, names in natives.items() if names <= present),
+                      max(natives, key=lambda s: len(natives[s] & present)))
+        for other, names in natives.items():
+            for name in (names - natives[chosen]) & present if other != chosen else ():
+                del self._specs[name], self._natives[name]
+                self._dropped[name] = _DUPLICATE_NORM
+        return chosen
+
+    def _skip_reason(self, fqn: str) -> str | None:
+        """Why a tensor is not one this reader exposes (None: it is one)."""
+        if fqn.startswith("optimizer."):
+            return "optimizer state"
+        if ADAPTER_KEY in fqn:
+            return ADAPTER_SKIPPED
+        return None
 
     # -- config -------------------------------------------------------------------------------
 
@@ -203,9 +294,14 @@ class McoreDistReader:
 
     def _from_megatron(self, fields: Mapping[str, Any], where: Path) -> dict[str, Any]:
         """An HF config from Megatron arguments read from ``where`` (untrusted values)."""
+        # Only plain scalars are arguments the config needs; anything else (a tensor, a
+        # stand-in) would be truth-tested or converted by code that expects numbers.
+        fields = {k: v for k, v in fields.items()
+                  if isinstance(k, str) and (v is None or type(v) in (int, float, bool, str)
+                                             or _int_list(v))}
         try:
             vocab = fields.get("vocab_size") or self._vocab_rows()
-            return hf_config_from_megatron(dict(fields), vocab_size=vocab)
+            return hf_config_from_megatron(fields, vocab_size=vocab)
         except (TypeError, ValueError, ArithmeticError) as e:
             # int("x"), int(inf), hidden // 0 heads: a malformed argument, not our bug.
             raise CorruptCheckpointError(f"malformed Megatron arguments in {where.name}: {e}",
@@ -221,15 +317,17 @@ class McoreDistReader:
 
     def read(self, name: str) -> torch.Tensor:
         try:
-            fqn, layer = self._natives[name]
+            fqn, index = self._natives[name]
         except KeyError:
             raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name) from None
         t = self._dcp.index.tensors[fqn]
-        if layer is None:
+        if not index:
             return self._dcp.read_region(fqn, (0,) * len(t.shape), t.shape)
-        region = self._dcp.read_region(fqn, (layer,) + (0,) * (len(t.shape) - 1),
-                                       (1, *t.shape[1:]))
-        return region[0]
+        # One layer (and expert) of a stacked key: only that chunk region is read.
+        n = len(index)
+        region = self._dcp.read_region(fqn, index + (0,) * (len(t.shape) - n),
+                                       (1,) * n + tuple(t.shape[n:]))
+        return region.reshape(t.shape[n:])
 
     def source_files(self) -> SourceFiles:
         src = Path(self._config_source)
@@ -238,7 +336,7 @@ class McoreDistReader:
         return SourceFiles(carried_files([src]))
 
     def describe(self) -> dict[str, Any]:
-        stacked = sorted({fqn for fqn, layer in self._natives.values() if layer is not None})
+        stacked = sorted({fqn for fqn, index in self._natives.values() if index})
         return {
             "config_from": self._config_source,
             "dcp_tensors": len(self._dcp.index.tensors),
@@ -271,41 +369,114 @@ class McoreDistWriter:
             raise FormatError(f"mcore_spec must be one of {sorted(EXTRA_STATE_MODULES)}, "
                               f"not {self.spec!r}")
         self.params = self.params_for(config, options)
-        self._where: dict[str, tuple[str, tuple[int, ...], bool]] = {}
+        # native -> [(key, chunk offsets, number of prepended axes)]; two with mcore_spec=any
+        # norm copies.
+        self._where: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
+        self._objects: list[str] = []
         self._globals: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._data: DcpDataFile | None = None
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
-        """torch_dist uses TE-style norm keys for both layer specs; vocab padded on request."""
+        """Norm keys of the requested layer spec (dense models: the same for both; MoE and
+        MLA: the local spec's torch_dist keys unless ``mcore_spec="te"``, and ``"any"`` adds
+        the TE keys as copies); vocab padded on request."""
+        spec = options.extra.get("mcore_spec", "any")
+        style = "local-dist" if (config.is_moe or config.has_mla) and spec != "te" else "te"
         return NativeParams(
             padded_vocab_size=padded_vocab_size(config.vocab_size, options.pad_vocab_to_multiple),
-            norm_style="te")
+            norm_style=style)
+
+    def _locate(self, name: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        """torch_dist key of native ``name``, its index on the key's prepended axes (layer if
+        layers are stacked, then expert) and the sizes of those axes."""
+        key, index, sizes = name, (), ()
+        m = _PER_LAYER.match(name)
+        if m and self.config.has_uniform_layers:
+            key, index, sizes = f"decoder.layers.{m.group(2)}", (int(m.group(1)),), \
+                (self.config.num_layers,)
+        e = _EXPERT.search(key)
+        if e:
+            key = key[:e.start()] + _EXPERTS + key[e.end():]
+            index, sizes = (*index, int(e.group(1))), (*sizes, self.config.num_experts)
+        return key, index, sizes
+
+    def _norm_copies(self) -> dict[str, list[str]]:
+        """``mcore_spec="any"`` for MoE / MLA: native -> the TE spec's key for the same norm."""
+        if self.spec != "any" or self.params.norm_style == "te":
+            return {}
+        ours = build_table(self.naming, self.config, self.params)
+        te = build_table(self.naming, self.config,
+                         dataclasses.replace(self.params, norm_style="te"))
+        copies: dict[str, list[str]] = {}
+        for b in ours.bindings:
+            other = te.by_ir[next(iter(b.ir.values()))][0]
+            if other.native != b.native and other.native not in ours.by_native and \
+                    isinstance(b.transform, Identity) and isinstance(other.transform, Identity):
+                copies.setdefault(b.native, []).append(other.native)
+        return copies
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
-        num_layers = self.config.num_layers
+        copies = self._norm_copies()
         for s in specs:
-            m = _PER_LAYER.match(s.name)
-            if m:
-                key, layer = f"decoder.layers.{m.group(2)}", int(m.group(1))
-                shape = (num_layers, *s.shape)
-                offsets = (layer,) + (0,) * len(s.shape)
-                stacked = True
-            else:
-                key, shape, offsets, stacked = s.name, s.shape, (0,) * len(s.shape), False
-            prev = self._globals.get(key)
-            if prev is not None and prev != (shape, s.dtype):
-                raise InternalError(f"layers of {key} disagree on shape or dtype")
-            self._globals[key] = (shape, s.dtype)
-            self._where[s.name] = (key, offsets, stacked)
+            for name in (s.name, *copies.get(s.name, ())):
+                key, index, sizes = self._locate(name)
+                shape = (*sizes, *s.shape)
+                prev = self._globals.get(key)
+                if prev is not None and prev != (shape, s.dtype):
+                    raise InternalError(f"layers of {key} disagree on shape or dtype")
+                self._globals[key] = (shape, s.dtype)
+                self._where.setdefault(s.name, []).append(
+                    (key, index + (0,) * len(s.shape), len(index)))
+        self._objects = self._extra_state_objects([s.name for s in specs])
         # torch DCP names data files __<rank>_<i>.distcp; each process appends to its own.
         self._data = DcpDataFile(self.directory, f"__{self.options.rank}_0.distcp")
+
+    def _extra_state_objects(self, names: Sequence[str]) -> list[str]:
+        """The ``_extra_state`` objects a GPTModel of this spec requests, named as
+        megatron-core does: ``<key>._extra_state/shard_<index>_<sizes>`` over the prepended
+        axes (``shard_3_8``: layer 3 of 8; ``shard_3.5_8.16``: layer 3, expert 5; ``shard_0_1``
+        when the key has no prepended axis). Known modules keep the order of
+        :data:`EXTRA_STATE_MODULES` (dense output unchanged); experts, shared experts, MLA and
+        MTP modules follow in the order their weights come."""
+        wanted = self._extra_state_modules()
+        if not wanted:
+            return []
+        groups: dict[str, dict[str, None]] = {}
+        for name in names:
+            module, _, param = name.rpartition(".")
+            leaf = module.rpartition(".")[2]
+            # A linear layer's own weight or bias (not a norm fused into it, as in
+            # linear_fc1.layer_norm_weight of an MoE layer, whose fc1 is the experts').
+            if param not in ("weight", "bias") or not _LINEAR_MODULE.match(leaf):
+                continue
+            found = [module]
+            if leaf == "linear_proj" and "self_attention.core_attention" in wanted:
+                found.append(module[: -len(leaf)] + "core_attention")
+            for mod in found:
+                key, index, sizes = self._locate(mod + "._extra_state")
+                shard = (f"{'.'.join(map(str, index))}_{'.'.join(map(str, sizes))}" if index
+                         else "0_1")
+                groups.setdefault(key, {})[f"{key}/shard_{shard}"] = None
+        rank = {f"decoder.layers.{m}._extra_state": i for i, m in enumerate(wanted)}
+        ordered = sorted(enumerate(groups), key=lambda p: (rank.get(p[1], len(rank)), p[0]))
+        return [fqn for _, key in ordered for fqn in groups[key]]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._data is None:
             raise InternalError("mcore-dist writer used before begin()")
-        key, offsets, stacked = self._where[name]
-        self._data.add_tensor(key, offsets, tensor.unsqueeze(0) if stacked else tensor)
+        for key, offsets, prepended in self._where[name]:
+            self._data.add_tensor(key, offsets, tensor[(None,) * prepended])
+
+    def write_chunk(self, name: str, offsets: Sequence[int], tensor: torch.Tensor) -> None:
+        """The box of native ``name`` that starts at ``offsets``: a TP shard written by the
+        live rank holding it (:mod:`ckpt_ir.manager`), never gathered. ``.metadata``
+        checks at commit that every rank's boxes tile each tensor exactly."""
+        if self._data is None:
+            raise InternalError("mcore-dist writer used before begin()")
+        for key, base, prepended in self._where[name]:
+            self._data.add_tensor(key, (*base[:prepended], *offsets),
+                                  tensor[(None,) * prepended])
 
     def file_of(self, name: str) -> str | None:
         return None  # every rank appends its chunks to its own data file
@@ -315,17 +486,17 @@ class McoreDistWriter:
         if self._data is None:
             raise InternalError("mcore-dist writer finished before begin()")
         if self.options.rank == 0:
-            num_layers = self.config.num_layers
-            for module in EXTRA_STATE_MODULES[self.spec]:
-                for layer in range(num_layers):
-                    fqn = f"decoder.layers.{module}._extra_state/shard_{layer}_{num_layers}"
-                    self._data.add_object(fqn, [None])
+            for fqn in self._objects:
+                self._data.add_object(fqn, [None])
             # megatron-core >= 0.19 reads common state from this object; <= 0.18 from
             # common.pt (written in finish_all).
             self._data.add_object("common_state/shard_0_1", [_COMMON_STATE])
         records = self._data.close(fsync=True)
         self._data = None
         return records
+
+    def _extra_state_modules(self) -> tuple[str, ...]:
+        return EXTRA_STATE_MODULES[self.spec]
 
     def finish(self, source) -> None:
         self.finish_all(source, [self.finish_rank()])
@@ -359,3 +530,129 @@ class McoreDistWriter:
             except (OSError, CheckpointError):
                 pass
             self._data = None
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-Bridge LoRA adapters in torch_dist
+# --------------------------------------------------------------------------------------------
+
+
+def _bridge_peft(path: Path) -> Mapping[str, Any]:
+    """The ``peft`` section of a Megatron-Bridge ``run_config.yaml`` beside the checkpoint."""
+    run_config = path / "run_config.yaml"
+    if not run_config.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(run_config.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CorruptCheckpointError(f"run_config.yaml is not valid YAML: {e}",
+                                     path=run_config) from e
+    peft = data.get("peft") if isinstance(data, dict) else None
+    return peft if isinstance(peft, dict) else {}
+
+
+def _number_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+class McoreDistAdapterReader(McoreDistReader):
+    """The LoRA adapter of a torch_dist checkpoint: adapter-only (Bridge's PEFT filter, verl's
+    ``lora.adapter_path``) or base + adapter (the base weights are skipped here).
+
+    Rank and alpha come from ckpt-ir's :data:`~ckpt_ir.adapters.LORA_LAYOUT_FILE` (exact round
+    trips of rank-stacked adapters), else from Bridge's ``run_config.yaml`` ``peft`` section
+    (``dim``, ``alpha``), else the rank from the shapes and alpha from ``lora_alpha``.
+    """
+
+    naming: ClassVar[str] = "mcore-lora"
+
+    def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
+                 trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
+                 lora_alpha: float | None = None, base_config: ModelConfig | None = None
+                 ) -> None:
+        self._base_config = base_config
+        super().__init__(path, hf_config=hf_config, trust_pickles=trust_pickles,
+                         config_candidates=config_candidates)
+        sidecar = self.path / LORA_LAYOUT_FILE
+        if sidecar.is_file():
+            self.adapter, layout = from_lora_layout_json(read_json_file(sidecar), self.config,
+                                                         path=sidecar)
+            self._alpha_from = str(sidecar)
+        else:
+            style, leaves, rank = infer_megatron_lora(self._specs, path=self.path)
+            peft = _bridge_peft(self.path)
+            dim = peft.get("dim")
+            if dim is not None and dim != rank:
+                raise CorruptCheckpointError(f"run_config.yaml says dim={dim!r} but the adapter "
+                                             f"tensors have rank {rank}",
+                                             path=self.path / "run_config.yaml")
+            alpha = _number_or_none(peft.get("alpha"))
+            self._alpha_from = "run_config.yaml"
+            if alpha is None:
+                alpha, self._alpha_from = lora_alpha, "--lora-alpha"
+            if alpha is None:
+                raise MissingConfigError(
+                    f"{self.path} holds LoRA adapters of rank {rank} but not their alpha (no "
+                    f"{LORA_LAYOUT_FILE}, no run_config.yaml peft section); pass --lora-alpha",
+                    path=self.path)
+            self.adapter = AdapterConfig.create(self.config, r=rank, lora_alpha=alpha,
+                                                leaves=leaves)
+            layout = LoraLayout.uniform(style, self.adapter.modules(), rank, alpha)
+        self.params = NativeParams(lora=layout)
+
+    def _find_config(self, explicit: str | os.PathLike | None,
+                     candidates: Sequence[Path]) -> tuple[str, dict[str, Any]]:
+        if self._base_config is not None:
+            return "the base model's config", dict(self._base_config.hf)
+        return super()._find_config(explicit, candidates)
+
+    def _skip_reason(self, fqn: str) -> str | None:
+        if fqn.startswith("optimizer."):
+            return "optimizer state"
+        if ADAPTER_KEY not in fqn:
+            return "base model weight (not part of the adapter)"
+        if "weight_magnitude" in fqn:
+            raise FormatError(f"{fqn}: DoRA adapters are not supported", path=self.path)
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        layout = self.params.lora
+        return {**super().describe(), "adapter": self.adapter.summary(),
+                "lora_style": layout.style, "lora_rank": layout.rank,
+                "lora_alpha": layout.alpha, "alpha_from": self._alpha_from}
+
+
+class McoreDistAdapterWriter(McoreDistWriter):
+    """An adapter-only torch_dist directory, as Megatron-Bridge's PEFT checkpoints hold.
+
+    ``options.extra["adapter"]`` is the IR adapter config and ``options.extra["lora_layout"]``
+    the :class:`~ckpt_ir.adapters.LoraLayout`; both go to :data:`LORA_LAYOUT_FILE`. No
+    ``_extra_state`` objects: Bridge's adapter filter drops them.
+    """
+
+    naming: ClassVar[str] = "mcore-lora"
+
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+        super().__init__(directory, config, options)
+        adapter = options.extra.get("adapter")
+        if not isinstance(adapter, AdapterConfig):
+            raise InternalError("the mcore-dist adapter writer needs options.extra['adapter']")
+        self.adapter = adapter
+
+    @classmethod
+    def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
+        layout = options.extra.get("lora_layout")
+        if not isinstance(layout, LoraLayout):
+            raise InternalError("the mcore-dist adapter writer needs options.extra['lora_layout']")
+        return NativeParams(lora=layout)
+
+    def _extra_state_modules(self) -> tuple[str, ...]:
+        return ()
+
+    def finish_all(self, source, parts: Sequence[list]) -> None:
+        with open(self.directory / LORA_LAYOUT_FILE, "w") as f:
+            json.dump(lora_layout_json(self.adapter, self.params.lora), f, indent=2)
+            f.write("\n")
+        super().finish_all(source, parts)

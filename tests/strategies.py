@@ -32,7 +32,9 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and raw bits."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    # reshape(-1): a 0-dim tensor cannot be viewed as bytes directly.
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                       b.contiguous().reshape(-1).view(torch.uint8))
 
 
 @st.composite
@@ -63,3 +65,143 @@ def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": 64,
     }
+
+
+def pipeline_splits(num_layers: int, *, max_pp: int = 4, max_vpp: int = 3
+                    ) -> list[tuple[int, int, int | None, int | None]]:
+    """Every (pp, vpp, first_stage_layers, last_stage_layers) that places ``num_layers``
+    layers as megatron-core allows (enumerated, so layouts are valid by construction)."""
+    from ckpt_ir.errors import IncompatibleLayoutError
+    from ckpt_ir.layout import ParallelLayout
+
+    found = []
+    for pp in range(1, max_pp + 1):
+        for vpp in range(1, max_vpp + 1 if pp > 1 else 2):
+            uneven = [None, *range(1, num_layers + 1)] if pp > 1 else [None]
+            for first in uneven:
+                for last in uneven:
+                    try:
+                        ParallelLayout(1, pp, vpp, first_stage_layers=first,
+                                       last_stage_layers=last).placement(num_layers)
+                    except IncompatibleLayoutError:
+                        continue
+                    found.append((pp, vpp, first, last))
+    return found
+
+
+def tp_sizes(config: dict[str, Any], *, max_tp: int = 4) -> list[int]:
+    """TP sizes megatron-core accepts for an HF config dict (the vocabulary gets padded)."""
+    heads, groups = config["num_attention_heads"], config["num_key_value_heads"]
+    rows = (heads + 2 * groups) * config["head_dim"]
+    return [tp for tp in range(1, max_tp + 1)
+            if heads % tp == 0 and (groups % tp == 0 or tp % groups == 0) and rows % tp == 0
+            and config["intermediate_size"] % tp == 0]
+
+
+@st.composite
+def layouts(draw: st.DrawFn, config: dict[str, Any]):
+    """A :class:`~ckpt_ir.layout.ParallelLayout` that can hold ``config`` (an HF config dict):
+    TP among the sizes that divide heads, KV groups (or a multiple of them), QKV rows and FFN;
+    PP, VPP and uneven first/last stages among the placements of its layers."""
+    from ckpt_ir.layout import ParallelLayout
+
+    tp = draw(st.sampled_from(tp_sizes(config)))
+    pp, vpp, first, last = draw(st.sampled_from(pipeline_splits(config["num_hidden_layers"])))
+    return ParallelLayout(tp, pp, vpp, first_stage_layers=first, last_stage_layers=last)
+
+
+@st.composite
+def small_ints(draw: st.DrawFn, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """Integer values in [-4, 4] as ``dtype``: products and short sums of them are exact, so
+    matrix identities (B @ A of stacked LoRA, merged weights) can be checked bit for bit."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, shape, generator=g).to(dtype)
+
+
+LORA_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@st.composite
+def lora_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """``adapter_config.json`` fields of a LoRA adapter: a non-empty subset of the linear
+    modules, ranks and alphas (with per-module patterns), rsLoRA or not, and whether q/k/v and
+    gate/up share one A matrix (the adapter came from Megatron's fused LoRA; then their ranks
+    are equal)."""
+    targets = draw(st.lists(st.sampled_from(LORA_LEAVES), min_size=1, max_size=7, unique=True))
+    shared = draw(st.booleans())
+    r = draw(st.sampled_from([1, 2, 4, 8]))
+    alpha = draw(st.sampled_from([1, 2, 8, 16, 3.5]))
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    if not shared and draw(st.booleans()):
+        rank_pattern = {draw(st.sampled_from(targets)): draw(st.sampled_from([1, 2, 4, 16]))}
+    if draw(st.booleans()):
+        alpha_pattern = {draw(st.sampled_from(targets)): draw(st.sampled_from([4, 32]))}
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets,
+            "use_rslora": draw(st.booleans()), "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "bias": "none", "task_type": "CAUSAL_LM",
+            "shared_a": shared}
+
+
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+
+
+@st.composite
+def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
+                ) -> dict[str, Any]:
+    """Small HF config dicts for mixtral / qwen2_moe / qwen3_moe / deepseek_v3.
+
+    Valid by construction: top-k drawn within the expert count, DeepSeek's expert groups among
+    the divisors of the expert count. Drawn: shared experts (and their size), dense layers
+    (Qwen ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek ``first_k_dense_replace``,
+    so stacks are homogeneous or not), DeepSeek with and without q-LoRA and with 0 or 1 MTP
+    layer, Qwen2-MoE with and without q/k/v biases, tied and untied embeddings.
+    """
+    arch = draw(st.sampled_from(MOE_ARCHITECTURES))
+    layers = draw(st.integers(1, max_layers))
+    experts = draw(st.integers(1, max_experts))
+    hidden = draw(st.sampled_from([16, 24]))
+    cfg: dict[str, Any] = {
+        "model_type": arch,
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": 4,
+        "num_experts_per_tok": draw(st.integers(1, experts)),
+        "vocab_size": draw(st.integers(5, 41)),
+        "tie_word_embeddings": draw(st.booleans()),
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "max_position_embeddings": 64,
+    }
+    ffn = draw(st.sampled_from([4, 8, 12]))
+    if arch == "mixtral":
+        cfg.update(num_local_experts=experts, intermediate_size=ffn,
+                   num_key_value_heads=draw(st.sampled_from([1, 2, 4])))
+    elif arch in ("qwen2_moe", "qwen3_moe"):
+        cfg.update(moe_intermediate_size=ffn, intermediate_size=draw(st.sampled_from([8, 20])),
+                   num_key_value_heads=draw(st.sampled_from([1, 2, 4])),
+                   head_dim=draw(st.sampled_from([4, 8])),
+                   decoder_sparse_step=draw(st.sampled_from([1, 1, 2])),
+                   mlp_only_layers=draw(st.lists(st.integers(0, layers - 1), unique=True,
+                                                 max_size=layers)),
+                   norm_topk_prob=draw(st.booleans()))
+        if arch == "qwen2_moe":
+            cfg.update(num_experts=experts, qkv_bias=draw(st.booleans()),
+                       shared_expert_intermediate_size=draw(st.sampled_from([4, 12])))
+        else:
+            cfg["num_local_experts"] = experts
+    else:
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if experts % g == 0]))
+        cfg.update(n_routed_experts=experts, moe_intermediate_size=ffn,
+                   intermediate_size=draw(st.sampled_from([8, 20])), num_key_value_heads=4,
+                   n_shared_experts=draw(st.integers(1, 2)), n_group=groups,
+                   topk_group=draw(st.integers(1, groups)),
+                   first_k_dense_replace=draw(st.integers(0, layers)),
+                   q_lora_rank=draw(st.sampled_from([None, 8])), kv_lora_rank=6,
+                   qk_nope_head_dim=draw(st.sampled_from([4, 8])), qk_rope_head_dim=4,
+                   v_head_dim=draw(st.sampled_from([4, 6])),
+                   num_nextn_predict_layers=draw(st.integers(0, 1)),
+                   routed_scaling_factor=2.5, rope_interleave=True)
+    return cfg

@@ -27,6 +27,16 @@ def render() -> str:
         "the unsharded layout; torch_dist stacks `decoder.layers.{layer}.X` into",
         "`decoder.layers.X` with the layer on axis 0.",
         "",
+        "Placeholders range over the config: `{layer}` the decoder layers, `{expert}` the",
+        "routed experts (torch_dist stacks `...experts.experts.{expert}.X` on an expert axis),",
+        "`{mtp}` / `{mtp_layer}` a multi-token-prediction layer and its HF layer index",
+        "(`num_hidden_layers + mtp`). `when` lists conditions that must all hold: model",
+        "features, the norm naming of a layer spec (`te_norms`: TE spec; `local_norms`: local",
+        "spec parameter names; `local_dist_norms`: what the local spec writes to torch_dist)",
+        "and the layer kind (`moe_layer` / `dense_layer`). An `(hf)` table lists the only rows",
+        "of the hf naming that are not the identity: transformers 5's fused experts, written",
+        "with `--hf-experts fused` and recognised on read. See docs/moe.md.",
+        "",
     ]
     seen: dict[int, str] = {}
     for arch, namings in TABLES.items():

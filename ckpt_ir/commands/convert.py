@@ -6,11 +6,18 @@ import argparse
 import sys
 from typing import Any
 
-from ckpt_ir.commands import add_common, human_bytes, print_dropped
+from ckpt_ir.commands import (
+    add_common,
+    add_layout_options,
+    human_bytes,
+    layout_fields,
+    print_dropped,
+)
+from ckpt_ir.commands.extract_adapter import add_lora_options, lora_options, show_adapter
 
 NAME = "convert"
 HELP = "convert a checkpoint into another format"
-WRITABLE_FORMATS = ("hf", "mcore-dist")
+WRITABLE_FORMATS = ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "hf-peft")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,18 +30,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="cast floating-point weights (default: keep the source dtypes)")
     p.add_argument("--pad-vocab-to-multiple", type=int, metavar="N",
-                   help="pad the vocabulary with zero rows to a multiple of N (mcore-dist)")
+                   help="pad the vocabulary with zero rows to a multiple of N (mcore-dist, "
+                        "per-rank formats; 1 removes a per-rank source's padding)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard when writing hf (default 5GB)")
     p.add_argument("--mcore-spec", choices=("any", "local", "te"), default="any",
-                   help="which layer spec's _extra_state objects to write (default: both)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="Megatron layer spec to write for: mcore-dist writes its _extra_state "
+                        "objects (any: both specs'); per-rank formats write its norm names and "
+                        "_extra_state keys (any: the source's spec, TE for non-Megatron sources)")
+    p.add_argument("--hf-experts", choices=("per-expert", "fused"), default="per-expert",
+                   help="MoE experts when writing hf: one tensor per expert as transformers "
+                        "saves them (default), or transformers 5's fused gate_up_proj/down_proj")
+    p.add_argument("--mcore-experts", choices=("sequential", "grouped"),
+                   help="MoE experts in per-rank files: SequentialMLP local_experts.K names or "
+                        "TEGroupedMLP weightK names (default: grouped for the TE spec, "
+                        "sequential for the local spec)")
+    add_run_options(p)
+    add_layout_options(p, what="layout of a per-rank destination (verl-legacy, megatron-legacy)")
+    add_lora_options(p)
     add_common(p)
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    return convert_with_progress(args, to=args.to, source_format=args.source_format,
+                                 max_shard_size=args.max_shard_size, hf_experts=args.hf_experts,
+                                 mcore_experts=args.mcore_experts, **lora_options(args))
+
+
+def convert_with_progress(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
+    """``ckpt_ir.convert`` with the common flags of ``args`` and a progress bar on stderr."""
     from ckpt_ir.api import convert
 
     bar = None
@@ -49,12 +79,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.total = total
             bar.update(done - bar.n)
     try:
-        report = convert(args.src, args.dst, to=args.to, source_format=args.source_format,
-                         hf_config=args.hf_config, dtype=args.dtype,
+        report = convert(args.src, args.dst, hf_config=args.hf_config, dtype=args.dtype,
                          pad_vocab_to_multiple=args.pad_vocab_to_multiple,
-                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                         dry_run=args.dry_run, trust_pickles=args.trust_pickles,
-                         mcore_spec=args.mcore_spec, progress=progress)
+                         overwrite=args.overwrite, dry_run=args.dry_run,
+                         trust_pickles=args.trust_pickles, mcore_spec=args.mcore_spec,
+                         progress=progress, layout=layout_fields(args) or None,
+                         source_ep=args.source_ep, **kwargs)
     finally:
         if bar is not None:
             bar.close()
@@ -62,9 +92,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show(r: dict[str, Any]) -> None:
+    if "adapter" in r:
+        show_adapter(r)
+        return
     verb = "would write" if r["dry_run"] else "wrote"
+    dest = r["dest_format"] + (f", {r['dest_layout']}" if r.get("dest_layout") else "")
     print(f"{r['source']} ({r['source_format']}, {r['source_layout']}) -> {r['destination']} "
-          f"({r['dest_format']})")
+          f"({dest})")
     print(f"  {r['architecture']}: {verb} {r['tensors_written']} tensors, "
           f"{human_bytes(r['bytes_written'])} (read {human_bytes(r['bytes_read'])}); "
           f"peak unit {human_bytes(r['peak_bytes_estimate'])}; {r['seconds']:.2f} s")

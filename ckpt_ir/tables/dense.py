@@ -33,6 +33,9 @@ DENSE_MCORE_ROWS: tuple[Row, ...] = (
         pad_vocab, Partition.VOCAB),
     Row(L + "self_attention.linear_qkv.layer_norm_weight", one(H + "input_layernorm.weight"),
         when="te_norms"),
+    # The local spec's torch_dist keys are the TE ones (its sharded_state_dict_keys_map).
+    Row(L + "self_attention.linear_qkv.layer_norm_weight", one(H + "input_layernorm.weight"),
+        when="local_dist_norms"),
     Row(L + "input_layernorm.weight", one(H + "input_layernorm.weight"), when="local_norms"),
     Row(L + "self_attention.linear_qkv.weight",
         {"q": H + "self_attn.q_proj.weight", "k": H + "self_attn.k_proj.weight",
@@ -50,6 +53,8 @@ DENSE_MCORE_ROWS: tuple[Row, ...] = (
         partition=Partition.ROW),
     Row(L + "mlp.linear_fc1.layer_norm_weight", one(H + "post_attention_layernorm.weight"),
         when="te_norms"),
+    Row(L + "mlp.linear_fc1.layer_norm_weight", one(H + "post_attention_layernorm.weight"),
+        when="local_dist_norms"),
     Row(L + "pre_mlp_layernorm.weight", one(H + "post_attention_layernorm.weight"),
         when="local_norms"),
     Row(L + "mlp.linear_fc1.weight",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError
+from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError, PlanError
+from ckpt_ir.ir import ModelConfig
 
-__all__ = ["CARRIED_FILES", "carried_files", "load_hf_config"]
+__all__ = ["CARRIED_FILES", "carried_files", "check_layer_count", "load_hf_config"]
 
 # Files a model directory needs besides weights and config.json (tokenizers, generation).
 CARRIED_FILES = (
@@ -26,12 +28,39 @@ def load_hf_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingConfigError(f"no config.json in {directory}", path=directory)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(), parse_constant=_not_json, parse_float=_finite)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, NaN/Infinity and integers past Python's digit
+        # limit; RecursionError absurd nesting.
         raise CorruptCheckpointError(f"config.json is not valid JSON: {e}", path=path) from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError("config.json is not a JSON object", path=path)
     return data
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    # 1e400 is valid JSON but becomes inf, which int() cannot take (OverflowError).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} does not fit a float")
+    return value
+
+
+def check_layer_count(config: ModelConfig, num_tensors: int, path: str | Path) -> None:
+    """Refuse a config declaring more layers than the checkpoint has tensors.
+
+    Every layer has tensors of its own in every format, so such a config cannot describe these
+    weights; and planning it would take time and memory in proportion to the declared count,
+    not to the input (a config.json claiming 10**12 layers would hang the planner). Readers call
+    this once they know both their config and their tensors.
+    """
+    if config.num_layers > num_tensors:
+        raise PlanError([f"the model config declares {config.num_layers} layers but the "
+                         f"checkpoint holds only {num_tensors} tensors"], path=path)
 
 
 def carried_files(directories: Iterable[Path]) -> dict[str, Path]:

@@ -8,6 +8,18 @@ Each architecture exercises a different corner of the mappings:
   KV group whole: it all-gathers ``linear_qkv``'s output and each rank takes its query heads.
 - ``mistral``: GQA, untied, ``sliding_window=None`` (Megatron's GPTModel has no sliding window).
 
+Mixture-of-experts models (:data:`MOE_ARCHITECTURES`), for ``tests/clients/test_moe_client.py``:
+
+- ``mixtral``: 4 experts, top-2, every layer routed, untied.
+- ``qwen2_moe``: 4 experts, top-2 without renormalisation (``norm_topk_prob=False``), a gated
+  shared expert, q/k/v biases, 3 layers of which layer 0 is dense (``mlp_only_layers``, so
+  megatron-core keeps per-layer keys), tied embeddings.
+- ``qwen3_moe``: 6 experts, top-2 renormalised, q/k norms, head_dim 32 != hidden / heads.
+- ``deepseek_v3``: multi-latent attention with q-LoRA, 4 experts in 2 groups (top-1 group,
+  top-2 experts), sigmoid routing with a random ``e_score_correction_bias``, one shared expert,
+  the first layer dense; the config announces one MTP layer, which transformers neither builds
+  nor saves.
+
 Every parameter, norms included, is redrawn from a seeded generator: weights ~ N(0, 0.1) so the
 logits are O(1) and a 1e-5 tolerance means something; norm weights ~ 1 + N(0, 0.3), biases
 ~ N(0, 0.3), so a norm or bias that is dropped, swapped or loaded as ones changes the logits.
@@ -23,6 +35,7 @@ import torch
 __all__ = ["ARCHITECTURES", "hf_config", "hf_logits", "input_ids", "make_hf_model"]
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 VOCAB_SIZE = 301  # odd on purpose: no TP or padding multiple divides it
 SEQ_LEN = 7
@@ -52,6 +65,37 @@ _ARCH: dict[str, tuple[str, dict[str, Any]]] = {
                                   "tie_word_embeddings": False,
                                   "rope_parameters": {"rope_type": "default",
                                                       "rope_theta": 10000.0}}),
+    "mixtral": ("MixtralConfig", {"num_key_value_heads": 2, "intermediate_size": 48,
+                                  "num_local_experts": 4, "num_experts_per_tok": 2,
+                                  "sliding_window": None, "tie_word_embeddings": False,
+                                  "rope_parameters": {"rope_type": "default",
+                                                      "rope_theta": 1e6}}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_key_value_heads": 2, "num_hidden_layers": 3,
+                                     "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48,
+                                     "norm_topk_prob": False, "mlp_only_layers": [0],
+                                     "tie_word_embeddings": True,
+                                     "rope_parameters": {"rope_type": "default",
+                                                         "rope_theta": 1e6}}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_key_value_heads": 2, "head_dim": 32,
+                                     "num_experts": 6, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True,
+                                     "tie_word_embeddings": False,
+                                     "rope_parameters": {"rope_type": "default",
+                                                         "rope_theta": 1e6}}),
+    "deepseek_v3": ("DeepseekV3Config", {"num_key_value_heads": 4, "num_hidden_layers": 3,
+                                         "n_routed_experts": 4, "n_shared_experts": 1,
+                                         "num_experts_per_tok": 2, "n_group": 2,
+                                         "topk_group": 1, "first_k_dense_replace": 1,
+                                         "moe_intermediate_size": 32, "q_lora_rank": 32,
+                                         "kv_lora_rank": 24, "qk_nope_head_dim": 16,
+                                         "qk_rope_head_dim": 8, "v_head_dim": 16,
+                                         "routed_scaling_factor": 2.5, "rope_interleave": True,
+                                         "num_nextn_predict_layers": 1,
+                                         "tie_word_embeddings": False,
+                                         "rope_parameters": {"rope_type": "default",
+                                                             "rope_theta": 10000.0}}),
 }
 
 
@@ -75,6 +119,11 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(0.3 * torch.randn(p.shape, generator=gen))
         else:
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            # DeepSeek's routing bias is a buffer (zeros by default): redraw it too, so a bias
+            # that is dropped or misplaced changes which experts are chosen.
+            b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 def make_hf_model(arch: str, tmp_path: Path, *, seed: int = 0, name: str | None = None,

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckpt_ir.layout import Partition, shard, unshard
-from ckpt_ir.transforms import TENSOR, ConcatGateUp, Identity, InterleaveQKV, PadRows
+from ckpt_ir.layout import Partition, shard, shard_shape, unshard, unshard_shape
+from ckpt_ir.transforms import TENSOR, ConcatGateUp, ConcatQKV, Identity, InterleaveQKV, PadRows
 from tests.strategies import bits_equal, dtypes, tensors
 
 
@@ -78,10 +78,17 @@ def test_shard_unshard_round_trips(partition, data):
     tp = data.draw(st.sampled_from([1, 2, 4]))
     rows = 2 * tp * data.draw(st.integers(1, 3))
     cols = tp * data.draw(st.integers(1, 3))
+    blocks = None
+    if partition is Partition.BLOCKS:
+        # Unequal blocks, each a multiple of tp rows (verl era-A [q; k; v]).
+        blocks = tuple(tp * data.draw(st.integers(1, 3)) for _ in range(3))
+        rows = sum(blocks)
     t = data.draw(tensors((rows, cols)))
-    pieces = shard(t, partition, tp)
+    pieces = shard(t, partition, tp, blocks=blocks)
     assert len(pieces) == tp
-    assert bits_equal(unshard(pieces, partition), t)
+    assert all(tuple(p.shape) == shard_shape(t.shape, partition, tp) for p in pieces)
+    assert unshard_shape(pieces[0].shape, partition, tp) == tuple(t.shape)
+    assert bits_equal(unshard(pieces, partition, blocks=blocks), t)
 
 
 def test_swiglu_shard_holds_gate_and_up_halves():
@@ -90,3 +97,161 @@ def test_swiglu_shard_holds_gate_and_up_halves():
     pieces = shard(ConcatGateUp().apply({"gate": gate, "up": up}), Partition.SWIGLU, 2)
     assert pieces[0].flatten().tolist() == [0, 1, 10, 11]
     assert pieces[1].flatten().tolist() == [2, 3, 12, 13]
+
+
+@given(st.data())
+def test_concat_qkv_round_trips(data):
+    q_rows, kv_rows = data.draw(st.integers(1, 24)), data.draw(st.integers(1, 12))
+    dtype = data.draw(dtypes())
+    rest = data.draw(st.sampled_from([(), (5,)]))
+    parts = {"q": data.draw(tensors((q_rows, *rest), dtype)),
+             "k": data.draw(tensors((kv_rows, *rest), dtype)),
+             "v": data.draw(tensors((kv_rows, *rest), dtype))}
+    _check_round_trip(ConcatQKV(q_rows, kv_rows), parts)
+
+
+def test_blocks_shard_holds_each_blocks_slice():
+    # verl era A: [q; k; v] with 4 q rows and 2 k/v rows; rank t holds [q_t; k_t; v_t].
+    q, k, v = torch.arange(4.0), 10 + torch.arange(2.0), 20 + torch.arange(2.0)
+    fused = ConcatQKV(4, 2).apply({"q": q, "k": k, "v": v})
+    pieces = shard(fused, Partition.BLOCKS, 2, blocks=(4, 2, 2))
+    assert pieces[0].tolist() == [0, 1, 10, 20]
+    assert pieces[1].tolist() == [2, 3, 11, 21]
+
+
+# --- LoRA adapter transforms (issue #4) ---------------------------------------------------------
+
+from ckpt_ir.layout import Partition as _P  # noqa: E402
+from ckpt_ir.transforms import MergeLora, RankColumns, StackRanks, lora_roles  # noqa: E402
+from tests.strategies import small_ints  # noqa: E402
+
+
+@st.composite
+def _rank_blocks(draw, roles):
+    """Blocks of a Megatron LoRA A: every role alone (rank-stacked) or all in one shared block,
+    plus zero padding up to the total."""
+    if draw(st.booleans()):
+        rank = draw(st.integers(1, 5))
+        blocks = ((tuple(roles), rank),)
+    else:
+        blocks = tuple(((r,), draw(st.integers(1, 5))) for r in roles)
+    total = sum(rows for _, rows in blocks) + draw(st.integers(0, 3))
+    return blocks, total
+
+
+@given(st.data())
+def test_stack_ranks_round_trips(data):
+    roles = data.draw(st.sampled_from([("q", "k", "v"), ("gate", "up"), ("q", "v"), (TENSOR,)]))
+    blocks, total = data.draw(_rank_blocks(roles))
+    cols, dtype = data.draw(st.integers(1, 9)), data.draw(dtypes())
+    parts = {}
+    for block_roles, rows in blocks:
+        t = data.draw(tensors((rows, cols), dtype))
+        parts.update((r, t) for r in block_roles)  # a shared block: the same A for each role
+    op = StackRanks(blocks, total)
+    native = op.apply(parts)
+    assert not native[sum(rows for _, rows in blocks):].any()  # the padding is zeros
+    _check_round_trip(op, parts)
+
+
+def _inner_and_rows(data):
+    kind = data.draw(st.sampled_from(["identity", "gate_up", "qkv"]))
+    if kind == "identity":
+        return Identity(), {TENSOR: data.draw(st.integers(1, 12))}
+    if kind == "gate_up":
+        f = data.draw(st.integers(1, 10))
+        return ConcatGateUp(), {"gate": f, "up": f}
+    g, n, d = (data.draw(st.integers(1, 3)) for _ in range(3))
+    return InterleaveQKV(g, n, d), {"q": g * n * d, "k": g * d, "v": g * d}
+
+
+def _rank_columns(data, inner, rows):
+    present = data.draw(st.lists(st.sampled_from(sorted(rows)), min_size=1, unique=True))
+    blocks, total = data.draw(_rank_blocks(present))
+    columns, start = [], 0
+    for block_roles, width in blocks:
+        columns.extend((r, start, width) for r in block_roles)
+        start += width
+    fill = tuple((r, n) for r, n in rows.items() if r not in present)
+    return tuple(columns), total, fill
+
+
+@given(st.data())
+def test_rank_columns_round_trips(data):
+    inner, rows = _inner_and_rows(data)
+    columns, total, fill = _rank_columns(data, inner, rows)
+    dtype = data.draw(dtypes())
+    parts = {r: data.draw(tensors((rows[r], w), dtype)) for r, _, w in columns}
+    op = RankColumns(inner, columns, total, fill)
+    _check_round_trip(op, parts)
+    wide = inner.inverse(op.apply(parts))
+    for role, n in fill:  # modules without an adapter have zero rows in the fused B
+        assert not wide[role].any() and wide[role].shape == (n, total)
+
+
+@given(st.data())
+def test_rank_columns_with_power_of_two_factors_round_trips(data):
+    inner, rows = _inner_and_rows(data)
+    columns, total, fill = _rank_columns(data, inner, rows)
+    dtype = data.draw(dtypes())
+    factors = tuple((r, data.draw(st.sampled_from([0.25, 0.5, 2.0, 4.0]))) for r, _, _ in columns)
+    # Finite values well inside the range: a power-of-two factor is then exact both ways.
+    parts = {r: data.draw(small_ints((rows[r], w), dtype)) / 8 for r, _, w in columns}
+    _check_round_trip(RankColumns(inner, columns, total, fill, factors), parts)
+
+
+@given(st.data())
+def test_stacked_lora_reproduces_every_module_update(data):
+    """B_fused @ A_fused, de-interleaved, is exactly each module's own B_m @ A_m."""
+    g, n, d = (data.draw(st.integers(1, 3)) for _ in range(3))
+    hidden = data.draw(st.integers(1, 8))
+    rows = {"q": g * n * d, "k": g * d, "v": g * d}
+    blocks, total = data.draw(_rank_blocks(("q", "k", "v")))
+    a_op = StackRanks(blocks, total)
+    columns, start = [], 0
+    for block_roles, width in blocks:
+        columns.extend((r, start, width) for r in block_roles)
+        start += width
+    width = {r: w for r, _, w in columns}
+    a_parts = {}
+    for block_roles, w in blocks:
+        t = data.draw(small_ints((w, hidden)))
+        a_parts.update((r, t) for r in block_roles)
+    b_parts = {r: data.draw(small_ints((rows[r], width[r]))) for r in rows}
+    inner = InterleaveQKV(g, n, d)
+    fused = RankColumns(inner, tuple(columns), total).apply(b_parts) @ a_op.apply(a_parts)
+    expected = inner.apply({r: b_parts[r] @ a_parts[r] for r in rows})
+    assert torch.equal(fused, expected)
+
+
+@given(st.data(), st.sampled_from([1, 2, 4]))
+def test_merge_in_megatron_layout_per_tp_shard_equals_hf_merge(data, tp):
+    """W + s·B@A merged per HF module then fused equals the fused weight with the fused LoRA
+    delta applied per TP shard, Megatron-style (A gathered, B and W split like the base)."""
+    g = tp * data.draw(st.integers(1, 2))
+    n, d, hidden = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), 4
+    rows = {"q": g * n * d, "k": g * d, "v": g * d}
+    r = data.draw(st.integers(1, 3))
+    a = data.draw(small_ints((r, hidden)))
+    w = {x: data.draw(small_ints((rows[x], hidden))) for x in rows}
+    b = {x: data.draw(small_ints((rows[x], r))) for x in rows}
+    scaling = data.draw(st.sampled_from([0.5, 2.0]))
+    inner = InterleaveQKV(g, n, d)
+    merge = MergeLora(inner, tuple((x, scaling) for x in rows))
+    parts = {**w, **{k: v for x in rows for k, v in zip(lora_roles(x), (a, b[x]), strict=True)}}
+    hf_then_fused = merge.apply(parts)
+    assert tuple(hf_then_fused.shape) == merge.shapes({k: tuple(v.shape) for k, v in parts.items()})
+    w_f = inner.apply(w)
+    b_f = RankColumns(inner, tuple((x, 0, r) for x in rows), r).apply(b)
+    a_f = StackRanks(((tuple(rows), r),), r).apply({x: a for x in rows})
+    shards = [wt + (bt @ a_f) * scaling
+              for wt, bt in zip(shard(w_f, _P.QKV, tp), shard(b_f, _P.QKV, tp), strict=True)]
+    assert torch.equal(unshard(shards, _P.QKV), hf_then_fused)
+
+
+def test_merge_lora_is_one_way():
+    from ckpt_ir.errors import InternalError
+
+    op = MergeLora(Identity(), ((TENSOR, 1.0),))
+    with pytest.raises(InternalError, match="cannot be split back"):
+        op.inverse(torch.zeros(2, 2))

@@ -1,0 +1,471 @@
+"""LoRA adapters in the public API: ``extract_adapter``, ``merge_adapter``, adapter ``convert``.
+
+An adapter conversion is an ordinary plan over the adapter's schema
+(:meth:`AdapterConfig.schema`): the source adapter reader's naming (``hf`` for PEFT, ``mcore-lora``
+for Megatron-Bridge LoRA in torch_dist or verl's files) to the destination's. Before planning
+a Megatron destination, the q/k/v (gate/up) A matrices are compared (they are small): identical
+ones stay one fused A, different ones are rank-stacked (:func:`ckpt_ir.adapters.plan_lora_layout`).
+
+Merging is a plan too: its sources are a base model's tensors and an adapter's, its
+destination the base model's naming with :class:`~ckpt_ir.transforms.MergeLora` around every
+binding that holds a targeted module, so each unit reads one layer's base weight and its adapter
+and writes ``W + scaling · B @ A`` (fp32, cast back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from ckpt_ir.adapters import (
+    LORA_STYLES,
+    MEGATRON_GROUPS,
+    AdapterConfig,
+    LoraLayout,
+    module_name,
+    plan_lora_layout,
+)
+from ckpt_ir.api import Report, _open_reader, _parse_size, target_layout
+from ckpt_ir.detect import Resolved, dist_has_adapter, resolve, resolve_adapter
+from ckpt_ir.errors import CheckpointError, FormatError, PlanError
+from ckpt_ir.executor import atomic_directory, execute
+from ckpt_ir.formats import (
+    ADAPTER_FORMATS,
+    adapter_reader_class,
+    adapter_writer_class,
+    writer_class,
+)
+from ckpt_ir.ir import Checkpoint, dtype_name, parse_dtype
+from ckpt_ir.planner import Plan, make_plan
+from ckpt_ir.tables import Binding, Table, build_table
+from ckpt_ir.transforms import MergeLora, lora_roles
+
+__all__ = ["AdapterCheckpoint", "AdapterReport", "adapter_conversion", "convert_adapter",
+           "extract_adapter", "merge_adapter", "open_adapter"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterReport(Report):
+    """A conversion report plus what happened to the adapter (rank, alpha, layout)."""
+
+    adapter: dict[str, Any] = field(default_factory=dict)
+
+
+class AdapterCheckpoint(Checkpoint):
+    """The IR view of an adapter: ``.adapter`` (its config) and its A/B tensors."""
+
+    adapter: AdapterConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# Opening
+
+
+def open_adapter_reader(src: str | os.PathLike, fmt: str | None = None, *,
+                        hf_config: str | os.PathLike | None = None,
+                        lora_alpha: float | None = None, trust_pickles: bool = False
+                        ) -> tuple[Any, Resolved]:
+    """The adapter reader for whatever adapter ``src`` holds."""
+    resolved = resolve_adapter(src)
+    if fmt is not None and fmt != resolved.format:
+        raise FormatError(f"{src} holds a {resolved.format} adapter ({resolved.layout}), not "
+                          f"{fmt}", path=src)
+    cls = adapter_reader_class(resolved.format)
+    reader = cls(resolved.path, hf_config=hf_config, trust_pickles=trust_pickles,
+                 config_candidates=resolved.config_candidates, lora_alpha=lora_alpha)
+    return reader, resolved
+
+
+def _ir_reader(reader: Any, schema: Mapping[str, Any]) -> Callable[[str], torch.Tensor]:
+    table = build_table(reader.naming, reader.config, reader.params, schema=schema)
+
+    def read(name: str) -> torch.Tensor:
+        binding, role = table.by_ir[name]
+        return binding.transform.inverse(reader.read(binding.native))[role]
+
+    return read
+
+
+def _check_source(reader: Any) -> Plan:
+    """Validate the adapter's tensors against its schema (names, shapes) before reading any."""
+    return make_plan(source_format=reader.format, source_naming=reader.naming,
+                     source_params=reader.params, source_tensors=reader.tensors(),
+                     source_dropped=reader.dropped(), config=reader.config, dest_format="ir",
+                     dest_naming="hf", dest_params=reader.params,
+                     schema=reader.adapter.schema())
+
+
+def open_adapter(src: str | os.PathLike, format: str | None = None, *,
+                 hf_config: str | os.PathLike | None = None, lora_alpha: float | None = None,
+                 trust_pickles: bool = False) -> AdapterCheckpoint:
+    """The IR view of the adapter in ``src``: ``.adapter``, ``.tensors`` (PEFT names without
+    ``base_model.model.``), lazy ``.read(name)``."""
+    reader, resolved = open_adapter_reader(src, format, hf_config=hf_config,
+                                           lora_alpha=lora_alpha, trust_pickles=trust_pickles)
+    try:
+        plan = _check_source(reader)
+    except BaseException:
+        reader.close()
+        raise
+    ckpt = AdapterCheckpoint(format=reader.format, path=str(resolved.path), config=reader.config,
+                             tensors=plan.ir_specs,
+                             reader=_ir_reader(reader, reader.adapter.schema()),
+                             close=reader.close)
+    ckpt.adapter = reader.adapter
+    return ckpt
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def probe_shared_groups(reader: Any) -> dict[str, bool]:
+    """For each fused Megatron layer, whether its modules' A matrices are bit-identical in
+    every layer (then one fused A holds them; else their ranks are stacked)."""
+    adapter: AdapterConfig = reader.adapter
+    read = _ir_reader(reader, adapter.schema())
+    targeted = set(adapter.modules())
+    shared: dict[str, bool] = {}
+    for group, leaves in MEGATRON_GROUPS.items():
+        if len(leaves) < 2:
+            continue
+        same = True
+        for layer in range(adapter.base.num_layers):
+            modules = [m for leaf in leaves if (m := module_name(layer, leaf)) in targeted]
+            if len(modules) < 2:
+                continue
+            first = read(modules[0] + ".lora_A.weight")
+            if any(not _same_bits(read(m + ".lora_A.weight"), first) for m in modules[1:]):
+                same = False
+                break
+        shared[group] = same
+        reader.release()
+    return shared
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversions
+
+
+def _dist_has_base(path: Path) -> bool:
+    try:
+        raw = (path / ".metadata").read_bytes()
+    except OSError:
+        return True
+    return any(key in raw for key in (b"embedding.word_embeddings", b"linear_qkv.weight",
+                                      b"linear_fc1.weight"))
+
+
+def adapter_conversion(src: str | os.PathLike, to: str, source_format: str | None = None
+                       ) -> bool:
+    """Whether ``convert(src, ..., to)`` converts an adapter: writing ``hf-peft``, or reading a
+    source that holds an adapter and no base model."""
+    if to == "hf-peft" or source_format == "hf-peft":
+        return True
+    try:
+        resolved = resolve(src)
+    except FormatError:
+        try:
+            resolve_adapter(src)
+        except CheckpointError:
+            return False
+        return True
+    if resolved.format == "hf-peft":
+        return True
+    return resolved.format == "mcore-dist" and dist_has_adapter(resolved.path) \
+        and not _dist_has_base(resolved.path)
+
+
+def _progress_counter(progress: Callable[[int, int], None] | None, total: int
+                      ) -> Callable[[int], None]:
+    done = 0
+
+    def on_progress(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    return on_progress
+
+
+def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
+                    source_format: str | None = None,
+                    hf_config: str | os.PathLike | None = None,
+                    dtype: str | torch.dtype | None = None, overwrite: bool = False,
+                    dry_run: bool = False, trust_pickles: bool = False,
+                    lora_alpha: float | None = None, lora_style: str | None = None,
+                    layout: Any = None, progress: Callable[[int, int], None] | None = None,
+                    pad_vocab_to_multiple: int | None = None, source_ep: int | None = None,
+                    **options: Any) -> AdapterReport:
+    """Convert the LoRA adapter in ``src`` into adapter format ``to`` (``hf-peft``,
+    ``mcore-dist``, ``verl-legacy``) at ``dst``.
+
+    ``lora_alpha``: the alpha of adapters whose checkpoint does not record it (verl's files,
+    torch_dist without run_config.yaml). ``lora_style`` (Megatron destinations): ``fused``
+    (Bridge's ``LoRA``; the default unless the source is CanonicalLoRA) or ``canonical``.
+    ``layout``: TP/PP of a ``verl-legacy`` destination (as for :func:`ckpt_ir.convert`).
+    """
+    from ckpt_ir.converters.base import WriteOptions
+
+    started = time.perf_counter()
+    if options:
+        raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
+    model_only = [name for name, value in (("pad_vocab_to_multiple", pad_vocab_to_multiple),
+                                           ("source_ep", source_ep)) if value is not None]
+    if model_only:
+        raise FormatError(f"{', '.join(model_only)} do(es) not apply to LoRA adapters")
+    if to not in ADAPTER_FORMATS:
+        raise FormatError(f"an adapter converts to {', '.join(ADAPTER_FORMATS)}, not {to!r}; "
+                          "merge-adapter writes a base model with the adapter merged in")
+    if lora_style is not None and lora_style not in LORA_STYLES:
+        raise FormatError(f"lora_style must be one of {', '.join(LORA_STYLES)}, not "
+                          f"{lora_style!r}")
+    reader, resolved = open_adapter_reader(src, source_format, hf_config=hf_config,
+                                           lora_alpha=lora_alpha, trust_pickles=trust_pickles)
+    try:
+        source_plan = _check_source(reader)
+        adapter: AdapterConfig = reader.adapter
+        writer_cls = adapter_writer_class(to)
+        dest_layout = target_layout(reader, to, layout)
+        extra: dict[str, Any] = {"adapter": adapter, "layout": dest_layout}
+        notes = list(resolved.notes)
+        source_lora: LoraLayout | None = reader.params.lora
+        if writer_cls.naming == "mcore-lora":
+            style = lora_style or (source_lora.style if source_lora is not None else "fused")
+            multiple = dest_layout.tp if dest_layout is not None else 1
+            if source_lora is not None and source_lora.style == style \
+                    and source_lora.rank % multiple == 0:
+                lora = source_lora
+            else:
+                shared = probe_shared_groups(reader) if style == "fused" else {}
+                lora, lora_notes = plan_lora_layout(adapter, style=style, shared_groups=shared,
+                                                    rank_multiple=multiple)
+                notes.extend(lora_notes)
+            extra["lora_layout"] = lora
+        wopts = WriteOptions(dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
+                             trust_pickles=trust_pickles, extra=extra)
+        plan = make_plan(source_format=reader.format, source_naming=reader.naming,
+                         source_params=reader.params, source_tensors=reader.tensors(),
+                         source_dropped=source_plan.dropped, config=reader.config,
+                         dest_format=to, dest_naming=writer_cls.naming,
+                         dest_params=writer_cls.params_for(reader.config, wopts),
+                         dtype=wopts.dtype, schema=adapter.schema())
+        summary = {"source": adapter.summary()}
+        if "lora_layout" in extra:
+            lora = extra["lora_layout"]
+            summary["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
+                                   "target_modules": lora.targets()}
+        if source_lora is not None:
+            summary["source_megatron"] = {"style": source_lora.style, "rank": source_lora.rank,
+                                          "alpha": source_lora.alpha}
+        report = AdapterReport(
+            source=str(src), destination=str(dst), source_format=reader.format, dest_format=to,
+            source_layout=resolved.layout, architecture=reader.config.architecture,
+            dry_run=dry_run, tensors_written=len(plan.dest_specs), bytes_read=plan.bytes_read,
+            bytes_written=plan.bytes_written, peak_bytes_estimate=plan.peak_bytes, seconds=0.0,
+            dropped=dict(plan.dropped), notes=notes,
+            dest_layout=dest_layout.describe() if dest_layout is not None else "",
+            adapter=summary)
+        if not dry_run:
+            with atomic_directory(dst, overwrite=overwrite,
+                                  protect=(Path(src), resolved.path)) as tmp:
+                writer = writer_cls(tmp, reader.config, wopts)
+                try:
+                    execute(plan, reader, writer,
+                            on_progress=_progress_counter(progress, plan.bytes_written))
+                    writer.finish(reader)
+                except BaseException:
+                    writer.abort()
+                    raise
+                report.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                                      if p.is_file())
+    finally:
+        reader.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def extract_adapter(src: str | os.PathLike, dst: str | os.PathLike, *,
+                    lora_alpha: float | None = None, hf_config: str | os.PathLike | None = None,
+                    dtype: str | torch.dtype | None = None, overwrite: bool = False,
+                    dry_run: bool = False, trust_pickles: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> AdapterReport:
+    """Write the LoRA adapter held by ``src`` (any checkpoint with adapters: a PEFT directory,
+    a Megatron-Bridge / verl torch_dist directory with or without the base weights, verl's
+    ``adapter_checkpoint/`` files) as an HF PEFT directory at ``dst``.
+
+    Example::
+
+        report = ckpt_ir.extract_adapter("ckpts/global_step_50/actor", "adapter-hf",
+                                         lora_alpha=32)
+        peft.PeftModel.from_pretrained(base_model, "adapter-hf")
+    """
+    return convert_adapter(src, dst, "hf-peft", hf_config=hf_config, dtype=dtype,
+                           overwrite=overwrite, dry_run=dry_run, trust_pickles=trust_pickles,
+                           lora_alpha=lora_alpha, progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# Merging
+
+
+class _MergeSource:
+    """A base model's reader and an adapter's reader, read as one source."""
+
+    format = "merge"
+    naming = "merge"
+
+    def __init__(self, base: Any, adapter: Any) -> None:
+        self.base, self.adapter = base, adapter
+        self.config = base.config
+        self._adapter_names = set(adapter.tensors())
+        clash = self._adapter_names & set(base.tensors())
+        if clash:
+            raise FormatError(f"the base model and the adapter both hold {sorted(clash)[:3]}")
+
+    def read(self, name: str) -> torch.Tensor:
+        return (self.adapter if name in self._adapter_names else self.base).read(name)
+
+    def source_files(self) -> Any:
+        return self.base.source_files()
+
+    def release(self) -> None:
+        self.base.release()
+        self.adapter.release()
+
+    def close(self) -> None:
+        self.base.close()
+        self.adapter.close()
+
+
+def merged_table(dest: Table, adapter: AdapterConfig) -> Table:
+    """``dest``'s bindings with every targeted module's LoRA update merged in (MergeLora)."""
+    weight_of = {m + ".weight": m for m in adapter.modules()}
+    bindings: list[Binding] = []
+    for b in dest.bindings:
+        merges = tuple((role, adapter.scaling(weight_of[name])) for role, name in b.ir.items()
+                       if name in weight_of)
+        if not merges:
+            bindings.append(b)
+            continue
+        ir = dict(b.ir)
+        for role, _ in merges:
+            module = weight_of[b.ir[role]]
+            a_role, b_role = lora_roles(role)
+            ir[a_role], ir[b_role] = module + ".lora_A.weight", module + ".lora_B.weight"
+        bindings.append(Binding(b.native, MappingProxyType(ir), MergeLora(b.transform, merges),
+                                b.partition, b.layer))
+    return Table(dest.naming, bindings)
+
+
+def _union(*tables: Table) -> Table:
+    return Table("+".join(t.naming for t in tables), [b for t in tables for b in t.bindings])
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike,
+                  *, to: str = "hf", hf_config: str | os.PathLike | None = None,
+                  lora_alpha: float | None = None, dtype: str | torch.dtype | None = None,
+                  pad_vocab_to_multiple: int | None = None, max_shard_size: int | str = "5GB",
+                  mcore_spec: str = "any", overwrite: bool = False, dry_run: bool = False,
+                  trust_pickles: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> Report:
+    """Write the model ``base`` with the LoRA adapter of ``adapter`` merged in, in format ``to``
+    (``hf`` or ``mcore-dist``): ``W + scaling · B @ A`` per targeted module, computed in fp32
+    and cast back to W's dtype, one layer at a time. ``base`` and ``adapter`` may be the same
+    torch_dist directory (base + adapter training checkpoint). The adapter is read against the
+    base model's config.
+
+    Example::
+
+        ckpt_ir.merge_adapter("Qwen3-8B", "adapter-hf", "merged", to="hf")
+    """
+    from ckpt_ir.converters.base import WriteOptions
+
+    started = time.perf_counter()
+    if to not in ("hf", "mcore-dist"):
+        raise FormatError(f"merge-adapter writes hf or mcore-dist, not {to!r}")
+    base_reader, base_resolved = _open_reader(base, None, hf_config=hf_config,
+                                              trust_pickles=trust_pickles)
+    ad_reader = None
+    try:
+        ad_resolved = resolve_adapter(adapter)
+        config = base_reader.config
+        # The adapter is read against the base model's config: a mismatch in any module's
+        # shape is then a plan problem naming the tensor.
+        ad_reader = adapter_reader_class(ad_resolved.format)(
+            ad_resolved.path, trust_pickles=trust_pickles, lora_alpha=lora_alpha,
+            base_config=config)
+        ad_config: AdapterConfig = ad_reader.adapter
+        if dtype is None:
+            dtypes = {s.dtype for s in base_reader.tensors().values()
+                      if s.dtype.is_floating_point}
+            if len(dtypes) != 1:
+                raise PlanError([f"the base model mixes dtypes {sorted(map(dtype_name, dtypes))}; "
+                                 "pass dtype (--dtype) for the merged weights"])
+            out_dtype = dtypes.pop()
+        else:
+            out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+        wopts = WriteOptions(dtype=out_dtype, pad_vocab_to_multiple=pad_vocab_to_multiple,
+                             max_shard_bytes=_parse_size(max_shard_size),
+                             trust_pickles=trust_pickles, extra={"mcore_spec": mcore_spec})
+        writer_cls = writer_class(to)
+        dest_params = writer_cls.params_for(config, wopts)
+        ad_schema = ad_config.schema()
+        source = _MergeSource(base_reader, ad_reader)
+        src_table = _union(build_table(base_reader.naming, config, base_reader.params),
+                           build_table(ad_reader.naming, config, ad_reader.params,
+                                       schema=ad_schema))
+        dst_table = merged_table(build_table(writer_cls.naming, config, dest_params), ad_config)
+        plan = make_plan(source_format=f"{base_reader.format} + {ad_reader.format} adapter",
+                         source_naming="merge", source_params=base_reader.params,
+                         source_tensors={**base_reader.tensors(), **ad_reader.tensors()},
+                         source_dropped={**base_reader.dropped(), **ad_reader.dropped()},
+                         config=config, dest_format=to, dest_naming=writer_cls.naming,
+                         dest_params=dest_params, dtype=out_dtype,
+                         schema={**config.schema(), **ad_schema}, source_table=src_table,
+                         dest_table=dst_table)
+        merged = sum(1 for b in dst_table.bindings if isinstance(b.transform, MergeLora))
+        report = AdapterReport(
+            source=f"{base} + {adapter}", destination=str(dst),
+            source_format=f"{base_reader.format} + {ad_reader.format}", dest_format=to,
+            source_layout=f"{base_resolved.layout}; adapter: {ad_resolved.layout}",
+            architecture=config.architecture, dry_run=dry_run,
+            tensors_written=len(plan.dest_specs), bytes_read=plan.bytes_read,
+            bytes_written=plan.bytes_written, peak_bytes_estimate=plan.peak_bytes,
+            seconds=0.0, dropped=dict(plan.dropped),
+            notes=[*base_resolved.notes, *ad_resolved.notes,
+                   f"{merged} destination tensors carry a merged LoRA update "
+                   f"({len(ad_config.modules())} modules), computed in fp32"],
+            adapter={"source": ad_config.summary()})
+        if not dry_run:
+            with atomic_directory(dst, overwrite=overwrite,
+                                  protect=(Path(base), base_resolved.path, Path(adapter),
+                                           ad_resolved.path)) as tmp:
+                writer = writer_cls(tmp, config, wopts)
+                try:
+                    execute(plan, source, writer,
+                            on_progress=_progress_counter(progress, plan.bytes_written))
+                    writer.finish(source)
+                except BaseException:
+                    writer.abort()
+                    raise
+                report.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                                      if p.is_file())
+    finally:
+        base_reader.close()
+        if ad_reader is not None:
+            ad_reader.close()
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,251 @@
+"""``hf-peft``: a Hugging Face PEFT LoRA adapter directory.
+
+On disk (what ``PeftModel.save_pretrained`` writes)::
+
+    adapter_config.json          LoraConfig: r, lora_alpha, use_rslora, rank_pattern,
+                                 alpha_pattern, target_modules, ...
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in]
+                                 base_model.model.<module>.lora_B.weight [out, r]
+    (adapter_model.bin           the same as a torch.save state dict, older PEFT)
+
+The reader validates ``adapter_config.json`` strictly (:meth:`AdapterConfig.from_peft`) and
+exposes the tensors under their IR names (the prefix removed); the naming is ``hf``, the
+identity over the adapter's schema. The base model's ``config.json`` comes from ``--hf-config``,
+the adapter directory itself (ckpt-ir writes it there), or ``base_model_name_or_path`` when
+that is a local directory. The writer streams one ``adapter_model.safetensors`` and writes
+``adapter_config.json`` and the base ``config.json`` (with the tokenizer files) beside it; the
+directory loads with ``peft.PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ckpt_ir.adapters import AdapterConfig
+from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.safetensors_file import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    read_header,
+)
+from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError, MissingConfigError
+from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.safety.unpickler import load_torch
+from ckpt_ir.tables import NativeParams
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_SAFETENSORS", "PREFIX", "HfPeftReader", "HfPeftWriter",
+           "read_adapter_config"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+PREFIX = "base_model.model."
+"""PEFT's prefix of every saved tensor name: PeftModel.base_model (LoraModel).model."""
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """Parse ``adapter_config.json``; validation of the fields is AdapterConfig.from_peft's."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path.name} is not valid JSON: {e}", path=path) from e
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)
+    return data
+
+
+class HfPeftReader:
+    """Lazy reader of a PEFT LoRA adapter directory (IR names, zero-copy tensors)."""
+
+    format: ClassVar[str] = "hf-peft"
+    naming: ClassVar[str] = "hf"
+
+    def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
+                 trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
+                 lora_alpha: float | None = None, base_config: ModelConfig | None = None
+                 ) -> None:
+        self.path = Path(path)
+        self._trust = trust_pickles
+        peft = read_adapter_config(self.path / ADAPTER_CONFIG)
+        if base_config is not None:
+            self._config_dir: Path | None = None
+            self.config = base_config
+        else:
+            self._config_dir = self._find_config_dir(hf_config, peft, config_candidates)
+            self.config = ModelConfig.from_hf(load_hf_config(self._config_dir))
+        self.adapter = AdapterConfig.from_peft(peft, self.config, path=self.path / ADAPTER_CONFIG)
+        if lora_alpha is not None and float(lora_alpha) != float(self.adapter.lora_alpha):
+            log.warning("--lora-alpha %s ignored: %s says lora_alpha=%s", lora_alpha,
+                        ADAPTER_CONFIG, self.adapter.lora_alpha)
+        self.params = NativeParams()
+        self._specs: dict[str, TensorSpec] = {}
+        self._raw: dict[str, str] = {}
+        self._file: SafetensorsFile | None = None
+        self._bin: dict[str, torch.Tensor] = {}
+        self._dropped: dict[str, str] = {}
+        self._kind = self._scan()
+
+    def _find_config_dir(self, explicit: str | os.PathLike | None, peft: Mapping[str, Any],
+                         candidates: Sequence[Path]) -> Path:
+        if explicit is not None:
+            return Path(explicit)
+        if (self.path / "config.json").is_file():
+            return self.path
+        for c in candidates:
+            if c.is_dir() and (c / "config.json").is_file():
+                return c
+        base = peft.get("base_model_name_or_path")
+        if isinstance(base, str) and base:
+            # A local path as PEFT recorded it at training time (absolute, or relative to where
+            # training ran); a hub id is not looked up.
+            for p in (Path(base), self.path / base):
+                if (p / "config.json").is_file():
+                    return p
+        raise MissingConfigError(
+            f"{self.path} does not say which model it adapts (no config.json, and "
+            f"base_model_name_or_path {peft.get('base_model_name_or_path')!r} is not a local "
+            "model directory); pass --hf-config DIR", path=self.path)
+
+    def _scan(self) -> str:
+        p = self.path
+        if (p / ADAPTER_SAFETENSORS).is_file():
+            header = read_header(p / ADAPTER_SAFETENSORS)
+            entries = {n: (tuple(e.shape), e.dtype) for n, e in header.entries.items()}
+            kind = ADAPTER_SAFETENSORS
+        elif (p / ADAPTER_BIN).is_file():
+            state = load_torch(p / ADAPTER_BIN, trust=self._trust)
+            if not isinstance(state, Mapping):
+                raise CorruptCheckpointError(f"{ADAPTER_BIN} does not hold a state dict",
+                                             path=p / ADAPTER_BIN)
+            entries = {}
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    self._dropped[str(name)] = f"non-tensor entry ({type(t).__name__})"
+                    continue
+                entries[name] = (tuple(t.shape), t.dtype)
+                self._bin[name] = t
+            kind = ADAPTER_BIN
+        else:
+            raise CorruptCheckpointError(f"{p} has {ADAPTER_CONFIG} but no {ADAPTER_SAFETENSORS} "
+                                         f"or {ADAPTER_BIN}", path=p)
+        for raw, (shape, dtype) in entries.items():
+            # PEFT saves base_model.model.<module>; a name without it is left as it is, so the
+            # plan reports it as unmapped instead of guessing.
+            name = raw[len(PREFIX):] if raw.startswith(PREFIX) else raw
+            if name in self._specs:
+                raise CorruptCheckpointError(f"tensor {name} appears twice", path=p, tensor=name)
+            self._specs[name] = TensorSpec(name, shape, dtype)
+            self._raw[name] = raw
+        return kind
+
+    # -- Reader protocol --------------------------------------------------------------------------
+
+    def tensors(self) -> Mapping[str, TensorSpec]:
+        return self._specs
+
+    def dropped(self) -> Mapping[str, str]:
+        return self._dropped
+
+    def read(self, name: str) -> torch.Tensor:
+        raw = self._raw.get(name)
+        if raw is None:
+            raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name)
+        if self._kind == ADAPTER_BIN:
+            return self._bin[raw]
+        if self._file is None:
+            self._file = SafetensorsFile(self.path / ADAPTER_SAFETENSORS)
+        return self._file.get(raw)
+
+    def source_files(self) -> SourceFiles:
+        dirs = [d for d in (self._config_dir, self.path) if d is not None]
+        return SourceFiles(carried_files(dirs))
+
+    def describe(self) -> dict[str, Any]:
+        return {"weights": self._kind, "config_from": str(self._config_dir or "base model"),
+                "adapter": self.adapter.summary()}
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.release()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._bin.clear()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class HfPeftWriter:
+    """Streams ``adapter_model.safetensors``; ``adapter_config.json`` and config.json last.
+
+    ``options.extra["adapter"]`` is the :class:`AdapterConfig` of the tensors written.
+    """
+
+    format: ClassVar[str] = "hf-peft"
+    naming: ClassVar[str] = "hf"
+
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+        adapter = options.extra.get("adapter")
+        if not isinstance(adapter, AdapterConfig):
+            raise InternalError("the hf-peft writer needs options.extra['adapter']")
+        self.directory = directory
+        self.config = config
+        self.options = options
+        self.adapter = adapter
+        self.params = self.params_for(config, options)
+        self._writer: SafetensorsWriter | None = None
+        self._pending = 0
+
+    @classmethod
+    def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
+        """PEFT names are the IR names (plus a prefix); no physical choices."""
+        return NativeParams()
+
+    def begin(self, specs: Sequence[TensorSpec]) -> None:
+        # Widest dtypes first keeps every tensor aligned for zero-copy reads.
+        ordered = sorted(specs, key=lambda s: -s.dtype.itemsize)
+        self._writer = SafetensorsWriter(self.directory / ADAPTER_SAFETENSORS,
+                                         [(PREFIX + s.name, s.dtype, s.shape) for s in ordered],
+                                         {"format": "pt"})
+        self._pending = len(specs)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._writer is None:
+            raise InternalError("hf-peft writer used before begin()")
+        self._writer.write(PREFIX + name, tensor)
+        self._pending -= 1
+
+    def finish(self, source: Any) -> None:
+        if self._writer is None or self._pending:
+            raise InternalError("hf-peft writer finished with unwritten tensors")
+        self._writer.close(fsync=True)
+        self._writer = None
+        _write_json(self.directory / ADAPTER_CONFIG, self.adapter.to_peft_dict())
+        _write_json(self.directory / "config.json", self.config.to_hf_dict())
+        for name, path in source.source_files().files.items():
+            if name != "config.json":
+                shutil.copyfile(path, self.directory / name)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None

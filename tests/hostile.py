@@ -1,0 +1,355 @@
+"""Hostile inputs for the public entry points: the tables every hardening test iterates.
+
+* :data:`SEEDS` builds valid checkpoints, once per process (copy them before changing a byte).
+* :data:`UNTRUSTED` lists every file ckpt-ir parses from a checkpoint, with the seed holding it
+  and how to mutate it; ``tests/fuzz/test_public_entry_points_fuzz.py`` fuzzes each row through
+  ``ckpt_ir.open`` and ``ckpt_ir.convert``.
+* :data:`PICKLE_SITES` lists every place a pickle is read from; the malicious-pickle tests plant
+  a payload in each.
+* :data:`DAMAGE` lists ways a file gets cut short or lost in transit (CLI exit-2 tests).
+
+A new format joins all of them by adding a seed and rows here (verl-legacy rank ``.pt`` files,
+megatron-legacy ``model_optim_rng.pt``, hf-peft ``adapter_config.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import tempfile
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ckpt_ir
+from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
+from tests.fixtures import TINY_LLAMA, random_state, write_hf
+
+# --------------------------------------------------------------------------------------------
+# Seeds: valid checkpoints of every layout the readers take
+
+
+def megatron_lm_args(config: dict[str, Any] | None = None) -> argparse.Namespace:
+    """The model arguments Megatron-LM pickles into ``common.pt`` (as ``args``)."""
+    c = config or TINY_LLAMA
+    return argparse.Namespace(
+        num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+        ffn_hidden_size=c["intermediate_size"], num_attention_heads=c["num_attention_heads"],
+        group_query_attention=True, num_query_groups=c["num_key_value_heads"],
+        kv_channels=c["head_dim"], padded_vocab_size=c["vocab_size"], vocab_size=None,
+        untie_embeddings_and_output_weights=not c["tie_word_embeddings"], add_qkv_bias=False,
+        qk_layernorm=False, norm_epsilon=1e-6, rotary_base=10000, max_position_embeddings=64,
+        normalization="RMSNorm", params_dtype=torch.bfloat16)
+
+
+def _hf(d: Path) -> None:
+    write_hf(d)
+
+
+def _hf_sharded(d: Path) -> None:
+    write_hf(d, shards=3)
+
+
+def _hf_bin(d: Path) -> None:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    torch.save(random_state(TINY_LLAMA), d / "pytorch_model.bin")
+
+
+def _mcore_dist(d: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf(Path(tmp) / "hf")
+        ckpt_ir.convert(Path(tmp) / "hf", d, to="mcore-dist")
+
+
+def _megatron_lm(d: Path) -> None:
+    """torch_dist as Megatron-LM <= 0.18 saves it: the config only in common.pt's args."""
+    _mcore_dist(d)
+    shutil.rmtree(d / "hf_config")
+    torch.save({"args": megatron_lm_args(), "checkpoint_version": 3.0, "iteration": 7},
+               d / "common.pt")
+
+
+def rewrite_common_state(d: Path, common: Any) -> None:
+    """Re-write the DCP files of ``d`` with ``common`` as the ``common_state`` object (where
+    megatron-core >= 0.19 keeps what older versions put in common.pt)."""
+    with tempfile.TemporaryDirectory(dir=d.parent) as tmp:
+        new = Path(tmp)
+        with DcpReader(d) as reader, DcpDataFile(new) as data_file:
+            for fqn, t in reader.index.tensors.items():
+                for chunk in t.chunks:
+                    data_file.add_tensor(fqn, chunk.offsets,
+                                         reader.read_region(fqn, chunk.offsets, chunk.sizes))
+            for fqn in reader.index.blobs:
+                data_file.add_object(fqn, [common] if fqn == "common_state/shard_0_1"
+                                     else reader.read_object(fqn))
+            shapes = {fqn: (t.shape, t.dtype) for fqn, t in reader.index.tensors.items()}
+        write_metadata(new, data_file.close(), shapes)
+        for name in ("__0_0.distcp", ".metadata"):
+            os.replace(new / name, d / name)
+
+
+def _megatron_019(d: Path) -> None:
+    """torch_dist as megatron-core >= 0.19 saves it: no common.pt, args in the DCP object."""
+    _mcore_dist(d)
+    shutil.rmtree(d / "hf_config")
+    (d / "common.pt").unlink()
+    rewrite_common_state(d, {"args": megatron_lm_args(), "iteration": 7})
+
+
+def _verl_legacy(d: Path) -> None:
+    """verl's legacy per-rank layout at TP=2: model/mp_rank_0{0,1}/model.pt."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf(Path(tmp) / "hf")
+        ckpt_ir.convert(Path(tmp) / "hf", d, to="verl-legacy", layout={"tp": 2},
+                        pad_vocab_to_multiple=2)
+
+
+def _megatron_legacy(d: Path) -> None:
+    """Megatron-LM's legacy per-rank layout at TP=2, PP=2, its config only in the args."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf(Path(tmp) / "hf")
+        ckpt_ir.convert(Path(tmp) / "hf", d, to="megatron-legacy", layout={"tp": 2, "pp": 2},
+                        pad_vocab_to_multiple=2)
+    shutil.rmtree(d / "release" / "hf_config")
+
+
+SEEDS: dict[str, Callable[[Path], None]] = {
+    "hf": _hf,
+    "hf-sharded": _hf_sharded,
+    "hf-bin": _hf_bin,
+    "mcore-dist": _mcore_dist,
+    "megatron-lm": _megatron_lm,
+    "megatron-0.19": _megatron_019,
+    "verl-legacy": _verl_legacy,
+    "megatron-legacy": _megatron_legacy,
+}
+
+VERL_RANK = "model/mp_rank_01/model.pt"
+MEGATRON_RANK = "release/mp_rank_00_001/model_optim_rng.pt"
+
+_SEED_ROOT: list[Path] = []
+
+
+def seed(name: str) -> Path:
+    """The valid checkpoint ``name`` (built on first use; do not modify: copy it)."""
+    if not _SEED_ROOT:
+        _SEED_ROOT.append(Path(tempfile.mkdtemp(prefix="ckpt_ir_seeds_")))
+    path = _SEED_ROOT[0] / name
+    if not path.exists():
+        SEEDS[name](path)
+    return path
+
+
+def copy_seed(name: str, dest: Path) -> Path:
+    shutil.copytree(seed(name), dest)
+    return dest
+
+
+@cache
+def seed_bytes(name: str, file: str) -> bytes:
+    return (seed(name) / file).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# The tables
+
+
+@dataclass(frozen=True)
+class Untrusted:
+    """A file ckpt-ir parses: which seed holds it, how to mutate it, where to convert to."""
+
+    id: str
+    seed: str
+    file: str
+    to: str
+    kind: str = "bytes"  # "bytes" (byte mutations), "json" (structured + bytes), "pickle"
+
+
+UNTRUSTED: tuple[Untrusted, ...] = (
+    Untrusted("safetensors", "hf", "model.safetensors", "mcore-dist"),
+    Untrusted("safetensors-index", "hf-sharded", "model.safetensors.index.json", "mcore-dist",
+              "json"),
+    Untrusted("config.json", "hf", "config.json", "mcore-dist", "json"),
+    Untrusted("pytorch_model.bin", "hf-bin", "pytorch_model.bin", "mcore-dist"),
+    Untrusted(".metadata", "mcore-dist", ".metadata", "hf", "pickle"),
+    Untrusted("distcp", "mcore-dist", "__0_0.distcp", "hf"),
+    Untrusted("metadata.json", "mcore-dist", "metadata.json", "hf", "json"),
+    Untrusted("common.pt", "megatron-lm", "common.pt", "hf", "pickle"),
+    Untrusted("common_state", "megatron-0.19", "__0_0.distcp", "hf"),
+    Untrusted("verl-rank.pt", "verl-legacy", VERL_RANK, "hf", "pickle"),
+    Untrusted("megatron-rank.pt", "megatron-legacy", MEGATRON_RANK, "hf", "pickle"),
+    Untrusted("megatron-tracker", "megatron-legacy", "latest_checkpointed_iteration.txt", "hf"),
+)
+
+
+@dataclass(frozen=True)
+class PickleSite:
+    """A place a pickle is read from: ``plant(checkpoint, payload)`` hides ``payload`` there."""
+
+    id: str
+    seed: str
+    plant: Callable[[Path, Any], None]
+    to: str
+
+
+def _plant_metadata(d: Path, payload: Any) -> None:
+    metadata = pickle.loads((d / ".metadata").read_bytes())  # our own file: trusted
+    metadata.planner_data = {"evil": payload}
+    (d / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def _plant_common_pt(d: Path, payload: Any) -> None:
+    torch.save({"args": megatron_lm_args(), "iteration": 7, "evil": payload}, d / "common.pt")
+
+
+def _plant_bin(d: Path, payload: Any) -> None:
+    state = random_state(TINY_LLAMA)
+    torch.save({**state, "model.evil": payload}, d / "pytorch_model.bin")
+
+
+def _plant_common_state(d: Path, payload: Any) -> None:
+    rewrite_common_state(d, {"args": megatron_lm_args(), "evil": payload})
+
+
+def _planter(file: str) -> Callable[[Path, Any], None]:
+    """Adds ``evil: payload`` to the (first) dict inside the torch file ``file``."""
+
+    def plant(d: Path, payload: Any) -> None:
+        obj = torch.load(d / file, weights_only=False)  # our own file: trusted
+        target = obj[0] if isinstance(obj, list) else obj
+        target["evil"] = payload
+        torch.save(obj, d / file)
+
+    return plant
+
+
+PICKLE_SITES: tuple[PickleSite, ...] = (
+    PickleSite(".metadata", "mcore-dist", _plant_metadata, "hf"),
+    PickleSite("common.pt", "megatron-lm", _plant_common_pt, "hf"),
+    PickleSite("pytorch_model.bin", "hf-bin", _plant_bin, "mcore-dist"),
+    PickleSite("distcp-object", "megatron-0.19", _plant_common_state, "hf"),
+    PickleSite("verl-rank.pt", "verl-legacy", _planter(VERL_RANK), "hf"),
+    PickleSite("megatron-rank.pt", "megatron-legacy", _planter(MEGATRON_RANK), "mcore-dist"),
+)
+
+
+class OpensFile:
+    """Creates ``sentinel`` when unpickled by a plain unpickler."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (builtins.open, (str(self.sentinel), "w"))
+
+
+class RunsShell(OpensFile):
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+class RunsPython(OpensFile):
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (builtins.exec, (f"open({str(self.sentinel)!r}, 'w').close()",))
+
+
+PAYLOADS: dict[str, tuple[type[OpensFile], str]] = {
+    "open": (OpensFile, f"{builtins.open.__module__}.open"),
+    "system": (RunsShell, f"{os.system.__module__}.system"),
+    "exec": (RunsPython, "builtins.exec"),
+}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) * 2 // 3])
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A checkpoint damaged in transit: ``apply`` breaks it; ``file`` must be named in the
+    error."""
+
+    id: str
+    seed: str
+    file: str
+    apply: Callable[[Path], None]
+    to: str
+
+
+DAMAGE: tuple[Damage, ...] = (
+    Damage("truncated-shard", "hf-sharded", "model-00002-of-00003.safetensors", _truncate,
+           "mcore-dist"),
+    Damage("missing-shard", "hf-sharded", "model-00003-of-00003.safetensors", Path.unlink,
+           "mcore-dist"),
+    Damage("truncated-safetensors", "hf", "model.safetensors", _truncate, "mcore-dist"),
+    Damage("truncated-bin", "hf-bin", "pytorch_model.bin", _truncate, "mcore-dist"),
+    Damage("truncated-distcp", "mcore-dist", "__0_0.distcp", _truncate, "hf"),
+    Damage("truncated-common.pt", "megatron-lm", "common.pt", _truncate, "hf"),
+    Damage("truncated-verl-rank", "verl-legacy", VERL_RANK, _truncate, "hf"),
+    Damage("truncated-megatron-rank", "megatron-legacy", MEGATRON_RANK, _truncate,
+           "mcore-dist"),
+    Damage("missing-megatron-rank", "megatron-legacy", str(Path(MEGATRON_RANK).parent),
+           shutil.rmtree, "hf"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Running hostile input: bounded time and memory
+
+
+class Hang(BaseException):
+    """Raised by the alarm of :func:`bounded`; a BaseException so no ``except Exception`` in
+    the code under test can swallow it."""
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+@contextlib.contextmanager
+def bounded(seconds: float = 30.0, peak_bytes: int = 64 * 2**20) -> Iterator[None]:
+    """Fail if the body runs longer than ``seconds`` or allocates more than ``peak_bytes``:
+    Python objects (tracemalloc) and native memory touched by torch (peak RSS, reset first)."""
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise Hang(f"no result after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    rss = _rss_kib("VmRSS")
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        python_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    native_peak = (_rss_kib("VmHWM") - rss) * 1024
+    assert python_peak < peak_bytes, f"peak Python allocation {python_peak} bytes"
+    assert native_peak < peak_bytes, f"peak RSS grew by {native_peak} bytes"
+
+
+def siblings(dest: Path) -> list[str]:
+    """What a conversion to ``dest`` left in its parent directory (temp dirs included)."""
+    if not dest.parent.exists():
+        return []
+    return sorted(p.name for p in dest.parent.iterdir() if p.name.lstrip(".").startswith(
+        dest.name))

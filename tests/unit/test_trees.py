@@ -1,0 +1,209 @@
+"""verl checkpoint trees (v1, v2, bridge, legacy, incomplete saves) and what inspect says."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckpt_ir
+from ckpt_ir.cli import main
+from ckpt_ir.converters.storage.dcp_files import DcpDataFile, write_metadata
+from ckpt_ir.detect import resolve
+from ckpt_ir.errors import CorruptCheckpointError
+from tests.fixtures import TINY_LLAMA, write_hf
+
+CONFIG = dict(TINY_LLAMA, vocab_size=96)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    write_hf(root / "hf", CONFIG, extra_files={"tokenizer.json": "{}"})
+    ckpt_ir.convert(root / "hf", root / "dist", to="mcore-dist")
+    shutil.rmtree(root / "dist" / "hf_config")  # verl's dist_ckpt carries no HF config
+    ckpt_ir.convert(root / "hf", root / "legacy", to="verl-legacy", layout={"tp": 2, "pp": 2})
+    return {"hf": root / "hf", "dist": root / "dist", "legacy": root / "legacy"}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst)
+
+
+def _hf_config_only(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(src / name, dst / name)
+
+
+def _optimizer_only_dist(path: Path, *, complete: bool = True) -> None:
+    """A torch_dist directory with optimizer state and no model weights (bridge / v2)."""
+    path.mkdir(parents=True)
+    with DcpDataFile(path) as data:
+        data.add_tensor("optimizer.state.exp_avg.x", (0,), torch.zeros(4))
+    write_metadata(path, data.close(), {"optimizer.state.exp_avg.x": ((4,), torch.float32)})
+    if complete:
+        (path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+
+
+def _manifest(role: Path, model_path: str, fmt: str) -> None:
+    (role / "ckpt_contents.json").write_text(json.dumps({
+        "schema_version": 2, "framework": "megatron", "role": "actor", "global_step": 5,
+        "contents": {"model": {"path": model_path, "format": fmt},
+                     "optimizer": {"path": "optimizer/dist_ckpt",
+                                   "format": "megatron_dist_checkpoint"}},
+    }, indent=2, sort_keys=True))
+
+
+def build_v1(sources: dict[str, Path], role: Path) -> None:
+    _copy(sources["dist"], role / "dist_ckpt")
+    _hf_config_only(sources["hf"], role / "huggingface")
+    (role / "transformer_config.json").write_text("{}")
+
+
+def build_v2(sources: dict[str, Path], role: Path, *, manifest: bool = True) -> None:
+    _copy(sources["hf"], role / "model" / "huggingface")
+    _optimizer_only_dist(role / "optimizer" / "dist_ckpt")
+    _optimizer_only_dist(role / "extra" / "dist_ckpt")
+    if manifest:
+        _manifest(role, "model/huggingface", "huggingface")
+
+
+def build_bridge(sources: dict[str, Path], role: Path) -> None:
+    _copy(sources["hf"], role / "huggingface")
+    _optimizer_only_dist(role / "dist_ckpt")
+
+
+def build_legacy(sources: dict[str, Path], role: Path) -> None:
+    _copy(sources["legacy"], role)
+    for d in ("optim", "rng_states"):
+        (role / d).mkdir()
+
+
+def _inspect(path: Path, capsys) -> dict:
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _tree(info: dict) -> dict[str, str]:
+    return {e["path"]: e["holds"] for e in info["tree"]}
+
+
+@pytest.mark.parametrize(("build", "fmt", "layout", "holds"), [
+    (build_v1, "mcore-dist", "verl v1 (dist_ckpt)",
+     {"actor/dist_ckpt/": "torch_dist model weights",
+      "actor/huggingface/": "HF config and tokenizer (no weights)",
+      "actor/transformer_config.json": "megatron-core TransformerConfig as JSON"}),
+    (build_v2, "hf", "verl v2 (model/huggingface, from ckpt_contents.json)",
+     {"actor/ckpt_contents.json": "verl v2 manifest: the save completed; names what each "
+                                  "directory holds",
+      "actor/model/": "model weights (verl v2): huggingface/",
+      "actor/model/huggingface/": "HF weights, config and tokenizer",
+      "actor/optimizer/": "optimizer and LR scheduler (torch_dist, not converted)",
+      "actor/extra/": "RNG state (torch_dist, not converted)"}),
+    (build_bridge, "hf", "verl bridge (huggingface)",
+     {"actor/huggingface/": "HF weights, config and tokenizer",
+      "actor/dist_ckpt/": "torch_dist without model weights (optimizer / RNG / adapters)"}),
+    (build_legacy, "verl-legacy", "verl legacy (model/mp_rank_*)",
+     {"actor/model/": "per-rank model files (4 mp_rank_* directories of model.pt)",
+      "actor/hf_config_and_tokenizer/": "HF config and tokenizer",
+      "actor/optim/": "distributed optimizer state per rank (not converted)",
+      "actor/rng_states/": "RNG state per rank (not converted)"}),
+], ids=["v1", "v2", "bridge", "legacy"])
+def test_inspect_explains_each_verl_layout(sources, tmp_path, capsys, build, fmt, layout,
+                                           holds):
+    run = tmp_path / "run"
+    build(sources, run / "global_step_5" / "actor")
+    (run / "global_step_5" / "data.pt").write_bytes(b"")
+    (run / "latest_checkpointed_iteration.txt").write_text("5")  # verl: no trailing newline
+    info = _inspect(run, capsys)
+    assert (info["format"], info["layout"], info["step"]) == (fmt, layout, 5)
+    tree = _tree(info)
+    assert tree["latest_checkpointed_iteration.txt"] == "tracker: the last completed save"
+    assert tree["global_step_5/"] == "a saved step"
+    assert tree["global_step_5/data.pt"] == "dataloader state (not converted)"
+    for path, what in holds.items():
+        assert tree[f"global_step_5/{path}"] == what, path
+    # The step directory and the role directory resolve alike.
+    assert resolve(run / "global_step_5").format == fmt
+    assert resolve(run / "global_step_5" / "actor").format == fmt
+    ckpt_ir.convert(run, tmp_path / "out", to="hf")  # and the weights convert
+
+
+def test_v2_manifest_decides_between_model_trees(sources, tmp_path):
+    role = tmp_path / "actor"
+    build_v2(sources, role, manifest=False)
+    _copy(sources["dist"], role / "model" / "dist_ckpt")
+    _manifest(role, "model/dist_ckpt", "megatron_dist_checkpoint")
+    r = resolve(role)
+    assert (r.format, r.path) == ("mcore-dist", role / "model" / "dist_ckpt")
+    _manifest(role, "model/huggingface", "huggingface")
+    r = resolve(role)
+    assert (r.format, r.path) == ("hf", role / "model" / "huggingface")
+
+
+def test_incomplete_async_save_without_tracker_is_skipped(sources, tmp_path, capsys):
+    run = tmp_path / "run"
+    build_v2(sources, run / "global_step_5" / "actor")
+    # An async save of step 10 still running: no manifest yet, and no tracker anywhere.
+    build_v2(sources, run / "global_step_10" / "actor", manifest=False)
+    shutil.rmtree(run / "global_step_10" / "actor" / "extra")
+    info = _inspect(run, capsys)
+    assert info["step"] == 5
+    assert info["notes"] == [
+        "global_step_10 is incomplete (actor/ has no ckpt_contents.json (verl writes it last)):"
+        " an async save in progress or a failed one; skipped",
+        "no latest_checkpointed_iteration.txt; using global_step_5, the newest completed save"]
+    assert _tree(info)["global_step_10/"] == (
+        "a saved step, INCOMPLETE: actor/ has no ckpt_contents.json (verl writes it last)")
+
+
+def test_tracker_wins_over_newer_steps(sources, tmp_path):
+    run = tmp_path / "run"
+    build_v1(sources, run / "global_step_5" / "actor")
+    build_v1(sources, run / "global_step_10" / "actor")
+    (run / "global_step_10" / "actor" / "dist_ckpt" / "metadata.json").unlink()
+    (run / "latest_checkpointed_iteration.txt").write_text("5")
+    r = resolve(run)
+    assert r.step == 5
+    assert ("global_step_10 is newer than the tracker's step 5: an unfinished or failed save, "
+            "not used") in r.notes
+    (run / "latest_checkpointed_iteration.txt").unlink()
+    r = resolve(run)
+    assert r.step == 5 and r.notes[0].startswith(
+        "global_step_10 is incomplete (actor/dist_ckpt/ has no metadata.json (torch_dist writes "
+        "it last))")
+
+
+def test_no_completed_save_is_an_error(sources, tmp_path):
+    run = tmp_path / "run"
+    build_v2(sources, run / "global_step_3" / "actor", manifest=False)
+    with pytest.raises(CorruptCheckpointError, match=re.escape(
+            "no completed save under")) as e:
+        resolve(run)
+    assert "global_step_3 is incomplete (actor/ has no ckpt_contents.json" in str(e.value)
+
+
+def test_role_dir_without_manifest_is_read_with_a_warning(sources, tmp_path):
+    role = tmp_path / "actor"
+    build_v2(sources, role, manifest=False)
+    r = resolve(role)
+    assert r.format == "hf"
+    assert r.notes == ("actor: no ckpt_contents.json (verl writes it last); this save may be "
+                       "incomplete",)
+
+
+def test_megatron_lm_run_tree(sources, tmp_path, capsys):
+    ckpt_ir.convert(sources["hf"], tmp_path / "m", to="megatron-legacy", layout={"tp": 2})
+    info = _inspect(tmp_path / "m", capsys)
+    assert (info["format"], info["details"]["layout"]) == ("megatron-legacy", "tp=2 pp=1")
+    tree = _tree(info)
+    assert tree["release/"] == "a saved step"
+    assert tree["release/hf_config/"] == "HF config and tokenizer (written by ckpt-ir)"
+    assert tree["release/mp_rank_00/"] == "one model-parallel rank's files"
+    assert info["notes"] == ["latest_checkpointed_iteration.txt points at release"]
