@@ -339,6 +339,13 @@ class ParallelLayout:
                             f"{config.architecture} is dense")
         elif experts % self.ep:
             problems.append(f"EP={self.ep} does not divide the {experts} experts")
+        if experts:
+            # Experts (and a shared expert) are cut like a dense MLP, by the expert TP size.
+            etp = self.etp or tp
+            for what, rows in (("expert FFN size", config.moe_intermediate_size),
+                               ("shared-expert FFN size", config.shared_expert_intermediate_size)):
+                if rows % etp:
+                    problems.append(f"expert TP={etp} does not divide the {what} {rows}")
         if problems:
             raise IncompatibleLayoutError("; ".join(problems))
         self.placement(config.num_layers)

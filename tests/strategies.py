@@ -205,3 +205,39 @@ def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
                    num_nextn_predict_layers=draw(st.integers(0, 1)),
                    routed_scaling_factor=2.5, rope_interleave=True)
     return cfg
+
+
+def moe_tp_sizes(config: dict[str, Any], *, max_tp: int = 4) -> list[int]:
+    """TP sizes (expert TP = TP) that cut every tensor of an MoE HF config dict evenly under the
+    local spec, MLA's column-parallel down projections included."""
+    from ckpt_ir.ir import ModelConfig
+
+    cfg = ModelConfig.from_hf(config)
+    sizes = [cfg.num_attention_heads, cfg.hidden_size, cfg.moe_intermediate_size,
+             cfg.intermediate_size]
+    if cfg.shared_expert_intermediate_size:
+        sizes.append(cfg.shared_expert_intermediate_size)
+    if cfg.has_mla:
+        sizes += [cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.q_lora_rank or cfg.hidden_size]
+    else:
+        groups = cfg.num_key_value_heads
+        sizes.append((cfg.num_attention_heads + 2 * groups) * cfg.head_dim)
+    return [tp for tp in range(1, max_tp + 1) if all(s % tp == 0 for s in sizes)
+            and (cfg.has_mla or cfg.num_key_value_heads % tp == 0
+                 or tp % cfg.num_key_value_heads == 0)]
+
+
+@st.composite
+def moe_layouts(draw: st.DrawFn, config: dict[str, Any]):
+    """A per-rank :class:`~ckpt_ir.layout.ParallelLayout` for an MoE HF config dict: TP among
+    :func:`moe_tp_sizes`, EP among the divisors of the expert count (up to 4), and a pipeline
+    split of its layers."""
+    from ckpt_ir.ir import ModelConfig
+    from ckpt_ir.layout import ParallelLayout
+
+    experts = ModelConfig.from_hf(config).num_experts
+    tp = draw(st.sampled_from(moe_tp_sizes(config)))
+    ep = draw(st.sampled_from([e for e in (1, 2, 3, 4) if experts % e == 0]))
+    pp, vpp, first, last = draw(st.sampled_from(
+        pipeline_splits(config["num_hidden_layers"], max_pp=2, max_vpp=2)))
+    return ParallelLayout(tp, pp, vpp, ep, first_stage_layers=first, last_stage_layers=last)
