@@ -105,6 +105,10 @@ MOE_NAMES: Mapping[str, MoeNames] = MappingProxyType({
 })
 
 
+MAX_LAYER_EXPERTS = 1 << 18
+"""Refused above this many (layers + MTP layers) x experts: a hostile config, not a model."""
+
+
 @dataclass(frozen=True, eq=False)
 class ModelConfig:
     """Architecture and sizes of a decoder-only LM, derived from (and carrying) an HF config.
@@ -259,6 +263,15 @@ class ModelConfig:
                     raise FormatError(f"HF config field {name} must be positive")
         if self.num_mtp_layers < 0 or self.q_lora_rank < 0:
             raise FormatError("num_nextn_predict_layers and q_lora_rank must not be negative")
+        # Schemas, tables and plans have entries per layer and per expert: a config (untrusted
+        # input) claiming 10**9 of either would cost time and memory in proportion to the claim.
+        # The largest real models have a few hundred layers and experts.
+        blocks = (self.num_layers + self.num_mtp_layers) * max(self.num_experts, 1)
+        if blocks > MAX_LAYER_EXPERTS:
+            what = f"{self.num_layers} layers" + (
+                f" of {self.num_experts} experts" if self.is_moe else "")
+            raise FormatError(f"{what} is beyond any real model (layers x experts must be at "
+                              f"most {MAX_LAYER_EXPERTS})")
 
     def schema(self) -> dict[str, Shape]:
         """Every logical IR tensor of this model with its global shape, in a stable order."""

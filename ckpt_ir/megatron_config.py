@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt_ir.errors import FormatError, MissingConfigError
+from ckpt_ir.errors import CorruptCheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 
-__all__ = ["MegatronModelArgs", "hf_config_from_megatron", "megatron_args", "padded_vocab_size"]
+__all__ = ["MegatronModelArgs", "hf_config_from_megatron", "megatron_args", "padded_vocab_size",
+           "plain_arguments"]
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,43 @@ def _get(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+def plain_arguments(args: Mapping[Any, Any]) -> dict[str, Any]:
+    """The entries of ``args`` that can be Megatron model arguments: string keys with plain
+    values (None, bool, int, float, str, or lists and tuples of those).
+
+    Arguments come from checkpoints (``common.pt``, rank files, ``run_config.yaml``); anything
+    else there (a tensor, an unpickled stand-in) would be truth-tested or converted by code
+    that expects numbers.
+    """
+    scalars = (type(None), bool, int, float, str)
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(type(v) in scalars for v in value)
+        return type(value) in scalars
+
+    return {k: v for k, v in args.items() if isinstance(k, str) and plain(v)}
+
+
 def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None = None,
                             architecture: str | None = None) -> dict[str, Any]:
+    """An HF ``config.json`` dict from Megatron argument names (see
+    :func:`_hf_config_from_megatron`), read from a checkpoint.
+
+    Raises:
+        CorruptCheckpointError: an argument has a value no Megatron run could have
+            (``kv_channels="x"``, ``num_attention_heads=0``, an infinite size).
+        MissingConfigError, FormatError: as :func:`_hf_config_from_megatron`.
+    """
+    try:
+        return _hf_config_from_megatron(plain_arguments(args), vocab_size=vocab_size,
+                                        architecture=architecture)
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise CorruptCheckpointError(f"malformed Megatron arguments: {e}") from e
+
+
+def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
+                             architecture: str | None) -> dict[str, Any]:
     """An HF ``config.json`` dict from Megatron argument names.
 
     Accepts Megatron-LM ``args`` (``untie_embeddings_and_output_weights``, ``norm_epsilon``,
@@ -271,7 +307,8 @@ def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None =
     qkv_bias = bool(_get(args, "add_qkv_bias", default=False))
     if _get(args, "add_bias_linear", default=False):
         raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
-    experts = int(_get(args, "num_moe_experts", default=0) or 0)
+    # TransformerConfig / Megatron-Bridge say num_moe_experts, Megatron-LM args num_experts.
+    experts = int(_get(args, "num_moe_experts", "num_experts", default=0) or 0)
     if experts:
         inferred = ("deepseek_v3" if _get(args, "multi_latent_attention", default=False)
                     else "qwen2_moe" if _get(args, "moe_shared_expert_intermediate_size",
@@ -314,7 +351,7 @@ def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None =
 def _moe_layer_pattern(args: Mapping[str, Any], layers: int) -> list[int]:
     """megatron-core's ``moe_layer_freq`` as 0/1 per layer (int N: every N-th, from layer 0)."""
     freq = _get(args, "moe_layer_freq", default=1)
-    if isinstance(freq, bool) or not isinstance(freq, (int, list)):
+    if isinstance(freq, bool) or not isinstance(freq, (int, list, tuple)):
         raise FormatError(f"moe_layer_freq {freq!r} is not an int or a list of 0/1")
     if isinstance(freq, int):
         if freq < 1:

@@ -29,7 +29,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,9 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 18
 """Largest block of elements compared at once (2 MiB as float64; a few such temporaries)."""
 
-# ModelConfig fields that change what the weights compute; any difference is reported.
-MODEL_FIELDS = ("architecture", "num_layers", "hidden_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
-                "tie_word_embeddings", "has_qkv_bias", "has_qk_norm")
+# ModelConfig's fields (all but the verbatim HF dict) are what the weights compute with; any
+# difference is reported. Derived, so that new architectures' fields (experts, MLA) count too.
+MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name != "hf")
 
 # Status of a tensor in a report; only EQUAL counts as a match.
 EQUAL, DIFFERS, SHAPE, DTYPE, MISSING, UNEXPECTED = (

@@ -64,7 +64,7 @@ from ckpt_ir.errors import (
     PlanError,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
-from ckpt_ir.megatron_config import hf_config_from_megatron, padded_vocab_size
+from ckpt_ir.megatron_config import hf_config_from_megatron, padded_vocab_size, plain_arguments
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
 from ckpt_ir.tables.lora import infer_megatron_lora
@@ -125,11 +125,6 @@ def _native_name(key: str, axes: tuple[str, ...], index: tuple[int, ...]) -> str
             at = name.index(_EXPERTS) + len(_EXPERTS)
             name = f"{name[:at]}{i}.{name[at:]}"
     return name
-
-
-def _int_list(value: Any) -> bool:
-    """A list of plain ints (``moe_layer_freq`` as Megatron-LM stores it)."""
-    return type(value) is list and all(type(v) is int for v in value)
 
 
 def _blob_reason(fqn: str) -> str:
@@ -294,18 +289,13 @@ class McoreDistReader:
 
     def _from_megatron(self, fields: Mapping[str, Any], where: Path) -> dict[str, Any]:
         """An HF config from Megatron arguments read from ``where`` (untrusted values)."""
-        # Only plain scalars are arguments the config needs; anything else (a tensor, a
-        # stand-in) would be truth-tested or converted by code that expects numbers.
-        fields = {k: v for k, v in fields.items()
-                  if isinstance(k, str) and (v is None or type(v) in (int, float, bool, str)
-                                             or _int_list(v))}
+        fields = plain_arguments(fields)  # vocab_size may be anything before this
         try:
-            vocab = fields.get("vocab_size") or self._vocab_rows()
-            return hf_config_from_megatron(fields, vocab_size=vocab)
-        except (TypeError, ValueError, ArithmeticError) as e:
-            # int("x"), int(inf), hidden // 0 heads: a malformed argument, not our bug.
-            raise CorruptCheckpointError(f"malformed Megatron arguments in {where.name}: {e}",
-                                         path=where) from e
+            return hf_config_from_megatron(
+                fields, vocab_size=fields.get("vocab_size") or self._vocab_rows())
+        except CorruptCheckpointError as e:
+            e.path = e.path or str(where)
+            raise
 
     # -- Reader protocol ----------------------------------------------------------------------
 

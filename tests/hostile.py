@@ -126,6 +126,39 @@ def _megatron_legacy(d: Path) -> None:
     shutil.rmtree(d / "release" / "hf_config")
 
 
+def _hf_peft(d: Path) -> None:
+    from tests.unit.test_adapters import write_adapter
+
+    write_adapter(d)
+
+
+def _hf_peft_bin(d: Path) -> None:
+    from safetensors.torch import load_file
+
+    _hf_peft(d)
+    weights = d / "adapter_model.safetensors"
+    torch.save(load_file(weights), d / "adapter_model.bin")
+    weights.unlink()
+
+
+def _verl_adapter(d: Path) -> None:
+    """verl's LoRA files at TP=2: adapter_checkpoint/mp_rank_0{0,1}_adapter.pt."""
+    from ckpt_ir.adapter_api import convert_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _hf_peft(Path(tmp) / "peft")
+        convert_adapter(Path(tmp) / "peft", d, "verl-legacy", layout={"tp": 2})
+
+
+def _verl_v2(d: Path) -> None:
+    """A verl v2 role directory: the model under model/huggingface, named by the manifest
+    ckpt_contents.json (which verl writes last)."""
+    write_hf(d / "model" / "huggingface")
+    (d / "ckpt_contents.json").write_text(json.dumps({
+        "schema_version": 2, "framework": "megatron", "role": "actor", "global_step": 5,
+        "contents": {"model": {"path": "model/huggingface", "format": "huggingface"}}}))
+
+
 SEEDS: dict[str, Callable[[Path], None]] = {
     "hf": _hf,
     "hf-sharded": _hf_sharded,
@@ -135,7 +168,12 @@ SEEDS: dict[str, Callable[[Path], None]] = {
     "megatron-0.19": _megatron_019,
     "verl-legacy": _verl_legacy,
     "megatron-legacy": _megatron_legacy,
+    "hf-peft": _hf_peft,
+    "hf-peft-bin": _hf_peft_bin,
+    "verl-adapter": _verl_adapter,
+    "verl-v2": _verl_v2,
 }
+VERL_ADAPTER = "adapter_checkpoint/mp_rank_01_adapter.pt"
 
 VERL_RANK = "model/mp_rank_01/model.pt"
 MEGATRON_RANK = "release/mp_rank_00_001/model_optim_rng.pt"
@@ -176,6 +214,7 @@ class Untrusted:
     file: str
     to: str
     kind: str = "bytes"  # "bytes" (byte mutations), "json" (structured + bytes), "pickle"
+    model: bool = True  # a model (ckpt_ir.open / verify read it), not a LoRA adapter
 
 
 UNTRUSTED: tuple[Untrusted, ...] = (
@@ -192,6 +231,12 @@ UNTRUSTED: tuple[Untrusted, ...] = (
     Untrusted("verl-rank.pt", "verl-legacy", VERL_RANK, "hf", "pickle"),
     Untrusted("megatron-rank.pt", "megatron-legacy", MEGATRON_RANK, "hf", "pickle"),
     Untrusted("megatron-tracker", "megatron-legacy", "latest_checkpointed_iteration.txt", "hf"),
+    Untrusted("ckpt_contents.json", "verl-v2", "ckpt_contents.json", "mcore-dist", "json"),
+    Untrusted("adapter_config.json", "hf-peft", "adapter_config.json", "mcore-dist", "json",
+              model=False),
+    Untrusted("adapter_model.safetensors", "hf-peft", "adapter_model.safetensors", "mcore-dist",
+              model=False),
+    Untrusted("verl-adapter.pt", "verl-adapter", VERL_ADAPTER, "hf-peft", "pickle", model=False),
 )
 
 
@@ -203,6 +248,7 @@ class PickleSite:
     seed: str
     plant: Callable[[Path, Any], None]
     to: str
+    model: bool = True  # a model (ckpt_ir.open / verify read it), not a LoRA adapter
 
 
 def _plant_metadata(d: Path, payload: Any) -> None:
@@ -243,6 +289,10 @@ PICKLE_SITES: tuple[PickleSite, ...] = (
     PickleSite("distcp-object", "megatron-0.19", _plant_common_state, "hf"),
     PickleSite("verl-rank.pt", "verl-legacy", _planter(VERL_RANK), "hf"),
     PickleSite("megatron-rank.pt", "megatron-legacy", _planter(MEGATRON_RANK), "mcore-dist"),
+    PickleSite("adapter_model.bin", "hf-peft-bin", _planter("adapter_model.bin"), "mcore-dist",
+               model=False),
+    PickleSite("verl-adapter.pt", "verl-adapter", _planter(VERL_ADAPTER), "hf-peft",
+               model=False),
 )
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import ckpt_ir
+from ckpt_ir import executor
 from ckpt_ir.executor import TEMP_MARKER
 from tests.fixtures import TINY_LLAMA, write_hf
 
@@ -181,6 +182,28 @@ def test_stale_temp_dirs_are_removed_only_when_their_process_is_gone(
     assert live.exists()  # another run (here: this process) may still be writing it
     assert f"removed {stale} left behind by an interrupted run" in caplog.text
     assert f"left {live} alone: process {os.getpid()}" in caplog.text
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_overwrite_replaces_the_destination_in_one_swap(tiny: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        exchange: bool) -> None:
+    dest = tmp_path / "out"
+    ckpt_ir.convert(tiny["mcore-dist"], dest, to="hf")
+    (dest / "old-marker").write_text("old")
+    swaps: list[bool] = []
+    real = executor._exchange
+
+    def spy(a: Path, b: Path) -> bool:
+        swaps.append(real(a, b) if exchange else False)
+        return swaps[-1]
+
+    monkeypatch.setattr(executor, "_exchange", spy)
+    ckpt_ir.convert(tiny["mcore-dist"], dest, to="hf", overwrite=True)
+    # Here (Linux, ext4 or tmpfs) the swap is atomic: no instant without a destination.
+    assert swaps == [exchange]
+    assert not (dest / "old-marker").exists() and temps(dest) == []
+    assert ckpt_ir.verify(tiny["mcore-dist"], dest).equal
 
 
 # --------------------------------------------------------------------------------------------

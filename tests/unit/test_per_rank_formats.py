@@ -19,7 +19,7 @@ import ckpt_ir
 from ckpt_ir.converters import per_rank
 from ckpt_ir.converters.per_rank import resolve_rank_suffix
 from ckpt_ir.converters.storage import torch_zip
-from ckpt_ir.errors import CorruptCheckpointError, FormatError
+from ckpt_ir.errors import CorruptCheckpointError, FormatError, IncompatibleLayoutError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.safety.unpickler import load_torch
@@ -410,15 +410,18 @@ def test_conversion_holds_one_unit_not_the_rank_file(big_verl, tmp_path, monkeyp
     assert max(samples) - base < 0.3 * size
 
 
-def test_moe_models_are_refused_up_front(tmp_path):
+def test_moe_expert_tp_other_than_tp_is_refused_up_front(tmp_path):
+    """MoE rank files hold experts cut by TP (tests/properties/test_moe_per_rank_round_trips.py);
+    an expert TP other than TP has no one-file-per-rank grid."""
     mixtral = dict(LLAMA4, model_type="mixtral", architectures=["MixtralForCausalLM"],
                    num_local_experts=4, num_experts_per_tok=2)
     write_hf(tmp_path / "hf", mixtral)
     for fmt in ("verl-legacy", "megatron-legacy"):
-        with pytest.raises(FormatError, match=re.escape(
-                f"{fmt} does not support mixture-of-experts models (mixtral) yet; convert them "
-                "to or from mcore-dist or hf")):
-            ckpt_ir.convert(tmp_path / "hf", tmp_path / fmt, to=fmt, layout={"tp": 2})
+        with pytest.raises(IncompatibleLayoutError, match=re.escape(
+                f"{fmt} holds experts cut by the tensor-parallel size; expert TP=1 with TP=2 "
+                "is not supported (convert to mcore-dist for any expert layout)")):
+            ckpt_ir.convert(tmp_path / "hf", tmp_path / fmt, to=fmt,
+                            layout={"tp": 2, "ep": 2, "etp": 1})
         assert not (tmp_path / fmt).exists()
 
 
