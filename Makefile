@@ -14,4 +14,4 @@ lint: setup
 	$(VENV)/bin/ruff check ckpt_ir converters tests tools
 
 test: setup lint
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -n 2 --dist loadfile -q tests
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -n 2 --dist loadfile -q --durations=25 tests
