@@ -120,7 +120,7 @@ def open_adapter(src: str | os.PathLike, format: str | None = None, *,
     ckpt = AdapterCheckpoint(format=reader.format, path=str(resolved.path), config=reader.config,
                              tensors=plan.ir_specs,
                              reader=_ir_reader(reader, reader.adapter.schema()),
-                             close=reader.close)
+                             close=reader.close, release=reader.release)
     ckpt.adapter = reader.adapter
     return ckpt
 

@@ -151,7 +151,8 @@ def open(src: str | os.PathLike, format: str | None = None, *,
         return binding.transform.inverse(reader.read(binding.native))[role]
 
     return Checkpoint(format=reader.format, path=str(resolved.path), config=reader.config,
-                      tensors=plan.ir_specs, reader=read, close=reader.close)
+                      tensors=plan.ir_specs, reader=read, close=reader.close,
+                      release=reader.release)
 
 
 def plan_conversion(reader, to: str, options) -> tuple[Plan, type]:

@@ -71,6 +71,11 @@ def is_peft_dir(p: Path) -> bool:
     return (p / "adapter_config.json").is_file()
 
 
+def _is_step(value: str) -> bool:
+    """A tracker's step number: plain ASCII digits of sane length ("²".isdigit() is True)."""
+    return value.isascii() and value.isdigit() and len(value) <= 18
+
+
 def _read_tracker(p: Path) -> str:
     try:
         return (p / TRACKER).read_text().strip()
@@ -337,7 +342,7 @@ def _resolve(given: Path, visited: list[Path]) -> Resolved:
             inner = None
             if value == "release":
                 inner = p / "release"
-            elif value.isdigit():
+            elif _is_step(value):
                 n = int(value)
                 for cand in (p / f"iter_{n:07d}", p / f"global_step_{n}"):
                     if cand.is_dir():
@@ -391,7 +396,7 @@ def read_json_file(path: Path) -> dict:
     """Small JSON config files (metadata.json, transformer_config.json), typed errors."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {e}", path=path) from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)
@@ -466,13 +471,13 @@ def resolve_adapter(src: str | Path) -> Resolved:
         if (p / TRACKER).is_file():
             value = _read_tracker(p)
             candidates = [p / "release"] if value == "release" else \
-                [p / f"iter_{int(value):07d}", p / f"global_step_{value}"] if value.isdigit() \
+                [p / f"iter_{int(value):07d}", p / f"global_step_{value}"] if _is_step(value) \
                 else []
             inner = next((c for c in candidates if c.is_dir()), None)
             if inner is None:
                 break
             notes.append(f"{TRACKER} points at {inner.name}")
-            p, step = inner, (int(value) if value.isdigit() else None)
+            p, step = inner, (int(value) if _is_step(value) else None)
             continue
         steps = _steps(p)
         if steps:

@@ -460,18 +460,25 @@ class Checkpoint:
 
     def __init__(self, *, format: str, path: str, config: ModelConfig,
                  tensors: Mapping[str, TensorSpec], reader: Callable[[str], torch.Tensor],
-                 close: Callable[[], None] | None = None) -> None:
+                 close: Callable[[], None] | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         self.format = format
         self.path = path
         self.config = config
         self.tensors: Mapping[str, TensorSpec] = MappingProxyType(dict(tensors))
         self._read = reader
         self._close = close
+        self._release = release
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
             raise FormatError(f"tensor {name!r} is not in this checkpoint", path=self.path)
         return self._read(name)
+
+    def release(self) -> None:
+        """Drop mapped pages of data already read (keeps RSS at what is still referenced)."""
+        if self._release is not None:
+            self._release()
 
     def close(self) -> None:
         if self._close is not None:

@@ -299,12 +299,6 @@ def _open(path: str | os.PathLike[str], hf_config: str | os.PathLike[str] | None
 def _release_hook(ckpt: Checkpoint) -> Callable[[], None]:
     """The reader's ``release`` (drop mapped pages already consumed) behind a Checkpoint."""
     release = getattr(ckpt, "release", None)
-    if callable(release):
-        return release
-    # ckpt_ir.open wires Checkpoint.close to the reader's bound close(); its reader is the one
-    # whose pages verify must drop between tensor pairs, or RSS grows to both whole models.
-    reader = getattr(getattr(ckpt, "_close", None), "__self__", None)
-    release = getattr(reader, "release", None)
     return release if callable(release) else _nothing
 
 

@@ -58,7 +58,7 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     """Parse ``adapter_config.json``; validation of the fields is AdapterConfig.from_peft's."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError covers decode errors
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {e}", path=path) from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)

@@ -35,7 +35,7 @@ import torch
 
 from ckpt_ir.converters.per_rank import PerRankReader, PerRankWriter, RankKey
 from ckpt_ir.errors import CorruptCheckpointError
-from ckpt_ir.megatron_config import hf_config_from_megatron
+from ckpt_ir.megatron_config import hf_config_from_megatron, plain_arguments
 
 __all__ = ["HF_DIR", "TRACKER", "MegatronLegacyReader", "MegatronLegacyWriter",
            "megatron_lm_args"]
@@ -61,10 +61,12 @@ _NOT_WEIGHTS = {
 
 
 def _args_fields(args: Any) -> dict[str, Any] | None:
+    # Only plain values: a pickled args object may carry tensors or stand-ins where numbers
+    # are expected, and those must not reach int()/float() as anything but bad input.
     if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
+        return plain_arguments(vars(args))
     if isinstance(args, Mapping):
-        return dict(args)
+        return plain_arguments(args)
     return None
 
 

@@ -15,6 +15,7 @@ megatron-legacy ``model_optim_rng.pt``, hf-peft ``adapter_config.json``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import builtins
 import contextlib
 import json
@@ -185,6 +186,7 @@ def seed(name: str) -> Path:
     """The valid checkpoint ``name`` (built on first use; do not modify: copy it)."""
     if not _SEED_ROOT:
         _SEED_ROOT.append(Path(tempfile.mkdtemp(prefix="ckpt_ir_seeds_")))
+        atexit.register(shutil.rmtree, _SEED_ROOT[0], ignore_errors=True)
     path = _SEED_ROOT[0] / name
     if not path.exists():
         SEEDS[name](path)

@@ -7,6 +7,7 @@ the spec's own names, hence the ``te_norms`` / ``local_norms`` variants).
 
 from __future__ import annotations
 
+from ckpt_ir.errors import PlanError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.layout import Partition
 from ckpt_ir.tables import NativeParams, Row, one
@@ -22,7 +23,13 @@ def interleave_qkv(config: ModelConfig, params: NativeParams) -> InterleaveQKV:
 
 def pad_vocab(config: ModelConfig, params: NativeParams) -> PadRows:
     """PadRows from the HF vocab to the padded vocab."""
-    return PadRows(config.vocab_size, params.padded_vocab_size or config.vocab_size)
+    padded = params.padded_vocab_size or config.vocab_size
+    if padded < config.vocab_size:
+        # A source whose embedding holds fewer rows than the config's vocabulary (a missing
+        # TP rank, a wrong config): bad input, reported with every other plan problem.
+        raise PlanError([f"the embedding has {padded} rows, fewer than vocab_size="
+                         f"{config.vocab_size}"])
+    return PadRows(config.vocab_size, padded)
 
 
 L = "decoder.layers.{layer}."

@@ -321,9 +321,11 @@ def test_blockwise_comparison_matches_the_whole_tensor_one(data: st.DataObject, 
 
 
 def test_huge_tensor_is_compared_without_float64_copies() -> None:
-    a = torch.randn(1 << 24)  # 64 MiB of fp32; float64 twins of a and b alone: 256 MiB
+    a = torch.randn(1 << 24)  # 64 MiB of fp32; a float64 twin of a alone is 128 MiB
     b = a + 1e-3
-    with bounded(seconds=60, peak_bytes=64 * 2**20):
+    # Below one whole float64 twin, with room for glibc keeping freed per-block buffers
+    # resident (VmHWM grew 50-80 MiB run to run for ~2 MiB blocks).
+    with bounded(seconds=60, peak_bytes=120 * 2**20):
         stats = _compare(a, b, atol=1e-6, rtol=0.0)
     assert stats.mismatched > 0.99 * a.numel() and stats.first == 0
     assert 0.9e-3 < stats.max_abs < 1.1e-3
