@@ -36,7 +36,7 @@ from ckpt_ir.adapters import (
 from ckpt_ir.api import Report, _open_reader, _parse_size, target_layout
 from ckpt_ir.detect import Resolved, dist_has_adapter, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError, PlanError
-from ckpt_ir.executor import atomic_directory, execute
+from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import (
     ADAPTER_FORMATS,
     adapter_reader_class,
@@ -279,18 +279,10 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             dest_layout=dest_layout.describe() if dest_layout is not None else "",
             adapter=summary)
         if not dry_run:
-            with atomic_directory(dst, overwrite=overwrite,
-                                  protect=(Path(src), resolved.path)) as tmp:
-                writer = writer_cls(tmp, reader.config, wopts)
-                try:
-                    execute(plan, reader, writer,
-                            on_progress=_progress_counter(progress, plan.bytes_written))
-                    writer.finish(reader)
-                except BaseException:
-                    writer.abort()
-                    raise
-                report.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
-                                      if p.is_file())
+            report.files = write_checkpoint(
+                plan, reader, writer_cls, reader.config, wopts, dst, overwrite=overwrite,
+                protect=(Path(src), resolved.path),
+                on_progress=_progress_counter(progress, plan.bytes_written))
     finally:
         reader.close()
     report.seconds = time.perf_counter() - started
@@ -450,19 +442,10 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
                    f"({len(ad_config.modules())} modules), computed in fp32"],
             adapter={"source": ad_config.summary()})
         if not dry_run:
-            with atomic_directory(dst, overwrite=overwrite,
-                                  protect=(Path(base), base_resolved.path, Path(adapter),
-                                           ad_resolved.path)) as tmp:
-                writer = writer_cls(tmp, config, wopts)
-                try:
-                    execute(plan, source, writer,
-                            on_progress=_progress_counter(progress, plan.bytes_written))
-                    writer.finish(source)
-                except BaseException:
-                    writer.abort()
-                    raise
-                report.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
-                                      if p.is_file())
+            report.files = write_checkpoint(
+                plan, source, writer_cls, config, wopts, dst, overwrite=overwrite,
+                protect=(Path(base), base_resolved.path, Path(adapter), ad_resolved.path),
+                on_progress=_progress_counter(progress, plan.bytes_written))
     finally:
         base_reader.close()
         if ad_reader is not None:

@@ -16,7 +16,7 @@ import torch
 from ckpt_ir.detect import Resolved, resolve
 from ckpt_ir.distributed import env_world, run_distributed
 from ckpt_ir.errors import FormatError
-from ckpt_ir.executor import atomic_directory, execute
+from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import PER_RANK_FORMATS, reader_class, writer_class
 from ckpt_ir.ir import Checkpoint, parse_dtype
 from ckpt_ir.layout import ParallelLayout
@@ -257,17 +257,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                                            on_progress=on_progress)
             report.notes.append(f"written by {env_world()[1]} processes")
         else:
-            with atomic_directory(dst, overwrite=overwrite,
-                                  protect=(Path(src), resolved.path)) as tmp:
-                writer = writer_cls(tmp, reader.config, wopts)
-                try:
-                    execute(plan, reader, writer, on_progress=on_progress)
-                    writer.finish(reader)
-                except BaseException:
-                    writer.abort()
-                    raise
-                report.files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
-                                      if p.is_file())
+            report.files = write_checkpoint(plan, reader, writer_cls, reader.config, wopts, dst,
+                                            overwrite=overwrite,
+                                            protect=(Path(src), resolved.path),
+                                            on_progress=on_progress)
     finally:
         reader.close()
     report.seconds = time.perf_counter() - started

@@ -27,7 +27,7 @@ from ckpt_ir.errors import (
 )
 from ckpt_ir.planner import Plan, Unit
 
-__all__ = ["TEMP_MARKER", "atomic_directory", "execute", "fsync_dir"]
+__all__ = ["TEMP_MARKER", "atomic_directory", "execute", "fsync_dir", "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,25 @@ def execute(plan: Plan, reader, writer, *,
         reader.release()
         if on_progress is not None:
             on_progress(unit.bytes_written)
+
+
+def write_checkpoint(plan: Plan, reader, writer_cls, config, options,
+                     dest: str | os.PathLike, *, overwrite: bool, protect: tuple[Path, ...],
+                     on_progress: Callable[[int], None] | None = None) -> list[str]:
+    """Execute ``plan`` into ``dest`` atomically (temporary sibling, fsync, rename).
+
+    Returns the files written, relative to ``dest``. The writer is aborted and the temporary
+    directory removed on any failure; ``dest`` is then left as it was.
+    """
+    with atomic_directory(dest, overwrite=overwrite, protect=protect) as tmp:
+        writer = writer_cls(tmp, config, options)
+        try:
+            execute(plan, reader, writer, on_progress=on_progress)
+            writer.finish(reader)
+        except BaseException:
+            writer.abort()
+            raise
+        return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
 
 
 def fsync_dir(path: Path) -> None:
