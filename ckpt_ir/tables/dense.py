@@ -13,7 +13,7 @@ from ckpt_ir.layout import Partition
 from ckpt_ir.tables import NativeParams, Row, one
 from ckpt_ir.transforms import ConcatGateUp, InterleaveQKV, PadRows
 
-__all__ = ["DENSE_MCORE_ROWS"]
+__all__ = ["ATTENTION_ROWS", "DENSE_MCORE_ROWS"]
 
 
 def interleave_qkv(config: ModelConfig, params: NativeParams) -> InterleaveQKV:
@@ -35,9 +35,9 @@ def pad_vocab(config: ModelConfig, params: NativeParams) -> PadRows:
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
 
-DENSE_MCORE_ROWS: tuple[Row, ...] = (
-    Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"),
-        pad_vocab, Partition.VOCAB),
+# Self-attention of a GPT layer (input norm, fused QKV, QK norm, o_proj): shared by every
+# architecture with standard attention (the dense ones here, the MoE ones in tables/moe.py).
+ATTENTION_ROWS: tuple[Row, ...] = (
     Row(L + "self_attention.linear_qkv.layer_norm_weight", one(H + "input_layernorm.weight"),
         when="te_norms"),
     # The local spec's torch_dist keys are the TE ones (its sharded_state_dict_keys_map).
@@ -58,6 +58,12 @@ DENSE_MCORE_ROWS: tuple[Row, ...] = (
         when="has_qk_norm"),
     Row(L + "self_attention.linear_proj.weight", one(H + "self_attn.o_proj.weight"),
         partition=Partition.ROW),
+)
+
+DENSE_MCORE_ROWS: tuple[Row, ...] = (
+    Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"),
+        pad_vocab, Partition.VOCAB),
+    *ATTENTION_ROWS,
     Row(L + "mlp.linear_fc1.layer_norm_weight", one(H + "post_attention_layernorm.weight"),
         when="te_norms"),
     Row(L + "mlp.linear_fc1.layer_norm_weight", one(H + "post_attention_layernorm.weight"),

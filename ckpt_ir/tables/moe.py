@@ -29,7 +29,7 @@ from __future__ import annotations
 from ckpt_ir.ir import MOE_NAMES, ModelConfig, MoeNames
 from ckpt_ir.layout import Partition
 from ckpt_ir.tables import NativeParams, Row, one
-from ckpt_ir.tables.dense import interleave_qkv, pad_vocab
+from ckpt_ir.tables.dense import ATTENTION_ROWS, pad_vocab
 from ckpt_ir.transforms import TENSOR, ConcatGateUp, StackExperts
 
 __all__ = ["HF_FUSED_ROWS", "MOE_MCORE_ROWS", "dense_mlp_rows", "fused_hf_rows", "moe_mlp_rows"]
@@ -94,27 +94,11 @@ def moe_mlp_rows(names: MoeNames, native: str = L, hf: str = H) -> tuple[Row, ..
 
 
 def _rows(names: MoeNames) -> tuple[Row, ...]:
-    inp, post = one(H + "input_layernorm.weight"), one(H + "post_attention_layernorm.weight")
+    post = one(H + "post_attention_layernorm.weight")
     return (
         Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"),
             pad_vocab, Partition.VOCAB),
-        Row(L + "self_attention.linear_qkv.layer_norm_weight", inp, when="te_norms"),
-        Row(L + "self_attention.linear_qkv.layer_norm_weight", inp, when="local_dist_norms"),
-        Row(L + "input_layernorm.weight", inp, when="local_norms"),
-        Row(L + "self_attention.linear_qkv.weight",
-            {"q": H + "self_attn.q_proj.weight", "k": H + "self_attn.k_proj.weight",
-             "v": H + "self_attn.v_proj.weight"},
-            interleave_qkv, Partition.QKV),
-        Row(L + "self_attention.linear_qkv.bias",
-            {"q": H + "self_attn.q_proj.bias", "k": H + "self_attn.k_proj.bias",
-             "v": H + "self_attn.v_proj.bias"},
-            interleave_qkv, Partition.QKV, when="has_qkv_bias"),
-        Row(L + "self_attention.q_layernorm.weight", one(H + "self_attn.q_norm.weight"),
-            when="has_qk_norm"),
-        Row(L + "self_attention.k_layernorm.weight", one(H + "self_attn.k_norm.weight"),
-            when="has_qk_norm"),
-        Row(L + "self_attention.linear_proj.weight", one(H + "self_attn.o_proj.weight"),
-            partition=Partition.ROW),
+        *ATTENTION_ROWS,
         Row(L + "mlp.linear_fc1.layer_norm_weight", post, when=("dense_layer", "te_norms")),
         Row(L + "mlp.linear_fc1.layer_norm_weight", post, when="local_dist_norms"),
         Row(L + "pre_mlp_layernorm.weight", post, when=("moe_layer", "te_norms")),
