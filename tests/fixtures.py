@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from ckpt_ir.converters.storage.dcp_files import DcpReader
 from ckpt_ir.ir import ModelConfig
 
 TINY_LLAMA: dict[str, Any] = {
@@ -57,3 +58,19 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
     """Every file under ``path`` with its bytes (to prove a source was not touched)."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
             if p.is_file()}
+
+
+def load_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors shard in ``path`` (through the reference library)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def load_dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist directory, whole (stacked keys stay stacked), as copies."""
+    with DcpReader(path) as r:
+        return {fqn: r.read_region(fqn, (0,) * len(t.shape), t.shape)
+                .clone(memory_format=torch.contiguous_format)
+                for fqn, t in r.index.tensors.items()}

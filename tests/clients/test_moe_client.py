@@ -38,9 +38,9 @@ import torch
 from safetensors import safe_open
 
 import ckpt_ir
-from ckpt_ir.converters.storage.dcp_files import DcpReader
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
+from tests.fixtures import load_dcp_tensors
 
 pytestmark = pytest.mark.clients
 
@@ -228,7 +228,7 @@ def test_megatron_saved_moe_to_hf_matches_and_converts_back_bit_for_bit(
     _assert_logits_close(hf_models.hf_logits(hf_out, suite.ids), expected, f"saved-{arch}")
     back = tmp_path / "dist"
     ckpt_ir.convert(hf_out, back, to="mcore-dist", mcore_spec="local")
-    saved, ours = _dcp_tensors(suite.saved(arch)), _dcp_tensors(back)
+    saved, ours = load_dcp_tensors(suite.saved(arch)), load_dcp_tensors(back)
     assert sorted(ours) == sorted(saved)
     changed = [k for k in saved if not torch.equal(saved[k].view(torch.uint8),
                                                    ours[k].view(torch.uint8))]
@@ -260,10 +260,3 @@ def _safetensors(directory: Path) -> dict[str, tuple[str, tuple[int, ...], bytes
     return out
 
 
-def _dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
-    r = DcpReader(path)
-    try:
-        return {fqn: r.read_region(fqn, (0,) * len(t.shape), t.shape).clone().contiguous()
-                for fqn, t in r.index.tensors.items()}
-    finally:
-        r.close()

@@ -8,28 +8,10 @@ from pathlib import Path
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import ckpt_ir
-from ckpt_ir.converters.storage.dcp_files import DcpReader
-from tests.fixtures import write_hf
+from tests.fixtures import load_dcp_tensors, load_hf_tensors, write_hf
 from tests.strategies import bits_equal, dense_configs, dtypes
-
-
-def _load_hf(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _load_dcp(path: Path) -> dict[str, torch.Tensor]:
-    r = DcpReader(path)
-    try:
-        return {fqn: r.read_region(fqn, (0,) * len(t.shape), t.shape).clone()
-                for fqn, t in r.index.tensors.items()}
-    finally:
-        r.close()
 
 
 @settings(max_examples=30)
@@ -42,7 +24,7 @@ def test_hf_to_mcore_dist_to_hf_is_bit_identical(config, dtype, seed, pad, shard
         want = write_hf(src, config, dtype=dtype, seed=seed)
         ckpt_ir.convert(src, d / "dist", to="mcore-dist", pad_vocab_to_multiple=pad)
         ckpt_ir.convert(d / "dist", d / "back", to="hf", max_shard_size=shard_bytes)
-        got = _load_hf(d / "back")
+        got = load_hf_tensors(d / "back")
         assert got.keys() == want.keys()
         for name, t in want.items():
             assert bits_equal(got[name], t), name
@@ -58,7 +40,7 @@ def test_mcore_dist_to_hf_to_mcore_dist_gives_identical_tensors(config, dtype, s
         ckpt_ir.convert(d / "hf", d / "dist1", to="mcore-dist", pad_vocab_to_multiple=pad)
         ckpt_ir.convert(d / "dist1", d / "hf2", to="hf")
         ckpt_ir.convert(d / "hf2", d / "dist2", to="mcore-dist", pad_vocab_to_multiple=pad)
-        a, b = _load_dcp(d / "dist1"), _load_dcp(d / "dist2")
+        a, b = load_dcp_tensors(d / "dist1"), load_dcp_tensors(d / "dist2")
         assert a.keys() == b.keys()
         for k in a:
             assert bits_equal(a[k], b[k]), k

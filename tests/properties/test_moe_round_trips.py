@@ -10,34 +10,18 @@ from pathlib import Path
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import ckpt_ir
-from ckpt_ir.converters.storage.dcp_files import DcpReader
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
 from ckpt_ir.transforms import StackExperts
-from tests.fixtures import write_hf
+from tests.fixtures import load_dcp_tensors, load_hf_tensors, write_hf
 from tests.strategies import bits_equal, dtypes, moe_configs, tensors
 
 LAYOUTS = st.sampled_from(["per-expert", "fused"])
 SPECS = st.sampled_from(["any", "local", "te"])
 
 
-def _load_hf(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _load_dcp(path: Path) -> dict[str, torch.Tensor]:
-    r = DcpReader(path)
-    try:
-        return {fqn: r.read_region(fqn, (0,) * len(t.shape), t.shape).clone()
-                for fqn, t in r.index.tensors.items()}
-    finally:
-        r.close()
 
 
 def _source(d: Path, config: dict, dtype: torch.dtype, seed: int, layout: str
@@ -70,12 +54,12 @@ def test_moe_hf_to_mcore_dist_to_hf_is_bit_identical(config, dtype, seed, src_la
         ckpt_ir.convert(d / "dist", d / "back", to="hf", hf_experts=dst_layout,
                         max_shard_size=3000)
         if dst_layout == "per-expert":
-            got = _load_hf(d / "back")
+            got = load_hf_tensors(d / "back")
             assert got.keys() == want.keys()
             for name, t in want.items():
                 assert bits_equal(got[name], t), name
         else:
-            fused = _load_hf(d / "back")
+            fused = load_hf_tensors(d / "back")
             assert any(n.endswith("mlp.experts.gate_up_proj") for n in fused) == \
                 bool(ModelConfig.from_hf(config).moe_layers)
         _assert_ir(d / "back", want)
@@ -92,7 +76,7 @@ def test_moe_mcore_dist_to_hf_to_mcore_dist_gives_identical_tensors(config, dtyp
         ckpt_ir.convert(d / "hf", d / "dist1", to="mcore-dist", mcore_spec=spec)
         ckpt_ir.convert(d / "dist1", d / "hf2", to="hf", hf_experts=via)
         ckpt_ir.convert(d / "hf2", d / "dist2", to="mcore-dist", mcore_spec=spec)
-        a, b = _load_dcp(d / "dist1"), _load_dcp(d / "dist2")
+        a, b = load_dcp_tensors(d / "dist1"), load_dcp_tensors(d / "dist2")
         assert a.keys() == b.keys()
         for k in a:
             assert bits_equal(a[k], b[k]), k

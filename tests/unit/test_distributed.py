@@ -13,12 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckpt_ir
-from ckpt_ir.converters.storage.dcp_files import DcpReader
 from ckpt_ir.distributed import partition_units
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.planner import make_plan
 from ckpt_ir.tables import NativeParams
-from tests.fixtures import TINY_LLAMA, write_hf
+from tests.fixtures import TINY_LLAMA, load_dcp_tensors, write_hf
 from tests.strategies import bits_equal, dense_configs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,11 +53,6 @@ def test_partition_covers_every_unit_once_and_keeps_files_together(config, world
                     assert owner.setdefault(f, rank) == rank
 
 
-def _dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
-    with DcpReader(path) as r:
-        return {k: r.read_region(k, (0,) * len(t.shape), t.shape).clone()
-                for k, t in r.index.tensors.items()}
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
@@ -75,7 +69,7 @@ def test_torchrun_hf_to_mcore_dist_matches_single_process(model, tmp_path):
     assert r.stdout.count("written by 2 processes") == 1  # only rank 0 reports
     files = {p.name for p in (tmp_path / "multi").iterdir()}
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "metadata.json"} <= files
-    a, b = _dcp_tensors(tmp_path / "single"), _dcp_tensors(tmp_path / "multi")
+    a, b = load_dcp_tensors(tmp_path / "single"), load_dcp_tensors(tmp_path / "multi")
     assert a.keys() == b.keys()
     assert all(bits_equal(a[k], b[k]) for k in a)
     assert not [p for p in tmp_path.iterdir() if ".ckpt-ir-tmp-" in p.name]
