@@ -30,7 +30,6 @@ from ckpt_ir.adapters import (
     MEGATRON_GROUPS,
     AdapterConfig,
     LoraLayout,
-    module_name,
     plan_lora_layout,
 )
 from ckpt_ir.api import Report, _open_reader, _parse_size, target_layout
@@ -132,21 +131,21 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def probe_shared_groups(reader: Any) -> dict[str, bool]:
     """For each fused Megatron layer, whether its modules' A matrices are bit-identical in
-    every layer (then one fused A holds them; else their ranks are stacked)."""
+    every adapter of that layer (every layer; every routed expert, shared expert and dense MLP
+    of an MoE model): then one fused A holds them, else their ranks are stacked."""
     adapter: AdapterConfig = reader.adapter
     read = _ir_reader(reader, adapter.schema())
-    targeted = set(adapter.modules())
+    units = adapter.units()
     shared: dict[str, bool] = {}
     for group, leaves in MEGATRON_GROUPS.items():
         if len(leaves) < 2:
             continue
         same = True
-        for layer in range(adapter.base.num_layers):
-            modules = [m for leaf in leaves if (m := module_name(layer, leaf)) in targeted]
-            if len(modules) < 2:
+        for (_, _, _, g), members in units.items():
+            if g != group or len(members) < 2:
                 continue
-            first = read(modules[0] + ".lora_A.weight")
-            if any(not _same_bits(read(m + ".lora_A.weight"), first) for m in modules[1:]):
+            first = read(members[0].name + ".lora_A.weight")
+            if any(not _same_bits(read(m.name + ".lora_A.weight"), first) for m in members[1:]):
                 same = False
                 break
         shared[group] = same
@@ -266,7 +265,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         if "lora_layout" in extra:
             lora = extra["lora_layout"]
             summary["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
-                                   "target_modules": lora.targets()}
+                                   "target_modules": lora.targets(reader.config)}
         if source_lora is not None:
             summary["source_megatron"] = {"style": source_lora.style, "rank": source_lora.rank,
                                           "alpha": source_lora.alpha}
@@ -358,7 +357,7 @@ def merged_table(dest: Table, adapter: AdapterConfig) -> Table:
             a_role, b_role = lora_roles(role)
             ir[a_role], ir[b_role] = module + ".lora_A.weight", module + ".lora_B.weight"
         bindings.append(Binding(b.native, MappingProxyType(ir), MergeLora(b.transform, merges),
-                                b.partition, b.layer))
+                                b.partition, b.layer, b.expert))
     return Table(dest.naming, bindings)
 
 

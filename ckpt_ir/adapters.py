@@ -29,11 +29,12 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
-from ckpt_ir.ir import DENSE_ARCHITECTURES, ModelConfig, Shape
+from ckpt_ir.ir import ModelConfig, Shape
 
 __all__ = [
     "ADAPTER_SUFFIXES",
@@ -41,19 +42,25 @@ __all__ = [
     "LORA_LEAVES",
     "LORA_STYLES",
     "MEGATRON_GROUPS",
+    "SITES",
     "AdapterConfig",
     "LoraLayout",
+    "LoraModule",
+    "base_modules",
     "from_lora_layout_json",
     "lora_layout_json",
     "module_of",
+    "parse_module",
     "plan_lora_layout",
 ]
 
-# The linear modules of a dense decoder layer that LoRA can target, in module order.
+# The linear modules of a decoder layer that LoRA can target, in module order. MoE experts
+# and shared experts have the SwiGLU three (Mixtral's w1/w3/w2 are gate/up/down).
 LORA_LEAVES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                 "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
 
 # Megatron's fused base layers and the HF modules they hold (Megatron-Bridge's
 # MEGATRON_TO_HF_MODULES, verl's megatron_peft_utils).
@@ -63,6 +70,7 @@ MEGATRON_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "linear_fc1": ("gate_proj", "up_proj"),
     "linear_fc2": ("down_proj",),
 })
+_GROUP_OF = {leaf: g for g, leaves in MEGATRON_GROUPS.items() for leaf in leaves}
 # CanonicalLoRA's target names: one adapter per HF module.
 CANONICAL_TARGETS: Mapping[str, str] = MappingProxyType({
     "q_proj": "linear_q", "k_proj": "linear_k", "v_proj": "linear_v", "o_proj": "linear_proj",
@@ -70,10 +78,29 @@ CANONICAL_TARGETS: Mapping[str, str] = MappingProxyType({
 })
 LORA_STYLES = ("fused", "canonical")
 
+# Where a targetable module sits in its decoder layer, and the Megatron module prefix Bridge's
+# LoRA wraps there (SequentialMLP experts: ``mlp.experts.local_experts.{k}``).
+SITES: Mapping[str, str] = MappingProxyType({
+    "attention": "self_attention", "mlp": "mlp", "experts": "mlp.experts.experts",
+    "shared_experts": "mlp.shared_experts"})
+
+# Megatron-Bridge target wildcards per site (its ModuleMatcher matches a module's full name).
+_WILDCARDS = {"attention": "*.self_attention.{}", "mlp": "*.mlp.{}",
+              "experts": "*.mlp.experts.*.{}", "shared_experts": "*.mlp.shared_experts.{}"}
+
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-_MODULE_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)$")
+_MODULE_RE = re.compile(
+    r"^model\.layers\.(?P<layer>\d+)\.(?:self_attn\.(?P<attn>[qkvo]_proj)"
+    r"|(?:mlp|block_sparse_moe)\.(?:experts\.(?P<expert>\d+)\.|(?P<shared>shared_experts?)\.)?"
+    r"(?P<leaf>gate_proj|up_proj|down_proj|w[123]))$")
+# Mixtral's expert names, as the SwiGLU roles (transformers' MixtralBlockSparseTop2MLP).
+_MIXTRAL_LEAVES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 # Modules of the model LoRA could name that Megatron-style adapters cannot express.
 _OTHER_MODULES = ("lm_head", "model.embed_tokens")
+# Multi-latent attention projections (DeepSeek-V3): Megatron-Bridge wraps linear_q_down_proj,
+# linear_kv_up_proj, ... there; ckpt-ir has no rows for them.
+_MLA_LEAVES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
 
 # LoraConfig fields whose non-default values change what the adapter computes; anything else
 # (init schemes, dropout, versions, auto_mapping) does not matter to a converter.
@@ -97,8 +124,52 @@ _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class LoraModule:
+    """One LoRA-targetable linear module of the base model.
+
+    ``leaf`` is its SwiGLU / attention role (``gate_proj`` for Mixtral's ``w1``); ``site`` is
+    ``attention``, ``mlp`` (a dense MLP), ``experts`` (routed expert ``expert``) or
+    ``shared_experts``. The modules fused into one Megatron adapter share ``unit``.
+    """
+
+    name: str
+    layer: int
+    site: str
+    leaf: str
+    expert: int | None = None
+
+    @property
+    def group(self) -> str:
+        """The Megatron base layer holding it: ``linear_qkv``, ``linear_fc1``, ..."""
+        return _GROUP_OF[self.leaf]
+
+    @property
+    def unit(self) -> tuple[int, str, int | None, str]:
+        return (self.layer, self.site, self.expert, self.group)
+
+
+def parse_module(module: str) -> LoraModule:
+    """``"model.layers.3.mlp.experts.5.gate_proj"`` -> its :class:`LoraModule`."""
+    m = _MODULE_RE.match(module)
+    if not m:
+        raise FormatError(f"{module!r} is not a LoRA-targetable module of a decoder layer")
+    layer = int(m.group("layer"))
+    if m.group("attn"):
+        return LoraModule(module, layer, "attention", m.group("attn"))
+    leaf, expert = m.group("leaf"), m.group("expert")
+    mixtral = ".block_sparse_moe." in module
+    if mixtral != (leaf in _MIXTRAL_LEAVES) or (mixtral and expert is None) or \
+            (m.group("shared") and mixtral):
+        raise FormatError(f"{module!r} is not a LoRA-targetable module of a decoder layer")
+    leaf = _MIXTRAL_LEAVES.get(leaf, leaf)
+    if expert is not None:
+        return LoraModule(module, layer, "experts", leaf, int(expert))
+    return LoraModule(module, layer, "shared_experts" if m.group("shared") else "mlp", leaf)
+
+
 def module_name(layer: int, leaf: str) -> str:
-    """``(3, "q_proj")`` -> ``"model.layers.3.self_attn.q_proj"``."""
+    """``(3, "q_proj")`` -> ``"model.layers.3.self_attn.q_proj"`` (attention, dense MLP)."""
     return f"model.layers.{layer}.{_PARENT[leaf]}.{leaf}"
 
 
@@ -111,16 +182,64 @@ def module_of(ir_name: str) -> str:
 
 
 def split_module(module: str) -> tuple[int, str]:
-    """``"model.layers.3.self_attn.q_proj"`` -> ``(3, "q_proj")``."""
-    m = _MODULE_RE.match(module)
-    if not m or m.group(3) not in _PARENT:
-        raise FormatError(f"{module!r} is not a LoRA-targetable module of a dense decoder")
-    return int(m.group(1)), m.group(3)
+    """``"model.layers.3.self_attn.q_proj"`` -> ``(3, "q_proj")`` (the leaf as its role)."""
+    m = parse_module(module)
+    return m.layer, m.leaf
 
 
-def module_shape(config: ModelConfig, leaf: str) -> tuple[int, int]:
-    """``(out, in)`` of a base linear module."""
-    h, f = config.hidden_size, config.intermediate_size
+def base_modules(config: ModelConfig) -> tuple[LoraModule, ...]:
+    """Every module LoRA can target in ``config``'s decoder layers, layer-major in module order:
+    attention (standard attention only), then the dense MLP, or each routed expert and the
+    shared expert(s) (names from :data:`ckpt_ir.ir.MOE_NAMES`)."""
+    out: list[LoraModule] = []
+    names = config.moe_names
+    for layer in range(config.num_layers):
+        p = f"model.layers.{layer}."
+        if not config.has_mla:
+            out += [LoraModule(p + f"self_attn.{x}", layer, "attention", x)
+                    for x in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if names is None or not config.is_moe_layer(layer):
+            out += [LoraModule(p + f"mlp.{x}", layer, "mlp", x) for x in _MLP_LEAVES]
+            continue
+        for e in range(config.num_experts):
+            x = p + names.expert.format(expert=e)
+            out += [LoraModule(x + hf, layer, "experts", leaf, e)
+                    for hf, leaf in ((names.gate, "gate_proj"), (names.up, "up_proj"),
+                                     (names.down, "down_proj"))]
+        if names.shared and config.shared_expert_intermediate_size:
+            out += [LoraModule(p + names.shared + x, layer, "shared_experts", x)
+                    for x in _MLP_LEAVES]
+    return tuple(out)
+
+
+def refused_modules(config: ModelConfig) -> dict[str, str]:
+    """Linear modules of ``config`` a LoRA adapter may name but ckpt-ir cannot convert, with
+    the reason: the embedding and output layer, the MoE router and shared-expert gate, and
+    multi-latent attention."""
+    out = {m: "LoRA on embeddings or the output layer is not supported"
+           for m in _OTHER_MODULES}
+    names = config.moe_names
+    for layer in range(config.num_layers):
+        p = f"model.layers.{layer}."
+        if config.has_mla:
+            out.update((p + f"self_attn.{x}", "LoRA on multi-latent attention (DeepSeek-V3 "
+                        "q/kv projections, o_proj) is not supported; target the MLP modules")
+                       for x in _MLA_LEAVES)
+        if names is not None and config.is_moe_layer(layer):
+            out[p + names.router.removesuffix(".weight")] = \
+                "LoRA on the MoE router is not supported (Megatron-Bridge's LoRATopKRouter)"
+            if names.shared_gate:
+                out[p + names.shared_gate.removesuffix(".weight")] = \
+                    "LoRA on the shared-expert gate is not supported"
+    return out
+
+
+def module_shape(config: ModelConfig, leaf: str, site: str = "mlp") -> tuple[int, int]:
+    """``(out, in)`` of a base linear module (``site`` picks the MLP's FFN size)."""
+    h = config.hidden_size
+    f = {"experts": config.moe_intermediate_size,
+         "shared_experts": config.shared_expert_intermediate_size}.get(
+        site, config.intermediate_size)
     d = config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
@@ -173,9 +292,6 @@ class AdapterConfig:
         where = "adapter_config.json"
         if not isinstance(data, Mapping):
             raise CorruptCheckpointError(f"{where} is not a JSON object", path=path)
-        if base.architecture not in DENSE_ARCHITECTURES:
-            raise FormatError(f"LoRA adapters of {base.architecture} models are not supported "
-                              f"(dense {', '.join(DENSE_ARCHITECTURES)} only)", path=path)
 
         def bad(message: str) -> CorruptCheckpointError:
             return CorruptCheckpointError(f"{where}: {message}", path=path)
@@ -256,10 +372,9 @@ class AdapterConfig:
         return cls.from_peft(peft, base)
 
     def _check_targets(self, path: Any) -> None:
-        for other in _OTHER_MODULES:
+        for other, reason in refused_modules(self.base).items():
             if self._targets(other):
-                raise FormatError(f"adapter_config.json targets {other}: LoRA on embeddings or "
-                                  "the output layer is not supported", path=path)
+                raise FormatError(f"adapter_config.json targets {other}: {reason}", path=path)
         if not self.modules():
             raise FormatError(f"adapter_config.json target_modules {self.target_modules!r} match "
                               f"no linear module of this {self.base.architecture} model",
@@ -276,10 +391,22 @@ class AdapterConfig:
             return re.fullmatch(t, module) is not None
         return module in t or any(module.endswith(f".{key}") for key in t)
 
+    @cached_property
+    def _targeted(self) -> Mapping[str, LoraModule]:
+        return MappingProxyType({m.name: m for m in base_modules(self.base)
+                                 if self._targets(m.name)})
+
     def modules(self) -> tuple[str, ...]:
-        """Targeted module names (``model.layers.{l}.self_attn.q_proj``), layer-major."""
-        return tuple(name for layer in range(self.base.num_layers) for leaf in LORA_LEAVES
-                     if self._targets(name := module_name(layer, leaf)))
+        """Targeted module names (``model.layers.{l}.self_attn.q_proj``,
+        ``model.layers.{l}.mlp.experts.{e}.gate_proj``), layer-major in module order."""
+        return tuple(self._targeted)
+
+    def module(self, name: str) -> LoraModule:
+        """The :class:`LoraModule` of a targeted module name."""
+        found = self._targeted.get(name)
+        if found is None:
+            raise FormatError(f"{name!r} is not a module this adapter targets")
+        return found
 
     def rank(self, module: str) -> int:
         key = _pattern_key(self.rank_pattern, module)
@@ -297,21 +424,51 @@ class AdapterConfig:
     def schema(self) -> dict[str, Shape]:
         """Every logical adapter tensor with its shape, layer-major in module order."""
         out: dict[str, Shape] = {}
-        for module in self.modules():
-            _, leaf = split_module(module)
-            rows, cols = module_shape(self.base, leaf)
-            r = self.rank(module)
-            out[module + ".lora_A.weight"] = (r, cols)
-            out[module + ".lora_B.weight"] = (rows, r)
+        for name, m in self._targeted.items():
+            rows, cols = module_shape(self.base, m.leaf, m.site)
+            r = self.rank(name)
+            out[name + ".lora_A.weight"] = (r, cols)
+            out[name + ".lora_B.weight"] = (rows, r)
         return out
 
-    def leaves_by_layer(self) -> list[tuple[str, ...]]:
-        """The targeted leaf names of each layer."""
-        per: list[list[str]] = [[] for _ in range(self.base.num_layers)]
-        for module in self.modules():
-            layer, leaf = split_module(module)
-            per[layer].append(leaf)
-        return [tuple(x) for x in per]
+    def units(self) -> dict[tuple[int, str, int | None, str], list[LoraModule]]:
+        """Targeted modules by Megatron adapter: one per (layer, site, expert, fused base
+        layer), its modules in module order (q, k, v; gate, up)."""
+        out: dict[tuple[int, str, int | None, str], list[LoraModule]] = {}
+        for m in self._targeted.values():
+            out.setdefault(m.unit, []).append(m)
+        return out
+
+    def check_uniform(self) -> None:
+        """Refuse what Megatron-Bridge's LoRA cannot hold: it wraps a module name in every
+        layer and every expert, so each layer of a kind (dense / MoE) and each routed expert of
+        a layer must have the same targets (torch_dist stacks them on one key)."""
+        per_layer: dict[int, set[tuple[str, str]]] = {}
+        per_expert: dict[tuple[int, int], set[str]] = {}
+        for m in self._targeted.values():
+            per_layer.setdefault(m.layer, set()).add((m.site, m.leaf))
+            if m.expert is not None:
+                per_expert.setdefault((m.layer, m.expert), set()).add(m.leaf)
+        experts_of: dict[int, dict[int, frozenset[str]]] = {}
+        for (layer, expert), leaves in per_expert.items():
+            experts_of.setdefault(layer, {})[expert] = frozenset(leaves)
+        for layer, experts in experts_of.items():
+            if len(experts) != self.base.num_experts or len(set(experts.values())) > 1:
+                raise FormatError("Megatron LoRA wraps every expert alike; this adapter targets "
+                                  f"different modules in the experts of layer {layer}")
+        by_kind: dict[bool, set[frozenset[tuple[str, str]]]] = {}
+        for layer in range(self.base.num_layers):
+            by_kind.setdefault(self.base.is_moe and self.base.is_moe_layer(layer), set()).add(
+                frozenset(per_layer.get(layer, ())))
+        for kind, signatures in by_kind.items():
+            if len(signatures) > 1:
+                shown = sorted(sorted(f"{site}.{leaf}" for site, leaf in sig)
+                               for sig in signatures)
+                what = "MoE layers" if kind else ("dense layers" if self.base.is_moe
+                                                  else "layers")
+                raise FormatError("Megatron LoRA needs the same target modules in every layer "
+                                  f"of a kind; this adapter targets {shown} in different "
+                                  f"{what}")
 
     def to_peft_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content."""
@@ -323,7 +480,7 @@ class AdapterConfig:
         return {"r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
                 "ranks": ranks, "rank_pattern": dict(self.rank_pattern),
                 "alpha_pattern": dict(self.alpha_pattern),
-                "target_modules": sorted({split_module(m)[1] for m in self.modules()}),
+                "target_modules": sorted({m.rpartition(".")[2] for m in self.modules()}),
                 "modules": len(self.modules())}
 
 
@@ -357,17 +514,40 @@ class LoraLayout:
     def factor(self, module: str) -> float:
         return self.factors.get(module, 1.0)
 
-    def targets(self) -> list[str]:
-        """Megatron-Bridge ``target_modules`` of this layout."""
-        leaves = {split_module(m)[1] for m in self.blocks}
-        if self.style == "canonical":
-            return [CANONICAL_TARGETS[leaf] for leaf in LORA_LEAVES if leaf in leaves]
-        return [g for g, members in MEGATRON_GROUPS.items() if leaves & set(members)]
+    def targets(self, config: ModelConfig | None = None) -> list[str]:
+        """Megatron-Bridge ``target_modules`` of this layout: module names (Bridge wraps every
+        module of that name), or, when ``config`` shows that only some of the model's modules of
+        a name carry adapters (an MoE model's experts but not its shared expert), Bridge
+        wildcards naming the sites (``*.mlp.experts.*.linear_fc1``)."""
+        def name(m: LoraModule) -> str:
+            return CANONICAL_TARGETS[m.leaf] if self.style == "canonical" else m.group
 
-    def to_json(self) -> dict[str, Any]:
+        order = list(dict.fromkeys(
+            CANONICAL_TARGETS[x] if self.style == "canonical" else _GROUP_OF[x]
+            for x in LORA_LEAVES))
+        have: dict[str, set[str]] = {}
+        for module in self.blocks:
+            m = parse_module(module)
+            have.setdefault(name(m), set()).add(m.site)
+        every: dict[str, set[str]] = {}
+        for m in base_modules(config) if config is not None else ():
+            every.setdefault(name(m), set()).add(m.site)
+        out: list[str] = []
+        for target in order:
+            sites = have.get(target)
+            if not sites:
+                continue
+            if config is None or sites >= every.get(target, set()):
+                out.append(target)
+            else:
+                out += [_WILDCARDS[site].format(target) for site in SITES if site in sites]
+        return out
+
+    def to_json(self, config: ModelConfig | None = None) -> dict[str, Any]:
         return {"style": self.style, "rank": self.rank, "alpha": _clean_number(self.alpha),
                 "blocks": {m: list(b) for m, b in self.blocks.items()},
-                "factors": dict(self.factors), "megatron_target_modules": self.targets()}
+                "factors": dict(self.factors),
+                "megatron_target_modules": self.targets(config)}
 
     @classmethod
     def from_json(cls, data: Any, *, path: Any = None) -> LoraLayout:
@@ -430,30 +610,29 @@ def plan_lora_layout(adapter: AdapterConfig, *, style: str = "fused",
     if style not in LORA_STYLES:
         raise FormatError(f"LoRA style must be one of {', '.join(LORA_STYLES)}, not {style!r}")
     shared_groups = shared_groups or {}
-    per_layer = adapter.leaves_by_layer()
-    if len(set(per_layer)) > 1:
-        raise FormatError("Megatron LoRA needs the same target modules in every layer; this "
-                          f"adapter targets {sorted(set(per_layer))} in different layers")
+    adapter.check_uniform()
+    units = adapter.units()
+    if style == "canonical" and any(site in ("experts", "shared_experts")
+                                    for _, site, _, _ in units):
+        raise FormatError("CanonicalLoRA adapters on MoE experts are not supported (their "
+                          "Megatron-Bridge layout is not confirmed here); use the fused LoRA "
+                          "style")
     blocks: dict[str, tuple[int, int]] = {}
     notes: list[str] = []
     stacked_groups: dict[str, list[int]] = {}
-    for layer, leaves in enumerate(per_layer):
-        for group, members in MEGATRON_GROUPS.items():
-            present = [leaf for leaf in members if leaf in leaves]
-            if not present:
-                continue
-            modules = [module_name(layer, leaf) for leaf in present]
-            ranks = [adapter.rank(m) for m in modules]
-            if style == "canonical" or len(present) == 1:
-                blocks.update((m, (0, r)) for m, r in zip(modules, ranks, strict=True))
-            elif shared_groups.get(group, False) and len(set(ranks)) == 1:
-                blocks.update((m, (0, ranks[0])) for m in modules)
-            else:
-                start = 0
-                for m, r in zip(modules, ranks, strict=True):
-                    blocks[m] = (start, r)
-                    start += r
-                stacked_groups.setdefault(group, ranks)
+    for (_, _, _, group), members in units.items():
+        modules = [m.name for m in members]
+        ranks = [adapter.rank(m) for m in modules]
+        if style == "canonical" or len(modules) == 1:
+            blocks.update((m, (0, r)) for m, r in zip(modules, ranks, strict=True))
+        elif shared_groups.get(group, False) and len(set(ranks)) == 1:
+            blocks.update((m, (0, ranks[0])) for m in modules)
+        else:
+            start = 0
+            for m, r in zip(modules, ranks, strict=True):
+                blocks[m] = (start, r)
+                start += r
+            stacked_groups.setdefault(group, ranks)
     need = max(start + width for start, width in blocks.values())
     multiple = max(1, rank_multiple)
     rank = -(-need // multiple) * multiple
@@ -500,7 +679,7 @@ _LAYOUT_FORMAT = "ckpt-ir megatron lora layout"
 def lora_layout_json(adapter: AdapterConfig, layout: LoraLayout) -> dict[str, Any]:
     """The content of :data:`LORA_LAYOUT_FILE`."""
     return {"format": _LAYOUT_FORMAT, "version": 1, "peft_config": adapter.to_peft_dict(),
-            "layout": layout.to_json()}
+            "layout": layout.to_json(adapter.base)}
 
 
 def from_lora_layout_json(data: Any, base: ModelConfig, *, path: Any = None

@@ -571,7 +571,8 @@ class McoreDistAdapterReader(McoreDistReader):
                                                          path=sidecar)
             self._alpha_from = str(sidecar)
         else:
-            style, leaves, rank = infer_megatron_lora(self._specs, path=self.path)
+            style, leaves, rank = infer_megatron_lora(self._specs, path=self.path,
+                                                      config=self.config)
             peft = _bridge_peft(self.path)
             dim = peft.get("dim")
             if dim is not None and dim != rank:
@@ -591,6 +592,9 @@ class McoreDistAdapterReader(McoreDistReader):
                                                 leaves=leaves)
             layout = LoraLayout.uniform(style, self.adapter.modules(), rank, alpha)
         self.params = NativeParams(lora=layout)
+
+    def _norm_style(self) -> str:
+        return "te"  # adapters have no norms; the adapter rows do not depend on the spec
 
     def _find_config(self, explicit: str | os.PathLike | None,
                      candidates: Sequence[Path]) -> tuple[str, dict[str, Any]]:

@@ -73,6 +73,13 @@ def adapter_file_name(key: RankKey, layout: ParallelLayout) -> str:
     return rank_dir_name(key, layout) + "_adapter.pt"
 
 
+def _refuse_moe(config: ModelConfig, path: Path | None) -> None:
+    if config.is_moe:
+        raise FormatError(f"verl adapter files of {config.architecture} (MoE) models are not "
+                          "supported: their experts' adapters sit under per-EP-rank local "
+                          "expert names; use mcore-dist (torch_dist) for MoE adapters", path=path)
+
+
 class VerlAdapterReader:
     """Reads ``adapter_checkpoint/mp_rank_*_adapter.pt`` as full Megatron LoRA tensors."""
 
@@ -94,6 +101,7 @@ class VerlAdapterReader:
         else:
             self._config_dir = self._find_config(hf_config, config_candidates)
             self.config = ModelConfig.from_hf(load_hf_config(self._config_dir))
+        _refuse_moe(self.config, self.path)
         self._index(states)
         sidecar = self.path / LORA_LAYOUT_FILE
         if sidecar.is_file():
@@ -298,6 +306,7 @@ class VerlAdapterWriter:
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
+        _refuse_moe(config, None)
         layout = options.extra.get("lora_layout")
         if not isinstance(layout, LoraLayout):
             raise InternalError("the verl adapter writer needs options.extra['lora_layout']")

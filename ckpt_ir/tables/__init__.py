@@ -333,6 +333,9 @@ def drop_absent_mtp(config: ModelConfig, naming: str, params: NativeParams,
     """
     if not config.num_mtp_layers:
         return config
+    if naming == "mcore-lora":
+        # LoRA adapters cover the decoder layers (AdapterConfig.schema); MTP layers have none.
+        return config.without_mtp()
     present = set(names)
     table = build_table(naming, config, params)
     mtp = [b.native for b in table.bindings

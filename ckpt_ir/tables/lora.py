@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ckpt_ir.adapters import LoraLayout, module_of
+from ckpt_ir.adapters import LORA_LEAVES, LoraLayout, module_of
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
-from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.ir import MOE_NAMES, ModelConfig, MoeNames, TensorSpec
 from ckpt_ir.layout import Partition
 from ckpt_ir.tables import Binding, NativeParams, Table, one
 from ckpt_ir.transforms import (
@@ -41,7 +41,8 @@ from ckpt_ir.transforms import (
     Transform,
 )
 
-__all__ = ["LORA_ROWS", "LoraRow", "infer_megatron_lora", "lora_partition", "lora_table"]
+__all__ = ["LORA_ROWS", "MOE_LORA_ROWS", "LoraRow", "infer_megatron_lora", "lora_partition",
+           "lora_rows", "lora_table"]
 
 # (config, layout, {role: concrete IR name}) -> transform
 LoraFactory = Callable[[ModelConfig, LoraLayout, Mapping[str, str]], Transform]
@@ -105,11 +106,17 @@ def rank_columns_qkv(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, s
     return _rank_columns(InterleaveQKV(g, config.heads_per_group, d), rows)(config, layout, ir)
 
 
-def rank_columns_gate_up(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]
-                         ) -> RankColumns:
-    """RankColumns fused like linear_fc1 (``[gate; up]``)."""
-    f = config.intermediate_size
-    return _rank_columns(ConcatGateUp(), {"gate": f, "up": f})(config, layout, ir)
+def _gate_up_columns(ffn: Callable[[ModelConfig], int]) -> LoraFactory:
+    def factory(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]) -> RankColumns:
+        f = ffn(config)
+        return _rank_columns(ConcatGateUp(), {"gate": f, "up": f})(config, layout, ir)
+    factory.__doc__ = "RankColumns fused like linear_fc1 (``[gate; up]``)."
+    return factory
+
+
+rank_columns_gate_up = _gate_up_columns(lambda c: c.intermediate_size)
+rank_columns_expert_gate_up = _gate_up_columns(lambda c: c.moe_intermediate_size)
+rank_columns_shared_gate_up = _gate_up_columns(lambda c: c.shared_expert_intermediate_size)
 
 
 L = "decoder.layers.{layer}."
@@ -138,6 +145,19 @@ def _single(prefix: str, module: str, a_partition: Partition, style: str | None
                     style))
 
 
+def _swiglu_rows(native: str, hf: str, gate: str, up: str, down: str,
+                 gate_up: LoraFactory, *, canonical: bool) -> tuple[LoraRow, ...]:
+    """The adapters of one SwiGLU MLP: Megatron ``{native}.linear_fc1`` / ``linear_fc2`` over
+    HF ``{hf}{gate}`` / ``{up}`` / ``{down}``."""
+    return (
+        *_fused(f"{native}.linear_fc1", {"gate": hf + gate, "up": hf + up}, gate_up,
+                Partition.SWIGLU, Partition.COLUMN),
+        *(row for x, m in (("gate", gate), ("up", up)) if canonical for row in _single(
+            f"{native}.linear_fc1.adapter.adapter_{x}", hf + m, Partition.COLUMN, "canonical")),
+        *_single(f"{native}.linear_fc2.adapter", hf + down, Partition.ROW, None),
+    )
+
+
 LORA_ROWS: tuple[LoraRow, ...] = (
     # LoRA: one adapter per fused base layer; CanonicalLoRA: one per HF module. linear_proj and
     # linear_fc2 hold one HF module each, so both styles name them alike.
@@ -148,20 +168,44 @@ LORA_ROWS: tuple[LoraRow, ...] = (
         f"self_attention.linear_qkv.adapter.adapter_{x}", f"self_attn.{x}_proj",
         Partition.COLUMN, "canonical")),
     *_single("self_attention.linear_proj.adapter", "self_attn.o_proj", Partition.ROW, None),
-    *_fused("mlp.linear_fc1", {"gate": "mlp.gate_proj", "up": "mlp.up_proj"},
-            rank_columns_gate_up, Partition.SWIGLU, Partition.COLUMN),
-    *(row for x in ("gate", "up") for row in _single(
-        f"mlp.linear_fc1.adapter.adapter_{x}", f"mlp.{x}_proj", Partition.COLUMN,
-        "canonical")),
-    *_single("mlp.linear_fc2.adapter", "mlp.down_proj", Partition.ROW, None),
+    *_swiglu_rows("mlp", "mlp.", "gate_proj", "up_proj", "down_proj", rank_columns_gate_up,
+                  canonical=True),
 )
+"""Rows of dense decoders (and of the attention and dense layers of MoE models)."""
+
+
+def _moe_rows(names: MoeNames) -> tuple[LoraRow, ...]:
+    """Routed experts (SequentialMLP ``mlp.experts.local_experts.{k}``, re-keyed by megatron-core
+    to the global expert: the ``mcore`` naming ``mlp.experts.experts.{expert}``) and shared
+    experts. Fused LoRA only: CanonicalLoRA on experts is refused by the layout planner."""
+    rows = _swiglu_rows("mlp.experts.experts.{expert}", names.expert, names.gate, names.up,
+                        names.down, rank_columns_expert_gate_up, canonical=False)
+    if names.shared:
+        rows += _swiglu_rows("mlp.shared_experts", names.shared, "gate_proj", "up_proj",
+                             "down_proj", rank_columns_shared_gate_up, canonical=False)
+    return rows
+
+
+MOE_LORA_ROWS: Mapping[str, tuple[LoraRow, ...]] = MappingProxyType({
+    arch: LORA_ROWS + _moe_rows(names) for arch, names in MOE_NAMES.items()})
+"""Rows of the MoE families by architecture: the dense rows plus experts and shared experts."""
+
+
+def lora_rows(config: ModelConfig | None) -> tuple[LoraRow, ...]:
+    """The ``mcore-lora`` rows of ``config``'s architecture (dense rows without a config)."""
+    if config is None or config.moe_names is None:
+        return LORA_ROWS
+    return MOE_LORA_ROWS[config.architecture]
 
 
 def _pattern(native: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(native).replace(re.escape("{layer}"), r"\d+") + "$")
+    return re.compile("^" + re.escape(native).replace(re.escape("{layer}"), r"\d+")
+                      .replace(re.escape("{expert}"), r"\d+") + "$")
 
 
-_PARTITIONS = tuple((_pattern(r.native), r.partition) for r in LORA_ROWS)
+_PARTITIONS = tuple((_pattern(native), partition) for native, partition in {
+    r.native: r.partition for rows in (LORA_ROWS, *MOE_LORA_ROWS.values()) for r in rows
+}.items())
 
 
 def lora_partition(native: str) -> Partition | None:
@@ -169,22 +213,34 @@ def lora_partition(native: str) -> Partition | None:
     return next((p for pat, p in _PARTITIONS if pat.match(native)), None)
 
 
-_ROW_PATTERNS = tuple((_pattern(r.native), r) for r in LORA_ROWS)
+_ROW_PATTERNS: dict[str | None, tuple[tuple[re.Pattern[str], LoraRow], ...]] = {}
 
 
-def infer_megatron_lora(specs: Mapping[str, TensorSpec], *, path: object = None
-                        ) -> tuple[str, tuple[str, ...], int]:
+def _row_patterns(config: ModelConfig | None) -> tuple[tuple[re.Pattern[str], LoraRow], ...]:
+    key = None if config is None or config.moe_names is None else config.architecture
+    if key not in _ROW_PATTERNS:
+        _ROW_PATTERNS[key] = tuple((_pattern(r.native), r) for r in lora_rows(config))
+    return _ROW_PATTERNS[key]
+
+
+# HF leaf names in module order (Mixtral's experts: w1 gate, w3 up, w2 down).
+_LEAF_ORDER = (*LORA_LEAVES[:6], "w1", "w3", *LORA_LEAVES[6:], "w2")
+
+
+def infer_megatron_lora(specs: Mapping[str, TensorSpec], *, path: object = None,
+                        config: ModelConfig | None = None) -> tuple[str, tuple[str, ...], int]:
     """``(style, targeted HF leaves, rank)`` of Megatron LoRA tensors, from names and shapes.
 
     What a checkpoint without ckpt-ir's layout file says about itself: ``LoRA`` or
-    ``CanonicalLoRA`` names, the modules they wrap, and the one rank (``dim``) every
-    ``linear_in`` has.
+    ``CanonicalLoRA`` names, the modules they wrap (for ``config``'s architecture: expert
+    adapters of MoE models too), and the one rank (``dim``) every ``linear_in`` has.
     """
     styles: set[str] = set()
     leaves: set[str] = set()
     ranks: dict[int, str] = {}
+    patterns = _row_patterns(config)
     for name, spec in specs.items():
-        row = next((r for pat, r in _ROW_PATTERNS if pat.match(name)), None)
+        row = next((r for pat, r in patterns if pat.match(name)), None)
         if row is None:
             continue
         if row.style is not None:
@@ -200,35 +256,48 @@ def infer_megatron_lora(specs: Mapping[str, TensorSpec], *, path: object = None
                                      "and CanonicalLoRA (linear_qkv.adapter.adapter_q) names",
                                      path=path)
     if len(ranks) != 1:
+        experts = any(".experts.experts." in n for n in ranks.values())
         raise CorruptCheckpointError(
             "Megatron LoRA adapters share one rank, but linear_in weights have "
-            f"{sorted(ranks)} rows (e.g. {', '.join(sorted(ranks.values())[:2])})", path=path)
-    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return (styles.pop() if styles else "fused", tuple(x for x in order if x in leaves),
+            f"{sorted(ranks)} rows (e.g. {', '.join(sorted(ranks.values())[:2])})"
+            + ("; expert adapters of another rank (Megatron-Bridge's normalize_moe_lora) are "
+               "not supported" if experts else ""), path=path)
+    return (styles.pop() if styles else "fused", tuple(x for x in _LEAF_ORDER if x in leaves),
             next(iter(ranks)))
 
 
 def lora_table(config: ModelConfig, params: NativeParams, schema: Iterable[str] | None) -> Table:
-    """The ``mcore-lora`` bindings of the adapter whose IR tensors are ``schema``."""
+    """The ``mcore-lora`` bindings of the adapter whose IR tensors are ``schema``: each row at
+    every layer (and every routed expert of an MoE layer), with the roles the schema has."""
     layout = getattr(params, "lora", None)
     if not isinstance(layout, LoraLayout):
         raise InternalError("the mcore-lora naming needs NativeParams.lora (a LoraLayout)")
     if schema is None:
         raise InternalError("the mcore-lora naming needs the adapter's schema")
     names = set(schema)
+    rows = [r for r in lora_rows(config) if r.style in (None, layout.style)]
     bindings: list[Binding] = []
     for layer in range(config.num_layers):
-        for row in LORA_ROWS:
-            if row.style not in (None, layout.style):
+        moe = config.is_moe and config.is_moe_layer(layer)
+        for row in rows:
+            per_expert = "{expert}" in row.native
+            if per_expert and not moe:
                 continue
-            ir = {role: pat.replace("{layer}", str(layer)) for role, pat in row.ir.items()}
-            ir = {role: name for role, name in ir.items() if name in names}
-            if not ir:
-                continue
-            transform = row.transform(config, layout, ir)
-            if set(transform.roles) != set(ir):
-                raise InternalError(f"row {row.native}: roles do not match "
-                                    f"{transform.describe()}")
-            bindings.append(Binding(row.native.replace("{layer}", str(layer)),
-                                    MappingProxyType(ir), transform, row.partition, layer))
+            for expert in range(config.num_experts) if per_expert else (None,):
+                values = {"layer": str(layer), "expert": str(expert)}
+
+                def fill(pattern: str, values: Mapping[str, str] = values) -> str:
+                    return pattern.replace("{layer}", values["layer"]).replace(
+                        "{expert}", values["expert"])
+
+                ir = {role: fill(pat) for role, pat in row.ir.items()}
+                ir = {role: name for role, name in ir.items() if name in names}
+                if not ir:
+                    continue
+                transform = row.transform(config, layout, ir)
+                if set(transform.roles) != set(ir):
+                    raise InternalError(f"row {row.native}: roles do not match "
+                                        f"{transform.describe()}")
+                bindings.append(Binding(fill(row.native), MappingProxyType(ir), transform,
+                                        row.partition, layer, expert))
     return Table("mcore-lora", bindings)
