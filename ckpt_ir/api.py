@@ -162,7 +162,8 @@ def plan_conversion(reader, to: str, options) -> tuple[Plan, type]:
     plan = make_plan(source_format=reader.format, source_naming=reader.naming,
                      source_params=reader.params, source_tensors=reader.tensors(),
                      source_dropped=reader.dropped(), config=reader.config, dest_format=to,
-                     dest_naming=writer_cls.naming, dest_params=probe, dtype=options.dtype)
+                     dest_naming=writer_cls.naming, dest_params=probe, dtype=options.dtype,
+                     streams=hasattr(writer_cls, "write_slabs"))
     return plan, writer_cls
 
 

@@ -44,6 +44,9 @@ def execute(plan: Plan, reader, writer, *,
     whose writer was begun by the caller: ``begin=False``).
     """
     specs = {s.name: s for s in plan.dest_specs}
+    # Writers that stream take a destination tensor as the row-major slabs of its transform
+    # (a fused QKV as its q/k/v row blocks), so it is never built here.
+    write_slabs = getattr(writer, "write_slabs", None)
     if begin:
         writer.begin(plan.dest_specs)
     for unit in plan.units if units is None else units:
@@ -53,8 +56,16 @@ def execute(plan: Plan, reader, writer, *,
             for role, tensor in b.transform.inverse(native).items():
                 ir[b.ir[role]] = tensor
         for b in unit.targets:
-            out = b.transform.apply({role: ir[name] for role, name in b.ir.items()})
+            parts = {role: ir[name] for role, name in b.ir.items()}
             spec = specs[b.native]
+            if write_slabs is not None:
+                shape = b.transform.shapes({role: tuple(t.shape) for role, t in parts.items()})
+                if tuple(shape) != spec.shape:
+                    raise InternalError(f"{b.native}: parts make shape {tuple(shape)}, "
+                                        f"planned {spec.shape}")
+                write_slabs(b.native, _cast(b.transform.slabs(parts), spec.dtype))
+                continue
+            out = b.transform.apply(parts)
             if out.dtype != spec.dtype:
                 out = out.to(spec.dtype)
             if tuple(out.shape) != spec.shape:
@@ -65,6 +76,12 @@ def execute(plan: Plan, reader, writer, *,
         reader.release()
         if on_progress is not None:
             on_progress(unit.bytes_written)
+
+
+def _cast(slabs: Iterable[torch.Tensor], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Each slab in ``dtype``, one at a time (a cast never holds more than one slab)."""
+    for slab in slabs:
+        yield slab if slab.dtype == dtype else slab.to(dtype)
 
 
 def write_checkpoint(plan: Plan, reader, writer_cls, config, options,

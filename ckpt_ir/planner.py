@@ -113,13 +113,28 @@ def _shape_of(binding: Binding, schema: Mapping[str, Shape]) -> Shape:
     return tuple(binding.transform.shapes({r: schema[n] for r, n in binding.ir.items()}))
 
 
+def _built_bytes(binding: Binding, spec: TensorSpec, ir_specs: Mapping[str, TensorSpec],
+                 streams: bool) -> int:
+    """Bytes of destination tensor ``spec`` that exist only because it is built: fused, padded
+    or cast rather than passed through as views. Streamed as slabs, at most one cast slab."""
+    parts = [ir_specs[n] for n in binding.ir.values()]
+    cast = any(p.dtype != spec.dtype for p in parts)
+    if streams and not binding.transform.copies_in_slabs():
+        return max((p.numel * spec.dtype.itemsize for p in parts), default=0) if cast else 0
+    return spec.nbytes if cast or binding.transform.copies_on_apply() else 0
+
+
 def make_plan(*, source_format: str, source_naming: str, source_params: NativeParams,
               source_tensors: Mapping[str, TensorSpec], source_dropped: Mapping[str, str],
               config: ModelConfig, dest_format: str, dest_naming: str,
               dest_params: NativeParams, dtype: torch.dtype | None = None,
               notes: tuple[str, ...] = (), schema: Mapping[str, Shape] | None = None,
-              source_table: Table | None = None, dest_table: Table | None = None) -> Plan:
+              source_table: Table | None = None, dest_table: Table | None = None,
+              streams: bool = False) -> Plan:
     """Build and validate the plan; raises :class:`PlanError` listing every problem.
+
+    ``streams``: the destination writer takes tensors as slabs (``write_slabs``), so fused
+    destination tensors are not built in memory; the peak estimate counts that.
 
     ``schema`` is the set of logical IR tensors to move (default: the model's
     :meth:`ModelConfig.schema`); checkpoints that hold something else, such as adapters, pass
@@ -205,10 +220,8 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
         # tensors that are built (fused, padded or cast) rather than passed through as views.
         ir_copies = sum(ir_specs[n].nbytes for s in srcs if s.transform.copies_on_inverse()
                         for n in s.ir.values())
-        built = sum(dest_specs[i].nbytes for i in target_idx
-                    if dst.bindings[i].transform.copies_on_apply()
-                    or any(ir_specs[n].dtype != dest_specs[i].dtype
-                           for n in dst.bindings[i].ir.values()))
+        built = sum(_built_bytes(dst.bindings[i], dest_specs[i], ir_specs, streams)
+                    for i in target_idx)
         units.append(Unit(tuple(srcs), targets, read, out, read + ir_copies + built))
         for t in targets:
             if t.native in written:

@@ -8,12 +8,18 @@ property test in ``tests/properties/test_transforms.py``.
 
 Transforms avoid copies where they can: ``Identity`` returns its input, ``ConcatGateUp.inverse``
 returns views, and the planner sizes memory by the unit of work, not the model.
+
+``slabs`` is ``apply`` without building the result: the native tensor's bytes as a sequence of
+row-major pieces (views of the parts where possible). A writer that streams (``write_slabs``)
+puts them on disk one after another, so a fused QKV or ``[gate; up]`` never exists in memory;
+``torch.cat([s.reshape(-1) for s in slabs(parts)])`` equals ``apply(parts).reshape(-1)`` bit
+for bit, a property test beside the inverse one.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +51,10 @@ class Transform(ABC):
     def shapes(self, parts: Mapping[str, Shape]) -> Shape:
         """Native shape from part shapes, without data."""
 
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The bytes of ``apply(parts)``, in order, as row-major pieces (default: the whole)."""
+        yield self.apply(parts)
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -55,6 +65,10 @@ class Transform(ABC):
 
     def copies_on_inverse(self) -> bool:
         return True
+
+    def copies_in_slabs(self) -> bool:
+        """Whether ``slabs`` builds the native tensor (the default) or yields views."""
+        return self.copies_on_apply()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +82,9 @@ class Identity(Transform):
 
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
         return {TENSOR: native}
+
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        yield parts[TENSOR]
 
     def shapes(self, parts: Mapping[str, Shape]) -> Shape:
         return tuple(parts[TENSOR])
@@ -97,6 +114,10 @@ class ConcatGateUp(Transform):
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat((parts["gate"], parts["up"]), dim=0)
 
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        yield parts["gate"]
+        yield parts["up"]
+
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
         if native.shape[0] % 2:
             raise InternalError(f"fused gate/up has an odd number of rows: {tuple(native.shape)}")
@@ -109,6 +130,9 @@ class ConcatGateUp(Transform):
 
     def copies_on_inverse(self) -> bool:
         return False  # tensor_split returns views
+
+    def copies_in_slabs(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +154,12 @@ class ConcatQKV(Transform):
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat((parts["q"], parts["k"], parts["v"]), dim=0)
+
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        yield from (parts["q"], parts["k"], parts["v"])
+
+    def copies_in_slabs(self) -> bool:
+        return False
 
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
         if native.shape[0] != self.q_rows + 2 * self.kv_rows:
@@ -174,6 +204,19 @@ class InterleaveQKV(Transform):
                            v.reshape(g, d, *rest)), dim=1)
         return fused.reshape(g * (n + 2) * d, *rest)
 
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        # Group i's rows are q[i*n*d : (i+1)*n*d], k[i*d : (i+1)*d], v[i*d : (i+1)*d]: row
+        # slices, contiguous whenever the parts are.
+        nd, d = self.heads_per_group * self.head_dim, self.head_dim
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        for i in range(self.num_groups):
+            yield q[i * nd:(i + 1) * nd]
+            yield k[i * d:(i + 1) * d]
+            yield v[i * d:(i + 1) * d]
+
+    def copies_in_slabs(self) -> bool:
+        return False
+
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
         g, n, d = self.num_groups, self.heads_per_group, self.head_dim
         rest = tuple(native.shape[1:])
@@ -216,6 +259,12 @@ class PadRows(Transform):
         pad = t.new_zeros((self.padded_rows - self.rows, *t.shape[1:]))
         return torch.cat((t, pad), dim=0)
 
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        t = parts[TENSOR]
+        yield t
+        if self.padded_rows > self.rows:
+            yield t.new_zeros((self.padded_rows - self.rows, *t.shape[1:]))
+
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
         return {TENSOR: native[: self.rows]}
 
@@ -231,6 +280,9 @@ class PadRows(Transform):
 
     def copies_on_inverse(self) -> bool:
         return False  # a slice of the padded rows
+
+    def copies_in_slabs(self) -> bool:
+        return False  # only the padding rows are new
 
 
 
@@ -494,6 +546,14 @@ class StackExperts(Transform):
             pieces = [parts[f"{p}[{e}]"] for p in self.parts]
             experts.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0))
         return torch.stack(experts, dim=0)
+
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        for e in range(self.num_experts):
+            for p in self.parts:
+                yield parts[f"{p}[{e}]"]
+
+    def copies_in_slabs(self) -> bool:
+        return False
 
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
         if native.dim() < 2 or native.shape[0] != self.num_experts:

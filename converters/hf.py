@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -262,6 +262,17 @@ class HfWriter:
                 self._total += s.nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        i, w = self._shard(name)
+        w.write(name, tensor)
+        self._written(i)
+
+    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor]) -> None:
+        """Write ``name`` from row-major pieces (fused experts, padded rows: never joined)."""
+        i, w = self._shard(name)
+        w.write_slabs(name, slabs)
+        self._written(i)
+
+    def _shard(self, name: str) -> tuple[int, SafetensorsWriter]:
         i = self._shard_of.get(name)
         if i is None:
             raise InternalError(f"hf writer was not told about {name}")
@@ -269,11 +280,13 @@ class HfWriter:
         if w is None:
             w = self._writers[i] = SafetensorsWriter(self.directory / self._names[i],
                                                      self._entries[i], {"format": "pt"})
-        w.write(name, tensor)
+        return i, w
+
+    def _written(self, i: int) -> None:
+        """One more tensor of shard ``i`` is down; the last one closes (fsyncs) the shard."""
         self._pending[i] -= 1
         if self._pending[i] == 0:
-            w.close(fsync=True)
-            del self._writers[i]
+            self._writers.pop(i).close(fsync=True)
 
     def file_of(self, name: str) -> str | None:
         return self._names[self._shard_of[name]]

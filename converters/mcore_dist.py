@@ -33,7 +33,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -362,6 +362,7 @@ class McoreDistWriter:
         # native -> [(key, chunk offsets, number of prepended axes)]; two with mcore_spec=any
         # norm copies.
         self._where: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
+        self._specs: dict[str, TensorSpec] = {}
         self._objects: list[str] = []
         self._globals: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._data: DcpDataFile | None = None
@@ -408,6 +409,7 @@ class McoreDistWriter:
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         copies = self._norm_copies()
+        self._specs = {s.name: s for s in specs}
         for s in specs:
             for name in (s.name, *copies.get(s.name, ())):
                 key, index, sizes = self._locate(name)
@@ -457,6 +459,18 @@ class McoreDistWriter:
             raise InternalError("mcore-dist writer used before begin()")
         for key, offsets, prepended in self._where[name]:
             self._data.add_tensor(key, offsets, tensor[(None,) * prepended])
+
+    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor]) -> None:
+        """Native ``name`` from row-major pieces, streamed into its chunk's archive: a fused
+        QKV or fc1 goes from the HF parts to the file without being built."""
+        if self._data is None:
+            raise InternalError("mcore-dist writer used before begin()")
+        spec, where = self._specs[name], self._where[name]
+        if len(where) > 1:
+            slabs = list(slabs)  # a norm written under two keys (small)
+        for key, offsets, prepended in where:
+            self._data.add_tensor_slabs(key, offsets, (1,) * prepended + tuple(spec.shape),
+                                        spec.dtype, slabs)
 
     def write_chunk(self, name: str, offsets: Sequence[int], tensor: torch.Tensor) -> None:
         """The box of native ``name`` that starts at ``offsets``: a TP shard written by the

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from ckpt_ir.converters.storage.torch_zip import ALIGNMENT, TorchZipWriter
 from ckpt_ir.errors import (
     CorruptCheckpointError,
     DestinationExistsError,
@@ -588,7 +589,14 @@ def _without_record_crc32() -> Iterator[None]:
 
 
 class DcpDataFile:
-    """One ``.distcp`` file, written by appending ``torch.save`` archives, one at a time.
+    """One ``.distcp`` file: ``torch.save``-format archives one after another, each 64-byte aligned.
+
+    Tensor chunks are written by ckpt-ir's streaming archive writer
+    (:class:`~ckpt_ir.converters.storage.torch_zip.TorchZipWriter`), which takes the chunk as
+    row-major slabs: a fused QKV or ``[gate; up]`` goes from its parts straight to the file.
+    torch.save would need it built in memory first (a copy of 60% of a Llama's bytes), would
+    store the whole storage of a view, and computes a CRC-32 per record that nothing reads.
+    Objects (the few non-tensor entries) are plain ``torch.save`` archives.
 
     Records describe what was written; pass them all to :func:`write_metadata`, which commits
     the checkpoint. Usable as a context manager (closes with fsync on success).
@@ -611,33 +619,43 @@ class DcpDataFile:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(fsync=exc_type is None)
 
-    def _append(self, obj: Any) -> tuple[int, int]:
+    def _start(self) -> io.BufferedWriter:
+        """The file, positioned at a 64-byte boundary for the next archive."""
         if self._file is None:
             raise InternalError(f"{self.path} is closed")
-        start = self._file.tell()
+        pad = -self._file.tell() % ALIGNMENT
+        if pad:
+            self._file.write(bytes(pad))
+        return self._file
+
+    def _append(self, obj: Any) -> tuple[int, int]:
+        file = self._start()
+        start = file.tell()
         with _without_record_crc32():
-            torch.save(obj, self._file)
-        return start, self._file.tell() - start
+            torch.save(obj, file)
+        return start, file.tell() - start
 
     def add_tensor(self, fqn: str, offsets: Sequence[int], tensor: torch.Tensor) -> DcpRecord:
         """Append one chunk of tensor ``fqn`` whose first element sits at ``offsets``."""
-        offsets = tuple(offsets)
-        if len(offsets) != tensor.dim() or any(type(o) is not int or o < 0 for o in offsets):
+        return self.add_tensor_slabs(fqn, offsets, tuple(tensor.shape), tensor.dtype, (tensor,))
+
+    def add_tensor_slabs(self, fqn: str, offsets: Sequence[int], shape: Sequence[int],
+                         dtype: torch.dtype, slabs: Iterable[torch.Tensor]) -> DcpRecord:
+        """Append one ``shape`` chunk of ``fqn`` at ``offsets``, given as row-major slabs.
+
+        The archive is what ``torch.save(chunk)`` writes (one storage of exactly the chunk's
+        elements, no CRC), so torch's DCP reader and megatron-core load it.
+        """
+        offsets, shape = tuple(offsets), tuple(int(n) for n in shape)
+        if len(offsets) != len(shape) or any(type(o) is not int or o < 0 for o in offsets):
             raise InternalError(f"chunk of {fqn!r}: offsets {offsets} do not fit a "
-                                f"{tensor.dim()}-D tensor")
-        data = tensor.detach()
-        if data.device.type != "cpu":
-            data = data.cpu()
-        if type(data) is not torch.Tensor:
-            data = data.as_subclass(torch.Tensor)
-        data = data.resolve_conj().resolve_neg()
-        # torch.save writes the whole storage: a view of a larger tensor would store all of
-        # it, so (like DCP) clone anything that does not own exactly its bytes.
-        if (not data.is_contiguous() or data.storage_offset() != 0
-                or data.untyped_storage().nbytes() != data.numel() * data.element_size()):
-            data = data.clone(memory_format=torch.contiguous_format)
-        start, length = self._append(data)
-        record = DcpRecord(fqn, offsets, tuple(data.shape), data.dtype, self.name, start, length)
+                                f"{len(shape)}-D tensor")
+        file = self._start()
+        start = file.tell()
+        archive = TorchZipWriter.appending(file, self.path, crc32=False)
+        ref = archive.add_tensor_slabs(dtype, shape, slabs)
+        length = archive.finish(ref)
+        record = DcpRecord(fqn, offsets, shape, dtype, self.name, start, length)
         self._records.append(record)
         return record
 

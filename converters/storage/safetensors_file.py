@@ -34,7 +34,7 @@ import mmap
 import operator
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
@@ -616,18 +616,23 @@ class SafetensorsWriter:
                 from the declaration, or the writer is closed.
         """
         spec = self._specs.get(name)
+        if spec is not None and tuple(tensor.shape) != spec[1]:
+            raise InternalError(f"tensor {name!r} has shape {list(tensor.shape)} but "
+                                f"{self.path} declares {list(spec[1])}")
+        self.write_slabs(name, (tensor,))
+
+    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor]) -> None:
+        """Write ``name`` from row-major pieces, each at the next offset (none is joined).
+
+        Raises:
+            InternalError: ``name`` is undeclared or already written, a slab's dtype differs
+                from the declaration, the slabs' bytes do not fill the tensor exactly, or the
+                writer is closed.
+        """
+        spec = self._specs.get(name)
         if spec is None:
             raise InternalError(f"tensor {name!r} was not declared for {self.path}")
-        dtype, shape = spec
-        if tensor.dtype != dtype:
-            raise InternalError(f"tensor {name!r} has dtype {tensor.dtype} but {self.path} "
-                                f"declares {dtype}")
-        if tuple(tensor.shape) != shape:
-            raise InternalError(f"tensor {name!r} has shape {list(tensor.shape)} but "
-                                f"{self.path} declares {list(shape)}")
-        if tensor.layout != torch.strided or tensor.is_meta:
-            raise InternalError(f"tensor {name!r} is {tensor.layout} on {tensor.device}, "
-                                "which has no bytes to write")
+        dtype, _ = spec
         with self._lock:
             if self._fd is None:
                 raise InternalError(f"write of {name!r} to {self.path} after close or abort")
@@ -637,12 +642,28 @@ class SafetensorsWriter:
             self._written.add(name)
             fd = self._fd
         start, end = self._offsets[name]
-        if end == start:
-            return
+        at = start
         try:
-            # reshape(-1) first: view(uint8) refuses 0-d tensors; both are free if contiguous.
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            _pwrite_all(fd, memoryview(flat.numpy()), self._data_offset + start)
+            for tensor in slabs:
+                if tensor.dtype != dtype:
+                    raise InternalError(f"tensor {name!r} has dtype {tensor.dtype} but "
+                                        f"{self.path} declares {dtype}")
+                if tensor.layout != torch.strided or tensor.is_meta:
+                    raise InternalError(f"tensor {name!r} is {tensor.layout} on "
+                                        f"{tensor.device}, which has no bytes to write")
+                if tensor.numel() == 0:
+                    continue
+                # reshape(-1) first: view(uint8) refuses 0-d tensors; both are free if
+                # contiguous.
+                flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                if at + flat.numel() > end:
+                    raise InternalError(f"tensor {name!r}: more bytes than the {end - start} "
+                                        f"declared in {self.path}")
+                _pwrite_all(fd, memoryview(flat.numpy()), self._data_offset + at)
+                at += flat.numel()
+            if at != end:
+                raise InternalError(f"tensor {name!r}: {at - start} bytes written of the "
+                                    f"{end - start} declared in {self.path}")
         except BaseException:
             # Unclaim it, so that close() reports the tensor missing if the caller goes on.
             with self._lock:

@@ -8,7 +8,9 @@ incrementally:
 * :meth:`TorchZipWriter.add_tensor` appends the tensor's bytes as a stored (uncompressed)
   record ``<archive>/data/<key>`` whose data starts on a 64-byte boundary (what torch writes, so
   ``torch.load(mmap=True)`` and ckpt-ir's zero-copy reader map it directly), and returns a
-  :class:`TensorRef` to place in the object;
+  :class:`TensorRef` to place in the object; :meth:`TorchZipWriter.add_tensor_slabs` does the
+  same for a tensor given as row-major pieces (a fused QKV as its per-group q/k/v rows), so the
+  fused tensor is never built;
 * :meth:`TorchZipWriter.close` pickles the object (protocol 2, tensors as
   ``torch._utils._rebuild_tensor_v2`` over persistent storage ids, exactly like torch), writes
   ``data.pkl``, the small metadata records and the zip central directory.
@@ -37,6 +39,7 @@ import uuid
 import warnings
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,7 @@ _U32 = 0xFFFFFFFF
 _U16 = 0xFFFF
 _DOS_DATE = (1 << 5) | 1  # 1980-01-01, what torch writes
 _PAD_ID = 0x4246  # "FB": torch's padding extra field
+_CRC_AT = 14  # offset of the CRC-32 in a local file header
 
 # Legacy storage classes by dtype: torch pickles a storage's type as one of these globals.
 _STORAGE_NAMES = ("DoubleStorage", "FloatStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
@@ -114,19 +118,34 @@ class _Pickler(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _StorageRef):
-            return ("storage", _STORAGE_TYPES[obj.dtype], obj.key, "cpu", obj.numel)
+            legacy = _STORAGE_TYPES.get(obj.dtype)
+            if legacy is None:  # counted in bytes, like torch's UntypedStorage
+                return ("storage", torch.UntypedStorage, obj.key, "cpu",
+                        obj.numel * _itemsize(obj.dtype))
+            return ("storage", legacy, obj.key, "cpu", obj.numel)
         return None
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, TensorRef):
             storage = _StorageRef(obj.key, obj.dtype, obj.numel)
             # (storage, storage_offset, size, stride, requires_grad, backward_hooks), as
-            # torch.Tensor.__reduce_ex__ writes for a plain CPU tensor.
-            return (torch._utils._rebuild_tensor_v2,
-                    (storage, 0, obj.shape, obj.stride, False, OrderedDict()))
+            # torch.Tensor.__reduce_ex__ writes for a plain CPU tensor; dtypes without a legacy
+            # storage class (float8, uint16, ...) add the dtype and use _rebuild_tensor_v3.
+            if obj.dtype in _STORAGE_TYPES:
+                return (torch._utils._rebuild_tensor_v2,
+                        (storage, 0, obj.shape, obj.stride, False, OrderedDict()))
+            return (torch._utils._rebuild_tensor_v3,
+                    (storage, 0, obj.shape, obj.stride, False, OrderedDict(), obj.dtype))
         if isinstance(obj, torch.Tensor):
             raise InternalError("TorchZipWriter objects hold TensorRefs, not tensors")
         return NotImplemented
+
+
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -151,39 +170,63 @@ class TorchZipWriter:
         ref = w.add_tensor(torch.ones(3))
         w.close([{"weight": ref}])        # == torch.save([{"weight": torch.ones(3)}], path)
 
+    :meth:`appending` writes an archive into a file that is already open, from its current
+    position (torch DCP's ``.distcp`` files are archives one after another); zip offsets are then
+    relative to the archive's first byte, as ``torch.save`` into a file object writes them.
+    ``crc32=False`` stores 0 as every record's CRC-32, as ``torch.save`` does with
+    ``torch.serialization.set_crc32_options(False)`` (torch's readers do not check it).
     ``force_zip64`` writes ZIP64 records even for small archives (tests exercise the > 4 GiB
     layout with it).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, archive_name: str | None = None,
-                 force_zip64: bool = False) -> None:
+                 force_zip64: bool = False, crc32: bool = True) -> None:
         self.path = Path(path)
         name = archive_name if archive_name is not None else self.path.stem
+        try:
+            file = open(self.path, "xb")
+        except FileExistsError:
+            raise DestinationExistsError(f"{self.path} already exists", path=self.path) from None
+        self._setup(file, name, force_zip64, crc32, owned=True)
+
+    @classmethod
+    def appending(cls, file: io.BufferedWriter, path: str | os.PathLike[str], *,
+                  archive_name: str = "archive", crc32: bool = False) -> TorchZipWriter:
+        """An archive written into ``file`` (named ``path`` in errors) from its position."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._setup(file, archive_name, False, crc32, owned=False)
+        return self
+
+    def _setup(self, file: io.BufferedWriter, name: str, force_zip64: bool, crc32: bool, *,
+               owned: bool) -> None:
         if not name or "/" in name or "\\" in name:
+            if owned:
+                file.close()
             raise InternalError(f"invalid archive name {name!r}")
         self._prefix = name + "/"
         self._zip64 = force_zip64
-        try:
-            self._file: io.BufferedWriter | None = open(self.path, "xb")
-        except FileExistsError:
-            raise DestinationExistsError(f"{self.path} already exists", path=self.path) from None
+        self._crc32 = crc32
+        self._file: io.BufferedWriter | None = file
+        self._owned = owned
+        self._base = file.tell()
         self._entries: list[_Entry] = []
         self._next_key = 0
 
     @property
     def bytes_written(self) -> int:
-        return 0 if self._file is None else self._file.tell()
+        return 0 if self._file is None else self._file.tell() - self._base
 
     def _big(self, value: int) -> bool:
         return self._zip64 or value >= _U32
 
-    def _record(self, name: str, data: memoryview | bytes) -> None:
-        if self._file is None:
+    def _record(self, name: str, size: int, chunks: Iterable[memoryview | bytes]) -> None:
+        """Write record ``name`` of ``size`` bytes from ``chunks``, as they come."""
+        file = self._file
+        if file is None:
             raise InternalError(f"{self.path} is closed")
         raw_name = (self._prefix + name).encode()
-        size = len(data)
-        offset = self._file.tell()
-        crc = zlib.crc32(data)
+        offset = file.tell() - self._base
         zip64 = b""
         if self._big(size):
             zip64 = struct.pack("<HHQQ", 0x0001, 16, size, size)
@@ -192,10 +235,25 @@ class TorchZipWriter:
         pad = -unpadded % ALIGNMENT
         extra = zip64 + struct.pack("<HH", _PAD_ID, pad) + b"Z" * pad
         shown = _U32 if zip64 else size
-        header = _LOCAL.pack(0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, crc, shown,
-                             shown, len(raw_name), len(extra))
-        self._file.write(header + raw_name + extra)
-        self._file.write(data)
+        # The CRC is patched in after the data (streamed chunks are not all known up front).
+        file.write(_LOCAL.pack(0x04034B50, 45 if zip64 else 20, 0, 0, 0, _DOS_DATE, 0, shown,
+                               shown, len(raw_name), len(extra)) + raw_name + extra)
+        crc, written = 0, 0
+        for chunk in chunks:
+            if self._crc32:
+                crc = zlib.crc32(chunk, crc)
+            written += len(chunk)
+            if written > size:
+                break
+            file.write(chunk)
+        if written != size:
+            raise InternalError(f"record {name!r} of {self.path}: {written} bytes arrived for "
+                                f"a declared {size}")
+        if crc:
+            end = file.tell()
+            file.seek(self._base + offset + _CRC_AT)
+            file.write(struct.pack("<I", crc))
+            file.seek(end)
         self._entries.append(_Entry(raw_name, offset, size, crc))
 
     def add_tensor(self, tensor: torch.Tensor) -> TensorRef:
@@ -204,26 +262,55 @@ class TorchZipWriter:
         Only the tensor's own elements are stored (a view of a larger tensor does not drag its
         base along), as one storage of exactly ``numel`` elements.
         """
-        if tensor.dtype not in _STORAGE_TYPES:
-            raise InternalError(f"dtype {tensor.dtype} has no torch storage type to pickle")
-        key = str(self._next_key)
+        return self.add_tensor_slabs(tensor.dtype, tuple(tensor.shape), (tensor,))
+
+    def add_tensor_slabs(self, dtype: torch.dtype, shape: Sequence[int],
+                         slabs: Iterable[torch.Tensor]) -> TensorRef:
+        """Append a ``shape`` tensor whose row-major bytes are ``slabs``, one after another.
+
+        Each slab goes to the file as it comes (a fused tensor is never built in memory);
+        a slab of another dtype, or bytes that do not add up to ``shape``, is an InternalError.
+        """
+        if dtype in _QUANTIZED:
+            raise InternalError(f"dtype {dtype} cannot be written as plain bytes")
+        ref = TensorRef(str(self._next_key), dtype, tuple(int(n) for n in shape))
         self._next_key += 1
-        self._record(f"data/{key}", _tensor_bytes(tensor))
-        return TensorRef(key, tensor.dtype, tuple(tensor.shape))
+
+        def chunks() -> Iterator[memoryview]:
+            for slab in slabs:
+                if slab.dtype != dtype:
+                    raise InternalError(f"a slab of {slab.dtype} in a {dtype} tensor")
+                yield _tensor_bytes(slab)
+
+        self._record(f"data/{ref.key}", ref.numel * _itemsize(dtype), chunks())
+        return ref
+
+    def _finish_archive(self, obj: Any) -> None:
+        buffer = io.BytesIO()
+        _Pickler(buffer, protocol=2).dump(obj)
+        for name, data in (("data.pkl", buffer.getbuffer()), (".format_version", b"1"),
+                           (".storage_alignment", str(ALIGNMENT).encode()),
+                           ("byteorder", b"little"), ("version", b"3\n"),
+                           (".data/serialization_id", uuid.uuid4().hex.encode().ljust(40, b"0"))):
+            self._record(name, len(data), (data,))
+        self._central_directory()
+
+    def finish(self, obj: Any) -> int:
+        """End an :meth:`appending` archive (the file stays open); returns its length."""
+        if self._owned:
+            raise InternalError("finish() ends an appended archive; close() a file of its own")
+        self._finish_archive(obj)
+        length = self.bytes_written
+        self._file = None
+        return length
 
     def close(self, obj: Any, *, fsync: bool = True) -> None:
         """Pickle ``obj`` (TensorRefs where tensors go), finish the archive, close the file."""
         if self._file is None:
             raise InternalError(f"{self.path} is closed")
-        buffer = io.BytesIO()
-        _Pickler(buffer, protocol=2).dump(obj)
-        self._record("data.pkl", buffer.getbuffer())
-        self._record(".format_version", b"1")
-        self._record(".storage_alignment", str(ALIGNMENT).encode())
-        self._record("byteorder", b"little")
-        self._record("version", b"3\n")
-        self._record(".data/serialization_id", uuid.uuid4().hex.encode().ljust(40, b"0"))
-        self._central_directory()
+        if not self._owned:
+            raise InternalError("close() a file of its own; finish() an appended archive")
+        self._finish_archive(obj)
         file, self._file = self._file, None
         try:
             file.flush()
@@ -235,7 +322,7 @@ class TorchZipWriter:
     def _central_directory(self) -> None:
         if self._file is None:
             raise InternalError(f"{self.path} is closed")
-        start = self._file.tell()
+        start = self._file.tell() - self._base
         for e in self._entries:
             fields = []
             if self._big(e.size):
@@ -250,7 +337,7 @@ class TorchZipWriter:
             self._file.write(_CENTRAL.pack(0x02014B50, version, version, 0, 0, 0, _DOS_DATE,
                                            e.crc, size, size, len(e.name), len(extra), 0, 0, 0,
                                            0, offset) + e.name + extra)
-        end = self._file.tell()
+        end = self._file.tell() - self._base
         count, length = len(self._entries), end - start
         if self._zip64 or count >= _U16 or start >= _U32 or length >= _U32:
             self._file.write(_EOCD64.pack(0x06064B50, _EOCD64.size - 12, 45, 45, 0, 0, count,
@@ -264,7 +351,8 @@ class TorchZipWriter:
         """Close without finishing (the caller removes the file or its directory)."""
         if self._file is not None:
             file, self._file = self._file, None
-            file.close()
+            if self._owned:
+                file.close()
 
     def __enter__(self) -> TorchZipWriter:
         return self

@@ -1,4 +1,5 @@
-"""Every transform: inverse(apply(parts)) == parts bit for bit, and the shape twin agrees."""
+"""Every transform: inverse(apply(parts)) == parts bit for bit, the shape twin agrees, and the
+slabs a streaming writer puts on disk are apply's bytes in order."""
 
 from __future__ import annotations
 
@@ -8,12 +9,35 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckpt_ir.layout import Partition, shard, shard_shape, unshard, unshard_shape
-from ckpt_ir.transforms import TENSOR, ConcatGateUp, ConcatQKV, Identity, InterleaveQKV, PadRows
+from ckpt_ir.transforms import (
+    TENSOR,
+    ConcatGateUp,
+    ConcatQKV,
+    Identity,
+    InterleaveQKV,
+    PadRows,
+    StackExperts,
+)
 from tests.strategies import bits_equal, dtypes, tensors
+
+
+def _check_slabs(op, parts, native):
+    slabs = list(op.slabs(parts))
+    assert all(s.dtype == native.dtype for s in slabs)
+    flat = torch.cat([s.reshape(-1) for s in slabs]) if slabs else native.new_empty(0)
+    assert bits_equal(flat, native.reshape(-1))
+    if not op.copies_in_slabs():
+        # Views of the parts (only PadRows' zero rows are new): nothing the size of the
+        # native tensor is built.
+        storages = {t.untyped_storage().data_ptr() for t in parts.values()}
+        new = [s for s in slabs if s.numel() and s.untyped_storage().data_ptr() not in storages]
+        assert sum(s.numel() for s in new) <= native.numel() - sum(
+            t.numel() for t in parts.values())
 
 
 def _check_round_trip(op, parts):
     native = op.apply(parts)
+    _check_slabs(op, parts, native)
     assert tuple(native.shape) == op.shapes({r: tuple(t.shape) for r, t in parts.items()})
     back = op.inverse(native)
     assert set(back) == set(parts)
@@ -49,6 +73,16 @@ def test_interleave_qkv_round_trips(data):
         "v": data.draw(tensors((groups * head_dim, *rest), dtype)),
     }
     _check_round_trip(InterleaveQKV(groups, per_group, head_dim), parts)
+
+
+@given(st.data())
+def test_stack_experts_round_trips(data):
+    experts = data.draw(st.integers(1, 4))
+    names = data.draw(st.sampled_from([(TENSOR,), ("gate", "up")]))
+    shape = data.draw(st.tuples(st.integers(1, 6), st.integers(1, 6)))
+    dtype = data.draw(dtypes())
+    op = StackExperts(experts, names)
+    _check_round_trip(op, {role: data.draw(tensors(shape, dtype)) for role in op.roles})
 
 
 def test_interleave_qkv_layout_is_group_major():
