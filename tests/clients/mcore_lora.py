@@ -17,10 +17,16 @@ and sharding helpers, which do the real work of naming, sharding and loading:
   ``linear_fc1``);
 * CanonicalLoRA: ``adapter_q/k/v`` (outputs interleaved per KV group like the fused QKV) and
   ``adapter_gate/up`` (outputs concatenated), TP=1 only here: Bridge's ``_interleave_qkv``
-  reshapes the TP-local output with the global head counts.
+  reshapes the TP-local output with the global head counts;
+* MoE (SequentialMLP, local spec): every ``mlp.experts.local_experts.{k}.linear_fc1`` /
+  ``linear_fc2`` and ``mlp.shared_experts.linear_fc*`` is wrapped like a dense MLP's, expert
+  adapters with ``is_expert=True`` (Bridge's ``is_expert_linear``: expert TP group); megatron-core's
+  ``SequentialMLP.sharded_state_dict`` re-keys them to the global expert
+  (``mlp.experts.experts.linear_fc1.adapter.linear_in.weight`` ``[L, E, R, H]``).
 
 ``lora-load-forward`` job: ``{hf_config, tp, base_ckpt, adapter_ckpt, dim, alpha, style,
-input_ids, out, pad_vocab_to_multiple?}``: build the GPTModel, wrap its linear layers, load the
+input_ids, out, pad_vocab_to_multiple?, ep?, etp?, targets?}``: build the GPTModel (at the
+job's TP / EP / expert TP), wrap its linear layers named in ``targets`` (default all four), load the
 base weights from ``base_ckpt`` and the adapter (Bridge's PEFT filter: adapter keys, no
 ``_extra_state``) from ``adapter_ckpt`` with ``dist_checkpointing.load``, and save rank 0's logits.
 """
@@ -43,7 +49,8 @@ class ParallelLinearAdapter(torch.nn.Module):
     """Bridge's ParallelLinearAdapter (identity activation, no dropout), see module docstring."""
 
     def __init__(self, in_features: int, out_features: int, dim: int, alpha: float, *,
-                 input_is_parallel: bool, is_fc1: bool, config: Any) -> None:
+                 input_is_parallel: bool, is_fc1: bool, config: Any,
+                 is_expert: bool = False) -> None:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
@@ -51,14 +58,16 @@ class ParallelLinearAdapter(torch.nn.Module):
         if input_is_parallel:
             self.linear_in = RowParallelLinear(in_features, dim, config=config,
                                                init_method=_zeros, bias=False,
-                                               input_is_parallel=True, skip_bias_add=True)
+                                               input_is_parallel=True, skip_bias_add=True,
+                                               is_expert=is_expert)
         else:
             self.linear_in = ColumnParallelLinear(in_features, dim, config=config,
                                                   init_method=_zeros, bias=False,
-                                                  gather_output=True)
+                                                  gather_output=True, is_expert=is_expert)
         self.linear_out = ColumnParallelLinear(dim, out_features, config=config,
                                                init_method=_zeros, bias=False,
-                                               gather_output=input_is_parallel)
+                                               gather_output=input_is_parallel,
+                                               is_expert=is_expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.linear_in(x)
@@ -144,32 +153,45 @@ class LoRALinear(torch.nn.Module):
         return sd
 
 
-def wrap_with_lora(model: Any, *, dim: int, alpha: float, style: str) -> None:
-    """Wrap every decoder layer's four linear layers, as Bridge's LoRA / CanonicalLoRA do."""
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def wrap_with_lora(model: Any, *, dim: int, alpha: float, style: str,
+                   targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    """Wrap every linear layer named in ``targets``, as Bridge's LoRA / CanonicalLoRA match them:
+    by the module's last name, anywhere in the decoder (attention, dense MLPs, shared experts
+    and each SequentialMLP expert ``mlp.experts.local_experts.{k}.linear_fc1``). Expert adapters
+    are built with ``is_expert=True`` (expert TP group), as Bridge's ``is_expert_linear`` does.
+    The router is a ``TopKRouter``, never wrapped."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
     config = model.config
-    h, f = config.hidden_size, config.ffn_hidden_size
     d, heads, groups = config.kv_channels, config.num_attention_heads, config.num_query_groups
+    found = [(name, m) for name, m in model.decoder.named_modules()
+             if name.rpartition(".")[2] in targets
+             and isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    for name, base in found:
+        parent_name, _, leaf = name.rpartition(".")
+        row = isinstance(base, RowParallelLinear)
+        is_expert = ".local_experts." in name
 
-    def adapter(i: int, o: int, *, row: bool = False, fc1: bool = False) -> Any:
-        return ParallelLinearAdapter(i, o, dim, alpha, input_is_parallel=row, is_fc1=fc1,
-                                     config=config)
+        def adapter(i: int, o: int, *, fc1: bool = False, row: bool = row,
+                    is_expert: bool = is_expert) -> Any:
+            return ParallelLinearAdapter(i, o, dim, alpha, input_is_parallel=row, is_fc1=fc1,
+                                         config=config, is_expert=is_expert)
 
-    for layer in model.decoder.layers:
-        att, mlp = layer.self_attention, layer.mlp
-        if style == "canonical":
-            qkv = CanonicalAdapters({"adapter_q": adapter(h, heads * d),
-                                     "adapter_k": adapter(h, groups * d),
-                                     "adapter_v": adapter(h, groups * d)},
-                                    groups=groups, heads=heads, head_dim=d)
-            fc1 = CanonicalAdapters({"adapter_gate": adapter(h, f, fc1=True),
-                                     "adapter_up": adapter(h, f, fc1=True)})
+        h, out = base.input_size, base.output_size
+        if style == "canonical" and leaf == "linear_qkv":
+            wrapped: Any = CanonicalAdapters({"adapter_q": adapter(h, heads * d),
+                                              "adapter_k": adapter(h, groups * d),
+                                              "adapter_v": adapter(h, groups * d)},
+                                             groups=groups, heads=heads, head_dim=d)
+        elif style == "canonical" and leaf == "linear_fc1":
+            wrapped = CanonicalAdapters({"adapter_gate": adapter(h, out // 2, fc1=True),
+                                         "adapter_up": adapter(h, out // 2, fc1=True)})
         else:
-            qkv = adapter(h, (heads + 2 * groups) * d)
-            fc1 = adapter(h, 2 * f, fc1=True)
-        att.linear_qkv = LoRALinear(att.linear_qkv, qkv)
-        att.linear_proj = LoRALinear(att.linear_proj, adapter(heads * d, h, row=True))
-        mlp.linear_fc1 = LoRALinear(mlp.linear_fc1, fc1)
-        mlp.linear_fc2 = LoRALinear(mlp.linear_fc2, adapter(f, h, row=True))
+            wrapped = adapter(h, out, fc1=leaf == "linear_fc1")
+        setattr(model.decoder.get_submodule(parent_name), leaf, LoRALinear(base, wrapped))
 
 
 def lora_load_forward(job: Mapping[str, Any], rank: int, world: int) -> None:
@@ -184,9 +206,12 @@ def lora_load_forward(job: Mapping[str, Any], rank: int, world: int) -> None:
     )
 
     _check_tp(job, world)
-    set_parallel(int(job["tp"]))
-    model = build_gpt_model(job["hf_config"], job["tp"], job.get("pad_vocab_to_multiple"))
-    wrap_with_lora(model, dim=int(job["dim"]), alpha=float(job["alpha"]), style=job["style"])
+    ep, etp = int(job.get("ep", 1)), job.get("etp")
+    set_parallel(int(job["tp"]), ep=ep, etp=etp)
+    model = build_gpt_model(job["hf_config"], job["tp"], job.get("pad_vocab_to_multiple"),
+                            ep=ep, etp=etp)
+    wrap_with_lora(model, dim=int(job["dim"]), alpha=float(job["alpha"]), style=job["style"],
+                   targets=tuple(job.get("targets") or LORA_TARGETS))
     sd = model.sharded_state_dict()
     # Bridge's apply_peft_adapter_filter_to_state_dict: adapter keys, no _extra_state.
     adapter_sd = {k: v for k, v in sd.items() if ".adapter." in k and "_extra_state" not in k}
