@@ -353,12 +353,15 @@ class AdapterConfig:
         return cfg
 
     @classmethod
-    def create(cls, base: ModelConfig, *, r: int, lora_alpha: float, leaves: Iterable[str],
+    def create(cls, base: ModelConfig, *, r: int, lora_alpha: float, leaves: Iterable[str] | str,
                use_rslora: bool = False, rank_pattern: Mapping[str, int] | None = None,
                alpha_pattern: Mapping[str, float] | None = None,
                base_model_name_or_path: str | None = None) -> AdapterConfig:
-        """A new adapter config, written the way Megatron-Bridge's ``save_hf_adapter`` does."""
-        targets = sorted(set(leaves))
+        """A new adapter config, written the way Megatron-Bridge's ``save_hf_adapter`` does:
+        ``target_modules`` the sorted leaf names, or ``leaves`` itself when it is a module name
+        pattern (adapters on some sites only, e.g. an MoE model's experts but not its shared
+        expert)."""
+        targets: list[str] | str = leaves if isinstance(leaves, str) else sorted(set(leaves))
         peft = {
             "peft_type": "LORA", "auto_mapping": None,
             "base_model_name_or_path": base_model_name_or_path, "bias": "none",

@@ -148,6 +148,46 @@ def lora_configs(draw: st.DrawFn) -> dict[str, Any]:
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
+# LoRA targets of an MoE family beyond the attention leaves: its expert leaves (Mixtral's
+# w1/w3/w2) and module suffixes naming one site (a shared expert, a dense layer's MLP).
+_MOE_LORA_TARGETS = {
+    "mixtral": (("w1", "w3", "w2"), ()),
+    "qwen2_moe": (("gate_proj", "up_proj", "down_proj"),
+                  ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+                   "mlp.down_proj")),
+    "qwen3_moe": (("gate_proj", "up_proj", "down_proj"), ("mlp.gate_proj",)),
+    "deepseek_v3": (("gate_proj", "up_proj", "down_proj"),
+                    ("shared_experts.gate_proj", "shared_experts.down_proj")),
+}
+
+
+@st.composite
+def moe_lora_configs(draw: st.DrawFn, hf: dict[str, Any]) -> dict[str, Any]:
+    """:func:`lora_configs` for the MoE config ``hf``: expert leaves always among the targets,
+    attention leaves except on DeepSeek-V3 (multi-latent attention is refused), sometimes a
+    site-specific suffix (a shared expert, dense layers), patterns keyed by a target."""
+    arch = hf["model_type"]
+    mlp, sites = _MOE_LORA_TARGETS[arch]
+    attention = () if arch == "deepseek_v3" else LORA_LEAVES[:4]
+    targets = draw(st.lists(st.sampled_from(mlp), min_size=1, max_size=3, unique=True))
+    targets += draw(st.lists(st.sampled_from(attention), max_size=4, unique=True)) \
+        if attention else []
+    targets += draw(st.lists(st.sampled_from(sites), max_size=2, unique=True)) if sites else []
+    shared = draw(st.booleans())
+    r = draw(st.sampled_from([1, 2, 4]))
+    alpha = draw(st.sampled_from([1, 2, 8, 3.5]))
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    if not shared and draw(st.booleans()):
+        rank_pattern = {draw(st.sampled_from(targets)): draw(st.sampled_from([1, 2, 8]))}
+    if draw(st.booleans()):
+        alpha_pattern = {draw(st.sampled_from(targets)): draw(st.sampled_from([4, 32]))}
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets,
+            "use_rslora": draw(st.booleans()), "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "bias": "none", "task_type": "CAUSAL_LM",
+            "shared_a": shared}
+
+
 @st.composite
 def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
                 ) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ckpt_ir.adapters import LORA_LEAVES, LoraLayout, module_of
+from ckpt_ir.adapters import LORA_LEAVES, LoraLayout, base_modules, module_of
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import MOE_NAMES, ModelConfig, MoeNames, TensorSpec
 from ckpt_ir.layout import Partition
@@ -228,15 +228,20 @@ _LEAF_ORDER = (*LORA_LEAVES[:6], "w1", "w3", *LORA_LEAVES[6:], "w2")
 
 
 def infer_megatron_lora(specs: Mapping[str, TensorSpec], *, path: object = None,
-                        config: ModelConfig | None = None) -> tuple[str, tuple[str, ...], int]:
-    """``(style, targeted HF leaves, rank)`` of Megatron LoRA tensors, from names and shapes.
+                        config: ModelConfig | None = None
+                        ) -> tuple[str, tuple[str, ...] | str, int]:
+    """``(style, targets, rank)`` of Megatron LoRA tensors, from names and shapes.
 
     What a checkpoint without ckpt-ir's layout file says about itself: ``LoRA`` or
-    ``CanonicalLoRA`` names, the modules they wrap (for ``config``'s architecture: expert
-    adapters of MoE models too), and the one rank (``dim``) every ``linear_in`` has.
+    ``CanonicalLoRA`` names, the modules they wrap, and the one rank (``dim``) every
+    ``linear_in`` has. ``targets`` are the targeted HF leaf names (as Megatron-Bridge's
+    ``save_hf_adapter`` writes ``target_modules``), or, when those would name more modules of
+    ``config``'s model than carry adapters (Bridge wildcard targets: an MoE model's experts but
+    not its shared expert), a PEFT module name pattern naming exactly the adapted sites.
     """
     styles: set[str] = set()
     leaves: set[str] = set()
+    sites: set[str] = set()  # IR module patterns of the rows present ({layer}, {expert})
     ranks: dict[int, str] = {}
     patterns = _row_patterns(config)
     for name, spec in specs.items():
@@ -246,6 +251,7 @@ def infer_megatron_lora(specs: Mapping[str, TensorSpec], *, path: object = None,
         if row.style is not None:
             styles.add(row.style)
         leaves.update(module_of(n).rsplit(".", 1)[1] for n in row.ir.values())
+        sites.update(module_of(n) for n in row.ir.values())
         if name.endswith(".linear_in.weight") and len(spec.shape) == 2:
             ranks.setdefault(spec.shape[0], name)
     if not leaves:
@@ -262,8 +268,21 @@ def infer_megatron_lora(specs: Mapping[str, TensorSpec], *, path: object = None,
             f"{sorted(ranks)} rows (e.g. {', '.join(sorted(ranks.values())[:2])})"
             + ("; expert adapters of another rank (Megatron-Bridge's normalize_moe_lora) are "
                "not supported" if experts else ""), path=path)
-    return (styles.pop() if styles else "fused", tuple(x for x in _LEAF_ORDER if x in leaves),
-            next(iter(ranks)))
+    targets: tuple[str, ...] | str = tuple(x for x in _LEAF_ORDER if x in leaves)
+    if config is not None and config.is_moe:
+        by_leaf = {_site_pattern(m.name) for m in base_modules(config)
+                   if m.name.rpartition(".")[2] in leaves}
+        if by_leaf != sites:
+            targets = "|".join(re.escape(p).replace(re.escape("{layer}"), r"\d+")
+                               .replace(re.escape("{expert}"), r"\d+") for p in sorted(sites))
+    return styles.pop() if styles else "fused", targets, next(iter(ranks))
+
+
+def _site_pattern(module: str) -> str:
+    """``model.layers.3.mlp.experts.5.gate_proj`` -> ``model.layers.{layer}.mlp.experts.{expert}
+    .gate_proj``: the row pattern a module belongs to."""
+    module = re.sub(r"^model\.layers\.\d+\.", "model.layers.{layer}.", module)
+    return re.sub(r"\.experts\.\d+\.", ".experts.{expert}.", module)
 
 
 def lora_table(config: ModelConfig, params: NativeParams, schema: Iterable[str] | None) -> Table:
