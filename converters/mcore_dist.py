@@ -561,6 +561,11 @@ def _number_or_none(value: Any) -> float | None:
     return None
 
 
+# The adapter of a TEGroupedMLP linear (`mlp.experts.linear_fc1.adapter.`); SequentialMLP expert
+# adapters are re-keyed per global expert (`mlp.experts.experts.linear_fc1.adapter.`).
+_GROUPED_EXPERT_ADAPTER = ".mlp.experts.linear_fc"
+
+
 class McoreDistAdapterReader(McoreDistReader):
     """The LoRA adapter of a torch_dist checkpoint: adapter-only (Bridge's PEFT filter, verl's
     ``lora.adapter_path``) or base + adapter (the base weights are skipped here).
@@ -623,6 +628,12 @@ class McoreDistAdapterReader(McoreDistReader):
             return "base model weight (not part of the adapter)"
         if "weight_magnitude" in fqn:
             raise FormatError(f"{fqn}: DoRA adapters are not supported", path=self.path)
+        if _GROUPED_EXPERT_ADAPTER in fqn:
+            raise FormatError(
+                f"{fqn}: Megatron-Bridge adapters of grouped experts (TEGroupedMLP: one adapter "
+                "shared by an EP rank's experts, or GroupedExpertLinearAdapter) are not "
+                "supported; per-expert adapters of SequentialMLP experts "
+                "(mlp.experts.experts.linear_fc1.adapter...) are", path=self.path)
         return None
 
     def describe(self) -> dict[str, Any]:

@@ -15,7 +15,8 @@ Proven here:
   experts; per-layer keys with a dense layer);
 - ckpt-ir's hf-peft output (converted from mcore-dist) loads with ``PeftModel.from_pretrained``
   and gives the logits of the base model merged by ``ckpt_ir.merge_adapter``, whose weights
-  are ``W + scaling · B @ A`` per module;
+  are ``W + scaling · B @ A`` per module; merged in Megatron's layout (from the two torch_dist
+  checkpoints) it equals the merged HF model converted;
 - the mcore-dist adapter and base load with ``dist_checkpointing.load`` into a GPTModel
   (SequentialMLP experts) whose attention, dense, expert and shared-expert linear layers carry
   Megatron-Bridge's LoRA adapters (tests/clients/mcore_lora.py), and its forward equals the
@@ -213,6 +214,23 @@ def test_merged_moe_weights_are_the_lora_formula(cases, arch, tmp_path):
         assert torch.allclose(got[module + ".weight"], want, rtol=0, atol=1e-6), module
     untouched = [k for k in base if k.removesuffix(".weight") not in set(adapter.modules())]
     assert all(torch.equal(got[k], base[k]) for k in untouched)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_merge_in_megatron_layout_equals_merged_hf(cases, arch, tmp_path):
+    """merge-adapter from the two torch_dist checkpoints (base, Bridge LoRA) writes the merged
+    HF model's torch_dist: every expert's fc1 as ``[gate'; up']``."""
+    case = cases[arch]
+    ckpt_ir.convert(case.base, tmp_path / "base-dist", to="mcore-dist")
+    ckpt_ir.merge_adapter(tmp_path / "base-dist", case.dist, tmp_path / "merged-dist",
+                          to="mcore-dist")
+    ckpt_ir.merge_adapter(case.base, case.back, tmp_path / "merged-hf", to="hf")
+    ckpt_ir.convert(tmp_path / "merged-hf", tmp_path / "want", to="mcore-dist")
+    want, got = load_dcp_tensors(tmp_path / "want"), load_dcp_tensors(tmp_path / "merged-dist")
+    assert want.keys() == got.keys()
+    assert any(".experts.experts.linear_fc1.weight" in k for k in want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), k
 
 
 # --------------------------------------------------------------------------- megatron-core

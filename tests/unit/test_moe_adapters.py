@@ -8,6 +8,7 @@ tests/properties/test_moe_adapter_round_trips.py.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 
 from ckpt_ir.adapter_api import convert_adapter, open_adapter
 from ckpt_ir.adapters import AdapterConfig, LoraLayout, parse_module, plan_lora_layout
+from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.tables import NativeParams, build_table
@@ -187,3 +189,29 @@ def test_deepseek_v3_671b_expert_adapter_plans_quickly():
     # adapters (fc1, fc2) of 2 tensors each.
     assert len(table.bindings) == (58 * 257 + 3) * 4
     assert isinstance(layout, LoraLayout) and layout.rank == 4
+
+
+def test_grouped_expert_adapters_are_refused(tmp_path):
+    """TEGroupedMLP's adapters (Bridge's default share_expert_adapters=True: one adapter per EP
+    rank's experts) sit under ``mlp.experts.linear_fc1.adapter``, not per expert."""
+    write_adapter(tmp_path / "peft", "mixtral", lora(["w1", "w2", "w3"]))
+    convert_adapter(tmp_path / "peft", tmp_path / "dist", "mcore-dist")
+    out = tmp_path / "grouped"
+    out.mkdir()
+    data = DcpDataFile(out, "__0_0.distcp")
+    shapes = {}
+    r = DcpReader(tmp_path / "dist")
+    for fqn, t in r.index.tensors.items():
+        # the same tensors under the grouped-expert key (as if saved with an expert axis)
+        key = fqn.replace(".mlp.experts.experts.", ".mlp.experts.")
+        data.add_tensor(key, (0,) * len(t.shape),
+                        r.read_region(fqn, (0,) * len(t.shape), t.shape).clone())
+        shapes[key] = (tuple(t.shape), t.dtype)
+    r.close()
+    write_metadata(out, data.close(fsync=False), shapes)
+    shutil.copytree(tmp_path / "dist" / "hf_config", out / "hf_config")
+    shutil.copy(tmp_path / "dist" / "metadata.json", out / "metadata.json")
+    with pytest.raises(FormatError, match="decoder.layers.mlp.experts.linear_fc1.adapter.linear_in"
+                                          ".weight: Megatron-Bridge adapters of grouped experts "
+                                          r"\(TEGroupedMLP"):
+        convert_adapter(out, tmp_path / "back", "hf-peft", lora_alpha=8)
