@@ -5,8 +5,11 @@ target modules, after HF PEFT's ``LoraConfig``) over a base :class:`ModelConfig`
 logical tensors per targeted module, named like HF PEFT without the ``base_model.model.``
 prefix::
 
-    model.layers.{l}.self_attn.q_proj.lora_A.weight   [r, in]
-    model.layers.{l}.self_attn.q_proj.lora_B.weight   [out, r]
+    model.layers.{l}.self_attn.q_proj.lora_A.weight          [r, in]
+    model.layers.{l}.self_attn.q_proj.lora_B.weight          [out, r]
+    model.layers.{l}.mlp.experts.{e}.gate_proj.lora_A.weight  (MoE: per expert, as PEFT and
+                                                              Megatron-Bridge's save_hf_adapter
+                                                              name them)
 
 The module's update is ``scaling · B @ A`` with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with
 rsLoRA), rank and alpha looked up per module through the patterns exactly as PEFT does.

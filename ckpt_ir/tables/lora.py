@@ -14,6 +14,16 @@ torch_dist saves it through the SwiGLU factory); for a row-parallel base (``line
 ``linear_fc2``) ``linear_in`` is a ``RowParallelLinear``, split on ``in``, and ``linear_out`` a
 ``ColumnParallelLinear(rank, out, gather_output=True)``, split on ``out``.
 
+MoE models (:data:`MOE_LORA_ROWS`) add the adapters Bridge puts on each SequentialMLP expert
+(``mlp.experts.local_experts.{k}.linear_fc1``), which megatron-core's
+``SequentialMLP.sharded_state_dict`` re-keys to the global expert: the ``mcore-lora`` name is
+``decoder.layers.{layer}.mlp.experts.experts.{expert}.linear_fc1.adapter.linear_in.weight``
+(torch_dist: ``decoder.layers.mlp.experts.experts.linear_fc1.adapter.linear_in.weight``
+``[L, E, R, H]``, confirmed with megatron-core 0.16.1), over the family's per-expert HF names
+(Mixtral ``block_sparse_moe.experts.{expert}.w1``), and the shared experts'
+(``mlp.shared_experts.linear_fc1.adapter``). Expert fc1 ``linear_out`` goes through the SwiGLU
+factory like a dense fc1 (Bridge's ``base_linear_name`` holds ``linear_fc1``).
+
 Which rows apply, and how each is configured, depends on the adapter: the targeted modules (the
 schema) and the :class:`~ckpt_ir.adapters.LoraLayout` (``NativeParams.lora``): shared or
 rank-stacked A, the Megatron rank, the B factors. Factories therefore get the concrete IR names
