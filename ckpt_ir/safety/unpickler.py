@@ -13,9 +13,9 @@ machine with every operation that can reach code gated:
   storage classes, ``torch.Size``, dtypes, layouts, ``torch.device``, ``argparse.Namespace``,
   numpy array reconstruction (Megatron-LM keeps numpy RNG state), ``io.BytesIO`` (Transformer
   Engine extra state), ``pathlib`` paths (rebuilt as pure paths; DCP's ``StorageMeta`` holds
-  one) and the dataclasses of ``torch.distributed.checkpoint`` metadata (mapped to torch's real
-  classes). Anything else raises :class:`~ckpt_ir.errors.UnsafeCheckpointError`
-  naming the global.
+  one) and the dataclasses of ``torch.distributed.checkpoint`` metadata (built as ckpt-ir's
+  field-for-field mirrors, :mod:`ckpt_ir.dcp_types`, so DCP is never imported). Anything else
+  raises :class:`~ckpt_ir.errors.UnsafeCheckpointError` naming the global.
 * Globals of ``megatron.*`` and ``transformer_engine.*`` become inert :class:`StandIn` classes:
   Megatron is never imported, a "call" (``ModelType(1)``) or ``__setstate__`` only records its
   arguments. Two exceptions keep DCP metadata usable: ``MCoreMetadata``/``MCoreSavePlan`` (saved by
@@ -72,6 +72,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import torch
 
+from ckpt_ir import dcp_types
 from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -542,8 +543,6 @@ def _storage_dtypes() -> dict[type, torch.dtype]:
 
 @cache
 def _table() -> dict[tuple[str, str], _Rule]:
-    from torch.distributed.checkpoint import filesystem, metadata, planner
-
     def plain(cls: type) -> _Rule:
         return _Rule(cls, new=lambda: object.__new__(cls))
 
@@ -592,23 +591,17 @@ def _table() -> dict[tuple[str, str], _Rule]:
         rules[(cls.__module__, cls.__name__)] = _Rule(cls)
         if cls.__module__ == "torch.storage":
             rules[("torch", cls.__name__)] = _Rule(cls)
-    for cls in (metadata.Metadata, metadata.TensorStorageMetadata,
-                metadata.BytesStorageMetadata, metadata.ChunkStorageMetadata,
-                metadata.TensorProperties, metadata.MetadataIndex, metadata.StorageMeta):
-        rules[("torch.distributed.checkpoint.metadata", cls.__name__)] = plain(cls)
-    rules[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = plain(
-        filesystem._StorageInfo)
-    for cls in (planner.SavePlan, planner.WriteItem, planner.TensorWriteData):
-        rules[("torch.distributed.checkpoint.planner", cls.__name__)] = plain(cls)
-    for enum_cls, module in ((metadata._MEM_FORMAT_ENCODING, "metadata"),
-                             (planner.WriteItemType, "planner"),
-                             (planner.LoadItemType, "planner")):
-        rules[(f"torch.distributed.checkpoint.{module}", enum_cls.__name__)] = _Rule(
-            enum_cls, call=_enum_call(enum_cls))
+    # torch.distributed.checkpoint's metadata classes, read as ckpt-ir's mirrors of them
+    # (importing DCP itself costs 0.7 s; see ckpt_ir.dcp_types).
+    for cls, (module, name) in dcp_types.DCP_CLASSES.items():
+        if issubclass(cls, Enum):
+            rules[(module, name)] = _Rule(cls, call=_enum_call(cls))
+        else:
+            rules[(module, name)] = plain(cls)
     # megatron-core <= 0.15 pickled subclasses of DCP's classes; read them as the real thing.
     mcore = "megatron.core.dist_checkpointing.strategies.torch"
-    rules[(mcore, "MCoreMetadata")] = plain(metadata.Metadata)
-    rules[(mcore, "MCoreSavePlan")] = plain(planner.SavePlan)
+    rules[(mcore, "MCoreMetadata")] = plain(dcp_types.Metadata)
+    rules[(mcore, "MCoreSavePlan")] = plain(dcp_types.SavePlan)
     return rules
 
 
@@ -658,14 +651,9 @@ _MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 @cache
 def _dict_state_types() -> tuple[type, ...]:
     """Classes whose BUILD state is applied as a plain ``__dict__`` update (no setattr)."""
-    from torch.distributed.checkpoint import filesystem, metadata, planner
-
-    return (
-        argparse.Namespace, OrderedDict,
-        metadata.Metadata, metadata.TensorStorageMetadata, metadata.BytesStorageMetadata,
-        metadata.ChunkStorageMetadata, metadata.MetadataIndex, metadata.StorageMeta,
-        filesystem._StorageInfo, planner.SavePlan, planner.WriteItem, planner.TensorWriteData,
-    )
+    return (argparse.Namespace, OrderedDict, *(
+        cls for cls in dcp_types.DCP_CLASSES
+        if not issubclass(cls, Enum) and cls is not dcp_types.TensorProperties))
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,12 +783,13 @@ class RestrictedUnpickler(pickle._Unpickler):
             if state:
                 inst.__dict__.update(state)
             return
-        from torch.distributed.checkpoint.metadata import TensorProperties
-
-        if cls is TensorProperties:
+        if cls is dcp_types.TensorProperties:
             # Its __setstate__ only unpacks a 5-tuple and maps an enum to a memory format.
             _check(isinstance(state, tuple) and len(state) == 5, "invalid TensorProperties")
-            TensorProperties.__setstate__(inst, state)
+            try:
+                dcp_types.TensorProperties.__setstate__(inst, state)
+            except ValueError as e:
+                raise UnsafeCheckpointError(str(e)) from None
             return
         if cls is io.BytesIO:
             _check(isinstance(state, tuple) and len(state) == 3
@@ -1072,8 +1061,20 @@ def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | 
     where = "<memory>" if path is None else path
     if trust:
         _warn_trusted(where)
-        return pickle.loads(data)
+        return _TrustingUnpickler(io.BytesIO(data)).load()
     return _unpickle(data, where, path)
+
+
+class _TrustingUnpickler(pickle.Unpickler):
+    """Plain unpickling (anything goes), with DCP's metadata classes built as ckpt-ir's
+    mirrors, so trusted and restricted loads return the same types."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        mirror = _DCP_MIRRORS.get((module, name))
+        return mirror if mirror is not None else super().find_class(module, name)
+
+
+_DCP_MIRRORS = {real: cls for cls, real in dcp_types.DCP_CLASSES.items()}
 
 
 def load_torch(path: str | os.PathLike[str], *, offset: int = 0, length: int | None = None,

@@ -27,7 +27,6 @@ import itertools
 import math
 import mmap
 import os
-import pickle
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,10 +36,8 @@ from typing import Any
 
 import torch
 
-# _StorageInfo is private to torch, but it IS the on-disk format of `storage_data`: readers and
-# writers of real DCP files cannot avoid it. Keep this the only import of it in ckpt-ir.
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
+from ckpt_ir.converters.storage.torch_zip import ALIGNMENT, TorchZipWriter
+from ckpt_ir.dcp_types import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
@@ -48,9 +45,9 @@ from torch.distributed.checkpoint.metadata import (
     StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
+    dumps_metadata,
 )
-
-from ckpt_ir.converters.storage.torch_zip import ALIGNMENT, TorchZipWriter
+from ckpt_ir.dcp_types import StorageInfo as _StorageInfo
 from ckpt_ir.errors import (
     CorruptCheckpointError,
     DestinationExistsError,
@@ -764,7 +761,7 @@ def write_metadata(directory: str | os.PathLike[str], records: Iterable[DcpRecor
     tmp = root / f"{METADATA_FILE}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "xb") as file:
-            pickle.dump(metadata, file, protocol=4)
+            file.write(dumps_metadata(metadata))
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, root / METADATA_FILE)
