@@ -25,7 +25,9 @@ from ckpt_ir.errors import (
     DestinationExistsError,
     InternalError,
 )
+from ckpt_ir.ir import TensorSpec
 from ckpt_ir.planner import Plan, Unit
+from ckpt_ir.slabs import FileSlab
 
 __all__ = ["TEMP_MARKER", "atomic_directory", "execute", "fsync_dir", "write_checkpoint"]
 
@@ -47,35 +49,77 @@ def execute(plan: Plan, reader, writer, *,
     # Writers that stream take a destination tensor as the row-major slabs of its transform
     # (a fused QKV as its q/k/v row blocks), so it is never built here.
     write_slabs = getattr(writer, "write_slabs", None)
+    # Slabs that are byte ranges of a mapped source file go to such writers as FileSlabs,
+    # copied by the kernel (ckpt_ir.slabs).
+    locate = getattr(reader, "locate", None) \
+        if getattr(writer, "accepts_file_slabs", False) else None
     if begin:
         writer.begin(plan.dest_specs)
-    for unit in plan.units if units is None else units:
-        ir: dict[str, torch.Tensor] = {}
-        for b in unit.sources:
-            native = reader.read(b.native)
-            for role, tensor in b.transform.inverse(native).items():
-                ir[b.ir[role]] = tensor
-        for b in unit.targets:
-            parts = {role: ir[name] for role, name in b.ir.items()}
-            spec = specs[b.native]
-            if write_slabs is not None:
-                shape = b.transform.shapes({role: tuple(t.shape) for role, t in parts.items()})
-                if tuple(shape) != spec.shape:
-                    raise InternalError(f"{b.native}: parts make shape {tuple(shape)}, "
-                                        f"planned {spec.shape}")
-                write_slabs(b.native, _cast(b.transform.slabs(parts), spec.dtype))
-                continue
-            out = b.transform.apply(parts)
-            if out.dtype != spec.dtype:
-                out = out.to(spec.dtype)
-            if tuple(out.shape) != spec.shape:
-                raise InternalError(f"{b.native}: produced shape {tuple(out.shape)}, "
+    with _SourceFiles() as files:
+        for unit in plan.units if units is None else units:
+            _run_unit(unit, reader, writer, specs, write_slabs,
+                      None if locate is None else lambda t: files.slab(t, locate(t)))
+            if on_progress is not None:
+                on_progress(unit.bytes_written)
+
+
+def _run_unit(unit: Unit, reader, writer, specs: dict[str, TensorSpec], write_slabs,
+              file_slab: Callable[[torch.Tensor], FileSlab | None] | None) -> None:
+    """Read a unit's sources, invert their transforms, write every destination tensor."""
+    ir: dict[str, torch.Tensor] = {}
+    for b in unit.sources:
+        native = reader.read(b.native)
+        for role, tensor in b.transform.inverse(native).items():
+            ir[b.ir[role]] = tensor
+    for b in unit.targets:
+        parts = {role: ir[name] for role, name in b.ir.items()}
+        spec = specs[b.native]
+        if write_slabs is not None:
+            shape = b.transform.shapes({role: tuple(t.shape) for role, t in parts.items()})
+            if tuple(shape) != spec.shape:
+                raise InternalError(f"{b.native}: parts make shape {tuple(shape)}, "
                                     f"planned {spec.shape}")
-            writer.write(b.native, out)
-        del ir
-        reader.release()
-        if on_progress is not None:
-            on_progress(unit.bytes_written)
+            slabs = _cast(b.transform.slabs(parts), spec.dtype)
+            if file_slab is not None:
+                slabs = (file_slab(t) or t for t in slabs)
+            write_slabs(b.native, slabs)
+            continue
+        out = b.transform.apply(parts)
+        if out.dtype != spec.dtype:
+            out = out.to(spec.dtype)
+        if tuple(out.shape) != spec.shape:
+            raise InternalError(f"{b.native}: produced shape {tuple(out.shape)}, "
+                                f"planned {spec.shape}")
+        writer.write(b.native, out)
+    del ir
+    reader.release()
+
+
+class _SourceFiles:
+    """Read-only descriptors of the source files that FileSlabs point into, closed at the end."""
+
+    _SMALL = 1 << 20  # below this a slab is cheaper to write from memory than to locate
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def slab(self, tensor: torch.Tensor, where: tuple[Path, int] | None) -> FileSlab | None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if where is None or nbytes < self._SMALL:
+            return None
+        path, offset = where
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return FileSlab(fd, offset, nbytes, tensor.dtype)
+
+    def __enter__(self) -> _SourceFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _cast(slabs: Iterable[torch.Tensor], dtype: torch.dtype) -> Iterator[torch.Tensor]:

@@ -35,6 +35,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
 from ckpt_ir.safety.unpickler import load_torch
+from ckpt_ir.slabs import FileSlab
 from ckpt_ir.tables import NativeParams, drop_absent_mtp
 
 __all__ = ["HfReader", "HfWriter", "is_hf_dir"]
@@ -185,6 +186,15 @@ class HfReader:
         files = sorted(set(self._where.values()))
         return {"weights": self._kind, "files": files, "config_from": str(self._config_dir)}
 
+    def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
+        """The file and offset of ``tensor``'s bytes, if it is a zero-copy view of one of the
+        open safetensors files."""
+        for handle in self._open.values():
+            offset = handle.locate(tensor)
+            if offset is not None:
+                return Path(handle.path), offset
+        return None
+
     def release(self) -> None:
         for f in self._open.values():
             f.release()
@@ -266,7 +276,9 @@ class HfWriter:
         w.write(name, tensor)
         self._written(i)
 
-    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor]) -> None:
+    accepts_file_slabs: ClassVar[bool] = True
+
+    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor | FileSlab]) -> None:
         """Write ``name`` from row-major pieces (fused experts, padded rows: never joined)."""
         i, w = self._shard(name)
         w.write_slabs(name, slabs)

@@ -66,6 +66,7 @@ from ckpt_ir.errors import (
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.megatron_config import hf_config_from_megatron, padded_vocab_size, plain_arguments
 from ckpt_ir.safety.unpickler import load_torch
+from ckpt_ir.slabs import FileSlab
 from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
 from ckpt_ir.tables.lora import infer_megatron_lora
 from ckpt_ir.transforms import Identity
@@ -337,6 +338,9 @@ class McoreDistReader:
             else ">=0.19 (common_state object)",
         }
 
+    def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
+        return self._dcp.locate(tensor)
+
     def release(self) -> None:
         self._dcp.release()
 
@@ -460,7 +464,9 @@ class McoreDistWriter:
         for key, offsets, prepended in self._where[name]:
             self._data.add_tensor(key, offsets, tensor[(None,) * prepended])
 
-    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor]) -> None:
+    accepts_file_slabs: ClassVar[bool] = True
+
+    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor | FileSlab]) -> None:
         """Native ``name`` from row-major pieces, streamed into its chunk's archive: a fused
         QKV or fc1 goes from the HF parts to the file without being built."""
         if self._data is None:

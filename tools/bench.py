@@ -138,14 +138,15 @@ def cli(src: Path, dst: Path, to: str) -> tuple[float, int]:
     return _time_cmd([exe, "convert", str(src), str(dst), "--to", to, "--no-progress"])
 
 
-def startup_overhead(tiny: Path) -> tuple[float, float]:
-    """Median wall time of `import torch` and of `ckpt-ir inspect` on a tiny checkpoint."""
+def startup_overhead(*tiny: Path) -> list[float]:
+    """Median wall times of `import torch` and of `ckpt-ir inspect` on each tiny checkpoint."""
     exe = shutil.which("ckpt-ir") or str(Path(sys.executable).parent / "ckpt-ir")
-    a, b = [], []
+    times: list[list[float]] = [[] for _ in range(len(tiny) + 1)]
     for _ in range(5):
-        a.append(_time_cmd([sys.executable, "-c", "import torch"])[0])
-        b.append(_time_cmd([exe, "inspect", str(tiny)])[0])
-    return statistics.median(a), statistics.median(b)
+        times[0].append(_time_cmd([sys.executable, "-c", "import torch"])[0])
+        for t, path in zip(times[1:], tiny, strict=True):
+            t.append(_time_cmd([exe, "inspect", str(path)])[0])
+    return [statistics.median(t) for t in times]
 
 
 def main() -> int:
@@ -192,17 +193,22 @@ def main() -> int:
                 _rm(out)
             print(label, {k: round(v[-1], 2) for k, v in r.items()}, flush=True)
 
-    tiny = work / "tiny"
+    tiny, tiny_dist = work / "tiny", work / "tiny-dist"
     if not tiny.is_dir():
         from tests.fixtures import write_hf
         write_hf(tiny)
-    t_torch, t_cli = startup_overhead(tiny)
+    if not (tiny_dist / "metadata.json").is_file():
+        _rm(tiny_dist)
+        in_process(tiny, tiny_dist, "mcore-dist")
+    t_torch, t_cli, t_cli_dist = startup_overhead(tiny, tiny_dist)
 
     largest = max(math.prod(shape) for shape in _shapes(src)) * 2  # bf16
     lines = _table(results, size, largest, args)
     lines.append("")
     lines.append(f"CLI start-up: `python -c 'import torch'` {t_torch:.2f} s; `ckpt-ir inspect` on "
-                 f"a tiny checkpoint {t_cli:.2f} s; overhead {t_cli - t_torch:.2f} s.")
+                 f"a tiny hf checkpoint {t_cli:.2f} s (overhead {t_cli - t_torch:.2f} s), on a "
+                 f"tiny mcore-dist one {t_cli_dist:.2f} s (overhead {t_cli_dist - t_torch:.2f} "
+                 "s).")
     text = "\n".join(lines)
     print(text)
     if args.write_docs:

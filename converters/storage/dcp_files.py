@@ -55,6 +55,7 @@ from ckpt_ir.errors import (
     InternalError,
 )
 from ckpt_ir.safety.unpickler import load_pickle, load_torch, load_torch_buffer, map_file
+from ckpt_ir.slabs import FileSlab, mapping_address, offset_in_mapping
 
 __all__ = [
     "DcpBlob",
@@ -443,6 +444,7 @@ class DcpReader:
         self.index = read_index(self.directory, trust=trust)
         self._trust = trust
         self._maps: dict[str, mmap.mmap] = {}
+        self._addresses: dict[str, int] = {}
         self._grids: dict[str, tuple[_Grid | None, list[DcpChunk]]] = {}
 
     def __enter__(self) -> DcpReader:
@@ -464,6 +466,7 @@ class DcpReader:
     def close(self) -> None:
         """Drop the file mappings; tensors already returned keep theirs alive."""
         maps, self._maps = self._maps, {}
+        self._addresses.clear()
         for buffer in maps.values():
             try:
                 buffer.close()
@@ -477,7 +480,17 @@ class DcpReader:
         buffer = self._maps.get(file)
         if buffer is None:
             buffer = self._maps[file] = map_file(path)
+            self._addresses[file] = mapping_address(buffer)
         return load_torch_buffer(buffer, offset=offset, length=length, path=str(path))
+
+    def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
+        """The file and offset holding ``tensor``'s bytes, if it is a contiguous view of one
+        of this reader's mappings (a chunk read without a copy)."""
+        for file, address in self._addresses.items():
+            offset = offset_in_mapping(tensor, address, len(self._maps[file]))
+            if offset is not None:
+                return self.directory / file, offset
+        return None
 
     def _chunk(self, tensor: DcpTensor, chunk: DcpChunk) -> torch.Tensor:
         data = self._load(chunk.file, chunk.offset, chunk.length)
@@ -637,7 +650,8 @@ class DcpDataFile:
         return self.add_tensor_slabs(fqn, offsets, tuple(tensor.shape), tensor.dtype, (tensor,))
 
     def add_tensor_slabs(self, fqn: str, offsets: Sequence[int], shape: Sequence[int],
-                         dtype: torch.dtype, slabs: Iterable[torch.Tensor]) -> DcpRecord:
+                         dtype: torch.dtype, slabs: Iterable[torch.Tensor | FileSlab]
+                         ) -> DcpRecord:
         """Append one ``shape`` chunk of ``fqn`` at ``offsets``, given as row-major slabs.
 
         The archive is what ``torch.save(chunk)`` writes (one storage of exactly the chunk's

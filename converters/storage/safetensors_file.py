@@ -47,6 +47,7 @@ from ckpt_ir.errors import (
     FormatError,
     InternalError,
 )
+from ckpt_ir.slabs import FileSlab, copy_range, mapping_address, offset_in_mapping
 
 __all__ = [
     "DTYPE_TO_ST",
@@ -159,6 +160,7 @@ class SafetensorsFile:
             # in-place op on a read-only mapping is a SIGSEGV. Nothing here writes, so no page
             # is ever copied.
             self._mmap = mmap.mmap(fd, self.header.file_size, access=mmap.ACCESS_COPY)
+            self._address = mapping_address(self._mmap)
         except (OSError, ValueError) as e:
             # ValueError: the file shrank between the header check and the mapping.
             raise CorruptCheckpointError(
@@ -204,6 +206,12 @@ class SafetensorsFile:
             raw = torch.frombuffer(view, dtype=torch.uint8, count=entry.nbytes, offset=offset)
             flat = raw.clone().view(entry.dtype)
         return flat.view(entry.shape)
+
+    def locate(self, tensor: torch.Tensor) -> int | None:
+        """The file offset of ``tensor``'s bytes, if it is a contiguous view of this mapping."""
+        if self._mmap is None:
+            return None
+        return offset_in_mapping(tensor, self._address, len(self._mmap))
 
     def release(self) -> None:
         """Drop the pages read so far from this process (they stay in the page cache).
@@ -621,8 +629,9 @@ class SafetensorsWriter:
                                 f"{self.path} declares {list(spec[1])}")
         self.write_slabs(name, (tensor,))
 
-    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor]) -> None:
-        """Write ``name`` from row-major pieces, each at the next offset (none is joined).
+    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor | FileSlab]) -> None:
+        """Write ``name`` from row-major pieces, each at the next offset (none is joined);
+        a :class:`~ckpt_ir.slabs.FileSlab` is copied from its file in the kernel.
 
         Raises:
             InternalError: ``name`` is undeclared or already written, a slab's dtype differs
@@ -645,6 +654,14 @@ class SafetensorsWriter:
         at = start
         try:
             for tensor in slabs:
+                if isinstance(tensor, FileSlab):
+                    if tensor.dtype != dtype or at + tensor.nbytes > end:
+                        raise InternalError(f"tensor {name!r}: a {tensor.dtype} file range of "
+                                            f"{tensor.nbytes} bytes does not fit")
+                    copy_range(tensor.fd, tensor.offset, fd, self._data_offset + at,
+                               tensor.nbytes)
+                    at += tensor.nbytes
+                    continue
                 if tensor.dtype != dtype:
                     raise InternalError(f"tensor {name!r} has dtype {tensor.dtype} but "
                                         f"{self.path} declares {dtype}")

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ckpt_ir.errors import DestinationExistsError, InternalError
+from ckpt_ir.slabs import FileSlab, copy_range
 
 __all__ = ["ALIGNMENT", "TensorRef", "TorchZipWriter"]
 
@@ -148,6 +149,17 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _file_crc32(slab: FileSlab, crc: int) -> int:
+    done = 0
+    while done < slab.nbytes:
+        data = os.pread(slab.fd, min(slab.nbytes - done, 64 << 20), slab.offset + done)
+        if not data:
+            raise InternalError(f"file range of {slab.nbytes} bytes ends after {done}")
+        crc = zlib.crc32(data, crc)
+        done += len(data)
+    return crc
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's elements as bytes, without a copy when it is contiguous on the CPU."""
     t = tensor.detach()
@@ -220,8 +232,10 @@ class TorchZipWriter:
     def _big(self, value: int) -> bool:
         return self._zip64 or value >= _U32
 
-    def _record(self, name: str, size: int, chunks: Iterable[memoryview | bytes]) -> None:
-        """Write record ``name`` of ``size`` bytes from ``chunks``, as they come."""
+    def _record(self, name: str, size: int,
+                chunks: Iterable[memoryview | bytes | FileSlab]) -> None:
+        """Write record ``name`` of ``size`` bytes from ``chunks``, as they come (a
+        :class:`~ckpt_ir.slabs.FileSlab` is copied from its file in the kernel)."""
         file = self._file
         if file is None:
             raise InternalError(f"{self.path} is closed")
@@ -240,6 +254,17 @@ class TorchZipWriter:
                                shown, len(raw_name), len(extra)) + raw_name + extra)
         crc, written = 0, 0
         for chunk in chunks:
+            if isinstance(chunk, FileSlab):
+                written += chunk.nbytes
+                if written > size:
+                    break
+                if self._crc32:
+                    crc = _file_crc32(chunk, crc)
+                file.flush()
+                at = file.tell()
+                copy_range(chunk.fd, chunk.offset, file.fileno(), at, chunk.nbytes)
+                file.seek(at + chunk.nbytes)
+                continue
             if self._crc32:
                 crc = zlib.crc32(chunk, crc)
             written += len(chunk)
@@ -265,7 +290,7 @@ class TorchZipWriter:
         return self.add_tensor_slabs(tensor.dtype, tuple(tensor.shape), (tensor,))
 
     def add_tensor_slabs(self, dtype: torch.dtype, shape: Sequence[int],
-                         slabs: Iterable[torch.Tensor]) -> TensorRef:
+                         slabs: Iterable[torch.Tensor | FileSlab]) -> TensorRef:
         """Append a ``shape`` tensor whose row-major bytes are ``slabs``, one after another.
 
         Each slab goes to the file as it comes (a fused tensor is never built in memory);
@@ -276,11 +301,11 @@ class TorchZipWriter:
         ref = TensorRef(str(self._next_key), dtype, tuple(int(n) for n in shape))
         self._next_key += 1
 
-        def chunks() -> Iterator[memoryview]:
+        def chunks() -> Iterator[memoryview | FileSlab]:
             for slab in slabs:
                 if slab.dtype != dtype:
                     raise InternalError(f"a slab of {slab.dtype} in a {dtype} tensor")
-                yield _tensor_bytes(slab)
+                yield slab if isinstance(slab, FileSlab) else _tensor_bytes(slab)
 
         self._record(f"data/{ref.key}", ref.numel * _itemsize(dtype), chunks())
         return ref
