@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.clients.hf_models, and ckpt_ir on the GPU machine
+
 CASES = ("llama", "qwen2", "qwen3")
 TOLERANCE = 1e-5
 
