@@ -58,7 +58,7 @@ def execute(plan: Plan, reader, writer, *,
     with _SourceFiles() as files:
         for unit in plan.units if units is None else units:
             _run_unit(unit, reader, writer, specs, write_slabs,
-                      None if locate is None else lambda t: files.slab(t, locate(t)))
+                      None if locate is None else lambda t: files.slab(t, locate))
             if on_progress is not None:
                 on_progress(unit.bytes_written)
 
@@ -103,9 +103,12 @@ class _SourceFiles:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
 
-    def slab(self, tensor: torch.Tensor, where: tuple[Path, int] | None) -> FileSlab | None:
+    def slab(self, tensor: torch.Tensor,
+             locate: Callable[[torch.Tensor], tuple[Path, int] | None]) -> FileSlab | None:
+        """``tensor`` as a range of the source file holding it, if it is one and large."""
         nbytes = tensor.numel() * tensor.element_size()
-        if where is None or nbytes < self._SMALL:
+        where = locate(tensor) if nbytes >= self._SMALL else None
+        if where is None:
             return None
         path, offset = where
         fd = self._fds.get(path)

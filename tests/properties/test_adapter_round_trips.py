@@ -93,17 +93,23 @@ def test_peft_to_megatron_and_back_round_trips(hf, lora, dtype, seed, style, dat
         want = write_peft(d / "peft", hf, lora, dtype, seed)
         convert_adapter(d / "peft", d / "via", fmt, lora_style=style, **options)
         convert_adapter(d / "via", d / "back", "hf-peft")
-        adapter, got = _read(d / "back")
-        assert adapter.to_peft_dict() == json.loads((d / "peft" / "adapter_config.json")
-                                                    .read_text())
-        assert got.keys() == want.keys()
-        exact = _exact(_factors(d / "via"))
-        for name, t in want.items():
-            if exact:
-                assert bits_equal(got[name], t), name
-            else:  # a B rounded once by a non-power-of-two scaling ratio, and back
-                assert torch.allclose(got[name].float(), t.float(), rtol=2e-2 if
-                                      t.dtype != torch.float32 else 1e-6, atol=0), name
+        assert_came_back(d, want)
+
+
+def assert_came_back(d: Path, want: dict[str, torch.Tensor]) -> None:
+    """``d/back`` (hf-peft) holds ``d/peft``'s config and tensors, having gone through
+    ``d/via``: bit for bit, or within one rounding of B where a scaling ratio was not a power
+    of two."""
+    adapter, got = _read(d / "back")
+    assert adapter.to_peft_dict() == json.loads((d / "peft" / "adapter_config.json").read_text())
+    assert got.keys() == want.keys()
+    exact = _exact(_factors(d / "via"))
+    for name, t in want.items():
+        if exact:
+            assert bits_equal(got[name], t), name
+        else:  # a B rounded once by a non-power-of-two scaling ratio, and back
+            assert torch.allclose(got[name].float(), t.float(), rtol=2e-2 if
+                                  t.dtype != torch.float32 else 1e-6, atol=0), name
 
 
 def _updates(adapter: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
