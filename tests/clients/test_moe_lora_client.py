@@ -48,6 +48,7 @@ from ckpt_ir.ir import ModelConfig
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
 from tests.fixtures import load_dcp_tensors
+from tests.tolerances import assert_logits_close, assert_merged_close, float64_logits
 
 pytestmark = pytest.mark.clients
 
@@ -167,22 +168,26 @@ def test_moe_adapter_round_trips_through_mcore_dist_bit_for_bit(cases, arch):
     assert not any("_extra_state" in k for k in shapes)
 
 
-def _peft_logits(base: Path, adapter: Path) -> torch.Tensor:
+def _peft_logits(base: Path, adapter: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PeftModel's logits in fp32 and, as the exact value, in float64."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     peft_model = PeftModel.from_pretrained(model, adapter).eval()
+    ids = torch.tensor(hf_models.input_ids())
     with torch.no_grad():
-        return peft_model(input_ids=torch.tensor(hf_models.input_ids())).logits.float()
+        return peft_model(input_ids=ids).logits.float(), float64_logits(peft_model, ids)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_peft_loads_ckpt_ir_moe_adapter_with_the_merged_logits(cases, arch):
+    """The merged model's logits differ from the PeftModel's by fp32 rounding only
+    (tests/tolerances.py)."""
     case = cases[arch]
-    logits = _peft_logits(case.base, case.back)
-    _assert_close(logits, case.merged_logits, f"PeftModel vs merged {arch}")
+    assert_logits_close(case.merged_logits, *_peft_logits(case.base, case.back),
+                        f"merged vs PeftModel {arch}")
     assert (case.merged_logits - case.base_logits).abs().max() > 0.1  # the adapter matters
 
 
@@ -192,7 +197,8 @@ def test_peft_loads_qwen2_moe_dense_and_shared_expert_adapter(cases, tmp_path):
     ckpt_ir.convert(tmp_path / "adapter", tmp_path / "dist", to="mcore-dist", hf_config=case.base)
     ckpt_ir.convert(tmp_path / "dist", tmp_path / "back", to="hf-peft")
     merged = _merged_logits(case.base, tmp_path / "back", tmp_path / "merged")
-    _assert_close(_peft_logits(case.base, tmp_path / "back"), merged, "PeftModel vs merged")
+    assert_logits_close(merged, *_peft_logits(case.base, tmp_path / "back"),
+                        "merged vs PeftModel")
     assert (merged - case.base_logits).abs().max() > 0.1
 
 
@@ -210,8 +216,9 @@ def test_merged_moe_weights_are_the_lora_formula(cases, arch, tmp_path):
     for module in adapter.modules():
         a = lora[f"base_model.model.{module}.lora_A.weight"]
         b = lora[f"base_model.model.{module}.lora_B.weight"]
-        want = base[module + ".weight"] + adapter.scaling(module) * (b @ a)
-        assert torch.allclose(got[module + ".weight"], want, rtol=0, atol=1e-6), module
+        w, scaling = base[module + ".weight"], adapter.scaling(module)
+        assert_merged_close(got[module + ".weight"], w + scaling * (b @ a), w, b, a, scaling,
+                            module)
     untouched = [k for k in base if k.removesuffix(".weight") not in set(adapter.modules())]
     assert all(torch.equal(got[k], base[k]) for k in untouched)
 
@@ -229,8 +236,20 @@ def test_merge_in_megatron_layout_equals_merged_hf(cases, arch, tmp_path):
     want, got = load_dcp_tensors(tmp_path / "want"), load_dcp_tensors(tmp_path / "merged-dist")
     assert want.keys() == got.keys()
     assert any(".experts.experts.linear_fc1.weight" in k for k in want)
+    base, lora = load_dcp_tensors(tmp_path / "base-dist"), load_dcp_tensors(case.dist)
+    # Megatron's scaling is alpha / rank; B carries each module's own factor relative to it.
+    scaling = LORA[arch]["lora_alpha"] / LORA[arch]["r"]
+    adapted = 0
     for k in want:
-        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), k
+        stem = k.removesuffix(".weight")
+        b = lora.get(f"{stem}.adapter.linear_out.weight")
+        if b is None:
+            assert torch.equal(got[k], want[k]), k
+            continue
+        assert_merged_close(got[k], want[k], base[k], b, lora[f"{stem}.adapter.linear_in.weight"],
+                            scaling, k)
+        adapted += 1
+    assert adapted
 
 
 # --------------------------------------------------------------------------- megatron-core

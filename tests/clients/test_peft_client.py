@@ -39,10 +39,10 @@ from ckpt_ir.adapter_api import open_adapter
 from ckpt_ir.converters.storage.dcp_files import DcpReader
 from ckpt_ir.layout import Partition, shard, unshard
 from tests.clients import hf_models
+from tests.tolerances import assert_logits_close, assert_merged_close, float64_logits
 
 pytestmark = pytest.mark.clients
 
-ATOL = 1e-5
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 LORA: dict[str, dict[str, Any]] = {
@@ -58,15 +58,27 @@ ARCHS = tuple(LORA)
 class Case:
     base: Path
     adapter: Path          # PEFT adapter with independent A matrices (rank stacking)
-    logits: torch.Tensor   # its PeftModel's logits
+    logits: torch.Tensor   # its PeftModel's logits (fp32)
+    logits64: torch.Tensor  # the same PeftModel's logits in float64: the exact value
     shared: Path           # PEFT adapter whose q/k/v and gate/up share one A (fused origin)
     shared_logits: torch.Tensor
+    shared_logits64: torch.Tensor
     merged: dict[str, torch.Tensor]  # PEFT merge_and_unload weights of `adapter`
+
+    def assert_logits(self, got: torch.Tensor, what: str) -> None:
+        assert_logits_close(got, self.logits, self.logits64, what)
+
+    def assert_shared_logits(self, got: torch.Tensor, what: str) -> None:
+        assert_logits_close(got, self.shared_logits, self.shared_logits64, what)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor(hf_models.input_ids())).logits.float()
+
+
+def _logits64(model: torch.nn.Module) -> torch.Tensor:
+    return float64_logits(model, torch.tensor(hf_models.input_ids()))
 
 
 def _base_model(path: Path):
@@ -110,14 +122,15 @@ def cases(tmp_path_factory) -> dict[str, Case]:
             target_modules=ALL_LINEAR, init_lora_weights=False, **LORA[arch])).eval()
         _randomize_lora(model, 100 + i)
         model.save_pretrained(root / "adapter")
-        logits = _logits(model)
+        logits, logits64 = _logits(model), _logits64(model)
         merged = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
         shared = get_peft_model(_base_model(base), LoraConfig(
             r=4, lora_alpha=8, target_modules=ALL_LINEAR, init_lora_weights=False)).eval()
         _randomize_lora(shared, 200 + i)
         _share_a(shared)
         shared.save_pretrained(root / "shared")
-        out[arch] = Case(base, root / "adapter", logits, root / "shared", _logits(shared), merged)
+        out[arch] = Case(base, root / "adapter", logits, logits64, root / "shared",
+                         _logits(shared), _logits64(shared), merged)
     return out
 
 
@@ -160,8 +173,7 @@ def test_peft_loads_the_adapter_back_from_megatron_formats(cases, arch, via, tmp
     want = json.loads((case.adapter / "adapter_config.json").read_text())
     got = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert got == want
-    logits = _peft_logits(case.base, tmp_path / "back")
-    assert (logits - case.logits).abs().max() <= ATOL
+    case.assert_logits(_peft_logits(case.base, tmp_path / "back"), f"{arch} via {via}")
 
 
 def _as_bridge_checkpoint(dist: Path, alpha: float | None) -> None:
@@ -182,8 +194,7 @@ def test_fused_origin_adapter_round_trips_bit_for_bit_without_layout_file(cases,
     _as_bridge_checkpoint(tmp_path / "dist", alpha=8)
     ckpt_ir.extract_adapter(tmp_path / "dist", tmp_path / "back")
     _assert_same_tensors(_tensors(tmp_path / "back"), _tensors(case.shared))
-    logits = _peft_logits(case.base, tmp_path / "back")
-    assert (logits - case.shared_logits).abs().max() <= ATOL
+    case.assert_shared_logits(_peft_logits(case.base, tmp_path / "back"), arch)
 
 
 def test_rank_stacked_adapter_read_as_bridge_is_the_same_update(cases, tmp_path):
@@ -211,19 +222,36 @@ def test_rank_stacked_adapter_read_as_bridge_is_the_same_update(cases, tmp_path)
     assert torch.equal(b_k[:, 8:12], want["base_model.model.model.layers.0.self_attn.k_proj"
                                           ".lora_B.weight"])
     assert not b_k[:, :8].any() and not b_k[:, 12:].any()
-    logits = _peft_logits(case.base, tmp_path / "back")
-    assert (logits - case.logits).abs().max() <= ATOL
+    case.assert_logits(_peft_logits(case.base, tmp_path / "back"), "rank-stacked as bridge")
+
+
+def _peft_factors(case: Case) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Base-model weight name -> (B, A, scaling) of each module the adapter changes."""
+    lora = _tensors(case.adapter)
+    adapter = open_adapter(case.adapter, hf_config=case.base).adapter
+    return {f"{m}.weight": (lora[f"base_model.model.{m}.lora_B.weight"],
+                            lora[f"base_model.model.{m}.lora_A.weight"], adapter.scaling(m))
+            for m in adapter.modules()}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_model_equals_peft(cases, arch, tmp_path):
+    """Merged-vs-unmerged logits differ by fp32 rounding only; weights are PEFT's
+    merge_and_unload within the rounding bound of W + s * B @ A (tests/tolerances.py)."""
     case = cases[arch]
     ckpt_ir.merge_adapter(case.base, case.adapter, tmp_path / "merged", to="hf")
     model = _base_model(tmp_path / "merged")
-    assert (_logits(model) - case.logits).abs().max() <= ATOL
+    case.assert_logits(_logits(model), f"merged {arch}")
     state = model.state_dict()
-    for name, w in case.merged.items():  # PEFT's merge_and_unload, same fp32 arithmetic
-        assert torch.allclose(state[name], w, rtol=0, atol=1e-6), name
+    base = _base_model(case.base).state_dict()
+    factors = _peft_factors(case)
+    assert factors and factors.keys() <= case.merged.keys()
+    for name, w in case.merged.items():
+        if name in factors:
+            b, a, scaling = factors[name]
+            assert_merged_close(state[name], w, base[name], b, a, scaling, name)
+        else:
+            assert torch.equal(state[name], w), name
 
 
 def _dist_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -247,13 +275,26 @@ def test_merge_in_megatron_layout_equals_merged_hf(cases, arch, tmp_path):
                           tmp_path / "merged-dist", to="mcore-dist")
     want, got = _dist_tensors(tmp_path / "want"), _dist_tensors(tmp_path / "merged-dist")
     assert want.keys() == got.keys()
+    base, lora = _dist_tensors(tmp_path / "base-dist"), _dist_tensors(tmp_path / "lora-dist")
+    scaling = report.adapter["megatron"]["alpha"] / report.adapter["megatron"]["rank"]
+    # Two fp32 merges of one update (per HF module, then fused; or fused): within the rounding
+    # bound of W + s * B @ A at Megatron's (stacked) rank; untouched tensors are bit-equal.
+    adapted = 0
     for k in want:
-        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), k
+        stem = k.removesuffix(".weight")
+        b = lora.get(f"{stem}.adapter.linear_out.weight")
+        if b is None:
+            assert torch.equal(got[k], want[k]), k
+            continue
+        # Megatron's B carries each module's own scaling relative to alpha / rank, so
+        # scaling * |B| @ |A| is the update's magnitude.
+        assert_merged_close(got[k], want[k], base[k], b, lora[f"{stem}.adapter.linear_in.weight"],
+                            scaling, k)
+        adapted += 1
+    assert adapted
     # Megatron's own merge (Megatron-Bridge merge_adapter_weights): fused base weight plus
     # (alpha/dim) * B @ A, one TP shard at a time: B and W split like the base rows, A whole
     # (linear_in gathers its output) for column-parallel layers.
-    base, lora = _dist_tensors(tmp_path / "base-dist"), _dist_tensors(tmp_path / "lora-dist")
-    scaling = report.adapter["megatron"]["alpha"] / report.adapter["megatron"]["rank"]
     for module, partition in (("self_attention.linear_qkv", Partition.QKV),
                               ("mlp.linear_fc1", Partition.SWIGLU)):
         w = base[f"decoder.layers.{module}.weight"]
@@ -264,8 +305,8 @@ def test_merge_in_megatron_layout_equals_merged_hf(cases, arch, tmp_path):
                       zip(shard(w[layer], partition, 2), shard(b[layer], partition, 2),
                           strict=True)]
             merged = unshard(shards, partition)
-            assert torch.allclose(merged, want[f"decoder.layers.{module}.weight"][layer],
-                                  rtol=0, atol=1e-6), (module, layer)
+            assert_merged_close(merged, want[f"decoder.layers.{module}.weight"][layer],
+                                w[layer], b[layer], a[layer], scaling, f"{module} layer {layer}")
 
 
 def test_rank_and_alpha_patterns_match_peft(cases):

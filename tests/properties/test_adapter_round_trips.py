@@ -107,9 +107,12 @@ def assert_came_back(d: Path, want: dict[str, torch.Tensor]) -> None:
     for name, t in want.items():
         if exact:
             assert bits_equal(got[name], t), name
-        else:  # a B rounded once by a non-power-of-two scaling ratio, and back
-            assert torch.allclose(got[name].float(), t.float(), rtol=2e-2 if
-                                  t.dtype != torch.float32 else 1e-6, atol=0), name
+        else:  # a B rounded once by a non-power-of-two scaling ratio, and back: two
+            # roundings in its dtype, each within half an ulp (eps / 2 relative, eps * tiny
+            # absolute among subnormals), so within one ulp in all; twice that allowed.
+            info = torch.finfo(t.dtype)
+            assert torch.allclose(got[name].double(), t.double(), rtol=2 * info.eps,
+                                  atol=2 * info.eps * info.smallest_normal), name
 
 
 def _updates(adapter: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

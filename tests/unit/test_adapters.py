@@ -317,7 +317,7 @@ def test_base_plus_adapter_checkpoint(tmp_path):
     m2 = load_file(tmp_path / "m2" / "model.safetensors")
     assert m1.keys() == m2.keys()
     for k in m1:
-        assert torch.allclose(m1[k], m2[k], rtol=0, atol=1e-6), k
+        assert torch.equal(m1[k], m2[k]), k  # the same fp32 arithmetic on the same inputs
 
 
 def test_merge_refuses_an_adapter_for_another_model(tmp_path):
