@@ -32,7 +32,7 @@ from ckpt_ir.adapters import (
     LoraLayout,
     plan_lora_layout,
 )
-from ckpt_ir.api import Report, _open_reader, _parse_size, target_layout
+from ckpt_ir.api import Report, _open_reader, _parse_size, carried_notes, target_layout
 from ckpt_ir.detect import Resolved, dist_has_adapter, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError, PlanError
 from ckpt_ir.executor import write_checkpoint
@@ -239,7 +239,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         writer_cls = adapter_writer_class(to)
         dest_layout = target_layout(reader, to, layout)
         extra: dict[str, Any] = {"adapter": adapter, "layout": dest_layout}
-        notes = list(resolved.notes)
+        notes = [*resolved.notes, *carried_notes(reader)]
         source_lora: LoraLayout | None = reader.params.lora
         if writer_cls.naming == "mcore-lora":
             style = lora_style or (source_lora.style if source_lora is not None else "fused")
@@ -436,7 +436,7 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
             tensors_written=len(plan.dest_specs), bytes_read=plan.bytes_read,
             bytes_written=plan.bytes_written, peak_bytes_estimate=plan.peak_bytes,
             seconds=0.0, dropped=dict(plan.dropped),
-            notes=[*base_resolved.notes, *ad_resolved.notes,
+            notes=[*base_resolved.notes, *ad_resolved.notes, *carried_notes(source),
                    f"{merged} destination tensors carry a merged LoRA update "
                    f"({len(ad_config.modules())} modules), computed in fp32"],
             adapter={"source": ad_config.summary()})

@@ -155,6 +155,13 @@ def open(src: str | os.PathLike, format: str | None = None, *,
                       release=reader.release)
 
 
+def carried_notes(reader) -> list[str]:
+    """Report notes for tokenizer/generation files the destination will not carry, and why
+    (a symlink leading out of the checkpoint, not a regular file)."""
+    skipped = getattr(reader.source_files(), "skipped", {})
+    return [f"not copied: {path}: {why}" for path, why in sorted(skipped.items())]
+
+
 def plan_conversion(reader, to: str, options) -> tuple[Plan, type]:
     """The validated plan for converting what ``reader`` holds into format ``to``."""
     writer_cls = writer_class(to)
@@ -225,7 +232,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         wopts = dataclasses.replace(wopts, extra={**wopts.extra, "layout": dest_layout,
                                                   "source_params": reader.params})
         plan, writer_cls = plan_conversion(reader, to, wopts)
-        notes = list(resolved.notes)
+        notes = [*resolved.notes, *carried_notes(reader)]
         source_layout = resolved.layout
         if isinstance(getattr(reader, "layout", None), ParallelLayout):
             source_layout += f", {reader.layout.describe()}"

@@ -13,6 +13,8 @@ import errno
 import logging
 import os
 import shutil
+import signal
+import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,7 +31,8 @@ from ckpt_ir.ir import TensorSpec
 from ckpt_ir.planner import Plan, Unit
 from ckpt_ir.slabs import FileSlab
 
-__all__ = ["TEMP_MARKER", "atomic_directory", "execute", "fsync_dir", "write_checkpoint"]
+__all__ = ["TEMP_MARKER", "atomic_directory", "committed", "destination_path", "execute",
+           "fsync_dir", "remove_entry", "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_entry(path: Path) -> None:
+    """Delete ``path`` without following it: a symlink or file is unlinked (its target is
+    never touched), a real directory removed with its contents. ``shutil.rmtree`` refuses a
+    symlink, which ``ignore_errors`` would turn into an entry left behind forever."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def clean_stale_temps(dest: Path) -> list[str]:
     """Remove temp dirs left by killed runs for ``dest`` (their pid is gone); report them."""
     removed = []
@@ -185,7 +203,7 @@ def clean_stale_temps(dest: Path) -> list[str]:
         except (IndexError, ValueError):
             continue
         if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            remove_entry(p)
             removed.append(str(p))
             log.warning("removed %s left behind by an interrupted run", p)
         else:
@@ -216,55 +234,160 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def destination_path(dest: str | os.PathLike) -> Path:
+    """``dest`` with every directory above it resolved (symlinks, ``..``), its last component
+    kept as given: what the kernel will actually write. ``LINK/out`` with ``LINK`` a symlink to
+    the source is ``SRC/out``; ``sib/../SRC/out`` is ``SRC/out`` too (``mkdir -p`` would make
+    ``sib`` and then write into ``SRC``). The last component is not followed: a destination
+    that is itself a symlink is replaced as a link, its target never written or deleted."""
+    path = Path(dest)
+    if path.name in ("", "..") or path.name != os.path.basename(os.fspath(dest).rstrip("/")):
+        path = path.resolve()  # "/", ".", "x/..": nothing to keep unresolved
+    return path.parent.resolve() / path.name
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents or a in b.parents
+
+
+def _check_overlap(dest: Path, tmp_name: str, protect: tuple[Path, ...]) -> None:
+    """The destination, where it leads if it is a symlink, and the temporary sibling must be
+    neither a source nor inside one nor contain one, all compared resolved."""
+    written = (dest, dest.resolve(), dest.parent / tmp_name)
+    for src in protect:
+        src = Path(src).resolve()
+        if any(_overlaps(w, src) for w in written):
+            raise DestinationExistsError(
+                f"destination {dest} overlaps the source {src}; ckpt-ir never writes into "
+                "its source", path=dest)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from ckpt_ir.detect import resolve
+
+    try:
+        resolve(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _existing(dest: Path, overwrite: bool) -> bool:
+    """Whether ``dest`` exists and will be replaced; raises where it must not be.
+
+    An empty directory is taken as it is. ``--overwrite`` replaces a symlink (the link, never
+    its target) or a directory holding a checkpoint ckpt-ir recognises; a directory holding
+    anything else, a file or a special file is never deleted.
+    """
+    try:
+        st = dest.lstat()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise _os_error(e, dest) from e
+    exists = DestinationExistsError(f"destination {dest} exists (pass --overwrite to replace "
+                                    "it)", path=dest)
+    if stat.S_ISLNK(st.st_mode):
+        if not overwrite:
+            raise exists
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        raise DestinationExistsError(f"destination {dest} exists and is not a directory; "
+                                     "ckpt-ir replaces only a checkpoint directory or an empty "
+                                     "one", path=dest)
+    try:
+        entries = sorted(p.name for p in dest.iterdir())
+    except OSError as e:
+        raise _os_error(e, dest) from e
+    if not entries:
+        return True
+    if not _is_checkpoint(dest):
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3
+                                          else "")
+        raise DestinationExistsError(
+            f"destination {dest} holds files that are not a checkpoint ckpt-ir recognises "
+            f"({shown}); it replaces only a checkpoint or an empty directory: move them or "
+            "choose another destination", path=dest)
+    if not overwrite:
+        raise exists
+    return True
+
+
+committed: list[Path] = []
+"""Destinations this process renamed into place, in order: the CLI tells an interrupt that
+came after the rename (the destination is written) from one before it (nothing is)."""
+
+_COMMIT_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for the few system calls of the commit, so that an interrupt falls
+    before the rename (temporary removed, destination as it was) or after it is recorded in
+    :data:`committed`, never in between. A held signal is delivered on leaving."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _COMMIT_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # no pthread_sigmask here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False,
                      protect: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``dest``; rename it onto ``dest`` on success.
 
-    ``protect`` lists source paths the destination must neither be nor contain nor be inside.
-    On any exception the temporary directory is removed and ``dest`` is left as it was.
+    Paths are compared resolved (:func:`destination_path`): ``protect`` lists source paths the
+    destination, its symlink target and the temporary sibling must neither be nor contain nor
+    be inside. An existing ``dest`` is replaced only as :func:`_existing` allows. On any
+    exception (SIGINT and SIGTERM included, see ckpt_ir.cli) the temporary directory is removed
+    and ``dest`` is left as it was.
     """
-    dest = Path(dest).absolute()
-    for src in protect:
-        src = src.resolve()
-        d = dest.resolve() if dest.exists() else dest
-        if d == src or src in d.parents or d in src.parents:
-            raise DestinationExistsError(
-                f"destination {dest} overlaps the source {src}; ckpt-ir never writes into "
-                "its source", path=dest)
-    if dest.exists() and not overwrite:
-        raise DestinationExistsError(f"destination {dest} exists (pass --overwrite to replace "
-                                     "it)", path=dest)
+    dest = destination_path(dest)
+    tmp_name = f".{dest.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _check_overlap(dest, tmp_name, protect)
+    _existing(dest, overwrite)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(dest)
-        tmp = dest.parent / f".{dest.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = dest.parent / tmp_name
         tmp.mkdir()
     except OSError as e:
         raise _os_error(e, dest) from e
     try:
         yield tmp
         fsync_dir(tmp)
-        if dest.exists():
-            # One atomic swap: at every instant `dest` is the old checkpoint or the new one.
-            # Two renames would leave neither there if the process died between them. After
-            # the swap `tmp` holds the old one (a kill before it is removed leaves a stale
-            # temp dir for the next run to clean).
-            if _exchange(tmp, dest):
-                shutil.rmtree(tmp, ignore_errors=True)
+        with _signals_held():
+            replaced = _existing(dest, overwrite)  # again: it may have appeared meanwhile
+            if replaced:
+                # One atomic swap: at every instant `dest` is the old entry or the new one.
+                # Two renames would leave neither there if the process died between them.
+                # After the swap `tmp` holds the old entry (a kill before it is removed leaves
+                # a stale temp for the next run to clean).
+                if not _exchange(tmp, dest):
+                    trash = dest.parent / f".{dest.name}{TEMP_MARKER}{os.getpid()}-old"
+                    os.replace(dest, trash)
+                    try:
+                        os.replace(tmp, dest)
+                    except BaseException:
+                        os.replace(trash, dest)  # put the old one back
+                        raise
+                    tmp = trash
             else:
-                trash = dest.parent / f".{dest.name}{TEMP_MARKER}{os.getpid()}-old"
-                os.replace(dest, trash)
                 os.replace(tmp, dest)
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+            committed.append(dest)
+        # From here `tmp` is the old entry (replaced) or gone (renamed into place).
+        remove_entry(tmp)
         fsync_dir(dest.parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_entry(tmp)
         raise _os_error(e, dest) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_entry(tmp)
         raise
 
 

@@ -15,17 +15,11 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from ckpt_ir.converters.storage.hf_files import SourceFiles
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.tables import NativeParams
 
 __all__ = ["DistributedWriter", "Reader", "SourceFiles", "WriteOptions", "Writer"]
-
-
-@dataclass(frozen=True)
-class SourceFiles:
-    """Non-weight files a reader carries along (tokenizer, generation config), by file name."""
-
-    files: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

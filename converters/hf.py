@@ -23,7 +23,7 @@ import torch
 
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.hf_files import (
-    carried_files,
+    carried_source_files,
     check_layer_count,
     load_hf_config,
 )
@@ -180,7 +180,7 @@ class HfReader:
         return handle.get(name)
 
     def source_files(self) -> SourceFiles:
-        return SourceFiles(carried_files((self.path, self._config_dir)))
+        return carried_source_files((self.path, self._config_dir))
 
     def describe(self) -> dict[str, Any]:
         files = sorted(set(self._where.values()))

@@ -31,7 +31,7 @@ import torch
 
 from ckpt_ir.adapters import AdapterConfig
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
-from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
 from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsFile,
     SafetensorsWriter,
@@ -169,7 +169,7 @@ class HfPeftReader:
 
     def source_files(self) -> SourceFiles:
         dirs = [d for d in (self._config_dir, self.path) if d is not None]
-        return SourceFiles(carried_files(dirs))
+        return carried_source_files(dirs)
 
     def describe(self) -> dict[str, Any]:
         return {"weights": self._kind, "config_from": str(self._config_dir or "base model"),

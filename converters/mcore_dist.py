@@ -50,7 +50,7 @@ from ckpt_ir.adapters import (
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.converters.storage.hf_files import (
-    carried_files,
+    carried_source_files,
     check_layer_count,
     load_hf_config,
 )
@@ -324,7 +324,7 @@ class McoreDistReader:
         src = Path(self._config_source)
         if not src.is_dir():
             return SourceFiles({})
-        return SourceFiles(carried_files([src]))
+        return carried_source_files([src])
 
     def describe(self) -> dict[str, Any]:
         stacked = sorted({fqn for fqn, index in self._natives.values() if index})

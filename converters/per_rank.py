@@ -45,7 +45,7 @@ from ckpt_ir.converters.expert_ranks import (
     local_expert_name,
     local_extra_state_module,
 )
-from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
 from ckpt_ir.converters.storage.torch_zip import TensorRef, TorchZipWriter
 from ckpt_ir.errors import (
     CheckpointError,
@@ -510,7 +510,7 @@ class PerRankReader:
 
     def source_files(self) -> SourceFiles:
         src = Path(self._config_source)
-        return SourceFiles(carried_files([src]) if src.is_dir() else {})
+        return carried_source_files([src]) if src.is_dir() else SourceFiles()
 
     def describe(self) -> dict[str, Any]:
         return {

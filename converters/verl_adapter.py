@@ -43,7 +43,7 @@ from ckpt_ir.adapters import (
 )
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.per_rank import RankKey, rank_dir_name
-from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
 from ckpt_ir.converters.storage.torch_zip import TensorRef, TorchZipWriter
 from ckpt_ir.detect import ADAPTER_DIR, read_json_file
 from ckpt_ir.errors import (
@@ -250,7 +250,7 @@ class VerlAdapterReader:
         return unshard(pieces, partition)
 
     def source_files(self) -> SourceFiles:
-        return SourceFiles(carried_files([self._config_dir] if self._config_dir else []))
+        return carried_source_files([self._config_dir] if self._config_dir else [])
 
     def describe(self) -> dict[str, Any]:
         layout = self.params.lora

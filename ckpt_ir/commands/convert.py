@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ckpt_ir.commands import (
@@ -54,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) and no progress lines (in a log)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,21 +67,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  mcore_experts=args.mcore_experts, **lora_options(args))
 
 
+PROGRESS_SECONDS = 10.0
+"""Interval of the progress lines written when stderr is not a terminal (CI logs, nohup);
+``CKPT_IR_PROGRESS_SECONDS`` overrides it."""
+
+
+class LogProgress:
+    """A progress line on stderr at most every ``interval`` seconds: bytes done of the total,
+    rate, ETA. For logs, where a redrawn bar is either noise or nothing."""
+
+    def __init__(self, interval: float, stream=sys.stderr,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval, self.stream, self.clock = interval, stream, clock
+        self.started = self.last = clock()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        print(self.line(done, total, now - self.started), file=self.stream, flush=True)
+
+    @staticmethod
+    def line(done: int, total: int, elapsed: float) -> str:
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 else "unknown"
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        return (f"ckpt-ir: converting: {human_bytes(done)} of {human_bytes(total)}{share}, "
+                f"{human_bytes(int(rate))}/s, ETA {eta}")
+
+
+def _progress_interval() -> float:
+    text = os.environ.get("CKPT_IR_PROGRESS_SECONDS", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return PROGRESS_SECONDS
+    return value if value >= 0 else PROGRESS_SECONDS
+
+
 def convert_with_progress(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
-    """``ckpt_ir.convert`` with the common flags of ``args`` and a progress bar on stderr."""
+    """``ckpt_ir.convert`` with the common flags of ``args``; progress on stderr: a bar on a
+    terminal, a line at most every 10 s otherwise, nothing with ``--no-progress``."""
     from ckpt_ir.api import convert
 
     bar = None
     progress = None
     if not args.no_progress and not args.dry_run:
-        from tqdm import tqdm
+        if sys.stderr.isatty():
+            from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                   desc="converting", disable=None, leave=False)
+            bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
+                       file=sys.stderr, desc="converting", leave=False)
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+        else:
+            progress = LogProgress(_progress_interval())
     try:
         report = convert(args.src, args.dst, hf_config=args.hf_config, dtype=args.dtype,
                          pad_vocab_to_multiple=args.pad_vocab_to_multiple,

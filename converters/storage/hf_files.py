@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Iterable
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError, PlanError
 from ckpt_ir.ir import ModelConfig
 
-__all__ = ["CARRIED_FILES", "carried_files", "check_layer_count", "load_hf_config"]
+__all__ = ["CARRIED_FILES", "SourceFiles", "carried_files", "carried_source_files",
+           "check_layer_count",
+           "load_hf_config"]
+
+log = logging.getLogger(__name__)
 
 # Files a model directory needs besides weights and config.json (tokenizers, generation).
 CARRIED_FILES = (
@@ -20,6 +28,15 @@ CARRIED_FILES = (
     "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
     "preprocessor_config.json", "spiece.model", "qwen.tiktoken", "tiktoken.model",
 )
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """Non-weight files a reader carries along (tokenizer, generation config), by file name;
+    ``skipped``: path -> why a file by one of those names was not carried."""
+
+    files: Mapping[str, Path] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
 
 
 def load_hf_config(directory: Path) -> dict[str, Any]:
@@ -63,11 +80,55 @@ def check_layer_count(config: ModelConfig, num_tensors: int, path: str | Path) -
                          f"checkpoint holds only {num_tensors} tensors"], path=path)
 
 
-def carried_files(directories: Iterable[Path]) -> dict[str, Path]:
-    """Tokenizer and generation files found in ``directories`` (later ones win)."""
+def _tree_root(directory: Path) -> Path:
+    """The tree a carried file of ``directory`` may resolve into: the directory itself, or
+    for a Hugging Face hub cache snapshot (``models--org--name/snapshots/<rev>/``, whose files
+    are symlinks to ``../../blobs/<hash>``) the model's cache directory."""
+    resolved = directory.resolve()
+    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith(
+            ("models--", "datasets--")):
+        return resolved.parent.parent
+    return resolved
+
+
+def _why_not_carried(path: Path, root: Path) -> str | None:
+    """None if ``path`` is a regular file inside ``root`` (after following symlinks), else
+    why it is not carried."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    target = path.resolve()
+    if target != root and root not in target.parents:
+        return f"a symlink leading out of the checkpoint, to {target}"
+    return None
+
+
+def carried_source_files(directories: Iterable[Path]) -> SourceFiles:
+    """Tokenizer and generation files found in ``directories`` (later ones win), each the
+    regular file it resolves to. A name that is a symlink leading out of its directory's tree
+    (``tokenizer.json`` -> ``/etc/passwd``) or not a regular file (a FIFO, a device) is not
+    carried: it is listed in ``skipped`` with the reason (the report says which)."""
     found: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
     for d in directories:
+        root = _tree_root(d)
         for name in CARRIED_FILES:
-            if (d / name).is_file():
-                found[name] = d / name
-    return found
+            path = d / name
+            if not os.path.lexists(path):
+                continue
+            why = _why_not_carried(path, root)
+            if why is None:
+                found[name] = path.resolve()
+                skipped.pop(name, None)
+            else:
+                skipped[str(path)] = why
+                log.debug("not carrying %s: %s", path, why)
+    return SourceFiles(found, skipped)
+
+
+def carried_files(directories: Iterable[Path]) -> dict[str, Path]:
+    """The files of :func:`carried_source_files` by name."""
+    return dict(carried_source_files(directories).files)

@@ -59,13 +59,14 @@ def test_dry_run_writes_nothing(hf_dir, tmp_path):
 
 def test_existing_destination_is_refused(hf_dir, tmp_path):
     dst = tmp_path / "dist"
-    dst.mkdir()
+    assert run("convert", str(hf_dir), str(dst), "--to", "mcore-dist").returncode == 0
     (dst / "keep").write_text("x")
     r = run("convert", str(hf_dir), str(dst), "--to", "mcore-dist")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"ckpt-ir: error: destination {dst} exists (pass --overwrite to replace it)"]
     assert (dst / "keep").read_text() == "x"
+    # A checkpoint ckpt-ir recognises is replaced with --overwrite, files beside it included.
     r = run("convert", str(hf_dir), str(dst), "--to", "mcore-dist", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert not (dst / "keep").exists() and (dst / "metadata.json").is_file()
