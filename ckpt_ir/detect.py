@@ -30,15 +30,18 @@ from pathlib import Path
 
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
 
-__all__ = ["FORMAT_NAMES", "MANIFEST", "Resolved", "detect", "resolve", "resolve_adapter",
-           "save_status"]
+__all__ = ["FORMAT_NAMES", "MANIFEST", "TRACKER", "Resolved", "detect", "parse_step", "resolve",
+           "resolve_adapter", "save_status"]
 
 FORMAT_NAMES = ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy")
 
 TRACKER = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's and verl's tracker: the last completed save's step, or ``release``. The one
+definition: the manager and the megatron-legacy writer import it, and read it with
+:func:`parse_step`."""
 MANIFEST = "ckpt_contents.json"
-_ITER = re.compile(r"^iter_(\d+)$")
-_STEP = re.compile(r"^global_step_(\d+)$")
+_ITER = re.compile(r"^iter_(\d+)$", re.ASCII)
+_STEP = re.compile(r"^global_step_(\d+)$", re.ASCII)
 _RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
@@ -71,9 +74,20 @@ def is_peft_dir(p: Path) -> bool:
     return (p / "adapter_config.json").is_file()
 
 
+MAX_STEP_DIGITS = 18
+"""A step number fits an int64; a 5,000-digit one is no step (and past int()'s digit limit)."""
+
+
+def parse_step(value: str) -> int | None:
+    """A tracker's step number, None if ``value`` is not one: plain ASCII digits of sane
+    length ("²".isdigit() is True, and int("²") raises ValueError)."""
+    if value.isascii() and value.isdigit() and len(value) <= MAX_STEP_DIGITS:
+        return int(value)
+    return None
+
+
 def _is_step(value: str) -> bool:
-    """A tracker's step number: plain ASCII digits of sane length ("²".isdigit() is True)."""
-    return value.isascii() and value.isdigit() and len(value) <= 18
+    return parse_step(value) is not None
 
 
 def _read_tracker(p: Path) -> str:

@@ -34,13 +34,13 @@ from typing import Any, ClassVar
 import torch
 
 from ckpt_ir.converters.per_rank import PerRankReader, PerRankWriter, RankKey
+from ckpt_ir.detect import TRACKER
 from ckpt_ir.errors import CorruptCheckpointError
 from ckpt_ir.megatron_config import hf_config_from_megatron, plain_arguments
 
 __all__ = ["HF_DIR", "TRACKER", "MegatronLegacyReader", "MegatronLegacyWriter",
            "megatron_lm_args"]
 
-TRACKER = "latest_checkpointed_iteration.txt"
 HF_DIR = "hf_config"
 """ckpt-ir keeps the HF config and tokenizer here, inside the iteration directory."""
 

@@ -191,7 +191,8 @@ def _split_layer(name: str, prefix: str) -> tuple[int, str] | None:
     if not name.startswith(prefix):
         return None
     head, sep, rest = name[len(prefix):].partition(".")
-    if not sep or not head.isdigit():
+    # ASCII digits only: "²".isdigit() is True but int("²") raises ValueError.
+    if not sep or not (head.isascii() and head.isdigit()):
         return None
     return int(head), rest
 

@@ -12,13 +12,20 @@ Two layouts::
         optimizer/dist_ckpt/  "optimizer"              optimizer/    "optimizer"
         extra/dist_ckpt/      "extra"                  extra/        "extra"
 
-A save is staged in ``<root>/.<step dir>.<role>.ckpt-ir-tmp-<id>/`` and counts only once, in this
+A save is staged in ``<root>/.<step dir>.<tag>.ckpt-ir-tmp-<id>/`` and counts only once, in this
 order: (1) every rank's files are fsynced, (2) rank 0 writes the per-directory metadata
 (torch_dist ``.metadata``/``metadata.json``, HF index/config), (3) rank 0 writes the manifest
 ``ckpt_contents.json`` (temp file, fsync, rename), (4) renames the staged directory into place,
 (5) writes the tracker ``latest_checkpointed_iteration.txt`` (temp file, fsync, rename). The
 tracker is the commit point: a step newer than the tracker, or without a manifest, is never
 trusted. Retention runs after (5) and only ever removes steps older than the tracker's.
+
+The manager touches nothing outside its run root: a step or role directory that is a symlink
+is not one of its checkpoints (``steps()`` skips it, a tracker naming it is refused, a save of
+that step refuses to write through it); a deletion never follows a link (a role symlink is
+unlinked, its target left alone); its temporary names carry the step and the role exactly
+(``.global_step_5.actor.ckpt-ir-tmp-…``), so one role's clean-up never matches another's
+(``ref.actor``).
 """
 
 from __future__ import annotations
@@ -35,8 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckpt_ir.errors import CorruptCheckpointError, DestinationExistsError, FormatError
-from ckpt_ir.executor import fsync_dir
+from ckpt_ir.detect import MANIFEST, TRACKER, parse_step
+from ckpt_ir.errors import (
+    CorruptCheckpointError,
+    DestinationError,
+    DestinationExistsError,
+    FormatError,
+)
+from ckpt_ir.executor import fsync_dir, remove_entry
 
 __all__ = [
     "CONTENTS",
@@ -52,8 +65,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-MANIFEST = "ckpt_contents.json"
 CONTENTS = ("model", "hf_model", "optimizer", "extra")
 STAGING_MARKER = ".ckpt-ir-tmp-"
 DELETING_MARKER = ".ckpt-ir-deleting-"
@@ -79,7 +90,8 @@ class DiskLayout:
 
     @property
     def _step_re(self) -> re.Pattern[str]:
-        return re.compile(r"^global_step_(\d+)$" if self.kind == "verl" else r"^iter_(\d+)$")
+        return re.compile(r"^global_step_(\d+)$" if self.kind == "verl" else r"^iter_(\d+)$",
+                          re.ASCII)
 
     @property
     def tag(self) -> str:
@@ -102,15 +114,44 @@ class DiskLayout:
         return (verl if self.kind == "verl" else plain)[content]
 
     def steps(self, root: Path) -> list[tuple[int, Path]]:
-        """Every step directory under ``root`` (complete or not), oldest first."""
+        """Every step directory under ``root`` (complete or not), oldest first. Only real
+        directories count: a symlink named like a step (to another run's checkpoint) is not
+        this run's to load, replace or delete."""
         if not root.is_dir():
             return []
         out = []
         for c in root.iterdir():
             m = self._step_re.match(c.name)
-            if m and c.is_dir():
-                out.append((int(m.group(1)), c))
+            if not m:
+                continue
+            if not _real_dir(c):
+                log.warning("ignoring %s: not a directory of this run (a symlink or a file)", c)
+                continue
+            out.append((int(m.group(1)), c))
         return sorted(out)
+
+    def staging_re(self) -> re.Pattern[str]:
+        """This manager's staging and deleting names at the run root, and nobody else's."""
+        step = r"(?:global_step_\d+)" if self.kind == "verl" else r"(?:iter_\d+)"
+        markers = "|".join(re.escape(m) for m in (STAGING_MARKER, DELETING_MARKER))
+        return re.compile(rf"^\.{step}\.{re.escape(self.tag)}(?:{markers})[0-9a-f]+$")
+
+
+def _real_dir(path: Path) -> bool:
+    """A directory that is not a symlink."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def _managed_unit(root: Path, layout: DiskLayout, step: int) -> Path:
+    """The unit directory of ``step``, refusing one reached through a symlink."""
+    step_dir = layout.step_dir(root, step)
+    unit = layout.unit(step_dir)
+    for p in (step_dir, unit):
+        if p.is_symlink():
+            raise CorruptCheckpointError(
+                f"{p} is a symlink (to {p.resolve()}): the checkpoint manager uses only "
+                f"directories inside its run root {root}", path=p)
+    return unit
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,10 +202,11 @@ def read_tracker(root: Path) -> int | None:
         return None
     except (OSError, UnicodeDecodeError) as e:
         raise CorruptCheckpointError(f"cannot read {TRACKER}: {e}", path=path) from e
-    if not text.isdigit():
+    step = parse_step(text)
+    if step is None:
         raise CorruptCheckpointError(f"{TRACKER} holds {text[:40]!r}, not a step number",
                                      path=path)
-    return int(text)
+    return step
 
 
 def read_manifest(unit: Path) -> dict[str, Any] | None:
@@ -198,7 +240,8 @@ def committed_steps(root: str | os.PathLike, layout: DiskLayout | None = None) -
     for step, d in layout.steps(root):
         if tracker is not None and step > tracker:
             continue
-        if (layout.unit(d) / MANIFEST).is_file():
+        unit = layout.unit(d)
+        if not unit.is_symlink() and (unit / MANIFEST).is_file():
             out.append(step)
     return out
 
@@ -219,7 +262,7 @@ def latest_step(root: str | os.PathLike, layout: DiskLayout | None = None) -> in
             log.warning("%s has no %s; using step %d, the newest save with a %s", root,
                         TRACKER, steps[-1], MANIFEST)
         return steps[-1] if steps else None
-    unit = layout.unit(layout.step_dir(root, tracker))
+    unit = _managed_unit(root, layout, tracker)
     if not (unit / MANIFEST).is_file():
         raise CorruptCheckpointError(f"{TRACKER} names step {tracker}, but {unit} has no "
                                      f"{MANIFEST}: that save is not complete", path=unit)
@@ -238,15 +281,13 @@ def clean_stale(root: Path, layout: DiskLayout) -> list[Path]:
     removed = []
     if not root.is_dir():
         return removed
-    markers = (f".{layout.tag}{STAGING_MARKER}", f".{layout.tag}{DELETING_MARKER}",
-               f".{TRACKER}{STAGING_MARKER}")
+    # Exact names: role "actor" must not match role "ref.actor"'s staging directory.
+    mine = layout.staging_re()
+    tracker_tmp = re.compile(rf"^\.{re.escape(TRACKER)}{re.escape(STAGING_MARKER)}[0-9a-f]+$")
     for p in root.iterdir():
-        if not (p.name.startswith(".") and any(m in p.name for m in markers)):
+        if not (mine.match(p.name) or tracker_tmp.match(p.name)):
             continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        remove_entry(p)  # never follows a link
         removed.append(p)
         log.warning("removed %s left behind by an interrupted save", p)
     return removed
@@ -260,7 +301,7 @@ def stage(root: Path, layout: DiskLayout, step: int) -> Path:
             checkpoint the tracker vouches for).
     """
     tracker = read_tracker(root)
-    final = layout.unit(layout.step_dir(root, step))
+    final = _managed_unit(root, layout, step)
     if tracker is not None and step <= tracker and (final / MANIFEST).is_file():
         raise DestinationExistsError(
             f"step {step} is already committed at {final} (the tracker is at step {tracker})",
@@ -272,15 +313,21 @@ def stage(root: Path, layout: DiskLayout, step: int) -> Path:
     return unit
 
 
-def _trash(path: Path, root: Path, layout: DiskLayout) -> None:
-    """Take ``path`` out of sight atomically (a rename into a hidden name at the run root, which
-    :func:`clean_stale` finishes if we are killed mid-way), then delete it."""
-    trash = root / f".{path.parent.name}.{path.name}.{layout.tag}{DELETING_MARKER}" \
-        f"{uuid.uuid4().hex[:8]}"
+def _trash(path: Path, root: Path, layout: DiskLayout, step_name: str) -> None:
+    """Take ``path`` (a unit directory, or a symlink in its place) out of sight atomically (a
+    rename into a hidden name at the run root, which :func:`clean_stale` finishes if we are
+    killed mid-way), then delete it without following links. ``path``'s parent must be the
+    run root or a real step directory in it: renaming through a symlinked parent would move
+    another run's directory."""
+    parent = path.parent
+    if parent != root and (parent.parent != root or not _real_dir(parent)):
+        raise DestinationError(f"refusing to delete {path}: it is not inside the run root "
+                               f"{root} (a symlinked step directory?)", path=path)
+    trash = root / f".{step_name}.{layout.tag}{DELETING_MARKER}{uuid.uuid4().hex[:8]}"
     os.replace(path, trash)
-    fsync_dir(path.parent)
+    fsync_dir(parent)
     fsync_dir(root)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_entry(trash)
 
 
 def write_manifest(unit: Path, manifest: Mapping[str, Any]) -> None:
@@ -296,9 +343,13 @@ def publish(root: Path, layout: DiskLayout, step: int, staged_unit: Path) -> Pat
     """
     step_dir = layout.step_dir(root, step)
     staging = staged_unit if layout.kind == "plain" else staged_unit.parent
+    if os.path.lexists(step_dir) and not _real_dir(step_dir):
+        raise DestinationError(f"cannot save step {step}: {step_dir} is a symlink or a file, "
+                               "and the checkpoint manager writes only inside its run root",
+                               path=step_dir)
     final = layout.unit(step_dir)
-    if final.exists():
-        _trash(final, root, layout)
+    if os.path.lexists(final):
+        _trash(final, root, layout, step_dir.name)
     if layout.kind == "plain" or not step_dir.exists():
         os.replace(staging, step_dir)
     else:
@@ -330,8 +381,8 @@ def retain(root: Path, layout: DiskLayout, keep_last: int | None) -> list[int]:
         if step >= tracker or step in keep:
             continue
         unit = layout.unit(d)
-        if unit.exists():
-            _trash(unit, root, layout)
+        if os.path.lexists(unit):
+            _trash(unit, root, layout, d.name)  # a role symlink: the link only
             removed.append(step)
         if layout.kind == "verl":
             with contextlib.suppress(OSError):
