@@ -86,7 +86,10 @@ class LogProgress:
         if now - self.last < self.interval:
             return
         self.last = now
-        print(self.line(done, total, now - self.started), file=self.stream, flush=True)
+        # One write per whole line: a signal that interrupts it leaves no half line in front
+        # of the "interrupted" message.
+        self.stream.write(self.line(done, total, now - self.started) + "\n")
+        self.stream.flush()
 
     @staticmethod
     def line(done: int, total: int, elapsed: float) -> str:
