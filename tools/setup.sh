@@ -8,19 +8,29 @@ PY=${PYTHON:-python3}
 VENV=.venv
 TORCH_SPEC=${CKPT_IR_TORCH:-torch==2.13.0}
 
+step() { echo "setup: $*"; }
+
 if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV with $("$PY" --version 2>&1)"
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.ckpt-ir-setup"
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16) $TORCH_SPEC"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  step "$VENV is up to date"
   exit 0
 fi
+step "upgrading pip"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first, pinned: any unpinned torch requirement resolved later would otherwise pull the
 # newest CUDA build (several GB). An already-installed torch that satisfies the pin is kept.
-if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+if "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  step "keeping the installed torch $("$VENV/bin/python" -c "import torch; print(torch.__version__)")"
+else
+  step "installing $TORCH_SPEC (CPU build; a few minutes on a fresh machine)"
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
+step "installing ckpt-ir and its test dependencies (pinned by constraints.txt)"
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
 echo "$want" > "$stamp"
+step "done"
