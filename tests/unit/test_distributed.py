@@ -91,8 +91,10 @@ def test_torchrun_mcore_dist_to_hf_is_byte_identical(model, tmp_path):
 
 def test_torchrun_reports_input_errors_once_and_writes_nothing(model, tmp_path):
     (tmp_path / "taken").mkdir()
-    r = torchrun("convert", str(model), str(tmp_path / "taken"), "--to", "mcore-dist")
+    (tmp_path / "taken" / "notes.txt").write_text("mine")  # an empty directory would be taken
+    r = torchrun("convert", str(model), str(tmp_path / "taken"), "--to", "mcore-dist",
+                 "--overwrite")
     assert r.returncode != 0
-    assert "exists (pass --overwrite to replace it)" in r.stderr
-    assert list((tmp_path / "taken").iterdir()) == []
+    assert "holds files that are not a checkpoint ckpt-ir recognises" in r.stderr
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     assert not [p for p in tmp_path.iterdir() if ".ckpt-ir-tmp-" in p.name]
