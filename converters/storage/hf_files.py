@@ -122,7 +122,6 @@ def carried_source_files(directories: Iterable[Path]) -> SourceFiles:
             why = _why_not_carried(path, root)
             if why is None:
                 found[name] = path.resolve()
-                skipped.pop(name, None)
             else:
                 skipped[str(path)] = why
                 log.debug("not carrying %s: %s", path, why)
