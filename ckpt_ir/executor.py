@@ -241,9 +241,14 @@ def destination_path(dest: str | os.PathLike) -> Path:
     ``sib`` and then write into ``SRC``). The last component is not followed: a destination
     that is itself a symlink is replaced as a link, its target never written or deleted."""
     path = Path(dest)
-    if path.name in ("", "..") or path.name != os.path.basename(os.fspath(dest).rstrip("/")):
-        path = path.resolve()  # "/", ".", "x/..": nothing to keep unresolved
-    return path.parent.resolve() / path.name
+    try:
+        if path.name in ("", "..") or path.name != os.path.basename(
+                os.fspath(dest).rstrip("/")):
+            path = path.resolve()  # "/", ".", "x/..": nothing to keep unresolved
+        return path.parent.resolve() / path.name
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise DestinationError(f"cannot resolve the destination {dest}: {e}",
+                               path=os.fspath(dest)) from e
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -253,9 +258,12 @@ def _overlaps(a: Path, b: Path) -> bool:
 def _check_overlap(dest: Path, tmp_name: str, protect: tuple[Path, ...]) -> None:
     """The destination, where it leads if it is a symlink, and the temporary sibling must be
     neither a source nor inside one nor contain one, all compared resolved."""
-    written = (dest, dest.resolve(), dest.parent / tmp_name)
-    for src in protect:
-        src = Path(src).resolve()
+    try:
+        written = (dest, dest.resolve(), dest.parent / tmp_name)
+        sources = [Path(src).resolve() for src in protect]
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise DestinationError(f"cannot resolve {dest} or its source: {e}", path=dest) from e
+    for src in sources:
         if any(_overlaps(w, src) for w in written):
             raise DestinationExistsError(
                 f"destination {dest} overlaps the source {src}; ckpt-ir never writes into "
@@ -267,7 +275,7 @@ def _is_checkpoint(path: Path) -> bool:
 
     try:
         resolve(path)
-    except CheckpointError:
+    except Exception:  # whatever stops detection, the directory is not ours to delete
         return False
     return True
 

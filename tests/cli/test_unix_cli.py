@@ -89,6 +89,16 @@ def test_destination_through_dotdot_into_the_source_is_refused(src: Path,
     assert not (tmp_path / "sib").exists() and not (src.parent / "sib").exists()
 
 
+def test_a_symlink_loop_in_the_destination_is_one_line(src: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    r = run("convert", str(src), "a/out", "--to", "hf", cwd=tmp_path)
+    assert r.returncode == 2
+    # The cause's wording is Python's (3.11: RuntimeError "Symlink loop from ...").
+    [line] = lines(r.stderr)
+    assert line.startswith("ckpt-ir: error: cannot resolve the destination a/out: "), line
+
+
 def test_overwriting_a_symlink_to_the_source_is_refused(src: Path, tmp_path: Path) -> None:
     before = tree_bytes(src)
     (tmp_path / "out").symlink_to(src)
