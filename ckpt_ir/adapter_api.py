@@ -33,7 +33,7 @@ from ckpt_ir.adapters import (
     plan_lora_layout,
 )
 from ckpt_ir.api import Report, _open_reader, _parse_size, target_layout
-from ckpt_ir.detect import Resolved, dist_has_adapter, resolve, resolve_adapter
+from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError, PlanError
 from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import (
@@ -47,7 +47,8 @@ from ckpt_ir.planner import Plan, make_plan
 from ckpt_ir.tables import Binding, Table, build_table
 from ckpt_ir.transforms import MergeLora, lora_roles
 
-__all__ = ["AdapterCheckpoint", "AdapterReport", "adapter_conversion", "convert_adapter",
+__all__ = ["AdapterCheckpoint", "AdapterReport", "adapter_conversion", "adapter_source",
+           "convert_adapter",
            "extract_adapter", "merge_adapter", "open_adapter"]
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def open_adapter_reader(src: str | os.PathLike, fmt: str | None = None, *,
                           f"{fmt}", path=src)
     cls = adapter_reader_class(resolved.format)
     reader = cls(resolved.path, hf_config=hf_config, trust_pickles=trust_pickles,
-                 config_candidates=resolved.config_candidates, lora_alpha=lora_alpha)
+                 config_candidates=resolved.config_candidates, lora_alpha=lora_alpha,
+                 peft_export=resolved.peft_export)
     return reader, resolved
 
 
@@ -157,13 +159,24 @@ def probe_shared_groups(reader: Any) -> dict[str, bool]:
 # Conversions
 
 
-def _dist_has_base(path: Path) -> bool:
+def adapter_source(src: str | os.PathLike) -> Resolved | None:
+    """Where the LoRA adapter in ``src`` is, when ``src`` holds an adapter and no base model
+    (a PEFT directory, an adapter-only torch_dist directory, verl's adapter files or LoRA
+    tree); None when ``src`` holds a model (with or without adapters beside it)."""
     try:
-        raw = (path / ".metadata").read_bytes()
-    except OSError:
-        return True
-    return any(key in raw for key in (b"embedding.word_embeddings", b"linear_qkv.weight",
-                                      b"linear_fc1.weight"))
+        resolved = resolve(src)
+    except FormatError as e:
+        try:
+            return resolve_adapter(src)
+        except CheckpointError:
+            raise e from None
+    if resolved.format == "hf-peft":
+        return resolve_adapter(src)
+    if resolved.format == "mcore-dist":
+        model, adapter = dist_key_kinds(resolved.path)
+        if adapter and not model:
+            return resolve_adapter(src)
+    return None
 
 
 def adapter_conversion(src: str | os.PathLike, to: str, source_format: str | None = None
@@ -173,17 +186,9 @@ def adapter_conversion(src: str | os.PathLike, to: str, source_format: str | Non
     if to == "hf-peft" or source_format == "hf-peft":
         return True
     try:
-        resolved = resolve(src)
-    except FormatError:
-        try:
-            resolve_adapter(src)
-        except CheckpointError:
-            return False
-        return True
-    if resolved.format == "hf-peft":
-        return True
-    return resolved.format == "mcore-dist" and dist_has_adapter(resolved.path) \
-        and not _dist_has_base(resolved.path)
+        return adapter_source(src) is not None
+    except CheckpointError:
+        return False
 
 
 def _progress_counter(progress: Callable[[int, int], None] | None, total: int
@@ -397,7 +402,7 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
         # shape is then a plan problem naming the tensor.
         ad_reader = adapter_reader_class(ad_resolved.format)(
             ad_resolved.path, trust_pickles=trust_pickles, lora_alpha=lora_alpha,
-            base_config=config)
+            base_config=config, peft_export=ad_resolved.peft_export)
         ad_config: AdapterConfig = ad_reader.adapter
         if dtype is None:
             dtypes = {s.dtype for s in base_reader.tensors().values()

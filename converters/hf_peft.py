@@ -73,8 +73,9 @@ class HfPeftReader:
 
     def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
                  trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
-                 lora_alpha: float | None = None, base_config: ModelConfig | None = None
-                 ) -> None:
+                 lora_alpha: float | None = None, base_config: ModelConfig | None = None,
+                 peft_export: Path | None = None) -> None:
+        del peft_export  # only torch_dist adapters have an HF PEFT export beside them
         self.path = Path(path)
         self._trust = trust_pickles
         peft = read_adapter_config(self.path / ADAPTER_CONFIG)
