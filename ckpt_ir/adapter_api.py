@@ -34,7 +34,7 @@ from ckpt_ir.adapters import (
 )
 from ckpt_ir.api import Report, _open_reader, _parse_size, target_layout
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
-from ckpt_ir.errors import CheckpointError, FormatError, PlanError
+from ckpt_ir.errors import CheckpointError, FormatError, MissingConfigError, PlanError
 from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import (
     ADAPTER_FORMATS,
@@ -124,6 +124,78 @@ def open_adapter(src: str | os.PathLike, format: str | None = None, *,
                              close=reader.close, release=reader.release)
     ckpt.adapter = reader.adapter
     return ckpt
+
+
+def describe_adapter(reader: Any) -> dict[str, Any]:
+    """JSON-able facts about an open adapter reader: the adapter (rank, alpha, targets,
+    patterns), its Megatron layout when it has one, and where alpha came from."""
+    adapter: AdapterConfig = reader.adapter
+    out: dict[str, Any] = {**adapter.summary(),
+                           "target_parameters": adapter.peft.get("target_parameters") or None}
+    lora: LoraLayout | None = reader.params.lora
+    if lora is not None:
+        out["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
+                           "target_modules": lora.targets(reader.config)}
+    alpha_from = getattr(reader, "alpha_from", None)
+    if alpha_from is not None:
+        out["alpha_from"] = alpha_from
+    return out
+
+
+def inspect_adapter(src: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
+                    lora_alpha: float | None = None, trust_pickles: bool = False
+                    ) -> dict[str, Any]:
+    """What ``ckpt-ir inspect`` says about a source holding a LoRA adapter: where it is, its
+    layout, the adapter's rank, alpha and targets, and its tensors."""
+    reader, resolved = open_adapter_reader(src, hf_config=hf_config, lora_alpha=lora_alpha,
+                                           trust_pickles=trust_pickles)
+    try:
+        plan = _check_source(reader)
+        cfg = reader.config
+        return {
+            "kind": "adapter", "path": str(src), "resolved_path": str(resolved.path),
+            "format": reader.format, "layout": resolved.layout, "step": resolved.step,
+            "notes": list(resolved.notes),
+            "tree": [{"path": path, "holds": what} for path, what in resolved.tree],
+            "architecture": cfg.architecture, "config": _config_summary(cfg),
+            "ir_tensors": len(plan.ir_specs),
+            "ir_bytes": sum(s.nbytes for s in plan.ir_specs.values()),
+            "dtypes": sorted({dtype_name(s.dtype) for s in plan.ir_specs.values()}),
+            "dropped": dict(sorted(plan.dropped.items())),
+            "adapter": describe_adapter(reader),
+            "details": {},
+        }
+    finally:
+        reader.close()
+
+
+def _config_summary(cfg: Any) -> dict[str, Any]:
+    return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.tie_word_embeddings}
+
+
+def adapter_beside_model(path: Path, config: Any, *, lora_alpha: float | None = None,
+                         trust_pickles: bool = False) -> dict[str, Any] | None:
+    """The adapter of a base + adapter torch_dist directory (None when it has none), read
+    against the model's config; a missing alpha is reported, not raised."""
+    model, adapter = dist_key_kinds(path)
+    if not (model and adapter):
+        return None
+    resolved = resolve_adapter(path)
+    try:
+        reader = adapter_reader_class(resolved.format)(
+            resolved.path, trust_pickles=trust_pickles, lora_alpha=lora_alpha,
+            base_config=config, peft_export=resolved.peft_export)
+    except MissingConfigError as e:
+        return {"error": str(e)}
+    try:
+        _check_source(reader)
+        return describe_adapter(reader)
+    finally:
+        reader.close()
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -231,8 +303,9 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     if model_only:
         raise FormatError(f"{', '.join(model_only)} do(es) not apply to LoRA adapters")
     if to not in ADAPTER_FORMATS:
-        raise FormatError(f"an adapter converts to {', '.join(ADAPTER_FORMATS)}, not {to!r}; "
-                          "merge-adapter writes a base model with the adapter merged in")
+        raise FormatError(f"{src} holds a LoRA adapter, which converts to "
+                          f"{', '.join(ADAPTER_FORMATS)}, not {to!r}; merge-adapter writes a "
+                          "base model with the adapter merged in")
     if lora_style is not None and lora_style not in LORA_STYLES:
         raise FormatError(f"lora_style must be one of {', '.join(LORA_STYLES)}, not "
                           f"{lora_style!r}")

@@ -480,6 +480,10 @@ def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Res
     tc = [c for c in (p / "transformer_config.json", p.parent / "transformer_config.json")
           if c.is_file()]
     cfgs = role_cfgs + tuple(tc)
+    if p.name == "adapter" and (p.parent / "config.json").is_file():
+        # Megatron-Bridge's save_hf_adapter export inside verl's huggingface/ (config and
+        # tokenizer of the base model beside it).
+        cfgs = (p.parent, *cfgs)
     if is_peft_dir(p):
         return Resolved("hf-peft", p, given, "hf peft adapter", tuple(notes), step, cfgs)
     if has_verl_adapter_files(p):
@@ -490,8 +494,9 @@ def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Res
                         f"verl adapter files ({ADAPTER_DIR}/)", tuple(notes), step, cfgs)
     for d in (p, p / "model" / "dist_ckpt", p / "dist_ckpt"):
         if is_dist_dir(d) and dist_has_adapter(d):
+            rel = _rel(d, given)
             layout = "megatron-bridge iter" if (d / "run_config.yaml").is_file() else \
-                f"torch_dist with LoRA adapters ({_rel(d, given)})"
+                f"torch_dist with LoRA adapters ({rel})" if rel else "torch_dist directory"
             export = _peft_export(p, d)
             if export is not None:
                 layout = f"verl LoRA tree ({_rel(d, given)}, HF PEFT export {_rel(export, given)})"

@@ -589,8 +589,11 @@ def _exported_adapter(export: Path, config: ModelConfig, style: str,
         problems.append("rank_pattern / alpha_pattern / rsLoRA, which Megatron LoRA (one dim, "
                         "one alpha) cannot have")
     if set(exported.modules()) != set(inferred.modules()):
-        problems.append(f"target_modules {exported.target_modules!r} are not the "
-                        f"{style} adapters' modules ({inferred.target_modules!r})")
+        def shown(targets: tuple[str, ...] | str) -> str:
+            return repr(targets if isinstance(targets, str) else sorted(targets))
+
+        problems.append(f"target_modules {shown(exported.target_modules)} are not the "
+                        f"{style} LoRA tensors' modules ({shown(inferred.target_modules)})")
     if problems:
         raise CorruptCheckpointError(f"{where} does not describe the torch_dist adapter beside "
                                      f"it: {'; '.join(problems)}", path=where)
@@ -654,6 +657,12 @@ class McoreDistAdapterReader(McoreDistReader):
                 self.config, r=rank, lora_alpha=alpha, leaves=leaves)
             layout = LoraLayout.uniform(style, self.adapter.modules(), rank, alpha)
         self.params = NativeParams(lora=layout)
+
+    @property
+    def alpha_from(self) -> str:
+        """Where the adapter's alpha came from (layout file, run_config.yaml, HF PEFT export,
+        --lora-alpha)."""
+        return self._alpha_from
 
     def _norm_style(self) -> str:
         return "te"  # adapters have no norms; the adapter rows do not depend on the spec
