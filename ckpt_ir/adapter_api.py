@@ -130,8 +130,7 @@ def describe_adapter(reader: Any) -> dict[str, Any]:
     """JSON-able facts about an open adapter reader: the adapter (rank, alpha, targets,
     patterns), its Megatron layout when it has one, and where alpha came from."""
     adapter: AdapterConfig = reader.adapter
-    out: dict[str, Any] = {**adapter.summary(),
-                           "target_parameters": adapter.peft.get("target_parameters") or None}
+    out: dict[str, Any] = adapter.summary()
     lora: LoraLayout | None = reader.params.lora
     if lora is not None:
         out["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
