@@ -427,15 +427,15 @@ class AdapterConfig:
         for other, reason in refused_modules(self.base).items():
             if self._targets(other):
                 raise FormatError(f"adapter_config.json targets {other}: {reason}", path=path)
-        if not self.modules():
-            raise FormatError(f"adapter_config.json target_modules {self.target_modules!r} match "
-                              f"no linear module of this {self.base.architecture} model",
-                              path=path)
         for t in self.target_parameters:
             if not any(p == t or p.endswith(f".{t}") for p in self.parameter_groups()):
                 raise FormatError(f"adapter_config.json target_parameters {t!r} match no fused "
                                   f"expert parameter of this {self.base.architecture} model",
                                   path=path)
+        if not self.modules():
+            raise FormatError(f"adapter_config.json target_modules {self.target_modules!r} match "
+                              f"no linear module of this {self.base.architecture} model",
+                              path=path)
 
     # -- queries ----------------------------------------------------------------------------------
 
