@@ -57,20 +57,12 @@ def bridge_export(path: Path, *, seed: int = 0, r: int = RANK, alpha: float = AL
     return tensors
 
 
-def megatron_adapter(export: Path, out: Path) -> None:
+def megatron_adapter(export: Path, out: Path, base_config: Path) -> None:
     """The Bridge torch_dist adapter of ``export`` (adapter keys only), as verl writes it: no
     ckpt-ir layout file, no config inside."""
-    convert_adapter(export, out, "mcore-dist", hf_config=_config_dir(out.parent))
+    convert_adapter(export, out, "mcore-dist", hf_config=base_config)
     (out / "ckpt_ir_lora.json").unlink()
     shutil.rmtree(out / "hf_config")
-
-
-def _config_dir(where: Path) -> Path:
-    d = where / "_base_config"
-    if not d.exists():
-        d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(TINY_LLAMA))
-    return d
 
 
 def manifest(*, step: int) -> dict:
@@ -117,7 +109,8 @@ def build_lora_tree(root: Path, *, layout: str = "v2", step: int = 3,
     dist.parent.mkdir(parents=True, exist_ok=True)
     tmp = root / "export-for-dist"
     bridge_export(tmp)  # the same tensors (same seed), fields unchanged
-    megatron_adapter(tmp, dist)
+    (tmp / "config.json").write_text(json.dumps(TINY_LLAMA))
+    megatron_adapter(tmp, dist, tmp)
     shutil.rmtree(tmp)
     if layout == "v2":
         (role / "transformer_config.json").write_text(json.dumps(
