@@ -34,7 +34,7 @@ from ckpt_ir.adapters import (
 )
 from ckpt_ir.api import Report, _open_reader, _parse_size, target_layout
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
-from ckpt_ir.errors import CheckpointError, FormatError, MissingConfigError, PlanError
+from ckpt_ir.errors import CheckpointError, FormatError, PlanError
 from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import (
     ADAPTER_FORMATS,
@@ -179,20 +179,23 @@ def _config_summary(cfg: Any) -> dict[str, Any]:
 def adapter_beside_model(path: Path, config: Any, *, lora_alpha: float | None = None,
                          trust_pickles: bool = False) -> dict[str, Any] | None:
     """The adapter of a base + adapter torch_dist directory (None when it has none), read
-    against the model's config; a missing alpha is reported, not raised."""
+    against the model's config. What keeps it from being read (no alpha recorded, a variant
+    ckpt-ir refuses) is reported, not raised: the model is what is being inspected."""
     model, adapter = dist_key_kinds(path)
     if not (model and adapter):
         return None
-    resolved = resolve_adapter(path)
     try:
+        resolved = resolve_adapter(path)
         reader = adapter_reader_class(resolved.format)(
             resolved.path, trust_pickles=trust_pickles, lora_alpha=lora_alpha,
             base_config=config, peft_export=resolved.peft_export)
-    except MissingConfigError as e:
+    except CheckpointError as e:
         return {"error": str(e)}
     try:
         _check_source(reader)
         return describe_adapter(reader)
+    except CheckpointError as e:
+        return {"error": str(e)}
     finally:
         reader.close()
 

@@ -293,3 +293,14 @@ def test_verify_refuses_an_adapter_against_a_model(tmp_path, capsys):
     write_hf(tmp_path / "hf")
     assert main(["verify", str(tmp_path / "peft"), str(tmp_path / "hf")]) == 2
     assert "holds a LoRA adapter and" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("via", ["mcore-dist", "verl-legacy"])
+def test_verify_roundtrip_takes_an_adapter(tmp_path, capsys, via):
+    bridge_export(tmp_path / "peft")
+    (tmp_path / "peft" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    extra = ["--tp", "2"] if via == "verl-legacy" else []
+    code, result = _cli_json(capsys, "verify", "--roundtrip", str(tmp_path / "peft"), "--via",
+                             via, *extra, "--workdir", str(tmp_path))
+    assert code == 0 and result["equal"] and result["back_format"] == "hf-peft"
+    assert result["there"]["compared"] == result["back"]["compared"] == 28
