@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +88,24 @@ def _read_tracker(p: Path) -> str:
         raise CorruptCheckpointError(f"cannot read {TRACKER}: {e}", path=p / TRACKER) from e
 
 
-# A Megatron model key as the pickled `.metadata` spells it; group 1 is an optimizer-state
-# prefix (optimizer.state.exp_avg.<key>), which is not a model weight.
-_DIST_KEY = re.compile(rb"(optimizer\.[\w.]*?)?((?:embedding|decoder|output_layer)\.[\w.]*)")
+# Megatron model keys start with one of these; a pickled `.metadata` holds each as a string,
+# after a length or opcode byte. Inside a longer dotted name (optimizer.state.exp_avg.<key>)
+# the same text is optimizer state, not a model key.
+_KEY_STARTS = (b"embedding.", b"decoder.", b"output_layer.")
+_KEY_TAIL = re.compile(rb"[\w.]*")
+_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _dist_keys(raw: bytes) -> Iterator[bytes]:
+    """The Megatron model and adapter key names in ``.metadata`` bytes (str.find, not a
+    regular expression scan: a few ms for a large index)."""
+    for start in _KEY_STARTS:
+        i = raw.find(start)
+        while i >= 0:
+            end = _KEY_TAIL.match(raw, i).end()
+            if not (i >= 2 and raw[i - 1] == 0x2E and raw[i - 2] in _WORD):
+                yield raw[i:end]
+            i = raw.find(start, end)
 
 
 def dist_key_kinds(p: Path) -> tuple[bool, bool]:
@@ -99,15 +115,15 @@ def dist_key_kinds(p: Path) -> tuple[bool, bool]:
         raw = (p / ".metadata").read_bytes()
     except OSError:
         return True, False
+    # Stop at the first model key unless adapter names may follow (then at one of each).
+    maybe_adapter = b".adapter." in raw
     model = adapter = False
-    for m in _DIST_KEY.finditer(raw):
-        if m.group(1):
-            continue
-        if _is_adapter_key(m.group(2)):
+    for key in _dist_keys(raw):
+        if _is_adapter_key(key):
             adapter = True
         else:
             model = True
-        if model and adapter:
+        if model and (adapter or not maybe_adapter):
             break
     return model, adapter
 

@@ -304,3 +304,25 @@ def test_verify_roundtrip_takes_an_adapter(tmp_path, capsys, via):
                              via, *extra, "--workdir", str(tmp_path))
     assert code == 0 and result["equal"] and result["back_format"] == "hf-peft"
     assert result["there"]["compared"] == result["back"]["compared"] == 28
+
+
+def test_dist_keys_are_read_from_metadata_names(tmp_path):
+    """Optimizer state named after model keys is neither a model nor an adapter; a key whose
+    pickled length byte is "." (46 characters) is still a key."""
+    import pickle
+
+    from ckpt_ir.detect import dist_key_kinds
+
+    def kinds(*keys: str) -> tuple[bool, bool]:
+        (tmp_path / ".metadata").write_bytes(pickle.dumps(list(keys), protocol=4))
+        return dist_key_kinds(tmp_path)
+
+    qkv = "decoder.layers.self_attention.linear_qkv.weight"
+    lora = "decoder.layers.self_attention.linear_qkv.adapter.linear_in.weight"
+    assert kinds(qkv) == (True, False)
+    assert kinds(lora) == (False, True)
+    assert kinds(qkv, lora) == (True, True)
+    assert kinds("optimizer.state.exp_avg." + qkv, "optimizer.state.exp_avg." + lora) == \
+        (False, False)
+    key46 = "decoder.layers.mlp.linear_fc2.weight".ljust(46, "x")
+    assert len(key46) == 46 and kinds(key46) == (True, False)
