@@ -135,3 +135,34 @@ def test_inspect_shows_target_parameters(cases, capsys):
     assert adapter["target_parameters"] == ["down_proj", "gate_up_proj"]
     assert adapter["ranks"] == [4, 8] and adapter["modules"] == 2 * 2 + 2 * 4 * 3
     assert adapter["target_modules"] == ["o_proj", "q_proj", "w1", "w2", "w3"]
+
+
+# (case, tp, ep) on two gloo ranks, expert TP 1: megatron-core 0.16.1 with Megatron-Bridge's
+# LoRA on every linear layer (SequentialMLP experts, tests/clients/mcore_lora.py).
+MEGATRON = (("mixtral-all", 1, 1), ("qwen3_moe", 1, 2))
+PAD = 128
+
+
+@pytest.mark.parametrize(("key", "tp", "ep"), MEGATRON,
+                         ids=[f"{k}-tp{t}-ep{e}" for k, t, e in MEGATRON])
+def test_megatron_core_with_the_converted_adapter_gives_peft_logits(cases, key, tp, ep,
+                                                                    tmp_path):
+    """peft's target_parameters adapter -> ckpt-ir mcore-dist (gate and up share one A:
+    Bridge's fused expert linear_fc1 adapter) -> megatron-core's forward = the PeftModel's."""
+    from tests.clients.mcore_harness import job_result, launch
+
+    case = cases[key]
+    ckpt_ir.convert(case.base, tmp_path / "base", to="mcore-dist", mcore_spec="local",
+                    pad_vocab_to_multiple=PAD)
+    report = ckpt_ir.convert(case.adapter, tmp_path / "lora", to="mcore-dist",
+                             hf_config=case.base)
+    assert not any("ranks stacked" in n for n in report.notes if "linear_fc1" in n)
+    layout = json.loads((tmp_path / "lora" / "ckpt_ir_lora.json").read_text())["layout"]
+    launch("lora-load-forward", {
+        "hf_config": str(case.base / "config.json"), "tp": tp, "ep": ep, "etp": 1,
+        "base_ckpt": str(tmp_path / "base"), "adapter_ckpt": str(tmp_path / "lora"),
+        "dim": layout["rank"], "alpha": layout["alpha"], "style": "fused",
+        "targets": layout["megatron_target_modules"], "pad_vocab_to_multiple": PAD, "input_ids": hf_models.input_ids(),
+        "out": str(tmp_path / "logits.pt")}, world_size=2, timeout=400)
+    logits = job_result(tmp_path / "logits.pt")
+    assert (logits[..., : case.logits.shape[-1]] - case.logits).abs().max() <= ATOL
