@@ -162,7 +162,11 @@ def inspect_adapter(src: str | os.PathLike, *, hf_config: str | os.PathLike | No
             "dtypes": sorted({dtype_name(s.dtype) for s in plan.ir_specs.values()}),
             "dropped": dict(sorted(plan.dropped.items())),
             "adapter": describe_adapter(reader),
-            "details": {},
+            # the reader's own facts (parallel layout of verl's files, where the config came
+            # from, ...), less what "adapter" says already
+            "details": {k: v for k, v in reader.describe().items()
+                        if k not in ("adapter", "lora_style", "lora_rank", "lora_alpha",
+                                     "alpha_from")},
         }
     finally:
         reader.close()

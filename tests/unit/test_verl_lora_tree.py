@@ -222,6 +222,7 @@ def test_inspect_describes_every_adapter_form(tmp_path, capsys):
     code, info = _cli_json(capsys, "inspect", str(tmp_path / "verl"))
     assert code == 0 and (info["kind"], info["format"]) == ("adapter", "verl-legacy")
     assert info["resolved_path"] == str(tmp_path / "verl" / "adapter_checkpoint")
+    assert info["details"]["layout"] == "tp=2 pp=1"
     (tmp_path / "verl" / "adapter_checkpoint" / "ckpt_ir_lora.json").unlink()
     assert main(["inspect", str(tmp_path / "verl")]) == 2
     assert "pass --lora-alpha" in capsys.readouterr().err
