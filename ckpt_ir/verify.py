@@ -319,13 +319,18 @@ def _open(path: str | os.PathLike[str], hf_config: str | os.PathLike[str] | None
 
 
 def _both_adapters(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether A and B are both LoRA adapters (then compared as adapters); an adapter against
-    a model is a usage error."""
+    """Whether A and B are both LoRA adapters (then compared as adapters). An adapter against
+    a base + adapter torch_dist checkpoint compares the adapters; against a model without one it
+    is a usage error."""
     from ckpt_ir.adapter_api import adapter_source
+    from ckpt_ir.detect import dist_key_kinds, resolve
 
     sides = [adapter_source(p) is not None for p in (a, b)]
     if sides[0] != sides[1]:
         adapter, model = (a, b) if sides[0] else (b, a)
+        resolved = resolve(model)
+        if resolved.format == "mcore-dist" and dist_key_kinds(resolved.path)[1]:
+            return True
         raise FormatError(f"{adapter} holds a LoRA adapter and {model} a model; verify compares "
                           "two models or two adapters (merge-adapter makes a model of an "
                           "adapter)")

@@ -165,7 +165,8 @@ def test_megatron_core_with_the_converted_adapter_gives_peft_logits(cases, key, 
         "hf_config": str(case.base / "config.json"), "tp": tp, "ep": ep, "etp": 1,
         "base_ckpt": str(tmp_path / "base"), "adapter_ckpt": str(tmp_path / "lora"),
         "dim": layout["rank"], "alpha": layout["alpha"], "style": "fused",
-        "targets": layout["megatron_target_modules"], "pad_vocab_to_multiple": PAD, "input_ids": hf_models.input_ids(),
+        "targets": layout["megatron_target_modules"], "pad_vocab_to_multiple": PAD,
+        "input_ids": hf_models.input_ids(),
         "out": str(tmp_path / "logits.pt")}, world_size=2, timeout=400)
     logits = job_result(tmp_path / "logits.pt")
     assert (logits[..., : case.logits.shape[-1]] - case.logits).abs().max() <= ATOL
