@@ -252,7 +252,7 @@ def test_inspect_of_a_base_plus_adapter_dist_describes_both(tmp_path, capsys):
     assert code == 0 and info["adapter"]["r"] == RANK and info["adapter"]["lora_alpha"] == 16
     # an adapter against a base + adapter checkpoint: the adapters are compared
     code, result = _cli_json(capsys, "verify", str(export), str(tmp_path / "both"),
-                             "--lora-alpha", "16")
+                             "--lora-alpha", "16", "--hf-config", str(tmp_path / "hf"))
     assert code == 0 and result["equal"] and result["compared"] == 28
 
 
