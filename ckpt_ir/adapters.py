@@ -94,9 +94,10 @@ SITES: Mapping[str, str] = MappingProxyType({
 _WILDCARDS = {"attention": "*.self_attention.{}", "mlp": "*.mlp.{}",
               "experts": "*.mlp.experts.*.{}", "shared_experts": "*.mlp.shared_experts.{}"}
 
-# PEFT's LoRA on parameters (``target_parameters``, peft >= 0.18 on transformers 5): an MoE
-# layer's routed experts are two 3-D parameters of ``model.layers.{l}.mlp.experts`` (Mixtral's
-# ``block_sparse_moe`` too), ``gate_up_proj`` [E, 2F, H] holding ``[gate; up]`` rows and
+# PEFT's LoRA on parameters (``target_parameters``, as peft 0.21 saves expert adapters on
+# transformers 5): an MoE layer's routed experts are two 3-D parameters of
+# ``model.layers.{l}.mlp.experts`` (Mixtral's too, whose files name them
+# ``block_sparse_moe.experts.{e}.w1``), ``gate_up_proj`` [E, 2F, H] holding ``[gate; up]`` rows and
 # ``down_proj`` [E, H, F], each adapted by one ParamWrapper whose A stacks the experts' A
 # (``[E·r, in]``, expert-major rows) and whose B their B (``[out, E·r]``, column ``k·E + e`` is
 # rank k of expert e: peft's ``get_delta_weight`` reshapes B as ``(out, r, E)``). In the IR
