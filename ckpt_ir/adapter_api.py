@@ -33,7 +33,7 @@ from ckpt_ir.adapters import (
     plan_lora_layout,
 )
 from ckpt_ir.api import Report, _open_reader, _parse_size, carried_notes, target_layout
-from ckpt_ir.detect import Resolved, dist_has_adapter, resolve, resolve_adapter
+from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError, PlanError
 from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import (
@@ -47,7 +47,8 @@ from ckpt_ir.planner import Plan, make_plan
 from ckpt_ir.tables import Binding, Table, build_table
 from ckpt_ir.transforms import MergeLora, lora_roles
 
-__all__ = ["AdapterCheckpoint", "AdapterReport", "adapter_conversion", "convert_adapter",
+__all__ = ["AdapterCheckpoint", "AdapterReport", "adapter_conversion", "adapter_source",
+           "convert_adapter",
            "extract_adapter", "merge_adapter", "open_adapter"]
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def open_adapter_reader(src: str | os.PathLike, fmt: str | None = None, *,
                           f"{fmt}", path=src)
     cls = adapter_reader_class(resolved.format)
     reader = cls(resolved.path, hf_config=hf_config, trust_pickles=trust_pickles,
-                 config_candidates=resolved.config_candidates, lora_alpha=lora_alpha)
+                 config_candidates=resolved.config_candidates, lora_alpha=lora_alpha,
+                 peft_export=resolved.peft_export)
     return reader, resolved
 
 
@@ -124,6 +126,84 @@ def open_adapter(src: str | os.PathLike, format: str | None = None, *,
     return ckpt
 
 
+def describe_adapter(reader: Any) -> dict[str, Any]:
+    """JSON-able facts about an open adapter reader: the adapter (rank, alpha, targets,
+    patterns), its Megatron layout when it has one, and where alpha came from."""
+    adapter: AdapterConfig = reader.adapter
+    out: dict[str, Any] = adapter.summary()
+    lora: LoraLayout | None = reader.params.lora
+    if lora is not None:
+        out["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
+                           "target_modules": lora.targets(reader.config)}
+    alpha_from = getattr(reader, "alpha_from", None)
+    if alpha_from is not None:
+        out["alpha_from"] = alpha_from
+    return out
+
+
+def inspect_adapter(src: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
+                    lora_alpha: float | None = None, trust_pickles: bool = False
+                    ) -> dict[str, Any]:
+    """What ``ckpt-ir inspect`` says about a source holding a LoRA adapter: where it is, its
+    layout, the adapter's rank, alpha and targets, and its tensors."""
+    reader, resolved = open_adapter_reader(src, hf_config=hf_config, lora_alpha=lora_alpha,
+                                           trust_pickles=trust_pickles)
+    try:
+        plan = _check_source(reader)
+        cfg = reader.config
+        return {
+            "kind": "adapter", "path": str(src), "resolved_path": str(resolved.path),
+            "format": reader.format, "layout": resolved.layout, "step": resolved.step,
+            "notes": list(resolved.notes),
+            "tree": [{"path": path, "holds": what} for path, what in resolved.tree],
+            "architecture": cfg.architecture, "config": _config_summary(cfg),
+            "ir_tensors": len(plan.ir_specs),
+            "ir_bytes": sum(s.nbytes for s in plan.ir_specs.values()),
+            "dtypes": sorted({dtype_name(s.dtype) for s in plan.ir_specs.values()}),
+            "dropped": dict(sorted(plan.dropped.items())),
+            "adapter": describe_adapter(reader),
+            # the reader's own facts (parallel layout of verl's files, where the config came
+            # from, ...), less what "adapter" says already
+            "details": {k: v for k, v in reader.describe().items()
+                        if k not in ("adapter", "lora_style", "lora_rank", "lora_alpha",
+                                     "alpha_from")},
+        }
+    finally:
+        reader.close()
+
+
+def _config_summary(cfg: Any) -> dict[str, Any]:
+    return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+            "tie_word_embeddings": cfg.tie_word_embeddings}
+
+
+def adapter_beside_model(path: Path, config: Any, *, lora_alpha: float | None = None,
+                         trust_pickles: bool = False) -> dict[str, Any] | None:
+    """The adapter of a base + adapter torch_dist directory (None when it has none), read
+    against the model's config. What keeps it from being read (no alpha recorded, a variant
+    ckpt-ir refuses) is reported, not raised: the model is what is being inspected."""
+    model, adapter = dist_key_kinds(path)
+    if not (model and adapter):
+        return None
+    try:
+        resolved = resolve_adapter(path)
+        reader = adapter_reader_class(resolved.format)(
+            resolved.path, trust_pickles=trust_pickles, lora_alpha=lora_alpha,
+            base_config=config, peft_export=resolved.peft_export)
+    except CheckpointError as e:
+        return {"error": str(e)}
+    try:
+        _check_source(reader)
+        return describe_adapter(reader)
+    except CheckpointError as e:
+        return {"error": str(e)}
+    finally:
+        reader.close()
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
@@ -157,13 +237,24 @@ def probe_shared_groups(reader: Any) -> dict[str, bool]:
 # Conversions
 
 
-def _dist_has_base(path: Path) -> bool:
+def adapter_source(src: str | os.PathLike) -> Resolved | None:
+    """Where the LoRA adapter in ``src`` is, when ``src`` holds an adapter and no base model
+    (a PEFT directory, an adapter-only torch_dist directory, verl's adapter files or LoRA
+    tree); None when ``src`` holds a model (with or without adapters beside it)."""
     try:
-        raw = (path / ".metadata").read_bytes()
-    except OSError:
-        return True
-    return any(key in raw for key in (b"embedding.word_embeddings", b"linear_qkv.weight",
-                                      b"linear_fc1.weight"))
+        resolved = resolve(src)
+    except FormatError as e:
+        try:
+            return resolve_adapter(src)
+        except CheckpointError:
+            raise e from None
+    if resolved.format == "hf-peft":
+        return resolve_adapter(src)
+    if resolved.format == "mcore-dist":
+        model, adapter = dist_key_kinds(resolved.path)
+        if adapter and not model:
+            return resolve_adapter(src)
+    return None
 
 
 def adapter_conversion(src: str | os.PathLike, to: str, source_format: str | None = None
@@ -173,17 +264,9 @@ def adapter_conversion(src: str | os.PathLike, to: str, source_format: str | Non
     if to == "hf-peft" or source_format == "hf-peft":
         return True
     try:
-        resolved = resolve(src)
-    except FormatError:
-        try:
-            resolve_adapter(src)
-        except CheckpointError:
-            return False
-        return True
-    if resolved.format == "hf-peft":
-        return True
-    return resolved.format == "mcore-dist" and dist_has_adapter(resolved.path) \
-        and not _dist_has_base(resolved.path)
+        return adapter_source(src) is not None
+    except CheckpointError:
+        return False
 
 
 def _progress_counter(progress: Callable[[int, int], None] | None, total: int
@@ -226,8 +309,9 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     if model_only:
         raise FormatError(f"{', '.join(model_only)} do(es) not apply to LoRA adapters")
     if to not in ADAPTER_FORMATS:
-        raise FormatError(f"an adapter converts to {', '.join(ADAPTER_FORMATS)}, not {to!r}; "
-                          "merge-adapter writes a base model with the adapter merged in")
+        raise FormatError(f"{src} holds a LoRA adapter, which converts to "
+                          f"{', '.join(ADAPTER_FORMATS)}, not {to!r}; merge-adapter writes a "
+                          "base model with the adapter merged in")
     if lora_style is not None and lora_style not in LORA_STYLES:
         raise FormatError(f"lora_style must be one of {', '.join(LORA_STYLES)}, not "
                           f"{lora_style!r}")
@@ -397,7 +481,7 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
         # shape is then a plan problem naming the tensor.
         ad_reader = adapter_reader_class(ad_resolved.format)(
             ad_resolved.path, trust_pickles=trust_pickles, lora_alpha=lora_alpha,
-            base_config=config)
+            base_config=config, peft_export=ad_resolved.peft_export)
         ad_config: AdapterConfig = ad_reader.adapter
         if dtype is None:
             dtypes = {s.dtype for s in base_reader.tensors().values()

@@ -41,6 +41,8 @@ from ckpt_ir.ir import ModelConfig, Shape
 
 __all__ = [
     "ADAPTER_SUFFIXES",
+    "EXPERTS_MODULE",
+    "EXPERT_PARAMS",
     "LORA_LAYOUT_FILE",
     "LORA_LEAVES",
     "LORA_STYLES",
@@ -53,6 +55,7 @@ __all__ = [
     "from_lora_layout_json",
     "lora_layout_json",
     "module_of",
+    "parameter_prefix",
     "parse_module",
     "plan_lora_layout",
 ]
@@ -91,6 +94,20 @@ SITES: Mapping[str, str] = MappingProxyType({
 _WILDCARDS = {"attention": "*.self_attention.{}", "mlp": "*.mlp.{}",
               "experts": "*.mlp.experts.*.{}", "shared_experts": "*.mlp.shared_experts.{}"}
 
+# PEFT's LoRA on parameters (``target_parameters``, as peft 0.21 saves expert adapters on
+# transformers 5): an MoE layer's routed experts are two 3-D parameters of
+# ``model.layers.{l}.mlp.experts`` (Mixtral's too, whose files name them
+# ``block_sparse_moe.experts.{e}.w1``), ``gate_up_proj`` [E, 2F, H] holding ``[gate; up]`` rows and
+# ``down_proj`` [E, H, F], each adapted by one ParamWrapper whose A stacks the experts' A
+# (``[E·r, in]``, expert-major rows) and whose B their B (``[out, E·r]``, column ``k·E + e`` is
+# rank k of expert e: peft's ``get_delta_weight`` reshapes B as ``(out, r, E)``). In the IR
+# these are the per-expert modules: gate and up share the fused A, B splits at row F.
+EXPERT_PARAMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)})
+_PARAM_OF = {leaf: param for param, leaves in EXPERT_PARAMS.items() for leaf in leaves}
+EXPERTS_MODULE = "model.layers.{layer}.mlp.experts"
+"""transformers 5's module holding an MoE layer's fused expert parameters (every family)."""
+
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _MODULE_RE = re.compile(
     r"^model\.layers\.(?P<layer>\d+)\.(?:self_attn\.(?P<attn>[qkvo]_proj)"
@@ -115,7 +132,6 @@ _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("modules_to_save", None, "modules_to_save (fully trained extra modules)"),
     ("layers_to_transform", None, "layers_to_transform"),
     ("layer_replication", None, "layer_replication"),
-    ("target_parameters", None, "target_parameters (LoRA on parameters)"),
     ("exclude_modules", None, "exclude_modules"),
     ("trainable_token_indices", None, "trainable_token_indices"),
     ("alora_invocation_tokens", None, "activated LoRA (alora_invocation_tokens)"),
@@ -169,6 +185,18 @@ def parse_module(module: str) -> LoraModule:
     if expert is not None:
         return LoraModule(module, layer, "experts", leaf, int(expert))
     return LoraModule(module, layer, "shared_experts" if m.group("shared") else "mlp", leaf)
+
+
+def parameter_prefix(param: str, targeted: Iterable[str]) -> str:
+    """The module path under which PEFT saves the ParamWrapper of fused expert parameter
+    ``param`` (``model.layers.3.mlp.experts.gate_up_proj``), given every targeted parameter:
+    wrappers of one module nest, the outer one keeps the module's name and each inner one adds
+    ``.base_layer``, deeper in the order of the parameter names (with both targeted,
+    ``down_proj`` is ``...experts.lora_A`` and ``gate_up_proj`` ``...experts.base_layer.lora_A``,
+    as peft 0.21 saves them and Megatron-Bridge's export writes them)."""
+    module, _, _ = param.rpartition(".")
+    siblings = sorted(t for t in targeted if t.rpartition(".")[0] == module)
+    return module + ".base_layer" * siblings.index(param)
 
 
 def module_name(layer: int, leaf: str) -> str:
@@ -282,6 +310,9 @@ class AdapterConfig:
     alpha_pattern: Mapping[str, float]
     target_modules: tuple[str, ...] | str
     peft: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # PEFT target_parameters: fused expert parameters (``gate_up_proj``, ``down_proj``, or
+    # longer suffixes of ``model.layers.{l}.mlp.experts.<param>``); see EXPERT_PARAMS.
+    target_parameters: tuple[str, ...] = ()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -328,14 +359,29 @@ class AdapterConfig:
                     re.compile(rf"(.*\.)?({key})$")  # as _pattern_key uses it
                 except re.error as e:
                     raise bad(f"{name} key {key!r} is not a valid pattern: {e}") from e
+        params = data.get("target_parameters") or ()
+        if not isinstance(params, (list, tuple)) or not all(
+                isinstance(t, str) and t for t in params):
+            raise bad(f"target_parameters must be a list of parameter names, got "
+                      f"{json.dumps(params)[:80]}")
+        for t in params:
+            if t.rpartition(".")[2] not in EXPERT_PARAMS:
+                raise FormatError(f"{where}: target_parameters {t!r} is not supported (LoRA on "
+                                  "parameters: the fused MoE expert parameters gate_up_proj and "
+                                  "down_proj only)", path=path)
+        if params and not base.is_moe:
+            raise FormatError(f"{where}: target_parameters {list(params)} name fused expert "
+                              f"parameters, but {base.architecture} has no experts", path=path)
         targets = data.get("target_modules")
+        if params and (targets is None or targets == []):
+            targets = ()  # LoRA on expert parameters only
         if isinstance(targets, str):
             try:
                 re.compile(targets)
             except re.error as e:
                 raise bad(f"target_modules {targets!r} is not a valid pattern: {e}") from e
             target_modules: tuple[str, ...] | str = targets
-        elif isinstance(targets, (list, tuple)) and targets and all(
+        elif isinstance(targets, (list, tuple)) and (targets or params) and all(
                 isinstance(t, str) and t for t in targets):
             target_modules = tuple(targets)
         else:
@@ -351,7 +397,8 @@ class AdapterConfig:
         cfg = cls(base=base, r=r, lora_alpha=alpha, use_rslora=rslora,
                   rank_pattern=MappingProxyType(dict(rank_pattern)),
                   alpha_pattern=MappingProxyType(dict(alpha_pattern)),
-                  target_modules=target_modules, peft=MappingProxyType(dict(data)))
+                  target_modules=target_modules, peft=MappingProxyType(dict(data)),
+                  target_parameters=tuple(params))
         cfg._check_targets(path)
         return cfg
 
@@ -381,6 +428,11 @@ class AdapterConfig:
         for other, reason in refused_modules(self.base).items():
             if self._targets(other):
                 raise FormatError(f"adapter_config.json targets {other}: {reason}", path=path)
+        for t in self.target_parameters:
+            if not any(p == t or p.endswith(f".{t}") for p in self.parameter_groups()):
+                raise FormatError(f"adapter_config.json target_parameters {t!r} match no fused "
+                                  f"expert parameter of this {self.base.architecture} model",
+                                  path=path)
         if not self.modules():
             raise FormatError(f"adapter_config.json target_modules {self.target_modules!r} match "
                               f"no linear module of this {self.base.architecture} model",
@@ -397,10 +449,48 @@ class AdapterConfig:
             return re.fullmatch(t, module) is not None
         return module in t or any(module.endswith(f".{key}") for key in t)
 
+    def _targets_parameter(self, key: str) -> bool:
+        """PEFT's match of ``target_parameters`` against a parameter's full name."""
+        return any(key == t or key.endswith(f".{t}") for t in self.target_parameters)
+
+    def parameter_of(self, m: LoraModule) -> str | None:
+        """The fused expert parameter (``model.layers.3.mlp.experts.gate_up_proj``) whose
+        ParamWrapper holds routed expert module ``m``'s adapter, when this adapter targets
+        parameters; None for modules adapted as modules."""
+        if not self.target_parameters or m.site != "experts":
+            return None
+        return f"{EXPERTS_MODULE.format(layer=m.layer)}.{_PARAM_OF[m.leaf]}"
+
+    def _targets_module(self, m: LoraModule) -> bool:
+        # With target_parameters (a model whose experts are fused parameters, transformers 5),
+        # routed experts are adapted through their parameters only: target_modules then match
+        # real linear modules (attention, shared experts, dense MLPs), as in peft.
+        param = self.parameter_of(m)
+        return self._targets_parameter(param) if param is not None else self._targets(m.name)
+
     @cached_property
     def _targeted(self) -> Mapping[str, LoraModule]:
         return MappingProxyType({m.name: m for m in base_modules(self.base)
-                                 if self._targets(m.name)})
+                                 if self._targets_module(m)})
+
+    def parameter_groups(self) -> dict[str, list[LoraModule]]:
+        """Targeted fused expert parameters, each with its modules in expert order (gate, up
+        of expert 0, then expert 1, ...): what one ParamWrapper's A and B hold."""
+        out: dict[str, list[LoraModule]] = {}
+        for m in self._targeted.values():
+            param = self.parameter_of(m)
+            if param is not None:
+                out.setdefault(param, []).append(m)
+        for members in out.values():
+            members.sort(key=lambda m: (m.expert, LORA_LEAVES.index(m.leaf)))
+        return out
+
+    def _pattern_name(self, module: str) -> str:
+        """The name PEFT looks rank_pattern / alpha_pattern up with: the module's, or for an
+        expert adapted through its fused parameter, the parameter's."""
+        m = self._targeted.get(module)
+        param = self.parameter_of(m) if m is not None else None
+        return param if param is not None else module
 
     def modules(self) -> tuple[str, ...]:
         """Targeted module names (``model.layers.{l}.self_attn.q_proj``,
@@ -415,11 +505,11 @@ class AdapterConfig:
         return found
 
     def rank(self, module: str) -> int:
-        key = _pattern_key(self.rank_pattern, module)
+        key = _pattern_key(self.rank_pattern, self._pattern_name(module))
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha(self, module: str) -> float:
-        key = _pattern_key(self.alpha_pattern, module)
+        key = _pattern_key(self.alpha_pattern, self._pattern_name(module))
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling(self, module: str) -> float:
@@ -487,7 +577,9 @@ class AdapterConfig:
                 "ranks": ranks, "rank_pattern": dict(self.rank_pattern),
                 "alpha_pattern": dict(self.alpha_pattern),
                 "target_modules": sorted({m.rpartition(".")[2] for m in self.modules()}),
-                "modules": len(self.modules())}
+                "modules": len(self.modules()),
+                "target_parameters": sorted({p.rpartition(".")[2]
+                                             for p in self.parameter_groups()})}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,10 @@ class Resolved:
     config_candidates: tuple[Path, ...] = field(default=())
     # (path relative to `given`, what it holds) for the directories passed through.
     tree: tuple[tuple[str, str], ...] = field(default=())
+    # Adapters: the HF PEFT export beside Megatron adapter tensors (verl's LoRA tree writes
+    # model/huggingface/adapter/ next to model/dist_ckpt/), whose adapter_config.json records
+    # the alpha, rank and targets the torch_dist files do not.
+    peft_export: Path | None = None
 
 
 def is_dist_dir(p: Path) -> bool:
@@ -97,15 +102,56 @@ def _read_tracker(p: Path) -> str:
         raise CorruptCheckpointError(f"cannot read {TRACKER}: {e}", path=p / TRACKER) from e
 
 
-def _dist_has_model(p: Path) -> bool:
-    """Whether a torch_dist dir holds model weights (verl's bridge mode keeps only optimizer)."""
-    # The pickled `.metadata` is not opened here; the data file names are enough: verl writes
-    # weights under the model's key names, which the `.metadata` lists, so peek at its bytes.
+# Megatron model keys start with one of these; a pickled `.metadata` holds each as a string,
+# after a length or opcode byte. Inside a longer dotted name (optimizer.state.exp_avg.<key>)
+# the same text is optimizer state, not a model key.
+_KEY_STARTS = (b"embedding.", b"decoder.", b"output_layer.")
+_KEY_TAIL = re.compile(rb"[\w.]*")
+_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _dist_keys(raw: bytes) -> Iterator[bytes]:
+    """The Megatron model and adapter key names in ``.metadata`` bytes (str.find, not a
+    regular expression scan: a few ms for a large index)."""
+    for start in _KEY_STARTS:
+        i = raw.find(start)
+        while i >= 0:
+            end = _KEY_TAIL.match(raw, i).end()
+            if not (i >= 2 and raw[i - 1] == 0x2E and raw[i - 2] in _WORD):
+                yield raw[i:end]
+            i = raw.find(start, end)
+
+
+def dist_key_kinds(p: Path) -> tuple[bool, bool]:
+    """``(has base model weights, has Megatron-Bridge LoRA adapter tensors)`` of a torch_dist
+    directory, from the key names in its ``.metadata`` (bytes peeked, nothing unpickled)."""
     try:
         raw = (p / ".metadata").read_bytes()
     except OSError:
-        return True
-    return b"embedding.word_embeddings" in raw or b"decoder.layers" in raw
+        return True, False
+    # Stop at the first model key unless adapter names may follow (then at one of each).
+    maybe_adapter = b".adapter." in raw
+    model = adapter = False
+    for key in _dist_keys(raw):
+        if _is_adapter_key(key):
+            adapter = True
+        else:
+            model = True
+        if model and (adapter or not maybe_adapter):
+            break
+    return model, adapter
+
+
+def _is_adapter_key(key: bytes) -> bool:
+    return b".adapter.linear_" in key or b".adapter.adapter_" in key \
+        or b".adapter.weight_magnitude" in key
+
+
+def _dist_has_model(p: Path) -> bool:
+    """Whether a torch_dist dir holds model weights: verl's bridge mode keeps only the
+    optimizer there, and with LoRA only the adapters (Bridge's PEFT filter), which are not a
+    model either."""
+    return dist_key_kinds(p)[0]
 
 
 def _manifest(p: Path) -> dict | None:
@@ -144,6 +190,15 @@ def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resol
     if (p / "model").is_dir() and _has_rank_dirs(p / "model"):
         return Resolved("verl-legacy", p / "model", given, "verl legacy (model/mp_rank_*)",
                         tuple(notes), step, cfgs)
+    for d in (p / "model" / "dist_ckpt", p / "dist_ckpt"):
+        if is_dist_dir(d) and dist_has_adapter(d):
+            # verl's LoRA tree: Bridge's PEFT filter keeps only the adapters in dist_ckpt and
+            # the bridge writes no base weights, so there is no model here to read.
+            raise FormatError(
+                f"{given} holds a LoRA adapter ({_rel(d, given) or d.name + '/'}: Megatron-Bridge "
+                "adapter tensors) and no base model weights, as verl saves LoRA training; use "
+                "extract-adapter, convert --to hf-peft / mcore-dist, or merge-adapter BASE "
+                f"{given} DST", path=given)
     return None
 
 
@@ -269,8 +324,12 @@ def describe_entry(c: Path) -> str | None:
         if is_dist_dir(c) or any(c.glob("*.distcp")):
             if not (c / "metadata.json").is_file():
                 return "torch_dist, INCOMPLETE (no metadata.json yet)"
-            return "torch_dist model weights" if _dist_has_model(c) else \
-                "torch_dist without model weights (optimizer / RNG / adapters)"
+            model, adapter = dist_key_kinds(c)
+            if adapter:
+                return "torch_dist model weights and LoRA adapters" if model else \
+                    "torch_dist LoRA adapters only (Megatron-Bridge keys), no base weights"
+            return "torch_dist model weights" if model else \
+                "torch_dist without model weights (optimizer / RNG)"
         if _has_rank_dirs(c):
             n = sum(1 for d in c.iterdir() if _RANK_DIR.match(d.name))
             kind = "model_optim_rng.pt" if any(
@@ -317,13 +376,19 @@ def resolve(src: str | Path) -> Resolved:
     """Resolve ``src`` to a format and the directory its reader opens."""
     visited: list[Path] = []
     resolved = _resolve(Path(src), visited)
-    # Also describe the directories between the last one looked at and the one read
-    # (role/model/ on the way to role/model/huggingface/).
-    inner = resolved.path.parent
-    while visited and inner != visited[-1] and visited[-1] in inner.parents:
-        visited.append(inner)
+    return dataclasses.replace(resolved,
+                               tree=_tree(resolved.given, _with_inner(visited, resolved.path)))
+
+
+def _with_inner(visited: list[Path], read: Path) -> list[Path]:
+    """``visited`` plus the directories between the last one looked at and the one read
+    (role/model/ on the way to role/model/huggingface/), so the tree describes them too."""
+    out = list(visited)
+    inner = read.parent
+    while out and inner != out[-1] and out[-1] in inner.parents:
+        out.append(inner)
         inner = inner.parent
-    return dataclasses.replace(resolved, tree=_tree(resolved.given, visited))
+    return out
 
 
 def _resolve(given: Path, visited: list[Path]) -> Resolved:
@@ -435,11 +500,7 @@ def has_verl_adapter_files(p: Path) -> bool:
 
 def dist_has_adapter(p: Path) -> bool:
     """Whether a torch_dist dir holds Megatron-Bridge LoRA tensors (names peeked, not unpickled)."""
-    try:
-        raw = (p / ".metadata").read_bytes()
-    except OSError:
-        return False
-    return b".adapter.linear_in." in raw or b".adapter.adapter_" in raw
+    return dist_key_kinds(p)[1]
 
 
 def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
@@ -449,6 +510,10 @@ def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Res
     tc = [c for c in (p / "transformer_config.json", p.parent / "transformer_config.json")
           if c.is_file()]
     cfgs = role_cfgs + tuple(tc)
+    if p.name == "adapter" and (p.parent / "config.json").is_file():
+        # Megatron-Bridge's save_hf_adapter export inside verl's huggingface/ (config and
+        # tokenizer of the base model beside it).
+        cfgs = (p.parent, *cfgs)
     if is_peft_dir(p):
         return Resolved("hf-peft", p, given, "hf peft adapter", tuple(notes), step, cfgs)
     if has_verl_adapter_files(p):
@@ -459,14 +524,41 @@ def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Res
                         f"verl adapter files ({ADAPTER_DIR}/)", tuple(notes), step, cfgs)
     for d in (p, p / "model" / "dist_ckpt", p / "dist_ckpt"):
         if is_dist_dir(d) and dist_has_adapter(d):
+            rel = _rel(d, given)
             layout = "megatron-bridge iter" if (d / "run_config.yaml").is_file() else \
-                f"torch_dist with LoRA adapters ({_rel(d, given)})"
-            return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)
+                f"torch_dist with LoRA adapters ({rel})" if rel else "torch_dist directory"
+            export = _peft_export(p, d)
+            if export is not None:
+                layout = f"verl LoRA tree ({_rel(d, given)}, HF PEFT export {_rel(export, given)})"
+            return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs,
+                            peft_export=export)
     for d in (p / "huggingface" / "adapter", p / "model" / "huggingface" / "adapter"):
         if is_peft_dir(d):
             return Resolved("hf-peft", d, given, f"verl HF PEFT export ({_rel(d, given)})",
                             tuple(notes), step, cfgs)
     return None
+
+
+def _peft_export(role: Path, dist: Path) -> Path | None:
+    """The HF PEFT export verl writes beside a torch_dist adapter directory: the manifest's
+    ``peft_adapter_path``, else ``huggingface/adapter`` next to ``dist_ckpt`` (v1 and v2)."""
+    candidates: list[Path] = []
+    manifest = _manifest(role) if (role / MANIFEST).is_file() else None
+    contents = manifest.get("contents") if manifest is not None else None
+    for entry in contents.values() if isinstance(contents, dict) else ():
+        rel = entry.get("peft_adapter_path") if isinstance(entry, dict) else None
+        if isinstance(rel, str):
+            d = role / rel
+            try:
+                inside = role.resolve() in d.resolve().parents
+            except (OSError, RuntimeError):
+                inside = False
+            if not inside:
+                raise CorruptCheckpointError(f"{MANIFEST} names peft_adapter_path {rel!r}, "
+                                             "outside the role directory", path=role / MANIFEST)
+            candidates.append(d)
+    candidates.append(dist.parent / "huggingface" / "adapter")
+    return next((c for c in candidates if is_peft_dir(c)), None)
 
 
 def resolve_adapter(src: str | Path) -> Resolved:
@@ -477,11 +569,13 @@ def resolve_adapter(src: str | Path) -> Resolved:
     if not given.is_dir():
         raise FormatError(f"{given} is not a directory", path=given)
     notes: list[str] = []
+    visited: list[Path] = []
     p, step = given, None
     for _ in range(4):  # run dir -> step dir -> role dir -> inner dir, at most
+        visited.append(p)
         hit = _adapter_in(p, given, notes, step)
         if hit is not None:
-            return hit
+            return dataclasses.replace(hit, tree=_tree(given, _with_inner(visited, hit.path)))
         if (p / TRACKER).is_file():
             value = _read_tracker(p)
             candidates = [p / "release"] if value == "release" else \

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ckpt_ir.errors import CheckpointError, MissingConfigError
+from ckpt_ir.errors import CheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import Checkpoint, ModelConfig, Shape, dtype_name
 
 __all__ = [
@@ -193,7 +193,8 @@ class _Stats:
 
 def verify(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 0.0,
            rtol: float = 0.0, hf_config: str | os.PathLike[str] | None = None,
-           trust_pickles: bool = False, check_dtype: bool = True) -> VerifyReport:
+           trust_pickles: bool = False, check_dtype: bool = True,
+           lora_alpha: float | None = None) -> VerifyReport:
     """Compare checkpoints ``a`` (the reference) and ``b`` through the IR, tensor by tensor.
 
     Args:
@@ -203,6 +204,12 @@ def verify(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float 
         trust_pickles: DANGEROUS, see :doc:`docs/safety.md`: unpickle without the allow-list.
         check_dtype: when False, a dtype difference alone is not a mismatch (values still are
             compared, in float64).
+        lora_alpha: the alpha of an adapter side whose checkpoint does not record it.
+
+    Two LoRA adapters (any adapter formats: hf-peft, Megatron-Bridge torch_dist, verl's files
+    or LoRA tree) are compared through the adapter IR: the base model configs, each common
+    module's scaling (alpha / r), and the A/B tensors under their PEFT names. An adapter
+    against a model is refused.
 
     Returns:
         A :class:`VerifyReport`; ``report.equal`` is the verdict.
@@ -213,9 +220,24 @@ def verify(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float 
     if not (math.isfinite(atol) and math.isfinite(rtol)) or atol < 0 or rtol < 0:
         raise CheckpointError(f"atol and rtol must be finite and >= 0, not {atol}, {rtol}")
     started = time.perf_counter()
-    with _open(a, hf_config, trust_pickles) as ca, _open(b, hf_config, trust_pickles) as cb:
+    adapters = _both_adapters(a, b)
+    if adapters:
+        from ckpt_ir.adapter_api import open_adapter
+
+        def open_side(path: str | os.PathLike[str]) -> Checkpoint:
+            return open_adapter(path, hf_config=hf_config, lora_alpha=lora_alpha,
+                                trust_pickles=trust_pickles)
+    else:
+        def open_side(path: str | os.PathLike[str]) -> Checkpoint:
+            return _open(path, hf_config, trust_pickles)
+    with open_side(a) as ca, open_side(b) as cb:
         release = (_release_hook(ca), _release_hook(cb))
         config = _config_diffs(ca.config, cb.config)
+        if adapters:
+            # Adapters cover the decoder layers only; a reader that found no MTP weights in a
+            # torch_dist adapter drops the MTP layers from its config, which is no difference.
+            config = [c for c in config if c.field != "num_mtp_layers"]
+            config += _adapter_diffs(ca.adapter, cb.adapter)
         diffs: list[TensorDiff] = []
         compared = 0
         for name, spec in ca.tensors.items():
@@ -294,6 +316,43 @@ def _open(path: str | os.PathLike[str], hf_config: str | os.PathLike[str] | None
         if hf_config is None:
             raise
         return ckpt_ir.open(path, hf_config=hf_config, trust_pickles=trust)
+
+
+def _both_adapters(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether A and B are both LoRA adapters (then compared as adapters). An adapter against
+    a base + adapter torch_dist checkpoint compares the adapters; against a model without one it
+    is a usage error."""
+    from ckpt_ir.adapter_api import adapter_source
+    from ckpt_ir.detect import dist_key_kinds, resolve
+
+    sides = [adapter_source(p) is not None for p in (a, b)]
+    if sides[0] != sides[1]:
+        adapter, model = (a, b) if sides[0] else (b, a)
+        resolved = resolve(model)
+        if resolved.format == "mcore-dist" and dist_key_kinds(resolved.path)[1]:
+            return True
+        raise FormatError(f"{adapter} holds a LoRA adapter and {model} a model; verify compares "
+                          "two models or two adapters (merge-adapter makes a model of an "
+                          "adapter)")
+    return sides[0]
+
+
+def _adapter_diffs(a: Any, b: Any) -> list[ConfigDiff]:
+    """Differences in what two adapters compute beyond their tensors: the scaling of each
+    module both adapt (grouped by value pair, so one changed alpha is one line)."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    theirs = set(b.modules())
+    for module in a.modules():
+        if module in theirs:
+            sa, sb = a.scaling(module), b.scaling(module)
+            if sa != sb:
+                groups.setdefault((sa, sb), []).append(module)
+    out = []
+    for (sa, sb), modules in groups.items():
+        what = f"of {modules[0]}" if len(modules) == 1 else \
+            f"({len(modules)} modules, e.g. {modules[0]})"
+        out.append(ConfigDiff(f"LoRA scaling {what}", sa, sb))
+    return out
 
 
 def _release_hook(ckpt: Checkpoint) -> Callable[[], None]:

@@ -8,6 +8,20 @@ On disk (what ``PeftModel.save_pretrained`` writes)::
                                  base_model.model.<module>.lora_B.weight [out, r]
     (adapter_model.bin           the same as a torch.save state dict, older PEFT)
 
+With ``target_parameters`` (LoRA on transformers 5's fused MoE expert parameters, what peft
+0.21 saves for ``target_modules=["w1", "w2", "w3"]`` on Mixtral), each targeted
+``model.layers.{l}.mlp.experts.{gate_up_proj,down_proj}`` has one ParamWrapper pair::
+
+    base_model.model.model.layers.{l}.mlp.experts[.base_layer].lora_A.weight   [E·r, in]
+    base_model.model.model.layers.{l}.mlp.experts[.base_layer].lora_B.weight   [out, E·r]
+
+    A rows:    [ A_0 ; A_1 ; ... ; A_{E-1} ]       expert-major, r rows each
+    B columns: k·E + e  is rank k of expert e       (peft reshapes B as (out, r, E))
+    gate_up:   B rows [gate (F); up (F)], one A for both
+
+The reader exposes them as the per-expert IR tensors (gate and up share the expert's A); the
+writer packs them back when the adapter's config has ``target_parameters``.
+
 The reader validates ``adapter_config.json`` strictly (:meth:`AdapterConfig.from_peft`) and
 exposes the tensors under their IR names (the prefix removed); the naming is ``hf``, the
 identity over the adapter's schema. The base model's ``config.json`` comes from ``--hf-config``,
@@ -29,7 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ckpt_ir.adapters import AdapterConfig
+from ckpt_ir.adapters import EXPERT_PARAMS, AdapterConfig, parameter_prefix
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
 from ckpt_ir.converters.storage.safetensors_file import (
@@ -73,8 +87,9 @@ class HfPeftReader:
 
     def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
                  trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
-                 lora_alpha: float | None = None, base_config: ModelConfig | None = None
-                 ) -> None:
+                 lora_alpha: float | None = None, base_config: ModelConfig | None = None,
+                 peft_export: Path | None = None) -> None:
+        del peft_export  # only torch_dist adapters have an HF PEFT export beside them
         self.path = Path(path)
         self._trust = trust_pickles
         peft = read_adapter_config(self.path / ADAPTER_CONFIG)
@@ -94,7 +109,10 @@ class HfPeftReader:
         self._file: SafetensorsFile | None = None
         self._bin: dict[str, torch.Tensor] = {}
         self._dropped: dict[str, str] = {}
+        # IR name -> (raw packed name, lora_A or lora_B, expert, rank, part, parts)
+        self._packed: dict[str, tuple[str, str, int, int, int, int]] = {}
         self._kind = self._scan()
+        self._unpack_expert_parameters()
 
     def _find_config_dir(self, explicit: str | os.PathLike | None, peft: Mapping[str, Any],
                          candidates: Sequence[Path]) -> Path:
@@ -149,6 +167,42 @@ class HfPeftReader:
             self._raw[name] = raw
         return kind
 
+    def _unpack_expert_parameters(self) -> None:
+        """target_parameters: each fused expert parameter's ParamWrapper A and B, as the
+        per-expert IR tensors they hold (shapes checked here; names by the plan)."""
+        groups = self.adapter.parameter_groups()
+        experts = self.config.num_experts
+        for param, members in groups.items():
+            prefix = parameter_prefix(param, groups)
+            leaves = EXPERT_PARAMS[param.rpartition(".")[2]]
+            for kind in ("lora_A", "lora_B"):
+                packed = f"{prefix}.{kind}.weight"
+                spec = self._specs.pop(packed, None)
+                if spec is None:
+                    continue  # the plan names every IR tensor then missing
+                raw = self._raw.pop(packed)
+                stacked = 0 if kind == "lora_A" else 1
+                if len(spec.shape) != 2 or spec.shape[stacked] % experts or \
+                        (kind == "lora_B" and spec.shape[0] % len(leaves)):
+                    raise CorruptCheckpointError(
+                        f"{raw} has shape {list(spec.shape)}, not the [E·r, in] / [out, E·r] of "
+                        f"a ParamWrapper over {experts} experts", path=self.path, tensor=raw)
+                rank = spec.shape[stacked] // experts
+                for m in members:
+                    part = leaves.index(m.leaf)
+                    shape = (rank, spec.shape[1]) if kind == "lora_A" else \
+                        (spec.shape[0] // len(leaves), rank)
+                    name = f"{m.name}.{kind}.weight"
+                    self._specs[name] = TensorSpec(name, shape, spec.dtype)
+                    self._packed[name] = (raw, kind, m.expert or 0, rank, part, len(leaves))
+
+    def _read_raw(self, raw: str) -> torch.Tensor:
+        if self._kind == ADAPTER_BIN:
+            return self._bin[raw]
+        if self._file is None:
+            self._file = SafetensorsFile(self.path / ADAPTER_SAFETENSORS)
+        return self._file.get(raw)
+
     # -- Reader protocol --------------------------------------------------------------------------
 
     def tensors(self) -> Mapping[str, TensorSpec]:
@@ -158,14 +212,20 @@ class HfPeftReader:
         return self._dropped
 
     def read(self, name: str) -> torch.Tensor:
+        packed = self._packed.get(name)
+        if packed is not None:
+            raw, kind, expert, rank, part, parts = packed
+            t = self._read_raw(raw)
+            if kind == "lora_A":
+                return t[expert * rank:(expert + 1) * rank]  # a view: contiguous rows
+            rows = t.shape[0] // parts
+            experts = t.shape[1] // rank
+            return t.reshape(t.shape[0], rank, experts)[part * rows:(part + 1) * rows, :,
+                                                        expert].contiguous()
         raw = self._raw.get(name)
         if raw is None:
             raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name)
-        if self._kind == ADAPTER_BIN:
-            return self._bin[raw]
-        if self._file is None:
-            self._file = SafetensorsFile(self.path / ADAPTER_SAFETENSORS)
-        return self._file.get(raw)
+        return self._read_raw(raw)
 
     def source_files(self) -> SourceFiles:
         dirs = [d for d in (self._config_dir, self.path) if d is not None]
@@ -184,6 +244,11 @@ class HfPeftReader:
             self._file.close()
             self._file = None
         self._bin.clear()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -214,15 +279,45 @@ class HfPeftWriter:
         self.params = self.params_for(config, options)
         self._writer: SafetensorsWriter | None = None
         self._pending = 0
+        # target_parameters: IR name -> packed name, and each packed tensor's pieces so far
+        self._pack_of: dict[str, str] = {}
+        self._packs: dict[str, dict[str, torch.Tensor | None]] = {}
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
         """PEFT names are the IR names (plus a prefix); no physical choices."""
         return NativeParams()
 
+    def _packed_specs(self, specs: Mapping[str, TensorSpec]) -> list[TensorSpec]:
+        """target_parameters: the ParamWrapper tensors holding the per-expert IR tensors."""
+        groups = self.adapter.parameter_groups()
+        experts = self.config.num_experts
+        out: list[TensorSpec] = []
+        for param, members in groups.items():
+            prefix = parameter_prefix(param, groups)
+            for kind in ("lora_A", "lora_B"):
+                names = [f"{m.name}.{kind}.weight" for m in members]
+                parts = [specs[n] for n in names]
+                if len({p.dtype for p in parts}) != 1:
+                    raise FormatError(f"the adapters packed into {param} mix dtypes")
+                leaves = EXPERT_PARAMS[param.rpartition(".")[2]]
+                per_expert = parts[:len(leaves)]
+                if kind == "lora_A":
+                    shape = (experts * per_expert[0].shape[0], per_expert[0].shape[1])
+                else:
+                    shape = (sum(p.shape[0] for p in per_expert), experts * per_expert[0].shape[1])
+                packed = f"{prefix}.{kind}.weight"
+                out.append(TensorSpec(packed, shape, parts[0].dtype))
+                self._packs[packed] = dict.fromkeys(names)
+                self._pack_of.update(dict.fromkeys(names, packed))
+        return out
+
     def begin(self, specs: Sequence[TensorSpec]) -> None:
+        by_name = {s.name: s for s in specs}
+        packed = self._packed_specs(by_name)
+        files = [s for s in specs if s.name not in self._pack_of] + packed
         # Widest dtypes first keeps every tensor aligned for zero-copy reads.
-        ordered = sorted(specs, key=lambda s: -s.dtype.itemsize)
+        ordered = sorted(files, key=lambda s: -s.dtype.itemsize)
         self._writer = SafetensorsWriter(self.directory / ADAPTER_SAFETENSORS,
                                          [(PREFIX + s.name, s.dtype, s.shape) for s in ordered],
                                          {"format": "pt"})
@@ -231,8 +326,35 @@ class HfPeftWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._writer is None:
             raise InternalError("hf-peft writer used before begin()")
-        self._writer.write(PREFIX + name, tensor)
+        packed = self._pack_of.get(name)
+        if packed is None:
+            self._writer.write(PREFIX + name, tensor)
+        else:
+            # Held until every expert's piece is here (one layer's expert adapters, small).
+            pieces = self._packs[packed]
+            pieces[name] = tensor.detach().clone()
+            if all(t is not None for t in pieces.values()):
+                self._writer.write(PREFIX + packed, self._pack(packed, pieces))
+                del self._packs[packed]
         self._pending -= 1
+
+    def _pack(self, packed: str, pieces: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+        """One ParamWrapper tensor from its per-expert pieces, in the layout of the module
+        docstring: A rows expert-major, B column ``k·E + e``."""
+        experts = self.config.num_experts
+        tensors = [t for t in pieces.values() if t is not None]
+        per = len(tensors) // experts  # leaves per expert: gate, up (or down)
+        by_expert = [tensors[e * per:(e + 1) * per] for e in range(experts)]
+        if packed.endswith(".lora_A.weight"):
+            for e, group in enumerate(by_expert):
+                if any(not _same_bits(group[0], t) for t in group[1:]):
+                    raise FormatError(
+                        f"expert {e}'s gate and up adapters have different A matrices, which one "
+                        f"ParamWrapper ({packed.removesuffix('.lora_A.weight')}) cannot hold; "
+                        "write the adapter without target_parameters")
+            return torch.cat([group[0] for group in by_expert], dim=0)
+        columns = [torch.cat(group, dim=0) for group in by_expert]  # [out, r] per expert
+        return torch.stack(columns, dim=-1).reshape(columns[0].shape[0], -1)
 
     def finish(self, source: Any) -> None:
         if self._writer is None or self._pending:

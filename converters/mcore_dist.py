@@ -567,6 +567,39 @@ def _number_or_none(value: Any) -> float | None:
     return None
 
 
+PEFT_CONFIG = "adapter_config.json"
+"""The PEFT config file name (as hf_peft's; converters do not import each other)."""
+
+
+def _exported_adapter(export: Path, config: ModelConfig, style: str,
+                      leaves: tuple[str, ...] | str, rank: int) -> AdapterConfig:
+    """The adapter config of Megatron-Bridge's HF PEFT export beside a torch_dist adapter
+    directory (verl's ``model/huggingface/adapter/``), checked against the tensors: it must
+    describe the same adapter (rank, targeted modules, one alpha), since it is taken for the
+    alpha those tensors do not record."""
+    where = export / PEFT_CONFIG
+    data = read_json_file(where)
+    exported = AdapterConfig.from_peft(data, config, path=where)
+    inferred = AdapterConfig.create(config, r=rank, lora_alpha=exported.lora_alpha,
+                                    leaves=leaves)
+    problems = []
+    if exported.r != rank:
+        problems.append(f"r={exported.r}, the tensors have rank {rank}")
+    if exported.rank_pattern or exported.alpha_pattern or exported.use_rslora:
+        problems.append("rank_pattern / alpha_pattern / rsLoRA, which Megatron LoRA (one dim, "
+                        "one alpha) cannot have")
+    if set(exported.modules()) != set(inferred.modules()):
+        def shown(targets: tuple[str, ...] | str) -> str:
+            return repr(targets if isinstance(targets, str) else sorted(targets))
+
+        problems.append(f"target_modules {shown(exported.target_modules)} are not the "
+                        f"{style} LoRA tensors' modules ({shown(inferred.target_modules)})")
+    if problems:
+        raise CorruptCheckpointError(f"{where} does not describe the torch_dist adapter beside "
+                                     f"it: {'; '.join(problems)}", path=where)
+    return exported
+
+
 # The adapter of a TEGroupedMLP linear (`mlp.experts.linear_fc1.adapter.`); SequentialMLP expert
 # adapters are re-keyed per global expert (`mlp.experts.experts.linear_fc1.adapter.`).
 _GROUPED_EXPERT_ADAPTER = ".mlp.experts.linear_fc"
@@ -585,8 +618,8 @@ class McoreDistAdapterReader(McoreDistReader):
 
     def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
                  trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
-                 lora_alpha: float | None = None, base_config: ModelConfig | None = None
-                 ) -> None:
+                 lora_alpha: float | None = None, base_config: ModelConfig | None = None,
+                 peft_export: Path | None = None) -> None:
         self._base_config = base_config
         super().__init__(path, hf_config=hf_config, trust_pickles=trust_pickles,
                          config_candidates=config_candidates)
@@ -606,17 +639,30 @@ class McoreDistAdapterReader(McoreDistReader):
                                              path=self.path / "run_config.yaml")
             alpha = _number_or_none(peft.get("alpha"))
             self._alpha_from = "run_config.yaml"
+            exported = None
+            if alpha is None and peft_export is not None:
+                exported = _exported_adapter(peft_export, self.config, style, leaves, rank)
+                alpha, self._alpha_from = exported.lora_alpha, str(peft_export / PEFT_CONFIG)
             if alpha is None:
                 alpha, self._alpha_from = lora_alpha, "--lora-alpha"
+            elif lora_alpha is not None and float(lora_alpha) != float(alpha):
+                log.warning("--lora-alpha %s ignored: %s says alpha=%s", lora_alpha,
+                            self._alpha_from, alpha)
             if alpha is None:
                 raise MissingConfigError(
                     f"{self.path} holds LoRA adapters of rank {rank} but not their alpha (no "
-                    f"{LORA_LAYOUT_FILE}, no run_config.yaml peft section); pass --lora-alpha",
-                    path=self.path)
-            self.adapter = AdapterConfig.create(self.config, r=rank, lora_alpha=alpha,
-                                                leaves=leaves)
+                    f"{LORA_LAYOUT_FILE}, no run_config.yaml peft section, no HF PEFT export "
+                    "beside it); pass --lora-alpha", path=self.path)
+            self.adapter = exported if exported is not None else AdapterConfig.create(
+                self.config, r=rank, lora_alpha=alpha, leaves=leaves)
             layout = LoraLayout.uniform(style, self.adapter.modules(), rank, alpha)
         self.params = NativeParams(lora=layout)
+
+    @property
+    def alpha_from(self) -> str:
+        """Where the adapter's alpha came from (layout file, run_config.yaml, HF PEFT export,
+        --lora-alpha)."""
+        return self._alpha_from
 
     def _norm_style(self) -> str:
         return "te"  # adapters have no norms; the adapter rows do not depend on the spec

@@ -88,8 +88,9 @@ class VerlAdapterReader:
 
     def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
                  trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
-                 lora_alpha: float | None = None, base_config: ModelConfig | None = None
-                 ) -> None:
+                 lora_alpha: float | None = None, base_config: ModelConfig | None = None,
+                 peft_export: Path | None = None) -> None:
+        del peft_export  # only torch_dist adapters have an HF PEFT export beside them
         self.path = Path(path)
         self._trust = trust_pickles
         self._maps: list[mmap.mmap] = []

@@ -21,13 +21,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-ep", type=int, metavar="N",
                    help="expert-parallel size of a per-rank source whose mp_rank_TT_NNN "
                         "directory names could number pipeline or expert ranks")
+    p.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="LoRA alpha of an adapter whose checkpoint does not record it (verl's "
+                        "adapter files, torch_dist adapters without run_config.yaml)")
     add_common(p)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ckpt_ir.adapter_api import (
+        _config_summary,
+        adapter_beside_model,
+        adapter_source,
+        inspect_adapter,
+    )
     from ckpt_ir.api import _open_reader
     from ckpt_ir.planner import make_plan
 
+    lora_alpha = getattr(args, "lora_alpha", None)
+    if adapter_source(args.src) is not None:
+        # A PEFT directory, an adapter-only torch_dist, verl's adapter files or LoRA tree.
+        return inspect_adapter(args.src, hf_config=args.hf_config, lora_alpha=lora_alpha,
+                               trust_pickles=args.trust_pickles)
     reader, resolved = _open_reader(args.src, None, hf_config=args.hf_config,
                                     trust_pickles=args.trust_pickles,
                                     source_ep=getattr(args, "source_ep", None))
@@ -37,7 +51,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          source_dropped=reader.dropped(), config=reader.config,
                          dest_format="ir", dest_naming="hf", dest_params=reader.params)
         cfg = reader.config
-        return {
+        info = {
+            "kind": "model",
             "path": str(args.src),
             "resolved_path": str(resolved.path),
             "format": reader.format,
@@ -46,13 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "notes": list(resolved.notes),
             "tree": [{"path": path, "holds": what} for path, what in resolved.tree],
             "architecture": cfg.architecture,
-            "config": {
-                "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-                "num_attention_heads": cfg.num_attention_heads,
-                "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-                "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-                "tie_word_embeddings": cfg.tie_word_embeddings,
-            },
+            "config": _config_summary(cfg),
             "ir_tensors": len(plan.ir_specs),
             "ir_bytes": sum(s.nbytes for s in plan.ir_specs.values()),
             "dtypes": sorted({str(s.dtype).removeprefix("torch.")
@@ -62,10 +71,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         reader.close()
+    if resolved.format == "mcore-dist":
+        # A base + adapter training checkpoint (Megatron-Bridge, verl with dist_ckpt): the
+        # model is what is read; the adapter beside it is described too.
+        beside = adapter_beside_model(resolved.path, cfg, lora_alpha=lora_alpha,
+                                      trust_pickles=args.trust_pickles)
+        if beside is not None:
+            info["adapter"] = beside
+    return info
 
 
 def show(info: dict[str, Any]) -> None:
-    print(f"{info['path']}: {info['format']} ({info['layout']})")
+    what = "LoRA adapter, " if info.get("kind") == "adapter" else ""
+    print(f"{info['path']}: {info['format']} ({what}{info['layout']})")
     if info["resolved_path"] != info["path"]:
         print(f"  reads from: {info['resolved_path']}")
     if info["step"] is not None:
@@ -78,12 +96,41 @@ def show(info: dict[str, Any]) -> None:
         for e in info["tree"]:
             print(f"    {e['path']:<{width}}  {e['holds']}")
     c = info["config"]
-    print(f"  architecture: {info['architecture']}  layers={c['num_layers']} "
+    base = "base model: " if info.get("kind") == "adapter" else ""
+    print(f"  {base}architecture: {info['architecture']}  layers={c['num_layers']} "
           f"hidden={c['hidden_size']} heads={c['num_attention_heads']}/"
           f"{c['num_key_value_heads']} head_dim={c['head_dim']} ffn={c['intermediate_size']} "
           f"vocab={c['vocab_size']} tied={c['tie_word_embeddings']}")
     print(f"  tensors: {info['ir_tensors']} logical, {human_bytes(info['ir_bytes'])}, "
           f"dtypes {', '.join(info['dtypes'])}")
+    if "adapter" in info:
+        show_adapter_facts(info["adapter"])
     for k, v in info["details"].items():
-        print(f"  {k}: {v}")
+        if k != "adapter":
+            print(f"  {k}: {v}")
     print_dropped(info["dropped"])
+
+
+def show_adapter_facts(a: dict[str, Any]) -> None:
+    """The adapter lines of ``inspect``: rank, alpha, targets, Megatron layout."""
+    if "error" in a:
+        print(f"  LoRA adapter: {a['error']}")
+        return
+    ranks = a["ranks"]
+    print(f"  LoRA adapter: r={a['r']} lora_alpha={a['lora_alpha']:g}"
+          f"{' (rsLoRA)' if a['use_rslora'] else ''} on {a['modules']} modules: "
+          f"{', '.join(a['target_modules'])}"
+          + (f"; ranks {ranks}" if len(ranks) > 1 else ""))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if a.get(key):
+            print(f"    {key}: {a[key]}")
+    if a.get("target_parameters"):
+        print(f"    target_parameters: {a['target_parameters']} (PEFT LoRA on fused expert "
+              "parameters)")
+    mega = a.get("megatron")
+    if mega:
+        print(f"    Megatron-Bridge {'CanonicalLoRA' if mega['style'] == 'canonical' else 'LoRA'}:"
+              f" dim={mega['rank']} alpha={mega['alpha']:g} target_modules="
+              f"{mega['target_modules']}")
+    if a.get("alpha_from"):
+        print(f"    alpha from: {a['alpha_from']}")

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="relative tolerance, of |A| (default 0: bit-identical)")
     p.add_argument("--ignore-dtype", action="store_true",
                    help="a dtype difference alone is not a mismatch (values still compared)")
+    p.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="LoRA alpha of an adapter side that does not record it (verl's adapter "
+                        "files, torch_dist adapters without run_config.yaml)")
     rt = p.add_argument_group("round trip")
     rt.add_argument("--roundtrip", metavar="SRC",
                     help="convert SRC to --via and back to SRC's format, and verify both")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   "FORMAT")
         report = verify(args.paths[0], args.paths[1], atol=args.atol, rtol=args.rtol,
                         hf_config=args.hf_config, trust_pickles=args.trust_pickles,
-                        check_dtype=not args.ignore_dtype)
+                        check_dtype=not args.ignore_dtype, lora_alpha=args.lora_alpha)
     return report.to_dict()
 
 

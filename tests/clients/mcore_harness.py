@@ -32,6 +32,8 @@ The test process never initialises ``torch.distributed``; it calls :func:`launch
 ``manager-save`` / ``manager-load`` / ``manager-kill-loop``
     Saves and loads through :class:`ckpt_ir.manager.CheckpointManager` from these ranks (see
     ``tests/clients/manager_jobs.py``).
+``lora-load-forward`` / ``lora-save-random``
+    Megatron-Bridge LoRA on the GPTModel (``tests/clients/mcore_lora.py``).
 ``batch``
     A list of ``{"command": ..., **args}``: several jobs in one process start (~5 s each saved).
     Jobs may use different layouts: model parallelism is re-initialised between them.
@@ -688,9 +690,16 @@ def lora_load_forward(job: Mapping[str, Any], rank: int, world: int) -> None:
     run(job, rank, world)
 
 
+def lora_save_random(job: Mapping[str, Any], rank: int, world: int) -> None:
+    """A LoRA training save (adapters only) from megatron-core: see tests/clients/mcore_lora.py."""
+    from tests.clients.mcore_lora import lora_save_random as run
+
+    run(job, rank, world)
+
+
 _COMMANDS = {"load-forward": load_forward, "save-random": save_random,
              "save-rank-files": save_rank_files, "load-rank-files": load_rank_files,
-             "lora-load-forward": lora_load_forward}
+             "lora-load-forward": lora_load_forward, "lora-save-random": lora_save_random}
 
 
 def _manager_command(name: str) -> Any:

@@ -24,6 +24,12 @@ and sharding helpers, which do the real work of naming, sharding and loading:
   ``SequentialMLP.sharded_state_dict`` re-keys them to the global expert
   (``mlp.experts.experts.linear_fc1.adapter.linear_in.weight`` ``[L, E, R, H]``).
 
+``lora-save-random`` job: ``{hf_config, tp, base_ckpt, dim, alpha, seed, adapter_out, input_ids,
+out, pad_vocab_to_multiple?}``: as ``lora-load-forward`` up to the base weights, then redraw
+every adapter parameter (each TP shard its own draw), save the adapters alone with
+``dist_checkpointing.save`` (Bridge's PEFT filter, what verl writes into ``model/dist_ckpt``)
+to ``adapter_out`` and save rank 0's logits: a training run's LoRA save, made by megatron-core.
+
 ``lora-load-forward`` job: ``{hf_config, tp, base_ckpt, adapter_ckpt, dim, alpha, style,
 input_ids, out, pad_vocab_to_multiple?, ep?, etp?, targets?}``: build the GPTModel (at the
 job's TP / EP / expert TP), wrap its linear layers named in ``targets`` (default all four), load the
@@ -34,11 +40,12 @@ base weights from ``base_ckpt`` and the adapter (Bridge's PEFT filter: adapter k
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["lora_load_forward"]
+__all__ = ["lora_load_forward", "lora_save_random"]
 
 
 def _zeros(weight: torch.Tensor) -> torch.Tensor:
@@ -229,4 +236,51 @@ def lora_load_forward(job: Mapping[str, Any], rank: int, world: int) -> None:
     left = [k for k in missing if not k.endswith("_extra_state")]
     if left or unexpected:
         raise RuntimeError(f"state dict mismatch: missing {left}, unexpected {unexpected}")
+    _save_rank0(gpt_forward(model, job["input_ids"]), job["out"], rank)
+
+
+def _adapter_state(model: Any) -> dict:
+    # Bridge's apply_peft_adapter_filter_to_state_dict: adapter keys, no _extra_state.
+    return {k: v for k, v in model.sharded_state_dict().items()
+            if ".adapter." in k and "_extra_state" not in k}
+
+
+def lora_save_random(job: Mapping[str, Any], rank: int, world: int) -> None:
+    import zlib
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from tests.clients.mcore_harness import (
+        _check_tp,
+        _save_rank0,
+        build_gpt_model,
+        gpt_forward,
+        set_parallel,
+    )
+
+    _check_tp(job, world)
+    set_parallel(int(job["tp"]))
+    model = build_gpt_model(job["hf_config"], job["tp"], job.get("pad_vocab_to_multiple"))
+    wrap_with_lora(model, dim=int(job["dim"]), alpha=float(job["alpha"]), style="fused")
+    base_sd = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." not in k}
+    missing, unexpected = model.load_state_dict(
+        dist_checkpointing.load(base_sd, str(job["base_ckpt"])), strict=False)
+    left = [k for k in missing if ".adapter." not in k and not k.endswith("_extra_state")]
+    if left or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing {left}, unexpected {unexpected}")
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapter." in name:  # every adapter weight is TP-split: one draw per shard
+                key = zlib.crc32(name.encode()) ^ (int(job["seed"]) * 1_000_003) ^ \
+                    ((tp_rank + 1) * 7919)
+                gen = torch.Generator().manual_seed(key)
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    out = Path(job["adapter_out"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_adapter_state(model), str(out))
+    dist.barrier()
     _save_rank0(gpt_forward(model, job["input_ids"]), job["out"], rank)

@@ -203,8 +203,8 @@ def test_adapter_without_weights_file_is_corrupt(tmp_path):
 
 def test_an_adapter_converts_only_to_adapter_formats(tmp_path):
     write_adapter(tmp_path / "ad")
-    with pytest.raises(FormatError, match="an adapter converts to hf-peft, mcore-dist, "
-                                          "verl-legacy, not 'hf'; merge-adapter"):
+    with pytest.raises(FormatError, match="holds a LoRA adapter, which converts to hf-peft, "
+                                          "mcore-dist, verl-legacy, not 'hf'; merge-adapter"):
         ckpt_ir.convert(tmp_path / "ad", tmp_path / "out", to="hf")
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from ckpt_ir.adapter_api import convert_adapter, open_adapter
 from ckpt_ir.adapters import AdapterConfig, LoraLayout, parse_module, plan_lora_layout
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, FormatError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.tables import NativeParams, build_table
 from tests.unit.test_moe import DEEPSEEK_V3_671B, TINY
@@ -215,3 +215,96 @@ def test_grouped_expert_adapters_are_refused(tmp_path):
                                           ".weight: Megatron-Bridge adapters of grouped experts "
                                           r"\(TEGroupedMLP"):
         convert_adapter(out, tmp_path / "back", "hf-peft", lora_alpha=8)
+
+
+# --- target_parameters: LoRA on transformers 5's fused expert parameters ------------------------
+# The layout peft 0.21 saves is proven against real peft in
+# tests/clients/test_peft_target_parameters_client.py; these pin the inputs it refuses.
+
+TP_LORA = lora([], target_parameters=["down_proj", "gate_up_proj"],
+               rank_pattern={r".*\.gate_up_proj": 8}, alpha_pattern={r".*\.gate_up_proj": 16})
+
+
+def _write_packed(path: Path, peft: dict, *, a_gate_up: tuple[int, int] = (4 * 8, 32)) -> None:
+    """A mixtral (4 experts, H 32, F 24) target_parameters adapter with the given gate_up A
+    shape; the rest as peft writes it."""
+    p = "base_model.model.model.layers.{}.mlp.experts."
+    tensors = {}
+    for layer in range(2):
+        tensors[p.format(layer) + "base_layer.lora_A.weight"] = torch.randn(a_gate_up)
+        tensors[p.format(layer) + "base_layer.lora_B.weight"] = torch.randn(48, 4 * 8)
+        tensors[p.format(layer) + "lora_A.weight"] = torch.randn(4 * 4, 24)
+        tensors[p.format(layer) + "lora_B.weight"] = torch.randn(32, 4 * 4)
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps(peft))
+    (path / "config.json").write_text(json.dumps(TINY["mixtral"]))
+    save_file(tensors, path / "adapter_model.safetensors")
+
+
+def test_target_parameters_are_the_per_expert_modules_at_the_parameters_rank():
+    adapter = AdapterConfig.from_peft(TP_LORA, config("mixtral"))
+    schema = adapter.schema()
+    assert len(schema) == 2 * 4 * 3 * 2  # layers x experts x (w1, w3, w2) x (A, B)
+    e = "model.layers.1.block_sparse_moe.experts.3."
+    assert schema[e + "w1.lora_A.weight"] == (8, 32) and schema[e + "w3.lora_B.weight"] == (24, 8)
+    assert schema[e + "w2.lora_A.weight"] == (4, 24)
+    assert adapter.scaling(e + "w1") == adapter.scaling(e + "w2") == 2.0
+    assert adapter.summary()["target_parameters"] == ["down_proj", "gate_up_proj"]
+
+
+@pytest.mark.parametrize(("arch", "peft", "message"), [
+    ("mixtral", lora([], target_parameters=["experts.weight"]),
+     r"target_parameters 'experts\.weight' is not supported \(LoRA on parameters: the fused "
+     r"MoE expert parameters gate_up_proj and down_proj only\)"),
+    ("mixtral", lora([], target_parameters=["layers.9.mlp.experts.down_proj"]),
+     r"target_parameters 'layers\.9\.mlp\.experts\.down_proj' match no fused expert parameter"),
+    ("mixtral", lora([], target_parameters="down_proj"),
+     r"target_parameters must be a list of parameter names"),
+])
+def test_target_parameters_refusals(arch, peft, message):
+    with pytest.raises(CheckpointError, match=message):
+        AdapterConfig.from_peft(peft, config(arch))
+
+
+def test_target_parameters_on_a_dense_model_are_refused():
+    from tests.fixtures import TINY_LLAMA
+
+    with pytest.raises(FormatError, match="name fused expert parameters, but llama has no "
+                                          "experts"):
+        AdapterConfig.from_peft(lora([], target_parameters=["down_proj"]),
+                                ModelConfig.from_hf(TINY_LLAMA))
+
+
+def test_a_packed_tensor_of_the_wrong_shape_is_corrupt(tmp_path):
+    _write_packed(tmp_path / "ok", TP_LORA)
+    with open_adapter(tmp_path / "ok") as a:
+        assert len(a.tensors) == 48
+    _write_packed(tmp_path / "bad", TP_LORA, a_gate_up=(30, 32))
+    with pytest.raises(CorruptCheckpointError, match=r"mlp\.experts\.base_layer\.lora_A\.weight "
+                                                     r"has shape \[30, 32\], not the"):
+        open_adapter(tmp_path / "bad")
+
+
+def test_packing_gate_and_up_with_different_a_is_refused(tmp_path):
+    # A per-expert adapter whose config says target_parameters: one ParamWrapper cannot hold
+    # gate and up adapters with different A matrices.
+    _write_packed(tmp_path / "ad", TP_LORA)
+    with open_adapter(tmp_path / "ad") as a:
+        tensors = {n: a.read(n).clone() for n in a.tensors}
+    e = "model.layers.0.block_sparse_moe.experts.2."
+    assert torch.equal(tensors[e + "w1.lora_A.weight"], tensors[e + "w3.lora_A.weight"])
+    tensors[e + "w3.lora_A.weight"] += 1
+    per_expert = tmp_path / "per-expert"
+    per_expert.mkdir()
+    (per_expert / "adapter_config.json").write_text(json.dumps(lora(["w1", "w2", "w3"], r=8)))
+    (per_expert / "config.json").write_text(json.dumps(TINY["mixtral"]))
+    save_file({"base_model.model." + k: v for k, v in tensors.items()
+               if ".w2." not in k}, per_expert / "adapter_model.safetensors")
+    cfg = json.loads((per_expert / "adapter_config.json").read_text())
+    (per_expert / "adapter_config.json").write_text(json.dumps(
+        {**cfg, "target_modules": [], "target_parameters": ["gate_up_proj"]}))
+    with pytest.raises(FormatError, match=r"expert 2's gate and up adapters have different A "
+                                          r"matrices, which one ParamWrapper "
+                                          r"\(model\.layers\.0\.mlp\.experts\) cannot hold"):
+        convert_adapter(per_expert, tmp_path / "out", "hf-peft")
+    assert not (tmp_path / "out").exists()

@@ -108,7 +108,7 @@ def _tree(info: dict) -> dict[str, str]:
       "actor/extra/": "RNG state (torch_dist, not converted)"}),
     (build_bridge, "hf", "verl bridge (huggingface)",
      {"actor/huggingface/": "HF weights, config and tokenizer",
-      "actor/dist_ckpt/": "torch_dist without model weights (optimizer / RNG / adapters)"}),
+      "actor/dist_ckpt/": "torch_dist without model weights (optimizer / RNG)"}),
     (build_legacy, "verl-legacy", "verl legacy (model/mp_rank_*)",
      {"actor/model/": "per-rank model files (4 mp_rank_* directories of model.pt)",
       "actor/hf_config_and_tokenizer/": "HF config and tokenizer",
