@@ -104,8 +104,17 @@ class MegatronLegacyReader(PerRankReader):
             if key == "model" or (key.startswith("model") and key[5:].isdigit()):
                 continue
             self._dropped[key] = _NOT_WEIGHTS.get(key, "training state, not a model weight")
-        self._iteration = obj.get("iteration", self._iteration)
-        self._version = obj.get("checkpoint_version", self._version)
+        # Shown by inspect: only validated scalars, never an unpickled object's repr (a
+        # structure of shared lists there would print for ever).
+        iteration = obj.get("iteration", self._iteration)
+        if iteration is not None and (type(iteration) is not int or iteration < 0):
+            raise CorruptCheckpointError(f"{path}: 'iteration' is not a non-negative integer",
+                                         path=path)
+        version = obj.get("checkpoint_version", self._version)
+        if version is not None and type(version) not in (int, float):
+            raise CorruptCheckpointError(f"{path}: 'checkpoint_version' is not a number",
+                                         path=path)
+        self._iteration, self._version = iteration, version
         return chunks
 
     def _own_config_dirs(self) -> list[Path]:
