@@ -44,6 +44,7 @@ from ckpt_ir.formats import (
 )
 from ckpt_ir.ir import Checkpoint, dtype_name, parse_dtype
 from ckpt_ir.planner import Plan, make_plan
+from ckpt_ir.safety.files import read_bytes
 from ckpt_ir.tables import Binding, Table, build_table
 from ckpt_ir.transforms import MergeLora, lora_roles
 
@@ -159,9 +160,9 @@ def probe_shared_groups(reader: Any) -> dict[str, bool]:
 
 def _dist_has_base(path: Path) -> bool:
     try:
-        raw = (path / ".metadata").read_bytes()
-    except OSError:
-        return True
+        raw = read_bytes(path / ".metadata")
+    except CheckpointError:
+        return True  # the reader then says what is wrong with it
     return any(key in raw for key in (b"embedding.word_embeddings", b"linear_qkv.weight",
                                       b"linear_fc1.weight"))
 

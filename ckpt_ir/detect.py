@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_ir.errors import CorruptCheckpointError, FormatError
+from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, FormatError
+from ckpt_ir.safety.files import read_bytes, read_text
 
 __all__ = ["FORMAT_NAMES", "MANIFEST", "Resolved", "detect", "resolve", "resolve_adapter",
            "save_status"]
@@ -77,10 +78,7 @@ def _is_step(value: str) -> bool:
 
 
 def _read_tracker(p: Path) -> str:
-    try:
-        return (p / TRACKER).read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"cannot read {TRACKER}: {e}", path=p / TRACKER) from e
+    return read_text(p / TRACKER, TRACKER, limit=4096).strip()
 
 
 def _dist_has_model(p: Path) -> bool:
@@ -88,9 +86,9 @@ def _dist_has_model(p: Path) -> bool:
     # The pickled `.metadata` is not opened here; the data file names are enough: verl writes
     # weights under the model's key names, which the `.metadata` lists, so peek at its bytes.
     try:
-        raw = (p / ".metadata").read_bytes()
-    except OSError:
-        return True
+        raw = read_bytes(p / ".metadata")
+    except CheckpointError:
+        return True  # the reader then says what is wrong with it
     return b"embedding.word_embeddings" in raw or b"decoder.layers" in raw
 
 
@@ -394,9 +392,10 @@ def detect(src: str | Path) -> str:
 
 def read_json_file(path: Path) -> dict:
     """Small JSON config files (metadata.json, transformer_config.json), typed errors."""
+    text = read_text(path, path.name)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {e}", path=path) from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)
@@ -422,8 +421,8 @@ def has_verl_adapter_files(p: Path) -> bool:
 def dist_has_adapter(p: Path) -> bool:
     """Whether a torch_dist dir holds Megatron-Bridge LoRA tensors (names peeked, not unpickled)."""
     try:
-        raw = (p / ".metadata").read_bytes()
-    except OSError:
+        raw = read_bytes(p / ".metadata")
+    except CheckpointError:
         return False
     return b".adapter.linear_in." in raw or b".adapter.adapter_" in raw
 

@@ -39,6 +39,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
 )
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError, MissingConfigError
 from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.tables import NativeParams
 
@@ -56,9 +57,10 @@ PREFIX = "base_model.model."
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
     """Parse ``adapter_config.json``; validation of the fields is AdapterConfig.from_peft's."""
+    text = read_text(path, path.name)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError covers decode errors
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError covers decode errors
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {e}", path=path) from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)

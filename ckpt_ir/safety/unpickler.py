@@ -81,6 +81,7 @@ from ckpt_ir.errors import (
     FormatError,
     UnsafeCheckpointError,
 )
+from ckpt_ir.safety.files import open_regular
 
 __all__ = [
     "RestrictedUnpickler",
@@ -1328,16 +1329,14 @@ def load_torch(path: str | os.PathLike[str], *, offset: int = 0, length: int | N
     """
     name = os.fspath(path)
     if trust:
-        try:
-            size = os.path.getsize(name)
-        except OSError as exc:
-            raise CorruptCheckpointError(f"cannot read {name}: {exc}", path=name) from exc
+        with open_regular(name) as file:
+            size = os.fstat(file.fileno()).st_size
         length = size - offset if length is None else length
         _check_range(name, size, offset, length)
         _warn_trusted(_where(name, offset, length, offset == 0 and length == size), name)
         if offset == 0 and length == size:
             return torch.load(name, map_location="cpu", weights_only=False, mmap=True)
-        with open(name, "rb") as file:
+        with open_regular(name) as file:
             file.seek(offset)
             return torch.load(io.BytesIO(file.read(length)), map_location="cpu",
                               weights_only=False)
@@ -1353,7 +1352,7 @@ def map_file(path: str | os.PathLike[str]) -> mmap.mmap:
     """
     name = os.fspath(path)
     try:
-        with open(name, "rb") as file:
+        with open_regular(name) as file:
             if os.fstat(file.fileno()).st_size == 0:
                 raise CorruptCheckpointError(f"{name} is empty", path=name)
             return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -54,6 +54,7 @@ from ckpt_ir.errors import (
     FormatError,
     InternalError,
 )
+from ckpt_ir.safety.files import read_bytes
 from ckpt_ir.safety.unpickler import load_pickle, load_torch, load_torch_buffer, map_file
 from ckpt_ir.slabs import FileSlab, mapping_address, offset_in_mapping
 
@@ -413,11 +414,7 @@ def read_index(directory: str | os.PathLike[str], *, trust: bool = False) -> Dcp
     """
     root = Path(directory)
     meta_path = root / METADATA_FILE
-    try:
-        data = meta_path.read_bytes()
-    except OSError as exc:
-        raise CorruptCheckpointError(f"cannot read {meta_path}: {exc.strerror or exc}",
-                                     path=str(meta_path)) from exc
+    data = read_bytes(meta_path)
     md = load_pickle(data, path=str(meta_path), trust=trust)
     if not isinstance(md, Metadata):
         raise CorruptCheckpointError(
