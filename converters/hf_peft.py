@@ -31,7 +31,11 @@ import torch
 
 from ckpt_ir.adapters import AdapterConfig
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
-from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import (
+    carried_files,
+    check_layer_count,
+    load_hf_config,
+)
 from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsFile,
     SafetensorsWriter,
@@ -86,10 +90,6 @@ class HfPeftReader:
         else:
             self._config_dir = self._find_config_dir(hf_config, peft, config_candidates)
             self.config = ModelConfig.from_hf(load_hf_config(self._config_dir))
-        self.adapter = AdapterConfig.from_peft(peft, self.config, path=self.path / ADAPTER_CONFIG)
-        if lora_alpha is not None and float(lora_alpha) != float(self.adapter.lora_alpha):
-            log.warning("--lora-alpha %s ignored: %s says lora_alpha=%s", lora_alpha,
-                        ADAPTER_CONFIG, self.adapter.lora_alpha)
         self.params = NativeParams()
         self._specs: dict[str, TensorSpec] = {}
         self._raw: dict[str, str] = {}
@@ -97,6 +97,17 @@ class HfPeftReader:
         self._bin: dict[str, torch.Tensor] = {}
         self._dropped: dict[str, str] = {}
         self._kind = self._scan()
+        # Every layer has its own LoRA tensors (layers_to_transform is refused): a config
+        # declaring more layers than the adapter has tensors would size the adapter's targets
+        # and the plan by the claim (200,000 layers took 4.9 GB and a minute to be refused for
+        # the missing tensors). Checked before anything is built per layer.
+        check_layer_count(self.config, len(self._specs),
+                          self.path / ADAPTER_CONFIG if self._config_dir is None
+                          else self._config_dir / "config.json")
+        self.adapter = AdapterConfig.from_peft(peft, self.config, path=self.path / ADAPTER_CONFIG)
+        if lora_alpha is not None and float(lora_alpha) != float(self.adapter.lora_alpha):
+            log.warning("--lora-alpha %s ignored: %s says lora_alpha=%s", lora_alpha,
+                        ADAPTER_CONFIG, self.adapter.lora_alpha)
 
     def _find_config_dir(self, explicit: str | os.PathLike | None, peft: Mapping[str, Any],
                          candidates: Sequence[Path]) -> Path:

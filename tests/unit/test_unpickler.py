@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
 from ckpt_ir import dcp_types
-from ckpt_ir.safety import unpickler
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, UnsafeCheckpointError
+from ckpt_ir.safety import unpickler
 from ckpt_ir.safety.unpickler import (
     RestrictedUnpickler,
     StandIn,
