@@ -376,29 +376,49 @@ SHAPES: dict[str, bytes] = {
 }
 """Opcode sequences that each push one object, by what they do to a consumer."""
 
+FUZZ_SHAPES: dict[str, bytes] = {
+    # Just past the bounds, and far past them, at the sizes a fuzz example can afford.
+    "deep-tuple": deep_tuple(201),
+    "deep-list": deep_list(5000),
+    "deep-key": _keyed(deep_tuple(20_000)),
+    "deep-frozenset": pickle.MARK + deep_tuple(300) + pickle.FROZENSET,
+    "deep-dict-key": pickle.MARK + deep_tuple(300) + pickle.NONE + pickle.DICT,
+    "shared-lists": shared_lists(40),
+    "shared-key": _keyed(pickle.NONE + b"".join(
+        _put(0) + pickle.POP + _get(0) + _get(0) + pickle.TUPLE2 for _ in range(40))),
+    "cycle": pickle.EMPTY_LIST + _put(0) + _get(0) + pickle.APPEND,
+}
+"""Smaller shapes for the fuzz suite, which plants them anywhere inside a pickle."""
 
-def _replace_marker(pickled: bytes, ops: bytes) -> bytes:
+
+def replace_marker(pickled: bytes, ops: bytes) -> bytes:
+    """``pickled`` (protocol 2) with each :data:`MARKER` string replaced by ``ops``."""
     text = MARKER.encode()
     spelled = pickle.BINUNICODE + len(text).to_bytes(4, "little") + text
-    assert pickled.count(spelled) == 1, "marker not pickled as one protocol-2 BINUNICODE"
+    assert spelled in pickled, "marker not pickled as a protocol-2 BINUNICODE"
     return pickled.replace(spelled, ops)
+
+
+def replace_marker_in_file(data: bytes, ops: bytes) -> bytes:
+    """:func:`replace_marker` in a plain pickle or in the ``data.pkl`` of a torch.save zip."""
+    if not data.startswith(b"PK"):
+        # A plain pickle (DCP .metadata), re-pickled with protocol 2 (no frames to resize).
+        return replace_marker(pickle.dumps(pickle.loads(data), protocol=2), ops)
+    with zipfile.ZipFile(io.BytesIO(data)) as src:
+        records = [(info.filename, src.read(info)) for info in src.infolist()]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for name, content in records:
+            dst.writestr(name, replace_marker(content, ops) if name.endswith("data.pkl")
+                         else content)
+    return out.getvalue()
 
 
 def plant_opcodes(site: PickleSite, d: Path, ops: bytes) -> None:
     """Plant ``ops`` (one object's opcodes) where ``site`` hides a payload in checkpoint ``d``."""
     site.plant(d, MARKER)
     [path] = [p for p in d.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()]
-    data = path.read_bytes()
-    if not data.startswith(b"PK"):
-        # A plain pickle (DCP .metadata), re-pickled with protocol 2 (no frames to resize).
-        path.write_bytes(_replace_marker(pickle.dumps(pickle.loads(data), protocol=2), ops))
-        return
-    with zipfile.ZipFile(io.BytesIO(data)) as src:
-        records = [(info.filename, src.read(info)) for info in src.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
-        for name, content in records:
-            out.writestr(name, _replace_marker(content, ops) if name.endswith("data.pkl")
-                         else content)
+    path.write_bytes(replace_marker_in_file(path.read_bytes(), ops))
 
 
 def _truncate(path: Path) -> None:
