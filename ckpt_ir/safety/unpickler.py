@@ -32,6 +32,15 @@ machine with every operation that can reach code gated:
 * Callables that are not needed are refused even when harmless-looking: a Namespace holding
   ``torch.nn.functional.silu`` fails with the global named. Refusing is the safe default; an
   inert stand-in for arbitrary callables would make every new name silently "work".
+* What a loaded object costs its consumers is bounded: dict keys and set elements are checked
+  before they are hashed (CPython hashes nested tuples by C recursion: a 1,000,000-deep key was
+  a segfault), and the finished graph is walked once, iteratively: at most
+  :data:`MAX_NESTING` levels, no cycles, and no reference bomb (shared references that expand,
+  as a tree, far beyond the pickle's size). ``BUILD`` state may not replace a method.
+* Tensors must be backed by their own bytes: no view addresses an element twice (stride 0),
+  and two tensors share bytes only as the same view (tied weights). Zip archives with a record
+  name twice (torch reads the first, zipfile the last) or a directory beyond
+  :data:`MAX_ZIP_DIRECTORY` bytes are refused.
 * The pure-Python unpickler is used on purpose: the C one preallocates attacker-chosen lengths
   (an 8-byte header made CPython 3.11 allocate 2 GB) and cannot restrict ``BUILD``. Reads are
   bounded by the input, the memo is a dict, so memory stays proportional to the input.
