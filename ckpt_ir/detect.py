@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,8 +158,9 @@ def _from_manifest(p: Path, manifest: dict, given: Path, notes: list[str], step:
             return Resolved("hf", d, given, layout, tuple(notes), step, cfgs)
         if fmt == "huggingface" and is_peft_dir(d / "adapter"):
             continue  # a PEFT adapter export, not model weights
-        notes.append(f"{MANIFEST} lists {key} at {entry['path']} ({fmt}), which holds no "
-                     "readable weights")
+        # Shown by inspect: the manifest's values as short reprs, whatever they hold.
+        notes.append(f"{MANIFEST} lists {key} at {reprlib.repr(entry['path'])} "
+                     f"({reprlib.repr(fmt)}), which holds no readable weights")
     return None
 
 
