@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import reprlib
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -155,6 +156,9 @@ class HfReader:
             if not isinstance(state, Mapping):
                 raise CorruptCheckpointError(f"{file} does not hold a state dict", path=p / file)
             for name, t in state.items():
+                if not isinstance(name, str):
+                    raise CorruptCheckpointError(f"{file} holds a state dict with a non-string "
+                                                 f"key {reprlib.repr(name)}", path=p / file)
                 if not isinstance(t, torch.Tensor):
                     continue
                 self._bin[name] = t

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import reprlib
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -143,6 +144,10 @@ class HfPeftReader:
                                              path=p / ADAPTER_BIN)
             entries = {}
             for name, t in state.items():
+                if not isinstance(name, str):
+                    raise CorruptCheckpointError(f"{ADAPTER_BIN} holds a state dict with a "
+                                                 f"non-string key {reprlib.repr(name)}",
+                                                 path=p / ADAPTER_BIN)
                 if not isinstance(t, torch.Tensor):
                     self._dropped[str(name)] = f"non-tensor entry ({type(t).__name__})"
                     continue

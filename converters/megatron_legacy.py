@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import reprlib
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -87,6 +88,10 @@ class MegatronLegacyReader(PerRankReader):
         if not isinstance(obj, Mapping):
             raise CorruptCheckpointError(f"{path} does not hold a Megatron-LM checkpoint dict",
                                          path=path)
+        for bad in (k for k in obj if not isinstance(k, str)):  # None is a key too
+            raise CorruptCheckpointError(
+                f"{path} holds a checkpoint dict with a non-string key {reprlib.repr(bad)}",
+                path=path)
         if "model" in obj:
             chunks = [obj["model"]]
         else:

@@ -83,3 +83,33 @@ def test_inspect_prints_no_raw_unpickled_value(value: bytes, tmp_path: Path) -> 
     assert run.returncode == 2, run.stderr
     [line] = run.stderr.splitlines()
     assert "'iteration' is not a non-negative integer" in line and len(run.stdout) < 1000
+
+
+def _keyed_planter(file: str, inner: str | None) -> object:
+    def plant(d: Path, key: object) -> None:
+        import torch
+
+        obj = torch.load(d / file, weights_only=False)  # our own file: trusted
+        target = obj[0] if isinstance(obj, list) else obj
+        target = target[inner] if inner else target
+        target[key] = torch.zeros(2)
+        torch.save(obj, d / file)
+
+    return plant
+
+
+@pytest.mark.parametrize("key", [None, 5, (1, 2), b"x", 1.5], ids=repr)
+@pytest.mark.parametrize(("seed", "file", "inner", "to"), [
+    ("hf-bin", "pytorch_model.bin", None, "mcore-dist"),
+    ("hf-peft-bin", "adapter_model.bin", None, "mcore-dist"),
+    ("megatron-legacy", MEGATRON_RANK, None, "hf"),
+    ("megatron-legacy", MEGATRON_RANK, "model", "hf"),
+    ("verl-legacy", "model/mp_rank_01/model.pt", None, "hf"),
+], ids=["bin", "adapter-bin", "megatron-top", "megatron-model", "verl-rank"])
+def test_state_dict_keys_that_are_not_strings_are_corrupt(
+        seed: str, file: str, inner: str | None, to: str, key: object, tmp_path: Path) -> None:
+    # They ended in AttributeError ('int' object has no attribute 'startswith'): exit 1.
+    ckpt = copy_seed(seed, tmp_path / "ckpt")
+    _keyed_planter(file, inner)(ckpt, key)
+    with pytest.raises(CorruptCheckpointError, match="non-string key"):
+        ckpt_ir.convert(ckpt, tmp_path / "out", to=to)

@@ -88,6 +88,7 @@ HOSTILE_LEAVES = st.one_of(
                      "model-00001-of-00003.safetensors", "llama", "F32", "silu", "RMSNorm"]),
     st.lists(st.sampled_from([-1, 0, 1, 2, 10**12, 2**63]), max_size=4),
 )
+HOSTILE_KEYS = st.sampled_from([None, 0, 7, -1, 1.5, (1, 2), b"model", True, ""])
 JSON_LEAVES = st.recursive(
     HOSTILE_LEAVES, lambda inner: st.lists(inner, max_size=3)
     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
@@ -142,8 +143,10 @@ def _set(obj: Any, key: Any, value: Any, *, delete: bool) -> None:
 
 
 @st.composite
-def structured_edits(draw: st.DrawFn, root: Any, leaves: st.SearchStrategy[Any]) -> Any:
-    """``root`` (deep-copied) with 1-3 values somewhere inside replaced or deleted."""
+def structured_edits(draw: st.DrawFn, root: Any, leaves: st.SearchStrategy[Any],
+                     keys: st.SearchStrategy[Any] | None = None) -> Any:
+    """``root`` (deep-copied) with 1-3 values somewhere inside replaced or deleted, or (with
+    ``keys``) a dict key replaced."""
     root = copy.deepcopy(root)
     for _ in range(draw(st.integers(1, 3))):
         parent, key = None, None
@@ -156,6 +159,11 @@ def structured_edits(draw: st.DrawFn, root: Any, leaves: st.SearchStrategy[Any])
         if parent is None:
             continue
         note(f"edit {type(parent).__name__}[{key!r}]")
+        if keys is not None and isinstance(parent, dict) and draw(st.integers(0, 5)) == 0:
+            # A key that is not a string (state dicts, args and manifests are read by name).
+            new_key = draw(keys)
+            parent[new_key] = parent.pop(key)
+            continue
         _set(parent, key, draw(leaves), delete=draw(st.integers(0, 5)) == 0)
     return root
 
@@ -190,7 +198,7 @@ def _dump(file: str, obj: Any) -> bytes | None:
 def _pickle(target: Untrusted) -> st.SearchStrategy[bytes]:
     content = seed_bytes(target.seed, target.file)
     root = _load_trusted(target.file, content)
-    structured = structured_edits(root, PICKLE_LEAVES).map(
+    structured = structured_edits(root, PICKLE_LEAVES, HOSTILE_KEYS).map(
         lambda obj: _dump(target.file, obj)).filter(lambda data: data is not None)
     return st.one_of(structured, byte_mutations(content))
 
