@@ -347,6 +347,7 @@ def _enum_call(cls: type[Enum]) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
         # Exactly one value: more arguments would hit Enum's functional API.
         _argc(cls.__name__, args, 1, 1)
+        _check_key(args[0])  # looked up by hash among the members' values
         return cls(args[0])
 
     return call
@@ -978,6 +979,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         if cls is dcp_types.TensorProperties:
             # Its __setstate__ only unpacks a 5-tuple and maps an enum to a memory format.
             _check(isinstance(state, tuple) and len(state) == 5, "invalid TensorProperties")
+            _check_key(state[3])  # the memory format encoding is looked up by hash
             try:
                 dcp_types.TensorProperties.__setstate__(inst, state)
             except ValueError as e:

@@ -435,8 +435,14 @@ KEY = "a dict key or set element is nested more than 200 levels deep or has more
                              for i in range(60))),
      "shared references expand to more than 1048576 objects"),
     (p2(b"]q\x00h\x00a"), "objects refer to themselves (a cycle)"),
+    # Enum members and TensorProperties' memory format are looked up by hash too.
+    (p2(g("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+        b"K\x00" + b"\x85" * 100_000 + b"\x85R"), KEY),
+    (p2(g("torch.distributed.checkpoint.metadata", "TensorProperties"), b")\x81(",
+        g("torch", "float32"), g("torch", "strided"), b"\x89K\x00" + b"\x85" * 100_000
+        + b"\x89tb"), KEY),
 ], ids=["deep-key", "frozenset", "dict", "additems", "set-call", "shared-key", "deep-tuple",
-        "deep-list", "shared-lists", "cycle"])
+        "deep-list", "shared-lists", "cycle", "enum-value", "memory-format"])
 def test_nesting_and_shared_references_are_bounded(data: bytes, message: str) -> None:
     with pytest.raises(CorruptCheckpointError) as info:
         load_pickle(data, path="m.pkl")
