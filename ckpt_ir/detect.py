@@ -25,11 +25,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_ir.errors import CorruptCheckpointError, FormatError
+from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, FormatError
+from ckpt_ir.safety.files import read_bytes, read_text
 
 __all__ = ["FORMAT_NAMES", "MANIFEST", "TRACKER", "Resolved", "detect", "parse_step", "resolve",
            "resolve_adapter", "save_status"]
@@ -96,10 +98,7 @@ def _is_step(value: str) -> bool:
 
 
 def _read_tracker(p: Path) -> str:
-    try:
-        return (p / TRACKER).read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"cannot read {TRACKER}: {e}", path=p / TRACKER) from e
+    return read_text(p / TRACKER, TRACKER, limit=4096).strip()
 
 
 # Megatron model keys start with one of these; a pickled `.metadata` holds each as a string,
@@ -126,9 +125,9 @@ def dist_key_kinds(p: Path) -> tuple[bool, bool]:
     """``(has base model weights, has Megatron-Bridge LoRA adapter tensors)`` of a torch_dist
     directory, from the key names in its ``.metadata`` (bytes peeked, nothing unpickled)."""
     try:
-        raw = (p / ".metadata").read_bytes()
-    except OSError:
-        return True, False
+        raw = read_bytes(p / ".metadata")
+    except CheckpointError:
+        return True, False  # the reader then says what is wrong with it
     # Stop at the first model key unless adapter names may follow (then at one of each).
     maybe_adapter = b".adapter." in raw
     model = adapter = False
@@ -228,8 +227,9 @@ def _from_manifest(p: Path, manifest: dict, given: Path, notes: list[str], step:
             return Resolved("hf", d, given, layout, tuple(notes), step, cfgs)
         if fmt == "huggingface" and is_peft_dir(d / "adapter"):
             continue  # a PEFT adapter export, not model weights
-        notes.append(f"{MANIFEST} lists {key} at {entry['path']} ({fmt}), which holds no "
-                     "readable weights")
+        # Shown by inspect: the manifest's values as short reprs, whatever they hold.
+        notes.append(f"{MANIFEST} lists {key} at {reprlib.repr(entry['path'])} "
+                     f"({reprlib.repr(fmt)}), which holds no readable weights")
     return None
 
 
@@ -473,9 +473,10 @@ def detect(src: str | Path) -> str:
 
 def read_json_file(path: Path) -> dict:
     """Small JSON config files (metadata.json, transformer_config.json), typed errors."""
+    text = read_text(path, path.name)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {e}", path=path) from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)

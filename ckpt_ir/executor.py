@@ -29,6 +29,7 @@ from ckpt_ir.errors import (
 )
 from ckpt_ir.ir import TensorSpec
 from ckpt_ir.planner import Plan, Unit
+from ckpt_ir.safety.files import open_fd
 from ckpt_ir.slabs import FileSlab
 
 __all__ = ["TEMP_MARKER", "atomic_directory", "committed", "destination_path", "execute",
@@ -116,7 +117,8 @@ class _SourceFiles:
         path, offset = where
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # Opened again by name: the entry must still be a regular file (not a FIFO).
+            fd = self._fds[path] = open_fd(path)
         return FileSlab(fd, offset, nbytes, tensor.dtype)
 
     def __enter__(self) -> _SourceFiles:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -197,20 +198,21 @@ class ModelConfig:
             raise FormatError(
                 f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
         try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
-            kv_heads = int(hf.get("num_key_value_heads") or heads)
-            head_dim = int(hf.get("head_dim") or hidden // heads)
+            layers = _layer_count(hf)
+            hidden = _int(hf, "hidden_size")
+            heads = _int(hf, "num_attention_heads")
+            kv_heads = _int(hf, "num_key_value_heads", default=0) or heads
+            head_dim = _int(hf, "head_dim", default=0) or hidden // heads
             moe = _moe_fields(arch, hf) if arch in MOE_ARCHITECTURES else {}
             cfg = cls(
                 architecture=arch,
-                num_layers=int(hf["num_hidden_layers"]),
+                num_layers=layers,
                 hidden_size=hidden,
                 num_attention_heads=heads,
                 num_key_value_heads=kv_heads,
                 head_dim=head_dim,
-                intermediate_size=int(hf["intermediate_size"]),
-                vocab_size=int(hf["vocab_size"]),
+                intermediate_size=_int(hf, "intermediate_size"),
+                vocab_size=_int(hf, "vocab_size"),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v biases; Llama/Mistral/Qwen3 expose `attention_bias`,
                 # which also adds an o_proj bias that Megatron's add_qkv_bias cannot express.
@@ -400,13 +402,38 @@ class ModelConfig:
 
 
 def _int(hf: Mapping[str, Any], *names: str, default: int | None = None) -> int:
-    """The first of ``names`` present (and not null) in ``hf``, as an int."""
+    """The first of ``names`` present (and not null) in ``hf``: a JSON integer, nothing else.
+
+    ``int()`` would turn ``hidden_size: 32.5`` into 32 (and ``"64"`` or ``true`` into numbers)
+    while the config copied to the destination still says 32.5: structural fields are refused
+    unless they are integers already.
+    """
     for n in names:
-        if hf.get(n) is not None:
-            return int(hf[n])
+        value = hf.get(n)
+        if value is not None:
+            if type(value) is not int:
+                raise ValueError(f"{n} must be an integer, not {reprlib.repr(value)}")
+            return value
     if default is None:
         raise KeyError(names[0])
     return default
+
+
+def _layer_count(hf: Mapping[str, Any]) -> int:
+    # Checked before anything loops over the layers (MoE layer lists, schemas).
+    layers = _int(hf, "num_hidden_layers")
+    if layers > MAX_LAYER_EXPERTS:
+        raise ValueError(f"num_hidden_layers={layers} is beyond any real model (at most "
+                         f"{MAX_LAYER_EXPERTS})")
+    return layers
+
+
+def _int_list(hf: Mapping[str, Any], name: str) -> list[int]:
+    value = hf.get(name) or []
+    if type(value) is not list or len(value) > MAX_LAYER_EXPERTS or any(
+            type(i) is not int for i in value):
+        raise ValueError(f"{name} must be a list of integers")
+    return value
 
 
 def _moe_fields(arch: str, hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -416,7 +443,7 @@ def _moe_fields(arch: str, hf: Mapping[str, Any]) -> dict[str, Any]:
     (``num_experts`` is an alias), ``num_experts`` for qwen2_moe, ``n_routed_experts`` for
     DeepSeek. Mixtral's experts use ``intermediate_size``; the others ``moe_intermediate_size``.
     """
-    layers = int(hf["num_hidden_layers"])
+    layers = _layer_count(hf)
     out: dict[str, Any] = {
         "num_experts": _int(hf, "num_local_experts", "num_experts", "n_routed_experts"),
         "num_experts_per_tok": _int(hf, "num_experts_per_tok"),
@@ -430,7 +457,7 @@ def _moe_fields(arch: str, hf: Mapping[str, Any]) -> dict[str, Any]:
         step = _int(hf, "decoder_sparse_step", default=1)
         if step < 1:
             raise ValueError("decoder_sparse_step must be >= 1")
-        dense = {int(i) for i in hf.get("mlp_only_layers") or ()}
+        dense = set(_int_list(hf, "mlp_only_layers"))
         out["moe_layers"] = tuple(i for i in range(layers)
                                   if i not in dense and (i + 1) % step == 0)
         if arch == "qwen2_moe":

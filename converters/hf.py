@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import reprlib
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
 )
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
+from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
 from ckpt_ir.tables import NativeParams, drop_absent_mtp
@@ -57,10 +59,11 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def _read_index(path: Path) -> dict[str, str]:
+    text = read_text(path, path.name)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
         weight_map = data["weight_map"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
         # ValueError: JSONDecodeError, and integers past Python's 4300-digit limit, which
         # json raises as a plain ValueError; RecursionError: absurdly nested arrays.
         raise CorruptCheckpointError(f"{path.name} is not a valid weight index: {e}",
@@ -153,6 +156,9 @@ class HfReader:
             if not isinstance(state, Mapping):
                 raise CorruptCheckpointError(f"{file} does not hold a state dict", path=p / file)
             for name, t in state.items():
+                if not isinstance(name, str):
+                    raise CorruptCheckpointError(f"{file} holds a state dict with a non-string "
+                                                 f"key {reprlib.repr(name)}", path=p / file)
                 if not isinstance(t, torch.Tensor):
                     continue
                 self._bin[name] = t

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import reprlib
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,7 +46,11 @@ import torch
 
 from ckpt_ir.adapters import EXPERT_PARAMS, AdapterConfig, parameter_prefix
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
-from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import (
+    carried_source_files,
+    check_layer_count,
+    load_hf_config,
+)
 from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsFile,
     SafetensorsWriter,
@@ -53,6 +58,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
 )
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError, MissingConfigError
 from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.tables import NativeParams
 
@@ -70,9 +76,10 @@ PREFIX = "base_model.model."
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
     """Parse ``adapter_config.json``; validation of the fields is AdapterConfig.from_peft's."""
+    text = read_text(path, path.name)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError covers decode errors
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError covers decode errors
         raise CorruptCheckpointError(f"{path.name} is not valid JSON: {e}", path=path) from e
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path.name} is not a JSON object", path=path)
@@ -99,10 +106,6 @@ class HfPeftReader:
         else:
             self._config_dir = self._find_config_dir(hf_config, peft, config_candidates)
             self.config = ModelConfig.from_hf(load_hf_config(self._config_dir))
-        self.adapter = AdapterConfig.from_peft(peft, self.config, path=self.path / ADAPTER_CONFIG)
-        if lora_alpha is not None and float(lora_alpha) != float(self.adapter.lora_alpha):
-            log.warning("--lora-alpha %s ignored: %s says lora_alpha=%s", lora_alpha,
-                        ADAPTER_CONFIG, self.adapter.lora_alpha)
         self.params = NativeParams()
         self._specs: dict[str, TensorSpec] = {}
         self._raw: dict[str, str] = {}
@@ -112,6 +115,17 @@ class HfPeftReader:
         # IR name -> (raw packed name, lora_A or lora_B, expert, rank, part, parts)
         self._packed: dict[str, tuple[str, str, int, int, int, int]] = {}
         self._kind = self._scan()
+        # Every layer has its own LoRA tensors (layers_to_transform is refused): a config
+        # declaring more layers than the adapter has tensors would size the adapter's targets
+        # and the plan by the claim (200,000 layers took 4.9 GB and a minute to be refused for
+        # the missing tensors). Checked before anything is built per layer.
+        check_layer_count(self.config, len(self._specs),
+                          self.path / ADAPTER_CONFIG if self._config_dir is None
+                          else self._config_dir / "config.json")
+        self.adapter = AdapterConfig.from_peft(peft, self.config, path=self.path / ADAPTER_CONFIG)
+        if lora_alpha is not None and float(lora_alpha) != float(self.adapter.lora_alpha):
+            log.warning("--lora-alpha %s ignored: %s says lora_alpha=%s", lora_alpha,
+                        ADAPTER_CONFIG, self.adapter.lora_alpha)
         self._unpack_expert_parameters()
 
     def _find_config_dir(self, explicit: str | os.PathLike | None, peft: Mapping[str, Any],
@@ -148,6 +162,10 @@ class HfPeftReader:
                                              path=p / ADAPTER_BIN)
             entries = {}
             for name, t in state.items():
+                if not isinstance(name, str):
+                    raise CorruptCheckpointError(f"{ADAPTER_BIN} holds a state dict with a "
+                                                 f"non-string key {reprlib.repr(name)}",
+                                                 path=p / ADAPTER_BIN)
                 if not isinstance(t, torch.Tensor):
                     self._dropped[str(name)] = f"non-tensor entry ({type(t).__name__})"
                     continue

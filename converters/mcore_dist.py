@@ -65,6 +65,7 @@ from ckpt_ir.errors import (
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.megatron_config import hf_config_from_megatron, padded_vocab_size, plain_arguments
+from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
 from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
@@ -263,11 +264,7 @@ class McoreDistReader:
                 return str(c), self._from_megatron(read_json_file(c), c)
         run_config = self.path / "run_config.yaml"
         if run_config.is_file():
-            try:
-                data = yaml.safe_load(run_config.read_text())
-            except (OSError, yaml.YAMLError) as e:
-                raise CorruptCheckpointError(f"run_config.yaml is not valid YAML: {e}",
-                                             path=run_config) from e
+            data = read_yaml(run_config)
             model = data.get("model") if isinstance(data, dict) else None
             if isinstance(model, dict):
                 return str(run_config), self._from_megatron(model, run_config)
@@ -547,16 +544,48 @@ class McoreDistWriter:
 # --------------------------------------------------------------------------------------------
 
 
+_MAX_YAML_BYTES = 4 * 2**20  # a Bridge run_config.yaml is ~20 KB
+_MAX_YAML_NESTING = 64
+_MAX_YAML_ALIASES = 1000
+
+
+def read_yaml(path: Path) -> Any:
+    """Safe-load a YAML file (``run_config.yaml``), bounded in size, nesting and aliases.
+
+    The events are checked first (the parser is iterative; the constructor recurses per level,
+    and aliases repeat whole subtrees for whatever walks the result), then safe-loaded: tags
+    that name Python objects are refused by ``safe_load`` itself.
+    """
+    text = read_text(path, path.name, limit=_MAX_YAML_BYTES)
+    try:
+        depth = aliases = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > _MAX_YAML_NESTING:
+                    raise CorruptCheckpointError(f"{path.name} nests more than "
+                                                 f"{_MAX_YAML_NESTING} levels", path=path)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > _MAX_YAML_ALIASES:
+                    raise CorruptCheckpointError(f"{path.name} has more than "
+                                                 f"{_MAX_YAML_ALIASES} aliases", path=path)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, OverflowError) as e:
+        # ValueError/OverflowError: timestamps and numbers the constructor cannot build.
+        reason = str(e).replace("\n", " ")
+        raise CorruptCheckpointError(f"{path.name} is not valid YAML: {reason[:200]}",
+                                     path=path) from e
+
+
 def _bridge_peft(path: Path) -> Mapping[str, Any]:
     """The ``peft`` section of a Megatron-Bridge ``run_config.yaml`` beside the checkpoint."""
     run_config = path / "run_config.yaml"
     if not run_config.is_file():
         return {}
-    try:
-        data = yaml.safe_load(run_config.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CorruptCheckpointError(f"run_config.yaml is not valid YAML: {e}",
-                                     path=run_config) from e
+    data = read_yaml(run_config)
     peft = data.get("peft") if isinstance(data, dict) else None
     return peft if isinstance(peft, dict) else {}
 

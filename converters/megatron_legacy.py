@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import reprlib
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -87,6 +88,10 @@ class MegatronLegacyReader(PerRankReader):
         if not isinstance(obj, Mapping):
             raise CorruptCheckpointError(f"{path} does not hold a Megatron-LM checkpoint dict",
                                          path=path)
+        for bad in (k for k in obj if not isinstance(k, str)):  # None is a key too
+            raise CorruptCheckpointError(
+                f"{path} holds a checkpoint dict with a non-string key {reprlib.repr(bad)}",
+                path=path)
         if "model" in obj:
             chunks = [obj["model"]]
         else:
@@ -104,8 +109,17 @@ class MegatronLegacyReader(PerRankReader):
             if key == "model" or (key.startswith("model") and key[5:].isdigit()):
                 continue
             self._dropped[key] = _NOT_WEIGHTS.get(key, "training state, not a model weight")
-        self._iteration = obj.get("iteration", self._iteration)
-        self._version = obj.get("checkpoint_version", self._version)
+        # Shown by inspect: only validated scalars, never an unpickled object's repr (a
+        # structure of shared lists there would print for ever).
+        iteration = obj.get("iteration", self._iteration)
+        if iteration is not None and (type(iteration) is not int or iteration < 0):
+            raise CorruptCheckpointError(f"{path}: 'iteration' is not a non-negative integer",
+                                         path=path)
+        version = obj.get("checkpoint_version", self._version)
+        if version is not None and type(version) not in (int, float):
+            raise CorruptCheckpointError(f"{path}: 'checkpoint_version' is not a number",
+                                         path=path)
+        self._iteration, self._version = iteration, version
         return chunks
 
     def _own_config_dirs(self) -> list[Path]:

@@ -30,6 +30,7 @@ import logging
 import mmap
 import os
 import re
+import reprlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -276,10 +277,10 @@ class PerRankReader:
     def _checked_chunks(self, obj: Any, path: Path) -> list[Mapping[str, Any]]:
         chunks = self._chunks(obj, path)
         for chunk in chunks:
-            bad = next((k for k in chunk if not isinstance(k, str)), None)
-            if bad is not None:
+            for bad in (k for k in chunk if not isinstance(k, str)):  # None is a key too
                 raise CorruptCheckpointError(
-                    f"{path} holds a state dict with a non-string key {bad!r:.60}", path=path)
+                    f"{path} holds a state dict with a non-string key {reprlib.repr(bad)}",
+                    path=path)
         return chunks
 
     # -- hooks for subclasses -----------------------------------------------------------------

@@ -26,6 +26,7 @@ import json
 import mmap
 import os
 import re
+import reprlib
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -150,8 +151,9 @@ class VerlAdapterReader:
                                              "{name: tensor}}", path=f)
             for name, t in state.items():
                 if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-                    raise CorruptCheckpointError(f"{f.name}: {STATE_KEY} entry {name!r} is not a "
-                                                 "named tensor", path=f)
+                    raise CorruptCheckpointError(f"{f.name}: {STATE_KEY} entry "
+                                                 f"{reprlib.repr(name)} is not a named tensor",
+                                                 path=f)
                 if name.endswith("weight_magnitude"):
                     raise FormatError(f"{f.name}: {name}: DoRA adapters are not supported",
                                       path=f)

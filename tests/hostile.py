@@ -18,6 +18,7 @@ import argparse
 import atexit
 import builtins
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -26,6 +27,7 @@ import shutil
 import signal
 import tempfile
 import tracemalloc
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -323,6 +325,100 @@ PAYLOADS: dict[str, tuple[type[OpensFile], str]] = {
     "system": (RunsShell, f"{os.system.__module__}.system"),
     "exec": (RunsPython, "builtins.exec"),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Raw pickle shapes no pickler writes (a Python pickler would recurse on them): planted as
+# opcodes in place of a marker string
+
+
+MARKER = "ckpt-ir-hostile-marker"
+
+
+def deep_tuple(depth: int) -> bytes:
+    return b"K\x00" + pickle.TUPLE1 * depth
+
+
+def _put(i: int) -> bytes:
+    # Memo slots far above the ones the surrounding pickle uses.
+    return pickle.LONG_BINPUT + (1_000_000 + i).to_bytes(4, "little")
+
+
+def _get(i: int) -> bytes:
+    return pickle.LONG_BINGET + (1_000_000 + i).to_bytes(4, "little")
+
+
+def shared_lists(levels: int) -> bytes:
+    """l0 = []; l(i+1) = [li, li]: 2**levels nodes as a tree, 18 bytes a level as a pickle."""
+    ops = pickle.EMPTY_LIST + _put(0) + pickle.POP
+    for i in range(levels):
+        ops += (pickle.EMPTY_LIST + pickle.MARK + _get(i) + _get(i) + pickle.APPENDS
+                + _put(i + 1) + pickle.POP)
+    return ops + _get(levels)
+
+
+def deep_list(depth: int) -> bytes:
+    # [[[...]]]: each level an EMPTY_LIST appended to the one below it when the MARKs close.
+    return (pickle.EMPTY_LIST + pickle.MARK) * depth + pickle.APPENDS * depth
+
+
+def _keyed(ops: bytes) -> bytes:
+    return pickle.EMPTY_DICT + ops + pickle.BININT1 + b"\x01" + pickle.SETITEM
+
+
+SHAPES: dict[str, bytes] = {
+    # 1 MB: a 1,000,000-deep tuple used as a dict key (CPython hashes it by C recursion).
+    "deep-key": _keyed(deep_tuple(1_000_000)),
+    "deep-list": deep_list(100_000),
+    "shared-lists": shared_lists(60),
+    "shared-key": _keyed(pickle.NONE + b"".join(
+        _put(0) + pickle.POP + _get(0) + _get(0) + pickle.TUPLE2 for _ in range(60))),
+}
+"""Opcode sequences that each push one object, by what they do to a consumer."""
+
+FUZZ_SHAPES: dict[str, bytes] = {
+    # Just past the bounds, and far past them, at the sizes a fuzz example can afford.
+    "deep-tuple": deep_tuple(201),
+    "deep-list": deep_list(5000),
+    "deep-key": _keyed(deep_tuple(20_000)),
+    "deep-frozenset": pickle.MARK + deep_tuple(300) + pickle.FROZENSET,
+    "deep-dict-key": pickle.MARK + deep_tuple(300) + pickle.NONE + pickle.DICT,
+    "shared-lists": shared_lists(40),
+    "shared-key": _keyed(pickle.NONE + b"".join(
+        _put(0) + pickle.POP + _get(0) + _get(0) + pickle.TUPLE2 for _ in range(40))),
+    "cycle": pickle.EMPTY_LIST + _put(0) + _get(0) + pickle.APPEND,
+}
+"""Smaller shapes for the fuzz suite, which plants them anywhere inside a pickle."""
+
+
+def replace_marker(pickled: bytes, ops: bytes) -> bytes:
+    """``pickled`` (protocol 2) with each :data:`MARKER` string replaced by ``ops``."""
+    text = MARKER.encode()
+    spelled = pickle.BINUNICODE + len(text).to_bytes(4, "little") + text
+    assert spelled in pickled, "marker not pickled as a protocol-2 BINUNICODE"
+    return pickled.replace(spelled, ops)
+
+
+def replace_marker_in_file(data: bytes, ops: bytes) -> bytes:
+    """:func:`replace_marker` in a plain pickle or in the ``data.pkl`` of a torch.save zip."""
+    if not data.startswith(b"PK"):
+        # A plain pickle (DCP .metadata), re-pickled with protocol 2 (no frames to resize).
+        return replace_marker(pickle.dumps(pickle.loads(data), protocol=2), ops)
+    with zipfile.ZipFile(io.BytesIO(data)) as src:
+        records = [(info.filename, src.read(info)) for info in src.infolist()]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for name, content in records:
+            dst.writestr(name, replace_marker(content, ops) if name.endswith("data.pkl")
+                         else content)
+    return out.getvalue()
+
+
+def plant_opcodes(site: PickleSite, d: Path, ops: bytes) -> None:
+    """Plant ``ops`` (one object's opcodes) where ``site`` hides a payload in checkpoint ``d``."""
+    site.plant(d, MARKER)
+    [path] = [p for p in d.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()]
+    path.write_bytes(replace_marker_in_file(path.read_bytes(), ops))
 
 
 def _truncate(path: Path) -> None:

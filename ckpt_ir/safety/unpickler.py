@@ -32,6 +32,15 @@ machine with every operation that can reach code gated:
 * Callables that are not needed are refused even when harmless-looking: a Namespace holding
   ``torch.nn.functional.silu`` fails with the global named. Refusing is the safe default; an
   inert stand-in for arbitrary callables would make every new name silently "work".
+* What a loaded object costs its consumers is bounded: dict keys and set elements are checked
+  before they are hashed (CPython hashes nested tuples by C recursion: a 1,000,000-deep key was
+  a segfault), and the finished graph is walked once, iteratively: at most
+  :data:`MAX_NESTING` levels, no cycles, and no reference bomb (shared references that expand,
+  as a tree, far beyond the pickle's size). ``BUILD`` state may not replace a method.
+* Tensors must be backed by their own bytes: no view addresses an element twice (stride 0),
+  and two tensors share bytes only as the same view (tied weights). Zip archives with a record
+  name twice (torch reads the first, zipfile the last) or a directory beyond
+  :data:`MAX_ZIP_DIRECTORY` bytes are refused.
 * The pure-Python unpickler is used on purpose: the C one preallocates attacker-chosen lengths
   (an 8-byte header made CPython 3.11 allocate 2 GB) and cannot restrict ``BUILD``. Reads are
   bounded by the input, the memo is a dict, so memory stays proportional to the input.
@@ -50,7 +59,9 @@ yourself: it uses plain ``pickle``/``torch.load(weights_only=False)`` and logs a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import io
 import logging
 import math
@@ -79,6 +90,7 @@ from ckpt_ir.errors import (
     FormatError,
     UnsafeCheckpointError,
 )
+from ckpt_ir.safety.files import open_regular
 
 __all__ = [
     "RestrictedUnpickler",
@@ -97,6 +109,19 @@ _TRUST_HINT = "pass trust_pickles only for files you trust"
 _LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
 _MAX_TENSOR_DIMS = 64
 _MAX_CACHED_STAND_INS = 4096
+# Nesting deeper than this is refused: CPython hashes, compares and prints nested containers by
+# recursion in C, so a 1 MB pickle of a 1,000,000-deep tuple used as a dict key overflows the C
+# stack (a segfault, not an exception). Real checkpoints nest a few levels (state dicts of
+# optimizer states of lists); 200 leaves Python-level consumers far from the recursion limit.
+MAX_NESTING = 200
+# A dict key or set element is hashed (and compared) by walking it: at most this many nodes.
+# Shared references make a 60-level tuple of pairs a 2**60-node tree to hash.
+_MAX_KEY_NODES = 10_000
+# Shared references may make the loaded object graph larger, as a tree, than the pickle; more
+# than this many nodes per pickle byte (or the floor) means a reference bomb (anything that
+# walks or prints the result without a memo would never finish).
+_TREE_NODES_PER_BYTE = 16
+_MIN_TREE_NODES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +262,10 @@ def _iterable_call(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         if args:
             _check(isinstance(args[0], (list, tuple, set, frozenset, dict)),
                    f"{name} needs a container argument")
+            if fn in (set, frozenset):
+                _check_keys(args[0])
+            elif fn in (dict, OrderedDict) and not isinstance(args[0], dict):
+                _check_keys(pair[0] for pair in args[0] if type(pair) in (list, tuple) and pair)
         return fn(*args)
 
     return call
@@ -285,6 +314,8 @@ def _safe_defaultdict(*args: Any) -> defaultdict[Any, Any]:
     result: defaultdict[Any, Any] = defaultdict(factory)
     if len(args) == 2:
         _check(isinstance(args[1], (dict, list, tuple)), "defaultdict needs a container")
+        if not isinstance(args[1], dict):
+            _check_keys(pair[0] for pair in args[1] if type(pair) in (list, tuple) and pair)
         result.update(args[1])
     return result
 
@@ -316,6 +347,7 @@ def _enum_call(cls: type[Enum]) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
         # Exactly one value: more arguments would hit Enum's functional API.
         _argc(cls.__name__, args, 1, 1)
+        _check_key(args[0])  # looked up by hash among the members' values
         return cls(args[0])
 
     return call
@@ -355,6 +387,151 @@ def _safe_reconstructor(*args: Any) -> Any:
     return rule.new()
 
 
+def _check_key(key: Any) -> None:
+    """Refuse a dict key / set element whose hash or equality would recurse without bound.
+
+    Walks what ``hash`` walks (tuples, frozensets, the fields of frozen dataclasses) as a tree,
+    without a memo on purpose: shared references cost ``hash`` every repetition too.
+    """
+    if type(key) in (str, int, bytes, float, bool, type(None)):
+        return
+    todo = [(key, 1)]
+    nodes = 0
+    while todo:
+        obj, depth = todo.pop()
+        nodes += 1
+        if nodes > _MAX_KEY_NODES or depth > MAX_NESTING:
+            raise pickle.UnpicklingError(
+                f"a dict key or set element is nested more than {MAX_NESTING} levels deep or "
+                f"has more than {_MAX_KEY_NODES} parts")
+        if type(obj) in (tuple, frozenset):
+            todo.extend((item, depth + 1) for item in obj)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            todo.extend((item, depth + 1) for item in vars(obj).values())
+
+
+def _check_keys(keys: Any) -> None:
+    for key in keys:
+        _check_key(key)
+
+
+_LEAVES = (str, int, float, bool, bytes, bytearray, complex, type(None), torch.dtype,
+           torch.device, torch.layout, torch.memory_format, type)
+
+
+def _children(obj: Any) -> list[Any] | tuple[Any, ...] | None:
+    """What a consumer walking ``obj`` reaches next; None for leaves."""
+    cls = type(obj)
+    if cls in (list, tuple, set, frozenset):
+        return obj
+    if isinstance(obj, dict):
+        attrs = getattr(obj, "__dict__", None)  # OrderedDict state (a state dict's _metadata)
+        return [*obj.keys(), *obj.values(), *(attrs.values() if type(attrs) is dict else ())]
+    if isinstance(obj, StandIn):
+        return (obj.args, obj.kwargs, obj.state)
+    if isinstance(obj, _LEAVES) or isinstance(obj, _StandInMeta):
+        return None
+    state = getattr(obj, "__dict__", None)
+    if type(state) is dict and state:
+        return list(state.values())
+    return None
+
+
+def _check_graph(root: Any, nbytes: int) -> list[torch.Tensor]:
+    """Bound what a loaded object graph can cost its consumers; return its tensors.
+
+    Nesting depth at most :data:`MAX_NESTING`, no reference cycles, and the graph expanded as a
+    tree (what ``repr``, ``==``, ``copy.deepcopy`` or a recursive walk visit) at most
+    ``_TREE_NODES_PER_BYTE`` nodes per pickle byte. Iterative, with a memo: linear in the graph.
+    """
+    budget = max(_MIN_TREE_NODES, _TREE_NODES_PER_BYTE * nbytes)
+    tensors: list[torch.Tensor] = []
+    done: dict[int, tuple[int, int]] = {}  # id -> (depth, tree size); all alive via root
+    on_path: set[int] = set()
+    frames: list[list[Any]] = []  # [obj, iterator over children, max child depth, tree size]
+
+    def enter(obj: Any, kids: Any) -> None:
+        if len(frames) >= MAX_NESTING:
+            raise pickle.UnpicklingError(f"objects are nested more than {MAX_NESTING} levels "
+                                         f"deep")
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+        frames.append([obj, iter(kids), 0, 1])
+        on_path.add(id(obj))
+
+    kids = _children(root)
+    if isinstance(root, torch.Tensor):
+        tensors.append(root)
+    if kids is None:
+        return tensors
+    enter(root, kids)
+    while frames:
+        frame = frames[-1]
+        for child in frame[1]:
+            known = done.get(id(child))
+            if known is None:
+                if isinstance(child, torch.Tensor) and not vars(child):
+                    tensors.append(child)
+                    done[id(child)] = (0, 1)
+                    known = (0, 1)
+                else:
+                    grandchildren = _children(child)
+                    if grandchildren is None:
+                        frame[3] += 1
+                        continue
+                    if id(child) in on_path:
+                        raise pickle.UnpicklingError("objects refer to themselves (a cycle)")
+                    enter(child, grandchildren)
+                    break
+            frame[2] = max(frame[2], known[0])
+            frame[3] += known[1]
+            if frame[3] > budget:
+                raise pickle.UnpicklingError(
+                    f"shared references expand to more than {budget} objects")
+        else:
+            obj, _, depth, size = frames.pop()
+            on_path.discard(id(obj))
+            done[id(obj)] = (depth + 1, size)
+            if frames:
+                parent = frames[-1]
+                parent[2] = max(parent[2], depth + 1)
+                parent[3] += size
+                if parent[3] > budget:
+                    raise pickle.UnpicklingError(
+                        f"shared references expand to more than {budget} objects")
+    return tensors
+
+
+def _view_extent(t: torch.Tensor) -> int:
+    """Elements from a view's first to one past its last, in its storage."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+
+
+def _check_disjoint_views(tensors: list[torch.Tensor]) -> None:
+    """Distinct tensors may not share bytes unless they are the same view (tied weights).
+
+    Byte ranges are absolute addresses in the mapped file, so records that a crafted zip
+    directory makes overlap are caught too. Each view is already non-self-overlapping
+    (:func:`_make_tensor`), so the bytes a checkpoint declares are backed by distinct bytes.
+    """
+    spans = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        start = t.untyped_storage().data_ptr() + t.storage_offset() * t.dtype.itemsize
+        spans.append((start, start + _view_extent(t) * t.dtype.itemsize,
+                      (t.dtype, tuple(t.shape), t.stride())))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    reach: tuple[int, int, Any] | None = None
+    for span in spans:
+        if reach is not None and span[0] < reach[1] and span != reach:
+            raise pickle.UnpicklingError(
+                f"two tensors share storage bytes without being the same view ("
+                f"{reach[2][1]} and {span[2][1]})")
+        if reach is None or span[1] > reach[1]:
+            reach = span
+
+
 # ---- tensors ------------------------------------------------------------------------------
 
 
@@ -376,6 +553,14 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
     if math.prod(size):
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         _check(last < capacity, "tensor view reaches past the end of its storage")
+        # No element addressed twice (stride 0, or strides shorter than the inner extent):
+        # otherwise a 2-byte storage can declare a 4 GiB tensor that a writer then produces.
+        reach = 1
+        for n, s in sorted(((n, s) for n, s in zip(size, stride, strict=True) if n > 1),
+                           key=lambda d: d[1]):
+            _check(s >= reach, f"tensor of size {size} with strides {stride} addresses some "
+                               f"of its storage's elements more than once")
+            reach = s * n
     else:
         _check(offset <= capacity, "tensor storage offset is past the end of its storage")
     tensor = torch.empty((0,), dtype=dtype).set_(untyped, offset, size, stride)
@@ -780,12 +965,21 @@ class RestrictedUnpickler(pickle._Unpickler):
             _check(state is None or (isinstance(state, dict) and all(
                 type(k) is str and not k.startswith("__") for k in state)),
                    f"invalid state for {cls.__qualname__}")
+            for key in state or ():
+                # An instance attribute shadows a method (a function is a non-data
+                # descriptor): state {'items': <allowed callable>} would make a loaded
+                # OrderedDict's .items() call it. Dataclass field defaults are plain values.
+                attr = inspect.getattr_static(cls, key, None)
+                if callable(attr) or hasattr(type(attr), "__get__"):
+                    raise _Refused(f"refusing state {key!r} for a {cls.__qualname__}: it "
+                                   f"would replace a method")
             if state:
                 inst.__dict__.update(state)
             return
         if cls is dcp_types.TensorProperties:
             # Its __setstate__ only unpacks a 5-tuple and maps an enum to a memory format.
             _check(isinstance(state, tuple) and len(state) == 5, "invalid TensorProperties")
+            _check_key(state[3])  # the memory format encoding is looked up by hash
             try:
                 dcp_types.TensorProperties.__setstate__(inst, state)
             except ValueError as e:
@@ -829,6 +1023,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         target = self.stack[-1]
         _check(type(target) in (dict, OrderedDict, defaultdict),
                "SETITEM on something that is not a dict")
+        _check_key(key)
         target[key] = value
 
     def load_setitems(self) -> None:
@@ -838,13 +1033,26 @@ class RestrictedUnpickler(pickle._Unpickler):
                "SETITEMS on something that is not a dict")
         _check(len(items) % 2 == 0, "SETITEMS with an odd number of items")
         for i in range(0, len(items), 2):
+            _check_key(items[i])
             target[items[i]] = items[i + 1]
 
     def load_additems(self) -> None:
         items = self.pop_mark()
         target = self.stack[-1]
         _check(type(target) is set, "ADDITEMS on something that is not a set")
+        _check_keys(items)
         target.update(items)
+
+    def load_dict(self) -> None:
+        items = self.pop_mark()
+        _check(len(items) % 2 == 0, "DICT with an odd number of items")
+        _check_keys(items[0::2])
+        self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
+    def load_frozenset(self) -> None:
+        items = self.pop_mark()
+        _check_keys(items)
+        self.append(frozenset(items))
 
     def load_bytearray8(self) -> None:
         # The stock version allocates the declared length before reading it.
@@ -862,6 +1070,8 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.SETITEM[0]] = load_setitem
     dispatch[pickle.SETITEMS[0]] = load_setitems
     dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
@@ -873,7 +1083,9 @@ def _is_numpy_data(obj: Any) -> bool:
 def _unpickle(data: bytes | bytearray | memoryview, where: str, path: str | None,
               storages: StorageLoader | None = None) -> Any:
     try:
-        return RestrictedUnpickler(io.BytesIO(data), where=where, storages=storages).load()
+        result = RestrictedUnpickler(io.BytesIO(data), where=where, storages=storages).load()
+        _check_disjoint_views(_check_graph(result, len(data)))
+        return result
     except _Refused as exc:
         raise UnsafeCheckpointError(f"{exc} in {where} ({_TRUST_HINT})", path=path) from exc
     except UnsafeCheckpointError as exc:
@@ -928,6 +1140,30 @@ class _Record:
     size: int
 
 
+MAX_ZIP_DIRECTORY = 16 * 2**20
+_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+
+
+def _central_directory_size(view: memoryview) -> int | None:
+    """The central directory size an archive's end records declare (zip64 included), or None
+    when there are none (zipfile then refuses the archive itself)."""
+    tail_start = max(0, len(view) - (22 + 65535))
+    tail = bytes(view[tail_start:])
+    at = tail.rfind(_EOCD)
+    if at < 0 or len(tail) - at < 22:
+        return None
+    (size,) = struct.unpack("<I", tail[at + 12:at + 16])
+    locator = tail_start + at - 20
+    if locator >= 0 and bytes(view[locator:locator + 4]) == _ZIP64_LOCATOR:
+        (record,) = struct.unpack("<Q", bytes(view[locator + 8:locator + 16]))
+        if record + 56 <= len(view) and bytes(view[record:record + 4]) == _ZIP64_EOCD:
+            # zipfile takes every field from the zip64 record when there is one.
+            (size,) = struct.unpack("<Q", bytes(view[record + 40:record + 48]))
+    return min(size, len(view))  # zipfile reads no further than the archive's end
+
+
 class _Archive:
     """One torch.save archive inside ``buffer[start:start + length]``; storages are views."""
 
@@ -945,6 +1181,14 @@ class _Archive:
                     f"legacy torch serialization is not supported: {where} predates torch 1.6 "
                     f"(re-save it with a current torch)", path=path)
             raise CorruptCheckpointError(f"{where} is not a torch.save zip archive", path=path)
+        directory = _central_directory_size(view)
+        if directory is not None and directory > MAX_ZIP_DIRECTORY:
+            # zipfile builds a ~600-byte ZipInfo per 46-byte entry before anything else can
+            # be checked: a 251 MB directory of 4M entries took 3 GB.
+            raise CorruptCheckpointError(
+                f"{where} has a {directory}-byte zip directory; torch.save archives need "
+                f"far less (at most {MAX_ZIP_DIRECTORY} bytes, ~200,000 records, accepted)",
+                path=path)
         try:
             with zipfile.ZipFile(_ViewReader(view)) as archive:
                 infos = archive.infolist()
@@ -972,6 +1216,11 @@ class _Archive:
                 raise CorruptCheckpointError(
                     f"record {info.filename!r} in {where} extends past the end of the archive",
                     path=path)
+            if info.filename in records:
+                # torch.load reads the first of two same-named records, zipfile the last:
+                # which bytes are "the checkpoint" would depend on the reader.
+                raise CorruptCheckpointError(
+                    f"record {info.filename!r} appears twice in {where}", path=path)
             records[info.filename] = _Record(start + data, info.file_size)
         pickles = [name for name in records if name == "data.pkl" or name.endswith("/data.pkl")]
         if len(pickles) != 1:
@@ -1091,16 +1340,14 @@ def load_torch(path: str | os.PathLike[str], *, offset: int = 0, length: int | N
     """
     name = os.fspath(path)
     if trust:
-        try:
-            size = os.path.getsize(name)
-        except OSError as exc:
-            raise CorruptCheckpointError(f"cannot read {name}: {exc}", path=name) from exc
+        with open_regular(name) as file:
+            size = os.fstat(file.fileno()).st_size
         length = size - offset if length is None else length
         _check_range(name, size, offset, length)
         _warn_trusted(_where(name, offset, length, offset == 0 and length == size), name)
         if offset == 0 and length == size:
             return torch.load(name, map_location="cpu", weights_only=False, mmap=True)
-        with open(name, "rb") as file:
+        with open_regular(name) as file:
             file.seek(offset)
             return torch.load(io.BytesIO(file.read(length)), map_location="cpu",
                               weights_only=False)
@@ -1116,7 +1363,7 @@ def map_file(path: str | os.PathLike[str]) -> mmap.mmap:
     """
     name = os.fspath(path)
     try:
-        with open(name, "rb") as file:
+        with open_regular(name) as file:
             if os.fstat(file.fileno()).st_size == 0:
                 raise CorruptCheckpointError(f"{name} is empty", path=name)
             return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)

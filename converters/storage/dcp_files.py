@@ -54,6 +54,7 @@ from ckpt_ir.errors import (
     FormatError,
     InternalError,
 )
+from ckpt_ir.safety.files import read_bytes
 from ckpt_ir.safety.unpickler import load_pickle, load_torch, load_torch_buffer, map_file
 from ckpt_ir.slabs import FileSlab, mapping_address, offset_in_mapping
 
@@ -136,6 +137,9 @@ class DcpRecord:
 # --------------------------------------------------------------------------------------------
 
 
+_SWEEP_PAIRS = 200_000  # pairs tested to name an overlap in an irregular tiling that fails
+
+
 def _volume(sizes: Sequence[int]) -> int:
     return math.prod(sizes)
 
@@ -205,8 +209,9 @@ class _Grid:
             yield sum(combo)
 
 
-def _sweep_overlap(boxes: Sequence[Box]) -> tuple[int, int] | None:
-    """First overlapping pair of an irregular tiling: a sweep along its most-cut dimension."""
+def _sweep_overlap(boxes: Sequence[Box], budget: int) -> tuple[int, int] | None:
+    """First overlapping pair of an irregular tiling found by a sweep along its most-cut
+    dimension, testing at most ``budget`` pairs (None: none found within it)."""
     if not boxes:
         return None
     ndim = len(boxes[0][0])
@@ -220,6 +225,9 @@ def _sweep_overlap(boxes: Sequence[Box]) -> tuple[int, int] | None:
         start = boxes[i][0][dim]
         while active and active[0][0] <= start:
             heapq.heappop(active)
+        budget -= len(active)
+        if budget < 0:
+            break
         for _, j in active:
             if _intersection(boxes[i], boxes[j]) is not None:
                 found.append((min(i, j), max(i, j)))
@@ -227,8 +235,35 @@ def _sweep_overlap(boxes: Sequence[Box]) -> tuple[int, int] | None:
     return min(found) if found else None
 
 
+def _tiles_exactly(shape: Sequence[int], boxes: Sequence[Box]) -> bool | None:
+    """Whether boxes that lie inside ``shape`` and whose volumes sum to its volume tile it.
+
+    O(n 2^d) for n boxes cutting d dimensions, whatever the arrangement: count every box
+    corner modulo 2. The mixed finite difference of the coverage count f (how many boxes hold
+    a point) is the signed sum of the box corners, so the corners that occur an odd number of
+    times fix f modulo 2. If they are exactly the corners of ``shape``, f is odd, so at least 1,
+    everywhere inside; with the volumes summing to the shape's volume, f is 1 everywhere: no
+    overlap, no gap. None when 2^d is too many corners to count (d > 16 dimensions cut).
+    """
+    cut = [d for d, n in enumerate(shape)
+           if any(offsets[d] != 0 or sizes[d] != n for offsets, sizes in boxes)]
+    if len(cut) > 16:
+        return None
+    odd: set[tuple[int, ...]] = set()
+    for offsets, sizes in [*boxes, ((0,) * len(shape), tuple(shape))]:
+        # Toggling the shape's own corners too: an exact tiling leaves nothing.
+        ends = [(offsets[d], offsets[d] + sizes[d]) for d in cut]
+        odd.symmetric_difference_update(itertools.product(*ends))
+    return not odd
+
+
 def _coverage_problem(shape: tuple[int, ...], boxes: Sequence[Box]) -> str | None:
-    """Why ``boxes`` do not tile ``shape`` exactly (inside, disjoint, complete), or None."""
+    """Why ``boxes`` do not tile ``shape`` exactly (inside, disjoint, complete), or None.
+
+    Grid layouts (every real TP/PP/EP split) are checked cell by cell; irregular tilings by
+    corner parity (:func:`_tiles_exactly`), and only a failing one is searched, within a
+    budget, for an overlapping pair to name. Both are O(n log n) in the number of chunks.
+    """
     for offsets, sizes in boxes:
         if len(offsets) != len(shape) or len(sizes) != len(shape):
             return (f"chunk at offsets {offsets} with sizes {sizes} does not have "
@@ -237,14 +272,23 @@ def _coverage_problem(shape: tuple[int, ...], boxes: Sequence[Box]) -> str | Non
             return f"chunk at offsets {offsets} with sizes {sizes} lies outside its shape {shape}"
     solid = [i for i, (_, sizes) in enumerate(boxes) if _volume(sizes) > 0]
     solid_boxes = [boxes[i] for i in solid]
+    covered = sum(_volume(sizes) for _, sizes in solid_boxes)
+    numel = _volume(shape)
     grid, pair = _Grid.build(shape, solid_boxes)
     if grid is None:
-        pair = _sweep_overlap(solid_boxes)
+        exact = covered == numel and _tiles_exactly(shape, solid_boxes)
+        if exact is None:
+            return (f"has chunks cutting more than 16 of its {len(shape)} dimensions "
+                    f"irregularly (not a grid)")
+        if exact:
+            return None
+        pair = _sweep_overlap(solid_boxes, budget=_SWEEP_PAIRS + 4 * len(solid_boxes))
+        if pair is None and covered >= numel:
+            # Not exact with the full volume covered: some chunks overlap (and leave a gap).
+            return f"has overlapping chunks (they cover {covered} of {numel} elements)"
     if pair is not None:
         a, b = boxes[solid[pair[0]]][0], boxes[solid[pair[1]]][0]
         return f"has overlapping chunks at offsets {a} and {b}"
-    covered = sum(_volume(sizes) for _, sizes in solid_boxes)
-    numel = _volume(shape)
     if covered != numel:
         return f"has a gap: its chunks cover {covered} of {numel} elements"
     return None
@@ -413,11 +457,7 @@ def read_index(directory: str | os.PathLike[str], *, trust: bool = False) -> Dcp
     """
     root = Path(directory)
     meta_path = root / METADATA_FILE
-    try:
-        data = meta_path.read_bytes()
-    except OSError as exc:
-        raise CorruptCheckpointError(f"cannot read {meta_path}: {exc.strerror or exc}",
-                                     path=str(meta_path)) from exc
+    data = read_bytes(meta_path)
     md = load_pickle(data, path=str(meta_path), trust=trust)
     if not isinstance(md, Metadata):
         raise CorruptCheckpointError(

@@ -14,6 +14,7 @@ from typing import Any
 
 from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError, PlanError
 from ckpt_ir.ir import ModelConfig
+from ckpt_ir.safety.files import read_text
 
 __all__ = ["CARRIED_FILES", "SourceFiles", "carried_files", "carried_source_files",
            "check_layer_count",
@@ -44,9 +45,10 @@ def load_hf_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise MissingConfigError(f"no config.json in {directory}", path=directory)
+    text = read_text(path, "config.json")
     try:
-        data = json.loads(path.read_text(), parse_constant=_not_json, parse_float=_finite)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except (ValueError, RecursionError) as e:
         # ValueError covers JSONDecodeError, NaN/Infinity and integers past Python's digit
         # limit; RecursionError absurd nesting.
         raise CorruptCheckpointError(f"config.json is not valid JSON: {e}", path=path) from e

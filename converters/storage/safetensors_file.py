@@ -47,6 +47,7 @@ from ckpt_ir.errors import (
     FormatError,
     InternalError,
 )
+from ckpt_ir.safety.files import open_fd
 from ckpt_ir.slabs import FileSlab, copy_range, mapping_address, offset_in_mapping
 
 __all__ = [
@@ -246,12 +247,7 @@ class SafetensorsFile:
 
 
 def _open_readonly(path: str | os.PathLike[str]) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise CorruptCheckpointError(
-            f"cannot open safetensors file {os.fspath(path)}: {e.strerror or e}", path=path
-        ) from e
+    return open_fd(path, "safetensors file")
 
 
 def _pread_exact(fd: int, size: int, offset: int, path: str | os.PathLike[str]) -> bytes:

@@ -44,8 +44,9 @@ def saved(obj: Any) -> bytes:
 
 @cache
 def torch_archive() -> bytes:
-    base = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
-    return saved({"w": base, "view": base[:, 1:3], "ids": torch.arange(3),
+    base = torch.arange(24, dtype=torch.bfloat16).reshape(6, 4)
+    # Two views of one storage, disjoint (overlapping ones are refused as corrupt).
+    return saved({"w": base[:3], "view": base[3:, 1:3], "ids": torch.arange(3),
                   "args": argparse.Namespace(lr=0.1, dtype=torch.float16),
                   "nested": OrderedDict(a=[1, None, "x", (2.5, b"b")])})
 

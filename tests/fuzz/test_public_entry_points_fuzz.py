@@ -22,13 +22,24 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import ckpt_ir
 from ckpt_ir.errors import CheckpointError
 from tests.fixtures import tree_bytes
-from tests.hostile import UNTRUSTED, Untrusted, bounded, copy_seed, seed, seed_bytes, siblings
+from tests.hostile import (
+    FUZZ_SHAPES,
+    MARKER,
+    UNTRUSTED,
+    Untrusted,
+    bounded,
+    copy_seed,
+    replace_marker_in_file,
+    seed,
+    seed_bytes,
+    siblings,
+)
 
 FUZZ = settings(suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -77,15 +88,33 @@ HOSTILE_LEAVES = st.one_of(
                      "model-00001-of-00003.safetensors", "llama", "F32", "silu", "RMSNorm"]),
     st.lists(st.sampled_from([-1, 0, 1, 2, 10**12, 2**63]), max_size=4),
 )
+HOSTILE_KEYS = st.sampled_from([None, 0, 7, -1, 1.5, (1, 2), b"model", True, ""])
 JSON_LEAVES = st.recursive(
     HOSTILE_LEAVES, lambda inner: st.lists(inner, max_size=3)
     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+def _stride_tricks() -> st.SearchStrategy[Any]:
+    """Tensors whose declared size is not backed by distinct bytes: stride-0 and
+    self-overlapping views, and views of one storage that overlap without being the same."""
+    def base() -> torch.Tensor:
+        return torch.arange(16, dtype=torch.float32)
+
+    return st.sampled_from([
+        lambda: base()[:1].expand(2**16, 2**12),  # 16 bytes declaring 1 GiB
+        lambda: base().as_strided((8, 8), (1, 1)),
+        lambda: base().as_strided((4, 4), (4, 0)),
+        lambda: (lambda b: {"a": b[0:8], "b": b[4:12]})(base()),
+        lambda: (lambda b: [b, b[3:5]])(base()),
+        lambda: (lambda b: (b[0:8].view(2, 4), b[0:8].view(4, 2)))(base()),
+    ]).map(lambda make: make())
+
+
 PICKLE_LEAVES = st.one_of(
     HOSTILE_LEAVES,
     st.sampled_from([torch.float64, torch.uint8, torch.bool, torch.float32]),
     st.lists(st.sampled_from([0, 1, 2, 3, 4, 10**12]), max_size=4).map(tuple),
     st.lists(st.sampled_from([0, 1, 2, 4, 97, 2**40]), max_size=4).map(torch.Size),
     st.builds(lambda shape: torch.zeros(shape), st.lists(st.integers(0, 3), max_size=3)),
+    _stride_tricks(),
 )
 
 
@@ -114,8 +143,10 @@ def _set(obj: Any, key: Any, value: Any, *, delete: bool) -> None:
 
 
 @st.composite
-def structured_edits(draw: st.DrawFn, root: Any, leaves: st.SearchStrategy[Any]) -> Any:
-    """``root`` (deep-copied) with 1-3 values somewhere inside replaced or deleted."""
+def structured_edits(draw: st.DrawFn, root: Any, leaves: st.SearchStrategy[Any],
+                     keys: st.SearchStrategy[Any] | None = None) -> Any:
+    """``root`` (deep-copied) with 1-3 values somewhere inside replaced or deleted, or (with
+    ``keys``) a dict key replaced."""
     root = copy.deepcopy(root)
     for _ in range(draw(st.integers(1, 3))):
         parent, key = None, None
@@ -128,6 +159,11 @@ def structured_edits(draw: st.DrawFn, root: Any, leaves: st.SearchStrategy[Any])
         if parent is None:
             continue
         note(f"edit {type(parent).__name__}[{key!r}]")
+        if keys is not None and isinstance(parent, dict) and draw(st.integers(0, 5)) == 0:
+            # A key that is not a string (state dicts, args and manifests are read by name).
+            new_key = draw(keys)
+            parent[new_key] = parent.pop(key)
+            continue
         _set(parent, key, draw(leaves), delete=draw(st.integers(0, 5)) == 0)
     return root
 
@@ -162,7 +198,7 @@ def _dump(file: str, obj: Any) -> bytes | None:
 def _pickle(target: Untrusted) -> st.SearchStrategy[bytes]:
     content = seed_bytes(target.seed, target.file)
     root = _load_trusted(target.file, content)
-    structured = structured_edits(root, PICKLE_LEAVES).map(
+    structured = structured_edits(root, PICKLE_LEAVES, HOSTILE_KEYS).map(
         lambda obj: _dump(target.file, obj)).filter(lambda data: data is not None)
     return st.one_of(structured, byte_mutations(content))
 
@@ -190,6 +226,7 @@ def exercise(path: Path, to: str, out: Path, *, model: bool = True) -> None:
             ckpt_ir.convert(path, out, to=to)
         except CheckpointError as e:
             note(f"convert refused: {e}")
+            assert "\n" not in str(e), "the CLI prints errors as one line"
             assert siblings(out) == [], "a refused conversion left files behind"
             try:
                 if model:
@@ -242,6 +279,42 @@ def test_seeds_are_valid_before_mutation(target: Untrusted, tmp_path: Path) -> N
 def test_mutated_files_raise_checkpoint_errors_only(target: Untrusted,
                                                     data: st.DataObject) -> None:
     fuzz_one(target, data.draw(mutations(target), label="content"))
+
+
+# Every file that is a pickle (plain, or a torch.save zip): the audit's shapes planted anywhere
+# inside it as raw opcodes, which no pickler writes.
+PICKLED = [t for t in UNTRUSTED if t.kind == "pickle" or t.file.endswith(".bin")]
+
+
+@st.composite
+def planted_shapes(draw: st.DrawFn, target: Untrusted) -> bytes:
+    content = seed_bytes(target.seed, target.file)
+    root = (torch.load(io.BytesIO(content), weights_only=False) if content.startswith(b"PK")
+            else pickle.loads(content))  # our own seed file: trusted
+    edited = draw(structured_edits(root, st.just(MARKER)))
+    shape = draw(st.sampled_from(sorted(FUZZ_SHAPES)))
+    note(f"shape {shape}")
+    try:
+        if content.startswith(b"PK"):
+            buffer = io.BytesIO()
+            torch.save(edited, buffer)
+            pickled = buffer.getvalue()
+        else:
+            pickled = pickle.dumps(edited, protocol=2)
+    except (pickle.PicklingError, RuntimeError, TypeError, AttributeError):
+        # The marker where pickling checks a type (a TensorProperties' memory_format).
+        assume(False)
+    assume(MARKER.encode() in pickled)  # not when every edit was a deletion
+    return replace_marker_in_file(pickled, FUZZ_SHAPES[shape])
+
+
+@pytest.mark.parametrize("target", PICKLED, ids=lambda t: t.id)
+@settings(FUZZ, max_examples=20)
+@given(data=st.data())
+def test_hostile_shapes_inside_pickles_raise_checkpoint_errors_only(
+        target: Untrusted, data: st.DataObject) -> None:
+    # Deep nesting (a segfault when hashed), shared references (a hang when printed), cycles.
+    fuzz_one(target, data.draw(planted_shapes(target), label="content"))
 
 
 # JSON that json.loads itself chokes on in ways other than JSONDecodeError: a plain ValueError

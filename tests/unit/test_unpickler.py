@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ckpt_ir import dcp_types
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, UnsafeCheckpointError
+from ckpt_ir.safety import unpickler
 from ckpt_ir.safety.unpickler import (
     RestrictedUnpickler,
     StandIn,
@@ -108,14 +109,14 @@ def test_load_torch_round_trips_every_dtype(dtype: torch.dtype) -> None:
 
 
 def test_load_torch_keeps_views_sharing_one_storage() -> None:
-    base = random_bits((6, 8), torch.bfloat16)
+    base = random_bits((8, 8), torch.bfloat16)
+    flat = base.reshape(-1)
     obj = {
-        "base": base,
-        "rows": base[1:4],
-        "strided": base[::2, 1::3],
-        "transposed": base.t(),
-        "expanded": base[0:1].expand(5, 8),
-        "flat_tail": base.reshape(-1)[10:],
+        "head": base[0:2],
+        "tied": base[0:2],  # the same view twice: tied weights
+        "strided": base[2:4, ::2],
+        "transposed": base[4:6].t(),
+        "flat_tail": flat[48:],
     }
     data = saved(obj)
     expected, actual = trusted(data), load_torch_bytes(data)
@@ -123,6 +124,30 @@ def test_load_torch_keeps_views_sharing_one_storage() -> None:
         assert_same_tensor(expected[key], actual[key])
     pointers = {actual[k].untyped_storage().data_ptr() for k in obj}
     assert len(pointers) == 1  # one storage, as torch.load gives
+
+
+@pytest.mark.parametrize(("views", "message"), [
+    # A 2-byte storage declaring 4 GiB: stride-0 views are not backed by bytes.
+    (lambda b: {"w": b.reshape(-1)[:1].as_strided((2**16, 2**15), (0, 0))},
+     "tensor of size (65536, 32768) with strides (0, 0) addresses some of its storage's "
+     "elements more than once"),
+    (lambda b: {"w": b[0:1].expand(5, 8)},
+     "tensor of size (5, 8) with strides (0, 1) addresses some of its storage's elements "
+     "more than once"),
+    (lambda b: {"w": b.reshape(-1).as_strided((8, 8), (1, 1))},
+     "tensor of size (8, 8) with strides (1, 1) addresses some"),
+    (lambda b: {"a": b[0:4], "b": b[2:6]},
+     "two tensors share storage bytes without being the same view ((4, 8) and (4, 8))"),
+    (lambda b: {"a": b, "b": b[1:4]},
+     "two tensors share storage bytes without being the same view ((6, 8) and (3, 8))"),
+    (lambda b: {"a": b[0:2], "b": b[0:2].t()},
+     "two tensors share storage bytes without being the same view"),
+], ids=["stride-0", "expanded", "self-overlap", "overlap", "inside", "same-bytes-other-view"])
+def test_views_that_reuse_bytes_are_corrupt(views: Any, message: str) -> None:
+    data = saved(views(random_bits((6, 8), torch.bfloat16)))
+    with pytest.raises(CorruptCheckpointError, match="cannot unpickle") as info:
+        load_torch_bytes(data)
+    assert message in str(info.value)
 
 
 def test_load_torch_handles_zero_size_scalar_and_parameters() -> None:
@@ -372,6 +397,99 @@ def test_misuse_of_allowed_names_is_corrupt(data: bytes, message: str) -> None:
     assert str(info.value) == message
 
 
+def _ordered_dict_with_state(key: str) -> bytes:
+    # OrderedDict() then BUILD {key: <the allowed `list` callable>}
+    return p2(g("collections", "OrderedDict"), b")R}", text(key), g("builtins", "list"), b"sb")
+
+
+@pytest.mark.parametrize("method", ["items", "get", "keys", "values", "move_to_end"])
+def test_state_cannot_replace_a_method(method: str) -> None:
+    # An instance attribute shadows a method: reader code calling .items() would call it.
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_pickle(_ordered_dict_with_state(method), path="m.pkl")
+    assert str(info.value) == (
+        f"refusing state {method!r} for a OrderedDict: it would replace a method in m.pkl "
+        f"(pass trust_pickles only for files you trust)")
+    # Plain attributes still load (a state dict's OrderedDict carries _metadata this way).
+    loaded = load_pickle(_ordered_dict_with_state("version"))
+    assert type(loaded) is OrderedDict and loaded.version is list
+
+
+NESTED = "objects are nested more than 200 levels deep"
+KEY = "a dict key or set element is nested more than 200 levels deep or has more than 10000 parts"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    # CPython hashes a nested tuple by C recursion: a 1,000,000-deep key overflowed the stack.
+    (p2(b"}K\x00" + b"\x85" * 1_000_000 + b"K\x01s"), KEY),
+    (p2(b"(K\x00" + b"\x85" * 1000 + b"\x91"), KEY),  # frozenset element
+    (p2(b"(K\x00" + b"\x85" * 1000 + b"K\x01d"), KEY),  # DICT
+    (p2(b"\x8f(K\x00" + b"\x85" * 1000 + b"\x90"), KEY),  # ADDITEMS
+    (p2(g("builtins", "set"), b"]K\x00" + b"\x85" * 1000 + b"a\x85R"), KEY),
+    # 60 levels of (x, x): 2**60 nodes for hash to visit.
+    (p2(b"}N" + b"q\x000h\x00h\x00\x86" * 60 + b"K\x01s"), KEY),
+    (p2(b"K\x00" + b"\x85" * 300_000), NESTED),
+    (p2(b"](" * 5000 + b"e" * 5000), NESTED),
+    # l(i+1) = [li, li], 60 levels: printing or walking it never ends.
+    (p2(b"]q\x00" + b"".join(b"](h" + bytes([i]) + b"h" + bytes([i]) + b"eq" + bytes([i + 1])
+                             for i in range(60))),
+     "shared references expand to more than 1048576 objects"),
+    (p2(b"]q\x00h\x00a"), "objects refer to themselves (a cycle)"),
+    # Enum members and TensorProperties' memory format are looked up by hash too.
+    (p2(g("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+        b"K\x00" + b"\x85" * 100_000 + b"\x85R"), KEY),
+    (p2(g("torch.distributed.checkpoint.metadata", "TensorProperties"), b")\x81(",
+        g("torch", "float32"), g("torch", "strided"), b"\x89K\x00" + b"\x85" * 100_000
+        + b"\x89tb"), KEY),
+], ids=["deep-key", "frozenset", "dict", "additems", "set-call", "shared-key", "deep-tuple",
+        "deep-list", "shared-lists", "cycle", "enum-value", "memory-format"])
+def test_nesting_and_shared_references_are_bounded(data: bytes, message: str) -> None:
+    with pytest.raises(CorruptCheckpointError) as info:
+        load_pickle(data, path="m.pkl")
+    assert str(info.value) == f"cannot unpickle m.pkl: UnpicklingError: {message}"
+
+
+def test_real_nesting_and_sharing_still_load() -> None:
+    shared = [1, 2]
+    obj = {"a": {"b": {"c": [shared, shared, (1, (2, (3,)))]}}, (1, (2, 3)): frozenset({(4,)})}
+    for _ in range(150):
+        obj = {"nested": obj}
+    assert load_pickle(pickle.dumps(obj, protocol=2)) == obj
+
+
+def _rezipped(archive: bytes, extra: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as src, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        for name, data in extra:
+            dst.writestr(name, data)
+    return out.getvalue()
+
+
+def test_duplicate_zip_records_are_corrupt() -> None:
+    # torch.load reads the first of two same-named records, zipfile the last.
+    archive = saved({"w": torch.ones(2)})
+    with zipfile.ZipFile(io.BytesIO(archive)) as src:
+        [name] = [n for n in src.namelist() if n.endswith("data.pkl")]
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        data = _rezipped(archive, [(name, pickle.dumps({"w": 1}, protocol=2))])
+    with pytest.raises(CorruptCheckpointError) as info:
+        load_torch_bytes(data, path="m.pt")
+    assert str(info.value) == f"record {name!r} appears twice in m.pt"
+
+
+def test_huge_zip_directories_are_refused_before_parsing(tmp_path: Path) -> None:
+    # 300,000 empty records (a 17 MB directory): zipfile would build a ZipInfo for each.
+    archive = saved({"w": torch.ones(2)})
+    path = tmp_path / "m.pt"
+    path.write_bytes(_rezipped(archive, [(f"archive/x/{i}", b"") for i in range(300_000)]))
+    with pytest.raises(CorruptCheckpointError, match=r"zip directory; torch.save archives "
+                       r"need far less \(at most 16777216 bytes"):
+        load_torch(path)
+
+
 def test_allowed_functions_resolve_to_safe_stand_ins_not_the_originals() -> None:
     # A loaded object can hold a function reference; it must not be torch's unchecked one.
     loaded = load_pickle(pickle.dumps([torch._utils._rebuild_tensor_v2,
@@ -431,6 +549,9 @@ def test_trust_uses_plain_pickle_and_warns(tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "f.pt"
     torch.save({"fn": torch.nn.functional.silu}, path)
+    # Warnings are once per file, and "<memory>" may have been loaded trusted by an earlier
+    # test in this process (a DCP object through load_torch_bytes).
+    unpickler._WARNED.clear()
     with caplog.at_level(logging.WARNING):
         loaded = load_torch(path, trust=True)
         assert load_pickle(pickle.dumps(builtins.len), trust=True) is len
