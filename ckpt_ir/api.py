@@ -132,10 +132,15 @@ def detect(src: str | os.PathLike) -> str:
 
 
 def open(src: str | os.PathLike, format: str | None = None, *,
-         hf_config: str | os.PathLike | None = None, trust_pickles: bool = False) -> Checkpoint:
-    """The IR view of a checkpoint: config, logical tensors (HF names), lazy ``read``."""
+         hf_config: str | os.PathLike | None = None, trust_pickles: bool = False,
+         source_ep: int | None = None) -> Checkpoint:
+    """The IR view of a checkpoint: config, logical tensors (HF names), lazy ``read``.
+
+    ``source_ep`` (per-rank formats only) overrides what the files say about whether
+    ``mp_rank_TT_NNN`` directories number expert or pipeline ranks.
+    """
     reader, resolved = _open_reader(src, format, hf_config=hf_config,
-                                    trust_pickles=trust_pickles)
+                                    trust_pickles=trust_pickles, source_ep=source_ep)
     try:
         plan = make_plan(source_format=reader.format, source_naming=reader.naming,
                          source_params=reader.params, source_tensors=reader.tensors(),

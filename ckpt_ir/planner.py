@@ -151,7 +151,7 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
     for name, spec in source_tensors.items():
         binding = src.by_native.get(name)
         if binding is None:
-            if name in _TIED_COPIES and config.tie_word_embeddings:
+            if name in _TIED_COPIES and config.shares_output_with_embedding:
                 dropped[name] = "tied to the input embedding (tie_word_embeddings=true)"
                 continue
             reason = next((why for pat, why in DROPPABLE if pat.search(name)), None)

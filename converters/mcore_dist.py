@@ -64,7 +64,12 @@ from ckpt_ir.errors import (
     PlanError,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
-from ckpt_ir.megatron_config import hf_config_from_megatron, padded_vocab_size, plain_arguments
+from ckpt_ir.megatron_config import (
+    hf_config_from_megatron,
+    missing_fields,
+    padded_vocab_size,
+    plain_arguments,
+)
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
 from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
@@ -190,8 +195,16 @@ class McoreDistReader:
                 self._specs[fqn] = TensorSpec(fqn, tuple(t.shape), t.dtype)
         for fqn in self._dcp.index.blobs:
             self._dropped[fqn] = _blob_reason(fqn)
+        self._notes: list[str] = []
         self._config_source, hf = self._find_config(hf_config, config_candidates)
         self.config = ModelConfig.from_hf(hf)
+        head = self._specs.get("output_layer.weight")
+        if head is not None and len(head.shape) == 2 and head.shape[0] == 1 \
+                and self.config.vocab_size > 1 and not self.config.is_value_model:
+            # verl's critic: megatron-core's output layer replaced by LinearForLastLayer(H, 1).
+            self.config = self.config.as_value_model(1)
+            self._notes.append("output_layer.weight has one row: a value head (verl critic), "
+                               "read as score.weight of a token-classification model")
         check_layer_count(self.config, len(self._specs), self._config_source)
         emb = self._specs.get("embedding.word_embeddings.weight")
         padded = emb.shape[0] if emb is not None else None
@@ -289,14 +302,27 @@ class McoreDistReader:
             path=self.path)
 
     def _from_megatron(self, fields: Mapping[str, Any], where: Path) -> dict[str, Any]:
-        """An HF config from Megatron arguments read from ``where`` (untrusted values)."""
+        """An HF config from Megatron arguments read from ``where`` (untrusted values).
+
+        Whether the embeddings are tied is read from the checkpoint when the arguments do not
+        say (verl's ``transformer_config.json`` never does): torch_dist stores a tied model's
+        embedding once, with no ``output_layer.weight``. Values recorded nowhere (a rotary base
+        or a sequence length in ``transformer_config.json``) are refused, not guessed.
+        """
         fields = plain_arguments(fields)  # vocab_size may be anything before this
         try:
-            return hf_config_from_megatron(
-                fields, vocab_size=fields.get("vocab_size") or self._vocab_rows())
-        except CorruptCheckpointError as e:
+            hf = hf_config_from_megatron(
+                fields, vocab_size=fields.get("vocab_size") or self._vocab_rows(),
+                tied="output_layer.weight" not in self._dcp.index.tensors)
+        except CheckpointError as e:
             e.path = e.path or str(where)
             raise
+        missing = missing_fields(hf)
+        if missing:
+            raise MissingConfigError(
+                f"{where.name} does not record {', '.join(missing)}; pass --hf-config DIR (the "
+                "model's config.json)", path=where)
+        return hf
 
     # -- Reader protocol ----------------------------------------------------------------------
 
@@ -336,6 +362,7 @@ class McoreDistReader:
             "padded_vocab_size": self.params.padded_vocab_size,
             "generation": "<=0.18 (common.pt)" if (self.path / "common.pt").is_file()
             else ">=0.19 (common_state object)",
+            **({"notes": list(self._notes)} if self._notes else {}),
         }
 
     def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:

@@ -163,7 +163,7 @@ def megatron_lm_args(writer: PerRankWriter, dtype: torch.dtype | None) -> argpar
         add_bias_linear=False,
         add_qkv_bias=cfg.has_qkv_bias,
         qk_layernorm=cfg.has_qk_norm,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        untie_embeddings_and_output_weights=not cfg.shares_output_with_embedding,
         vocab_size=cfg.vocab_size,
         padded_vocab_size=params.padded_vocab_size or cfg.vocab_size,
         tensor_model_parallel_size=layout.tp,

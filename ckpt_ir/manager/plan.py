@@ -98,7 +98,7 @@ def needed_tp(binding: Binding, shape: Shape, tp: int) -> list[int]:
 def is_tied_copy(native: str, config: ModelConfig) -> bool:
     # With tied embeddings and PP > 1, megatron-core keeps a synchronized copy of the embedding
     # as the last stage's output layer: saved once (from the embedding), loaded into both.
-    return native == OUTPUT_LAYER and config.tie_word_embeddings
+    return native == OUTPUT_LAYER and config.shares_output_with_embedding
 
 
 def build_model_plan(config: ModelConfig, layout: ParallelLayout,

@@ -183,15 +183,82 @@ def test_tracker_wins_over_newer_steps(sources, tmp_path):
 def test_no_completed_save_is_an_error(sources, tmp_path):
     run = tmp_path / "run"
     build_v2(sources, run / "global_step_3" / "actor", manifest=False)
+    # Unfinished: the extra (RNG) torch_dist has no metadata.json yet, and no manifest.
+    (run / "global_step_3" / "actor" / "extra" / "dist_ckpt" / "metadata.json").unlink()
     with pytest.raises(CorruptCheckpointError, match=re.escape(
             "no completed save under")) as e:
         resolve(run)
     assert "global_step_3 is incomplete (actor/ has no ckpt_contents.json" in str(e.value)
 
 
+def build_migrated_v1(sources: dict[str, Path], role: Path) -> None:
+    """What verl's scripts/migrate_megatron_checkpoint_layout.py makes of a v1 save: the one
+    dist_ckpt/ linked into model/, optimizer/ and extra/, huggingface/ moved under model/, and
+    no ckpt_contents.json."""
+    for d in ("model", "optimizer", "extra"):
+        _copy(sources["dist"], role / d / "dist_ckpt")
+    _hf_config_only(sources["hf"], role / "model" / "huggingface")
+    (role / "transformer_config.json").write_text("{}")
+
+
+def test_migrated_v1_tree_without_manifest_or_tracker_is_read_with_a_note(sources, tmp_path,
+                                                                          capsys):
+    run = tmp_path / "run"
+    build_migrated_v1(sources, run / "global_step_7" / "actor")
+    info = _inspect(run, capsys)
+    assert (info["format"], info["step"]) == ("mcore-dist", 7)
+    assert info["layout"] == "verl v2 (model/dist_ckpt)"
+    why = ("actor/ has no ckpt_contents.json (verl writes it last): a tree migrated from "
+           "verl's v1 layout or copied without it; completeness could not be confirmed")
+    assert info["notes"] == [
+        "no latest_checkpointed_iteration.txt; using global_step_7, the newest completed save",
+        f"global_step_7: {why}"]
+    assert _tree(info)["global_step_7/"] == \
+        "a saved step (no manifest: completeness not confirmed)"
+    # The role directory alone (copied without its run root): the same note.
+    r = resolve(run / "global_step_7" / "actor")
+    assert r.format == "mcore-dist"
+    assert r.notes == ("actor: no ckpt_contents.json (verl writes it last): a tree migrated "
+                       "from verl's v1 layout or copied without it; completeness could not be "
+                       "confirmed",)
+    with ckpt_ir.open(run, hf_config=sources["hf"]) as ckpt, \
+            ckpt_ir.open(sources["hf"]) as ref:
+        assert ckpt.tensors.keys() == ref.tensors.keys()
+        assert all(torch.equal(ckpt.read(n), ref.read(n)) for n in ref.tensors)
+
+
+def test_empty_dist_ckpt_dirs_are_not_checkpoints(sources, tmp_path, capsys):
+    # verl 0.9.1 pointed at a legacy tree makes model/, optimizer/ and extra/dist_ckpt and
+    # leaves them empty when its load fails; the legacy save stays complete and readable.
+    run = tmp_path / "run"
+    role = run / "global_step_5" / "actor"
+    build_legacy(sources, role)
+    for d in ("model", "optimizer", "extra"):
+        (role / d / "dist_ckpt").mkdir(parents=True, exist_ok=True)
+    info = _inspect(run, capsys)
+    assert (info["format"], info["step"]) == ("verl-legacy", 5)
+    assert info["notes"] == [
+        "no latest_checkpointed_iteration.txt; using global_step_5, the newest completed save"]
+    assert _tree(info)["global_step_5/"] == "a saved step"
+    # Beside a complete v2 save (manifest present) an empty root dist_ckpt/ changes nothing.
+    role2 = run / "global_step_9" / "actor"
+    build_v2(sources, role2)
+    (role2 / "dist_ckpt").mkdir()
+    info = _inspect(run, capsys)
+    assert (info["format"], info["step"]) == ("hf", 9)
+    assert _tree(info)["global_step_9/actor/dist_ckpt/"] == \
+        "empty (left by verl's path helpers): not a checkpoint"
+
+
 def test_role_dir_without_manifest_is_read_with_a_warning(sources, tmp_path):
     role = tmp_path / "actor"
     build_v2(sources, role, manifest=False)
+    r = resolve(role)
+    assert r.format == "hf"
+    assert r.notes == ("actor: no ckpt_contents.json (verl writes it last): a tree migrated "
+                       "from verl's v1 layout or copied without it; completeness could not be "
+                       "confirmed",)
+    shutil.rmtree(role / "extra")  # a part missing: an unfinished save, read only when asked
     r = resolve(role)
     assert r.format == "hf"
     assert r.notes == ("actor: no ckpt_contents.json (verl writes it last); this save may be "
