@@ -297,6 +297,7 @@ _DESCRIPTIONS = (
     ("hf_config", "HF config and tokenizer (written by ckpt-ir)"),
     ("adapter_checkpoint", "verl LoRA adapter files per rank (extract-adapter reads them)"),
     ("run_config.yaml", "Megatron-Bridge run config"),
+    ("ckpt_ir_layout.json", "ckpt-ir's record of the per-rank layout (TP, PP, EP)"),
     ("common.pt", "torch_dist common state (megatron-core <= 0.18)"),
 )
 
