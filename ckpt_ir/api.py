@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -180,7 +181,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             progress: Callable[[int, int], None] | None = None,
             layout: LayoutRequest = None, source_ep: int | None = None,
             hf_experts: str = "per-expert", mcore_experts: str | None = None,
-            **options: Any) -> Report:
+            verl_tree: bool = False, **options: Any) -> Report:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     The plan is built and validated from metadata first; then tensors stream through, one
@@ -197,6 +198,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     ``mcore_experts`` (per-rank destinations of MoE models): ``"sequential"``
     (``local_experts.{k}.linear_fc1.weight``) or ``"grouped"`` (``linear_fc1.weight{k}``);
     default grouped for the TE spec, sequential for the local one.
+    ``verl_tree`` (``mcore-dist`` only): ``dst`` becomes a verl 0.9.1 role directory
+    (``global_step_N/actor``) that verl's ``load_checkpoint`` and model merger open:
+    ``model/dist_ckpt``, ``model/huggingface`` (config, tokenizer), ``transformer_config.json``
+    and ``ckpt_contents.json``.
     """
     from ckpt_ir.converters.base import WriteOptions
 
@@ -214,6 +219,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                                source_ep=source_ep, **options)
     if options:
         raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
+    tree = None
+    if verl_tree:
+        if to != "mcore-dist":
+            raise FormatError(f"verl_tree (--verl-tree) writes mcore-dist, not {to}")
+        step = re.fullmatch(r"global_step_(\d+)", Path(dst).absolute().parent.name)
+        tree = {"role": Path(dst).name if Path(dst).name in ("actor", "critic") else "actor",
+                "step": int(step.group(1)) if step else None}
     started = time.perf_counter()
     wopts = WriteOptions(
         dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
@@ -221,7 +233,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         max_shard_bytes=_parse_size(max_shard_size),
         trust_pickles=trust_pickles,
         extra={"mcore_spec": mcore_spec, "hf_experts": hf_experts,
-               "mcore_experts": mcore_experts},
+               "mcore_experts": mcore_experts, "verl_tree": tree},
     )
     reader, resolved = _open_reader(src, source_format, hf_config=hf_config,
                                     trust_pickles=trust_pickles, source_ep=source_ep)

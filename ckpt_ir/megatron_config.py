@@ -19,8 +19,9 @@ from typing import Any
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 
-__all__ = ["UNRECORDED_FIELDS", "MegatronModelArgs", "hf_config_from_megatron", "megatron_args",
-           "missing_fields", "padded_vocab_size", "plain_arguments"]
+__all__ = ["UNRECORDED_FIELDS", "MegatronModelArgs", "hf_config_from_megatron", "json_safe_fields",
+           "megatron_args", "missing_fields", "padded_vocab_size", "plain_arguments",
+           "transformer_config_json"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,51 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
                              else "TransformerConfig",
                              decoder_block_spec=not cfg.has_uniform_layers,
                              mtp=cfg.num_mtp_layers > 0)
+
+
+_SKIP = object()
+
+
+def _json_value(value: Any) -> Any:
+    """One field as verl's ``_to_json_safe_config_value`` writes it: plain values as they are,
+    dtypes and enums as strings, lists and dicts of those; ``_SKIP`` for anything else
+    (callables, process groups)."""
+    import enum
+
+    import torch
+
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (torch.dtype, enum.Enum)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [v for v in map(_json_value, value) if v is not _SKIP]
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in ((k, _json_value(v)) for k, v in value.items())
+                if v is not _SKIP}
+    return _SKIP
+
+
+def json_safe_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` (a TransformerConfig's, say) as verl writes ``transformer_config.json``:
+    JSON values kept, dtypes and enums as strings, callables and other objects dropped."""
+    return {k: v for k, v in ((k, _json_value(v)) for k, v in fields.items()) if v is not _SKIP}
+
+
+def transformer_config_json(config: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: int = 1,
+                            ep: int = 1, etp: int | None = None,
+                            first_stage_layers: int | None = None,
+                            last_stage_layers: int | None = None) -> dict[str, Any]:
+    """verl's ``transformer_config.json`` for a model ckpt-ir writes without a live
+    ``TransformerConfig``: the model-defining fields of :func:`megatron_args` and the
+    parallel sizes (the fields readers take back: :func:`hf_config_from_megatron`)."""
+    return json_safe_fields({
+        **megatron_args(config).transformer_config,
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "virtual_pipeline_model_parallel_size": vpp if vpp > 1 else None,
+        "num_layers_in_first_pipeline_stage": first_stage_layers,
+        "num_layers_in_last_pipeline_stage": last_stage_layers,
+        "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp or tp})
 
 
 def _get(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:

@@ -69,6 +69,7 @@ from ckpt_ir.megatron_config import (
     missing_fields,
     padded_vocab_size,
     plain_arguments,
+    transformer_config_json,
 )
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
@@ -83,6 +84,12 @@ log = logging.getLogger(__name__)
 
 HF_CONFIG_DIR = "hf_config"
 """ckpt-ir stores the HF config and tokenizer files here, beside the torch_dist files."""
+
+# A verl 0.9.1 role directory (WriteOptions.extra["verl_tree"]): where verl's
+# MegatronCheckpointManager keeps a dist-only model save and the HF config its merger reads.
+VERL_DIST_DIR = "model/dist_ckpt"
+VERL_HF_DIR = "model/huggingface"
+VERL_MANIFEST = "ckpt_contents.json"
 
 _STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -382,7 +389,11 @@ class McoreDistWriter:
     naming: ClassVar[str] = "mcore"
 
     def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
-        self.directory = directory
+        # verl_tree: the destination is a verl 0.9.1 role directory and the torch_dist files
+        # go to its model/dist_ckpt (see _finish_verl_tree).
+        self.verl_tree: Mapping[str, Any] | None = options.extra.get("verl_tree")
+        self.root = Path(directory)
+        self.directory = self.root / VERL_DIST_DIR if self.verl_tree else self.root
         self.config = config
         self.options = options
         self.spec = options.extra.get("mcore_spec", "any")
@@ -453,6 +464,7 @@ class McoreDistWriter:
                     (key, index + (0,) * len(s.shape), len(index)))
         self._objects = self._extra_state_objects([s.name for s in specs])
         # torch DCP names data files __<rank>_<i>.distcp; each process appends to its own.
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._data = DcpDataFile(self.directory, f"__{self.options.rank}_0.distcp")
 
     def _extra_state_objects(self, names: Sequence[str]) -> list[str]:
@@ -547,18 +559,59 @@ class McoreDistWriter:
             torch.save(common, f)
             f.flush()
             os.fsync(f.fileno())
-        hf_dir = self.directory / HF_CONFIG_DIR
-        hf_dir.mkdir()
+        # ckpt-ir's own copy of the HF config; a verl tree keeps it where verl does.
+        hf_dir = self.root / VERL_HF_DIR if self.verl_tree else self.directory / HF_CONFIG_DIR
+        hf_dir.mkdir(parents=True)
         with open(hf_dir / "config.json", "w") as f:
             json.dump(self.config.to_hf_dict(dtype=self.options.dtype), f, indent=2)
             f.write("\n")
-        for name, path in source.source_files().files.items():
+        carried = source.source_files().files
+        for name, path in carried.items():
             shutil.copyfile(path, hf_dir / name)
         # Last: megatron-core treats metadata.json as "this checkpoint is complete".
         with open(self.directory / "metadata.json", "w") as f:
             json.dump(METADATA_JSON, f)
             f.flush()
             os.fsync(f.fileno())
+        if self.verl_tree:
+            self._finish_verl_tree(has_tokenizer=any(n != "config.json" for n in carried))
+
+    def _finish_verl_tree(self, *, has_tokenizer: bool) -> None:
+        """``transformer_config.json`` and, last, ``ckpt_contents.json`` with the entries
+        verl 0.9.1's ``MegatronCheckpointManager`` writes for a dist-only model save."""
+        info = self.verl_tree or {}
+        with open(self.root / "transformer_config.json", "w") as f:
+            json.dump(transformer_config_json(self.config), f, indent=2)
+            f.write("\n")
+        hf_entry = {"path": VERL_HF_DIR, "format": "huggingface",
+                    "note": "config.json, tokenizer, and optional generation_config.json"}
+        contents: dict[str, Any] = {
+            "model": {"path": VERL_DIST_DIR, "format": "megatron_dist_checkpoint",
+                      "backend": "dist_checkpointing"},
+            "transformer_config": {"path": "transformer_config.json", "format": "json"},
+            "hf_config": hf_entry,
+        }
+        if has_tokenizer:
+            contents["tokenizer"] = {"path": VERL_HF_DIR, "format": "huggingface"}
+        archs = self.config.hf.get("architectures") or [self.config.architecture]
+        manifest = {
+            "schema_version": 2, "framework": "megatron", "role": info.get("role", "actor"),
+            "arch": archs[0], "global_step": int(info.get("step") or 0),
+            "world_size": self.options.world_size,
+            "backend": {"has_bridge": False, "use_dist_checkpointing": True, "peft": False},
+            "save_contents": ["model"], "contents": contents,
+            "directories": {VERL_DIST_DIR: "Megatron dist_checkpointing shards for model "
+                                           "weights (written by ckpt-ir)",
+                            VERL_HF_DIR: "config.json and tokenizer files"},
+            "saved_any_dist_ckpt": True,
+        }
+        # verl writes it last (temp file + rename): its presence means the save completed.
+        tmp = self.root / f"{VERL_MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / VERL_MANIFEST)
 
     def abort(self) -> None:
         if self._data is not None:

@@ -122,25 +122,6 @@ def _typed(e: Exception, what: str, path: Path) -> Exception:
 
 
 TRANSFORMER_CONFIG = "transformer_config.json"
-_SKIP = object()
-
-
-def _json_value(value: Any) -> Any:
-    """A TransformerConfig field as verl's ``_to_json_safe_config_value`` writes it: plain
-    values as they are, dtypes and enums as strings, lists and dicts of those; ``_SKIP`` for
-    anything else (callables, process groups)."""
-    import enum
-
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, (torch.dtype, enum.Enum)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [v for v in map(_json_value, value) if v is not _SKIP]
-    if isinstance(value, Mapping):
-        return {str(k): v for k, v in ((k, _json_value(v)) for k, v in value.items())
-                if v is not _SKIP}
-    return _SKIP
 
 
 def _as_chunks(model: Any) -> list[Any] | None:
@@ -750,25 +731,18 @@ class CheckpointManager:
         ``TransformerConfig`` as JSON values (callables, process groups and other objects
         dropped, dtypes and enums as strings, as verl writes it); for a model given as a
         sharded state dict, the fields ckpt-ir derives from the HF config and the layout."""
+        from ckpt_ir.megatron_config import json_safe_fields, transformer_config_json
+
         chunks = _as_chunks(model)
         config = getattr(chunks[0], "config", None) if chunks else None
         if config is not None and dataclasses.is_dataclass(config):
-            fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        else:
-            from ckpt_ir.megatron_config import megatron_args
-
-            layout = self.layout
-            fields = {**megatron_args(self.config).transformer_config,
-                      "tensor_model_parallel_size": layout.tp,
-                      "pipeline_model_parallel_size": layout.pp,
-                      "virtual_pipeline_model_parallel_size": layout.vpp if layout.vpp > 1
-                      else None,
-                      "num_layers_in_first_pipeline_stage": layout.first_stage_layers,
-                      "num_layers_in_last_pipeline_stage": layout.last_stage_layers,
-                      "expert_model_parallel_size": layout.ep,
-                      "expert_tensor_parallel_size": layout.etp or layout.tp}
-        return {k: v for k, v in ((k, _json_value(v)) for k, v in fields.items())
-                if v is not _SKIP}
+            return json_safe_fields({f.name: getattr(config, f.name)
+                                     for f in dataclasses.fields(config)})
+        layout = self.layout
+        return transformer_config_json(
+            self.config, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep,
+            etp=layout.etp, first_stage_layers=layout.first_stage_layers,
+            last_stage_layers=layout.last_stage_layers)
 
     def _write_verl_files(self, job: _Job) -> None:
         """What verl 0.9.1 writes beside the weights (verl layout, rank 0, before the

@@ -118,11 +118,13 @@ def critic_outputs(verl_run) -> dict[str, Path]:
     and from that HF model back to mcore-dist, verl-legacy (TP=2) and megatron-legacy."""
     tmp = verl_run["tmp"]
     out = {"hf": tmp / "critic-hf", "hf-legacy": tmp / "critic-hf-from-legacy",
-           "dist": tmp / "critic-dist", "verl-legacy": tmp / "critic-verl-legacy"}
+           "dist": tmp / "critic-verl" / "global_step_1" / "critic",
+           "verl-legacy": tmp / "critic-verl-legacy"}
     ckpt_ir.convert(verl_run["step"] / "critic", out["hf"], to="hf",
                     hf_config=verl_run["qwen2"])
     ckpt_ir.convert(verl_run["legacy"], out["hf-legacy"], to="hf")
-    ckpt_ir.convert(out["hf"], out["dist"], to="mcore-dist")
+    # A verl 0.9.1 role directory: megatron-core loads its model/dist_ckpt as verl does.
+    ckpt_ir.convert(out["hf"], out["dist"], to="mcore-dist", verl_tree=True)
     # The local layer spec: TE cannot run on these CPU machines.
     ckpt_ir.convert(out["hf"], out["verl-legacy"], to="verl-legacy", layout={"tp": TP},
                     mcore_spec="local")
@@ -152,7 +154,8 @@ def test_critic_from_hf_loads_into_the_megatron_critic(verl_run, critic_outputs)
     tmp = verl_run["tmp"]
     common = {"hf_config": str(verl_run["qwen2"] / "config.json"), "tp": TP, "critic": True,
               "input_ids": IDS}
-    jobs = [{"command": "verl-load", **common, "ckpt": str(critic_outputs["dist"]),
+    jobs = [{"command": "verl-load", **common,
+             "ckpt": str(critic_outputs["dist"] / "model" / "dist_ckpt"),
              "format": "mcore-dist", "out": str(tmp / "critic-dist-values.pt")},
             {"command": "verl-load", **common, "ckpt": str(critic_outputs["verl-legacy"]),
              "format": "verl-legacy", "out": str(tmp / "critic-legacy-values.pt")}]

@@ -14,7 +14,7 @@ import ckpt_ir
 from ckpt_ir.cli import main
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, write_metadata
 from ckpt_ir.detect import resolve
-from ckpt_ir.errors import CorruptCheckpointError
+from ckpt_ir.errors import CorruptCheckpointError, FormatError
 from tests.fixtures import TINY_LLAMA, write_hf
 
 CONFIG = dict(TINY_LLAMA, vocab_size=96)
@@ -274,3 +274,42 @@ def test_megatron_lm_run_tree(sources, tmp_path, capsys):
     assert tree["release/hf_config/"] == "HF config and tokenizer (written by ckpt-ir)"
     assert tree["release/mp_rank_00/"] == "one model-parallel rank's files"
     assert info["notes"] == ["latest_checkpointed_iteration.txt points at release"]
+
+
+def test_convert_verl_tree_writes_a_role_directory_verl_opens(sources, tmp_path, capsys):
+    """--verl-tree: what verl 0.9.1's MegatronCheckpointManager writes for a dist-only model
+    save, which its load_checkpoint and model merger read (verl-formats.md §2.4)."""
+    role = tmp_path / "run" / "global_step_3" / "actor"
+    assert main(["convert", str(sources["hf"]), str(role), "--to", "mcore-dist",
+                 "--verl-tree", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert sorted(str(p.relative_to(role)) for p in role.rglob("*")
+                  if p.is_file() and "dist_ckpt" not in p.parts) == [
+        "ckpt_contents.json", "model/huggingface/config.json",
+        "model/huggingface/tokenizer.json", "transformer_config.json"]
+    dist = role / "model" / "dist_ckpt"
+    assert sorted(p.name for p in dist.iterdir()) == [
+        ".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    manifest = json.loads((role / "ckpt_contents.json").read_text())
+    assert (manifest["schema_version"], manifest["role"], manifest["global_step"],
+            manifest["save_contents"]) == (2, "actor", 3, ["model"])
+    assert manifest["contents"] == {
+        "model": {"path": "model/dist_ckpt", "format": "megatron_dist_checkpoint",
+                  "backend": "dist_checkpointing"},
+        "transformer_config": {"path": "transformer_config.json", "format": "json"},
+        "hf_config": {"path": "model/huggingface", "format": "huggingface",
+                      "note": "config.json, tokenizer, and optional generation_config.json"},
+        "tokenizer": {"path": "model/huggingface", "format": "huggingface"}}
+    tc = json.loads((role / "transformer_config.json").read_text())
+    assert (tc["num_layers"], tc["hidden_size"], tc["num_query_groups"], tc["kv_channels"]) \
+        == (CONFIG["num_hidden_layers"], CONFIG["hidden_size"],
+            CONFIG["num_key_value_heads"], CONFIG["head_dim"])
+    # ckpt-ir reads the tree back from the run directory, bit for bit.
+    info = _inspect(tmp_path / "run", capsys)
+    assert (info["format"], info["step"]) == ("mcore-dist", 3)
+    assert info["layout"] == "verl v2 (model/dist_ckpt, from ckpt_contents.json)"
+    report = ckpt_ir.verify(sources["hf"], tmp_path / "run")
+    assert report.equal, report.summary()
+    with pytest.raises(FormatError, match=re.escape("verl_tree (--verl-tree) writes "
+                                                    "mcore-dist, not hf")):
+        ckpt_ir.convert(sources["hf"], tmp_path / "x", to="hf", verl_tree=True)
