@@ -178,6 +178,14 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
     if problems:
         raise PlanError(problems)
 
+    # Every IR tensor has a place in the destination: a tensor the destination's table cannot
+    # hold (a token-classification score bias in Megatron) is refused, never dropped.
+    placed = {n for b in dst.bindings for n in b.ir.values()}
+    problems.extend(f"IR tensor {n} has no place in the {config.architecture} {dest_naming} "
+                    f"table of {dest_format}" for n in ir_specs if n not in placed)
+    if problems:
+        raise PlanError(problems)
+
     # 3. Destination tensors, their dtype, and units = connected components over sources.
     comps = _Components()
     dest_specs: list[TensorSpec] = []
