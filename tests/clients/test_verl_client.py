@@ -9,7 +9,7 @@ config; the critic is the same GPTModel with its output layer replaced by
 
 * A dist-only save of a tied model (qwen2, as small Qwen2.5) is refused with one line asking for
   ``--hf-config`` (its ``transformer_config.json`` has no rotary base and no sequence length);
-  with it, the HF weights give the megatron model's logits.
+  with it, the HF weights give the megatron model's logits; likewise for an untied llama.
 * The critic, from ``model/dist_ckpt`` and from legacy per-rank files, converts to an HF
   ``Qwen2ForTokenClassification`` (``score.weight [1, H]``, ``num_labels: 1``) whose values
   from ``AutoModelForTokenClassification`` equal the megatron critic's; back from HF to
@@ -55,12 +55,16 @@ def verl_run(tmp_path_factory) -> dict[str, Path]:
     critic (qwen2 base, value head), plus the critic's legacy per-rank files."""
     tmp = tmp_path_factory.mktemp("verl")
     qwen2 = _config_dir(tmp, "qwen2")
+    llama = _config_dir(tmp, "llama")
     run = tmp / "run"
     step = run / "global_step_5"
     common = {"hf_config": str(qwen2 / "config.json"), "tp": TP, "input_ids": IDS}
     jobs = [
         {"command": "verl-save", **common, "seed": 3, "critic": False,
          "role": str(step / "actor"), "logits_out": str(tmp / "actor-logits.pt")},
+        {"command": "verl-save", **common, "hf_config": str(llama / "config.json"), "seed": 5,
+         "critic": False, "role": str(tmp / "run-llama" / "global_step_2" / "actor"),
+         "logits_out": str(tmp / "llama-logits.pt")},
         {"command": "verl-save", **common, "seed": 4, "critic": True,
          "role": str(step / "critic"), "legacy": str(tmp / "legacy-critic"),
          "logits_out": str(tmp / "critic-values.pt")},
@@ -69,7 +73,9 @@ def verl_run(tmp_path_factory) -> dict[str, Path]:
     (run / "latest_checkpointed_iteration.txt").write_text("5")
     legacy = tmp / "legacy-critic"
     shutil.copytree(qwen2, legacy / "hf_config_and_tokenizer")  # verl #1562: base config
-    return {"tmp": tmp, "qwen2": qwen2, "run": run, "step": step, "legacy": legacy,
+    return {"tmp": tmp, "qwen2": qwen2, "llama": llama, "run": run, "step": step,
+            "legacy": legacy, "llama_run": tmp / "run-llama",
+            "llama_logits": tmp / "llama-logits.pt",
             "actor_logits": tmp / "actor-logits.pt", "critic_values": tmp / "critic-values.pt"}
 
 
@@ -110,6 +116,17 @@ def test_dist_only_tied_save_asks_for_the_config_then_matches_megatron(verl_run)
     # verify honours --hf-config on both sides: the two are the same model.
     report = ckpt_ir.verify(out, verl_run["run"], hf_config=verl_run["qwen2"])
     assert report.equal, report.summary()
+
+
+def test_dist_only_untied_save_keeps_its_output_layer(verl_run):
+    out = verl_run["tmp"] / "llama-hf"
+    # No tracker and no manifest (verl writes both; a copied role directory may lack them).
+    ckpt_ir.convert(verl_run["llama_run"] / "global_step_2" / "actor", out, to="hf",
+                    hf_config=verl_run["llama"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    got = _hf_logits(out, IDS)
+    assert (got - job_result(verl_run["llama_logits"])).abs().max().item() <= ATOL
 
 
 @pytest.fixture(scope="module")
