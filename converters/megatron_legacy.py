@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 import torch
 
 from ckpt_ir.converters.per_rank import PerRankReader, PerRankWriter, RankKey
-from ckpt_ir.errors import CorruptCheckpointError
-from ckpt_ir.megatron_config import hf_config_from_megatron, plain_arguments
+from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError
+from ckpt_ir.megatron_config import hf_config_from_megatron, missing_fields, plain_arguments
 
 __all__ = ["HF_DIR", "TRACKER", "MegatronLegacyReader", "MegatronLegacyWriter",
            "megatron_lm_args"]
@@ -118,7 +118,14 @@ class MegatronLegacyReader(PerRankReader):
         if not fields.get("vocab_size"):
             self._notes.append("the vocabulary size comes from args.padded_vocab_size (args "
                                "carry no vocab_size); pass --hf-config to trim the padding")
-        return "Megatron-LM args", hf_config_from_megatron(fields)
+        hf = hf_config_from_megatron(fields)
+        missing = missing_fields(hf)
+        if missing:
+            # Megatron-LM always saves these; a file without them is not guessed at.
+            raise MissingConfigError(f"the Megatron-LM args do not record {', '.join(missing)}; "
+                                     "pass --hf-config DIR (the model's config.json)",
+                                     path=self.path)
+        return "Megatron-LM args", hf
 
     def _parallel_hints(self, first: Any) -> tuple[int | None, int | None]:
         fields = _args_fields(first.get("args")) if isinstance(first, Mapping) else None
