@@ -16,7 +16,9 @@ layers). A dist-only save (``use_dist_checkpointing=True``) is ``dist_checkpoint
     saves the forward output (logits, or values ``[batch, seq, 1]`` for the critic).
 ``verl-load``
     ``{hf_config, tp, critic, ckpt, format, out, input_ids}``: build the model, load what
-    ckpt-ir wrote (``mcore-dist``: ``dist_checkpointing.load`` with ``raise_all``;
+    ckpt-ir wrote (``mcore-dist``: ``dist_checkpointing.load`` with ``return_all``, nothing
+    unexpected, then as verl 0.9.1 loads it: ``FullyParallelLoadStrategyWrapper`` over
+    ``TorchDistLoadShardedStrategy``, ``load_state_dict(strict=True)``;
     ``verl-legacy``: ``load_state_dict(strict=True)`` of this rank's ``model.pt``), run the
     forward; rank 0 saves the output.
 """
@@ -55,7 +57,9 @@ def _model(job: Mapping[str, Any]):
     if job.get("critic"):
         # verl builds the critic untied whatever the base model's config says.
         hf = {**hf, "tie_word_embeddings": False}
-        path = Path(job["hf_config"]).with_name("critic-base-config.json")
+        # One file per rank: the ranks run this at once.
+        path = Path(job["hf_config"]).with_name(
+            f"critic-base-config.rank{torch.distributed.get_rank()}.json")
         path.write_text(json.dumps(hf))
         model = build_gpt_model(path, tp)
         model.output_layer = LinearForLastLayer(model.config.hidden_size, 1)
@@ -113,14 +117,28 @@ def verl_load(job: Mapping[str, Any], rank: int, world: int) -> None:
     model = _model(job)
     ckpt = Path(job["ckpt"])
     if job["format"] == "mcore-dist":
-        loaded, missing, unexpected = dist_checkpointing.load(
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelLoadStrategyWrapper,
+        )
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            TorchDistLoadShardedStrategy,
+        )
+
+        _, missing, unexpected = dist_checkpointing.load(
             model.sharded_state_dict(), str(ckpt), strict="return_all")
         # "missing": in the checkpoint, not requested. ckpt-ir writes both specs'
         # _extra_state objects (and megatron-core 0.16.1 lists its own common_state);
         # nothing else may be left over or absent.
         if unexpected or any("_extra_state" not in k and k != "common_state" for k in missing):
             raise RuntimeError(f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        model.load_state_dict(loaded)
+        # Then the call verl 0.9.1 makes (verl/utils/megatron/dist_checkpointing.py:
+        # load_dist_checkpointing) and the strict load_state_dict of its checkpoint manager.
+        strategy = FullyParallelLoadStrategyWrapper(
+            TorchDistLoadShardedStrategy(),
+            parallel_state.get_data_parallel_group(with_context_parallel=True))
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt),
+                                         sharded_strategy=strategy)
+        model.load_state_dict(loaded, strict=True)
     else:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         states = torch.load(ckpt / "model" / f"mp_rank_{tp_rank:02d}" / "model.pt",
