@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,11 +193,23 @@ def has_files(d: Path) -> bool:
     ``extra/dist_ckpt`` before loading (and leave them empty when the load fails, as it does on
     a legacy tree): such directories hold no checkpoint and say nothing about one.
     """
+    # Symlinked directories count (verl's migration script can link dist_ckpt/ into place);
+    # each real directory is visited once, so a link loop ends.
+    seen: set[Path] = set()
+    stack = [d]
     try:
-        for _root, _dirs, files in os.walk(d):
-            if files:
-                return True
-    except OSError:
+        while stack:
+            current = stack.pop()
+            real = current.resolve()
+            if real in seen or not current.is_dir():
+                continue
+            seen.add(real)
+            for child in current.iterdir():
+                if child.is_file():
+                    return True
+                if child.is_dir():
+                    stack.append(child)
+    except (OSError, RuntimeError):  # unreadable: assume it holds something
         return True
     return False
 

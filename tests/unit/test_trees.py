@@ -191,20 +191,27 @@ def test_no_completed_save_is_an_error(sources, tmp_path):
     assert "global_step_3 is incomplete (actor/ has no ckpt_contents.json" in str(e.value)
 
 
-def build_migrated_v1(sources: dict[str, Path], role: Path) -> None:
+def build_migrated_v1(sources: dict[str, Path], role: Path, *, mode: str = "copy") -> None:
     """What verl's scripts/migrate_megatron_checkpoint_layout.py makes of a v1 save: the one
-    dist_ckpt/ linked into model/, optimizer/ and extra/, huggingface/ moved under model/, and
-    no ckpt_contents.json."""
+    dist_ckpt/ linked into model/, optimizer/ and extra/ (``--mode copy`` or ``symlink``),
+    huggingface/ moved under model/, and no ckpt_contents.json."""
+    if mode == "symlink":
+        _copy(sources["dist"], role / "dist_ckpt")
     for d in ("model", "optimizer", "extra"):
-        _copy(sources["dist"], role / d / "dist_ckpt")
+        if mode == "symlink":
+            (role / d).mkdir(parents=True)
+            (role / d / "dist_ckpt").symlink_to(role / "dist_ckpt", target_is_directory=True)
+        else:
+            _copy(sources["dist"], role / d / "dist_ckpt")
     _hf_config_only(sources["hf"], role / "model" / "huggingface")
     (role / "transformer_config.json").write_text("{}")
 
 
+@pytest.mark.parametrize("mode", ["copy", "symlink"])
 def test_migrated_v1_tree_without_manifest_or_tracker_is_read_with_a_note(sources, tmp_path,
-                                                                          capsys):
+                                                                          capsys, mode):
     run = tmp_path / "run"
-    build_migrated_v1(sources, run / "global_step_7" / "actor")
+    build_migrated_v1(sources, run / "global_step_7" / "actor", mode=mode)
     info = _inspect(run, capsys)
     assert (info["format"], info["step"]) == ("mcore-dist", 7)
     assert info["layout"] == "verl v2 (model/dist_ckpt)"
