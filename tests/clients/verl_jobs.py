@@ -131,8 +131,11 @@ def verl_load(job: Mapping[str, Any], rank: int, world: int) -> None:
         # nothing else may be left over or absent.
         if unexpected or any("_extra_state" not in k and k != "common_state" for k in missing):
             raise RuntimeError(f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        # Then the call verl 0.9.1 makes (verl/utils/megatron/dist_checkpointing.py:
-        # load_dist_checkpointing) and the strict load_state_dict of its checkpoint manager.
+        # Then what verl 0.9.1's load_checkpoint does: read the content metadata (none here:
+        # verl falls back to its defaults), load through load_dist_checkpointing's strategy
+        # (verl/utils/megatron/dist_checkpointing.py), load_state_dict(strict=True).
+        if dist_checkpointing.load_content_metadata(checkpoint_dir=str(ckpt)) is not None:
+            raise RuntimeError("ckpt-ir's torch_dist has no content metadata")
         strategy = FullyParallelLoadStrategyWrapper(
             TorchDistLoadShardedStrategy(),
             parallel_state.get_data_parallel_group(with_context_parallel=True))
