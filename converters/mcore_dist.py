@@ -317,10 +317,14 @@ class McoreDistReader:
         or a sequence length in ``transformer_config.json``) are refused, not guessed.
         """
         fields = plain_arguments(fields)  # vocab_size may be anything before this
+        tensors = self._dcp.index.tensors
+        # Only a checkpoint with the embedding says anything by lacking an output layer (an
+        # adapter-only one lacks both).
+        tied = "output_layer.weight" not in tensors \
+            if "embedding.word_embeddings.weight" in tensors else None
         try:
             hf = hf_config_from_megatron(
-                fields, vocab_size=fields.get("vocab_size") or self._vocab_rows(),
-                tied="output_layer.weight" not in self._dcp.index.tensors)
+                fields, vocab_size=fields.get("vocab_size") or self._vocab_rows(), tied=tied)
         except CheckpointError as e:
             e.path = e.path or str(where)
             raise

@@ -320,3 +320,28 @@ def test_convert_verl_tree_writes_a_role_directory_verl_opens(sources, tmp_path,
     with pytest.raises(FormatError, match=re.escape("verl_tree (--verl-tree) writes "
                                                     "mcore-dist, not hf")):
         ckpt_ir.convert(sources["hf"], tmp_path / "x", to="hf", verl_tree=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tying_comes_from_the_checkpoint_when_transformer_config_cannot_say(tmp_path, tied):
+    """A torch_dist save of a tied model holds no output_layer.weight; TransformerConfig has
+    no tying field. (Its rotary base and sequence length, absent from verl's file, are added
+    here by hand so that nothing else is missing.)"""
+    from ckpt_ir.ir import ModelConfig
+    from ckpt_ir.megatron_config import transformer_config_json
+
+    hf = dict(CONFIG, tie_word_embeddings=tied, rope_parameters={"rope_type": "default",
+                                                                  "rope_theta": 1e6})
+    write_hf(tmp_path / "hf", hf)
+    role = tmp_path / "actor"
+    ckpt_ir.convert(tmp_path / "hf", role / "model" / "dist_ckpt", to="mcore-dist")
+    shutil.rmtree(role / "model" / "dist_ckpt" / "hf_config")
+    tc = transformer_config_json(ModelConfig.from_hf(hf))
+    assert not {"share_embeddings_and_output_weights", "rotary_base"} & set(tc)
+    tc.update(rotary_base=1e6, max_position_embeddings=64)
+    (role / "transformer_config.json").write_text(json.dumps(tc))
+    with ckpt_ir.open(role) as ckpt:
+        assert ckpt.config.tie_word_embeddings is tied
+        assert ("lm_head.weight" in ckpt.tensors) is not tied
+    report = ckpt_ir.verify(tmp_path / "hf", role)
+    assert report.equal, report.summary()
