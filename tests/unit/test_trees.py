@@ -15,6 +15,8 @@ from ckpt_ir.cli import main
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, write_metadata
 from ckpt_ir.detect import resolve
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
+from ckpt_ir.ir import ModelConfig
+from ckpt_ir.megatron_config import transformer_config_json
 from tests.fixtures import TINY_LLAMA, write_hf
 
 CONFIG = dict(TINY_LLAMA, vocab_size=96)
@@ -327,9 +329,6 @@ def test_tying_comes_from_the_checkpoint_when_transformer_config_cannot_say(tmp_
     """A torch_dist save of a tied model holds no output_layer.weight; TransformerConfig has
     no tying field. (Its rotary base and sequence length, absent from verl's file, are added
     here by hand so that nothing else is missing.)"""
-    from ckpt_ir.ir import ModelConfig
-    from ckpt_ir.megatron_config import transformer_config_json
-
     hf = dict(CONFIG, tie_word_embeddings=tied, rope_parameters={"rope_type": "default",
                                                                   "rope_theta": 1e6})
     write_hf(tmp_path / "hf", hf)
