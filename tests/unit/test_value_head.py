@@ -79,3 +79,18 @@ def test_a_score_bias_has_no_megatron_place_and_is_refused(tmp_path):
     assert "IR tensor score.bias has no place in the qwen2 mcore table of mcore-dist" in \
         e.value.problems
     assert not (tmp_path / "m").exists()
+
+
+def test_mixture_of_experts_critic_round_trips(tmp_path):
+    moe = dict(model_type="mixtral", architectures=["MixtralForTokenClassification"],
+               hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=50, intermediate_size=24, num_local_experts=4,
+               num_experts_per_tok=2, id2label={"0": "LABEL_0"}, token_classification_bias=False)
+    want = write_hf(tmp_path / "hf", moe)
+    for fmt, layout in (("mcore-dist", None), ("verl-legacy", {"tp": 2, "ep": 2})):
+        ckpt_ir.convert(tmp_path / "hf", tmp_path / fmt, to=fmt, layout=layout)
+        ckpt_ir.convert(tmp_path / fmt, tmp_path / f"{fmt}-back", to="hf")
+        got = load_hf_tensors(tmp_path / f"{fmt}-back")
+        assert got.keys() == want.keys() and "score.weight" in got
+        assert all(torch.equal(got[n].view(torch.int16), want[n].view(torch.int16))
+                   for n in want)
