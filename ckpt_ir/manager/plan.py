@@ -111,9 +111,11 @@ def build_model_plan(config: ModelConfig, layout: ParallelLayout,
     norm_style = styles.pop() if styles else "te"
     tp = layout.tp
     padded = set()
+    # A value head's output layer ([num_labels, H], whole on every rank) has no vocabulary rows.
+    vocab_rows = (EMBEDDING,) if config.is_value_model else (EMBEDDING, OUTPUT_LAYER)
     for inv in inventories:
         for e in inv.entries:
-            if e.native in (EMBEDDING, OUTPUT_LAYER):
+            if e.native in vocab_rows:
                 padded.add(e.shape[0] * tp)
     if len(padded) > 1:
         raise PlanError([f"ranks disagree on the padded vocabulary size ({sorted(padded)})"])

@@ -554,6 +554,28 @@ def test_model_only_save_is_a_tree_verl_opens(small_hf: Path, tmp_path: Path) ->
                                                   cfg.num_key_value_heads, 1)
 
 
+def test_critic_saves_its_value_head(tmp_path: Path) -> None:
+    """verl's critic (output layer [1, H]) through the manager: torch_dist and HF outputs are
+    the source bit for bit; the HF output is a token-classification model."""
+    from tests.fixtures import TINY_LLAMA, write_hf
+
+    critic = dict(TINY_LLAMA, model_type="qwen2", architectures=["Qwen2ForTokenClassification"],
+                  tie_word_embeddings=True, id2label={"0": "LABEL_0"},
+                  token_classification_bias=False)
+    write_hf(tmp_path / "hf", critic)
+    root = tmp_path / "run"
+    mgr = _manager(root, tmp_path / "hf", role="critic")
+    mgr.save(1, fake_chunks(tmp_path / "hf", ParallelLayout(), RankCoords()),
+             contents=["model", "hf_model"])
+    unit = root / "global_step_1" / "critic"
+    for out in (unit / "model/huggingface", root):
+        report = ckpt_ir.verify(tmp_path / "hf", out)
+        assert report.equal and "score.weight" in [t.name for t in report.tensors], \
+            report.summary()
+    config = json.loads((unit / "model/huggingface/config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForTokenClassification"]
+
+
 def test_a_failed_async_write_commits_nothing(small_hf: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "run"
