@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -132,10 +133,15 @@ def detect(src: str | os.PathLike) -> str:
 
 
 def open(src: str | os.PathLike, format: str | None = None, *,
-         hf_config: str | os.PathLike | None = None, trust_pickles: bool = False) -> Checkpoint:
-    """The IR view of a checkpoint: config, logical tensors (HF names), lazy ``read``."""
+         hf_config: str | os.PathLike | None = None, trust_pickles: bool = False,
+         source_ep: int | None = None) -> Checkpoint:
+    """The IR view of a checkpoint: config, logical tensors (HF names), lazy ``read``.
+
+    ``source_ep`` (per-rank formats only) overrides what the files say about whether
+    ``mp_rank_TT_NNN`` directories number expert or pipeline ranks.
+    """
     reader, resolved = _open_reader(src, format, hf_config=hf_config,
-                                    trust_pickles=trust_pickles)
+                                    trust_pickles=trust_pickles, source_ep=source_ep)
     try:
         plan = make_plan(source_format=reader.format, source_naming=reader.naming,
                          source_params=reader.params, source_tensors=reader.tensors(),
@@ -182,7 +188,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             progress: Callable[[int, int], None] | None = None,
             layout: LayoutRequest = None, source_ep: int | None = None,
             hf_experts: str = "per-expert", mcore_experts: str | None = None,
-            **options: Any) -> Report:
+            verl_tree: bool = False, **options: Any) -> Report:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     The plan is built and validated from metadata first; then tensors stream through, one
@@ -199,6 +205,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     ``mcore_experts`` (per-rank destinations of MoE models): ``"sequential"``
     (``local_experts.{k}.linear_fc1.weight``) or ``"grouped"`` (``linear_fc1.weight{k}``);
     default grouped for the TE spec, sequential for the local one.
+    ``verl_tree`` (``mcore-dist`` only): ``dst`` becomes a verl 0.9.1 role directory
+    (``global_step_N/actor``) that verl's ``load_checkpoint`` and model merger open:
+    ``model/dist_ckpt``, ``model/huggingface`` (config, tokenizer), ``transformer_config.json``
+    and ``ckpt_contents.json``.
     """
     from ckpt_ir.converters.base import WriteOptions
 
@@ -216,6 +226,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                                source_ep=source_ep, **options)
     if options:
         raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
+    tree = None
+    if verl_tree:
+        if to != "mcore-dist":
+            raise FormatError(f"verl_tree (--verl-tree) writes mcore-dist, not {to}")
+        step = re.fullmatch(r"global_step_(\d+)", Path(dst).absolute().parent.name)
+        tree = {"role": Path(dst).name if Path(dst).name in ("actor", "critic") else "actor",
+                "step": int(step.group(1)) if step else None}
     started = time.perf_counter()
     wopts = WriteOptions(
         dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
@@ -223,7 +240,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         max_shard_bytes=_parse_size(max_shard_size),
         trust_pickles=trust_pickles,
         extra={"mcore_spec": mcore_spec, "hf_experts": hf_experts,
-               "mcore_experts": mcore_experts},
+               "mcore_experts": mcore_experts, "verl_tree": tree},
     )
     reader, resolved = _open_reader(src, source_format, hf_config=hf_config,
                                     trust_pickles=trust_pickles, source_ep=source_ep)

@@ -33,8 +33,8 @@ from pathlib import Path
 from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, FormatError
 from ckpt_ir.safety.files import read_bytes, read_text
 
-__all__ = ["FORMAT_NAMES", "MANIFEST", "TRACKER", "Resolved", "detect", "parse_step", "resolve",
-           "resolve_adapter", "save_status"]
+__all__ = ["FORMAT_NAMES", "MANIFEST", "TRACKER", "Resolved", "detect", "has_files", "parse_step",
+           "resolve", "resolve_adapter", "save_state", "save_status"]
 
 FORMAT_NAMES = ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy")
 
@@ -170,11 +170,12 @@ def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resol
         chosen = _from_manifest(p, manifest, given, notes, step, cfgs)
         if chosen is not None:
             return chosen
-    elif any((p / d).is_dir() for d in ("optimizer", "extra")) or (
-            (p / "model").is_dir() and not _has_rank_dirs(p / "model")):
-        complete, why = save_status(p)
-        if not complete:
+    elif _is_v2_role(p):
+        state, why = save_state(p)
+        if state == "incomplete":
             notes.append(f"{p.name}: {why}; this save may be incomplete")
+        elif state == "unconfirmed" and not any(why in n for n in notes):
+            notes.append(f"{p.name}: {why}")
     layouts = (
         (p / "model" / "dist_ckpt", "verl v2 (model/dist_ckpt)"),
         (p / "dist_ckpt", "verl v1 (dist_ckpt)"),
@@ -254,37 +255,109 @@ def _has_no(d: Path, base: Path, what: str) -> str:
     return f"{rel} has no {what}" if rel else f"no {what}"
 
 
-def save_status(p: Path) -> tuple[bool, str]:
-    """Whether the save in ``p`` (a step, role or iteration directory) completed, and why not.
+def has_files(d: Path) -> bool:
+    """Whether anything but empty directories lies under ``d`` (stops at the first file).
+
+    verl 0.9.1's path helpers create ``model/dist_ckpt``, ``optimizer/dist_ckpt`` and
+    ``extra/dist_ckpt`` before loading (and leave them empty when the load fails, as it does on
+    a legacy tree): such directories hold no checkpoint and say nothing about one.
+    """
+    # Symlinked directories count (verl's migration script can link dist_ckpt/ into place);
+    # each real directory is visited once, so a link loop ends.
+    seen: set[Path] = set()
+    stack = [d]
+    try:
+        while stack:
+            current = stack.pop()
+            real = current.resolve()
+            if real in seen or not current.is_dir():
+                continue
+            seen.add(real)
+            for child in current.iterdir():
+                if child.is_file():
+                    return True
+                if child.is_dir():
+                    stack.append(child)
+    except (OSError, RuntimeError):  # unreadable: assume it holds something
+        return True
+    return False
+
+
+def _is_v2_role(role: Path) -> bool:
+    """A verl v2 role directory: non-empty ``optimizer/`` or ``extra/``, or a ``model/``
+    that is not a legacy one (``model/mp_rank_*``)."""
+    return any(has_files(role / d) for d in ("optimizer", "extra")) or (
+        has_files(role / "model") and not _has_rank_dirs(role / "model"))
+
+
+def _dist_incomplete(d: Path) -> bool:
+    return d.is_dir() and ((d / ".metadata").is_file() or any(d.glob("*.distcp"))) \
+        and not (d / "metadata.json").is_file()
+
+
+def _v2_without_manifest(role: Path, base: Path) -> tuple[str, str]:
+    """A v2 role directory with no ``ckpt_contents.json``: "incomplete" when a part is
+    missing or unfinished, else "unconfirmed" (what verl's
+    ``scripts/migrate_megatron_checkpoint_layout.py`` makes of a v1 save: no manifest, but the
+    model, optimizer and extra directories are all there and finished)."""
+    no_manifest = f"{_has_no(role, base, MANIFEST)} (verl writes it last)"
+    for d in ("model/dist_ckpt", "optimizer/dist_ckpt", "extra/dist_ckpt"):
+        if _dist_incomplete(role / d):
+            return "incomplete", no_manifest
+    model = role / "model"
+    has_model = is_hf_dir(model / "huggingface") or (
+        is_dist_dir(model / "dist_ckpt") and (model / "dist_ckpt" / "metadata.json").is_file())
+    if has_model and all(has_files(role / d) for d in ("optimizer", "extra")):
+        return "unconfirmed", (f"{no_manifest}: a tree migrated from verl's v1 layout or "
+                               "copied without it; completeness could not be confirmed")
+    return "incomplete", no_manifest
+
+
+def save_state(p: Path) -> tuple[str, str]:
+    """Whether the save in ``p`` (a step, role or iteration directory) completed:
+    ("complete" | "unconfirmed" | "incomplete", why).
 
     Markers: a v2 role directory's ``ckpt_contents.json``; a torch_dist directory's
     ``metadata.json`` (megatron-core writes it after every rank finished). Formats without a
-    marker (per-rank files, HF weights) count as complete.
+    marker (per-rank files, HF weights) count as complete; a v2 role directory without its
+    manifest whose parts are all there and finished is "unconfirmed" (read, with a note).
     """
     roles = [p / r for r in ("actor", "critic") if (p / r).is_dir()]
+    unconfirmed = ""
     for role in roles or [p]:
         if (role / MANIFEST).is_file():
             continue
-        v2 = any((role / d).is_dir() for d in ("optimizer", "extra")) or (
-            (role / "model").is_dir() and not _has_rank_dirs(role / "model"))
-        if v2:
-            return False, f"{_has_no(role, p, MANIFEST)} (verl writes it last)"
+        if _is_v2_role(role):
+            state, why = _v2_without_manifest(role, p)
+            if state == "incomplete":
+                return state, why
+            unconfirmed = unconfirmed or why
+            continue
         for d in (role / "dist_ckpt", role):
-            if d.is_dir() and ((d / ".metadata").is_file() or any(d.glob("*.distcp"))) \
-                    and not (d / "metadata.json").is_file():
-                return False, f"{_has_no(d, p, 'metadata.json')} (torch_dist writes it last)"
-    return True, ""
+            if _dist_incomplete(d):
+                return "incomplete", \
+                    f"{_has_no(d, p, 'metadata.json')} (torch_dist writes it last)"
+    return ("unconfirmed", unconfirmed) if unconfirmed else ("complete", "")
+
+
+def save_status(p: Path) -> tuple[bool, str]:
+    """Whether the save in ``p`` can be read as complete, and why not (see
+    :func:`save_state`; an unconfirmed save counts as complete)."""
+    state, why = save_state(p)
+    return state != "incomplete", why if state == "incomplete" else ""
 
 
 def _pick_step(p: Path, steps: list[tuple[int, Path]], notes: list[str]) -> tuple[int, Path]:
     """The newest step directory whose save completed (no tracker to say which)."""
     skipped: list[str] = []
     for n, d in reversed(steps):
-        complete, why = save_status(d)
-        if complete:
+        state, why = save_state(d)
+        if state != "incomplete":
             notes.extend(f"{s}: an async save in progress or a failed one; skipped"
                          for s in skipped)
             notes.append(f"no {TRACKER}; using {d.name}, the newest completed save")
+            if state == "unconfirmed":
+                notes.append(f"{d.name}: {why}")
             return n, d
         skipped.append(f"{d.name} is incomplete ({why})")
     raise CorruptCheckpointError(f"no completed save under {p}: {'; '.join(skipped)}", path=p)
@@ -304,6 +377,7 @@ _DESCRIPTIONS = (
     ("hf_config", "HF config and tokenizer (written by ckpt-ir)"),
     ("adapter_checkpoint", "verl LoRA adapter files per rank (extract-adapter reads them)"),
     ("run_config.yaml", "Megatron-Bridge run config"),
+    ("ckpt_ir_layout.json", "ckpt-ir's record of the per-rank layout (TP, PP, EP)"),
     ("common.pt", "torch_dist common state (megatron-core <= 0.18)"),
 )
 
@@ -313,10 +387,14 @@ def describe_entry(c: Path) -> str | None:
     name = c.name
     if c.is_dir():
         if _STEP.match(name) or _ITER.match(name) or name == "release":
-            complete, why = save_status(c)
-            return "a saved step" + ("" if complete else f", INCOMPLETE: {why}")
+            state, why = save_state(c)
+            return "a saved step" + {"complete": "", "unconfirmed": " (no manifest: "
+                                     "completeness not confirmed)",
+                                     "incomplete": f", INCOMPLETE: {why}"}[state]
         if name in ("actor", "critic"):
             return f"the {name}'s checkpoint"
+        if name == "dist_ckpt" and not has_files(c):
+            return "empty (left by verl's path helpers): not a checkpoint"
         if is_hf_dir(c):
             return "HF weights, config and tokenizer"
         if is_peft_dir(c):

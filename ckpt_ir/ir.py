@@ -146,6 +146,11 @@ class ModelConfig:
     v_head_dim: int = 0
     # Multi-token prediction layers, stored by HF as model.layers.{num_layers + k}.
     num_mtp_layers: int = 0
+    # A token-classification head (``…ForTokenClassification``, ``score.weight``
+    # ``[num_labels, H]``) in place of the LM head: verl's critic / value model has one label.
+    # 0: a causal LM. ``has_score_bias``: transformers' ``token_classification_bias``.
+    num_labels: int = 0
+    has_score_bias: bool = False
 
     @property
     def heads_per_group(self) -> int:
@@ -154,6 +159,17 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_value_model(self) -> bool:
+        """A token-classification head (verl's critic) instead of the LM head."""
+        return self.num_labels > 0
+
+    @property
+    def shares_output_with_embedding(self) -> bool:
+        """The output layer is the input embedding (tied, and an LM head: a value head is
+        always its own tensor, whatever ``tie_word_embeddings`` says)."""
+        return self.tie_word_embeddings and not self.is_value_model
 
     @property
     def has_mla(self) -> bool:
@@ -178,6 +194,25 @@ class ModelConfig:
         if layer >= self.num_layers:
             layer = self.num_layers - 1
         return layer in self.moe_layers
+
+    def as_value_model(self, num_labels: int = 1) -> ModelConfig:
+        """This model with a ``[num_labels, H]`` token-classification head and no LM head:
+        what a Megatron checkpoint whose ``output_layer.weight`` has ``num_labels`` rows holds
+        (verl's critic, ``LinearForLastLayer(H, 1)``, no bias). ``hf`` becomes the config
+        transformers' ``AutoModelForTokenClassification`` builds that model from."""
+        hf = dict(self.hf)
+        names = [a for a in hf.get("architectures") or () if isinstance(a, str)]
+        base = names[0] if names else _HF_CLASS_PREFIX.get(self.architecture, "")
+        for suffix in ("ForCausalLM", "ForTokenClassification"):
+            base = base.removesuffix(suffix)
+        hf["architectures"] = [f"{base}ForTokenClassification"]
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        hf.pop("num_labels", None)
+        # Megatron's value head (verl LinearForLastLayer) is a bias-free nn.Linear.
+        hf["token_classification_bias"] = False
+        return dataclasses.replace(self, num_labels=num_labels, has_score_bias=False,
+                                   hf=MappingProxyType(hf))
 
     def without_mtp(self) -> ModelConfig:
         """This config with no MTP layers (a checkpoint whose config announces MTP layers but
@@ -221,6 +256,7 @@ class ModelConfig:
                 has_qk_norm=arch in ("qwen3", "qwen3_moe"),
                 hf=MappingProxyType(hf),
                 **moe,
+                **_head_fields(hf),
             )
         except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             # ArithmeticError: hidden // 0 heads, int(inf) from a hostile config.
@@ -301,9 +337,19 @@ class ModelConfig:
             out[p + "mlp.up_proj.weight"] = (f, h)
             out[p + "mlp.down_proj.weight"] = (h, f)
         out["model.norm.weight"] = (h,)
-        if not self.tie_word_embeddings:
-            out["lm_head.weight"] = (self.vocab_size, h)
+        self._head_schema(out)
         return out
+
+    def _head_schema(self, out: dict[str, Shape]) -> None:
+        """The output head: ``score`` of a token-classification model, else ``lm_head``
+        unless tied to the embedding."""
+        h = self.hidden_size
+        if self.is_value_model:
+            out["score.weight"] = (self.num_labels, h)
+            if self.has_score_bias:
+                out["score.bias"] = (self.num_labels,)
+        elif not self.tie_word_embeddings:
+            out["lm_head.weight"] = (self.vocab_size, h)
 
     def _moe_schema(self) -> dict[str, Shape]:
         """The schema of MoE / MLA / MTP models, per layer kind.
@@ -330,8 +376,7 @@ class ModelConfig:
             if i >= self.num_layers:
                 out[p + "shared_head.norm.weight"] = (h,)
         out["model.norm.weight"] = (h,)
-        if not self.tie_word_embeddings:
-            out["lm_head.weight"] = (self.vocab_size, h)
+        self._head_schema(out)
         return out
 
     def _attention_schema(self, p: str, out: dict[str, Shape]) -> None:
@@ -399,6 +444,28 @@ class ModelConfig:
             out["dtype"] = dtype_name(dtype)
             out.pop("torch_dtype", None)
         return out
+
+
+# transformers class name prefixes, for configs that name no architecture class.
+_HF_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                    "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
+                    "deepseek_v3": "DeepseekV3"}
+
+
+def _head_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """``num_labels`` / ``has_score_bias`` of a ``…ForTokenClassification`` config (as
+    transformers reads it: the labels from ``id2label``, else ``num_labels``, else 2; the
+    ``score`` bias unless ``token_classification_bias`` is false); nothing for a causal LM."""
+    names = hf.get("architectures") or ()
+    if not any(isinstance(a, str) and a.endswith("ForTokenClassification") for a in names):
+        return {}
+    labels = hf.get("id2label")
+    count = len(labels) if isinstance(labels, Mapping) and labels else \
+        _int(hf, "num_labels", default=2)
+    if count < 1:
+        raise ValueError("a token-classification head needs at least one label")
+    return {"num_labels": count,
+            "has_score_bias": hf.get("token_classification_bias", True) is not False}
 
 
 def _int(hf: Mapping[str, Any], *names: str, default: int | None = None) -> int:

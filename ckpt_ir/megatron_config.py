@@ -19,8 +19,9 @@ from typing import Any
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 
-__all__ = ["MegatronModelArgs", "hf_config_from_megatron", "megatron_args", "padded_vocab_size",
-           "plain_arguments"]
+__all__ = ["UNRECORDED_FIELDS", "MegatronModelArgs", "hf_config_from_megatron", "json_safe_fields",
+           "megatron_args", "missing_fields", "padded_vocab_size", "plain_arguments",
+           "transformer_config_json"]
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,51 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
                              mtp=cfg.num_mtp_layers > 0)
 
 
+_SKIP = object()
+
+
+def _json_value(value: Any) -> Any:
+    """One field as verl's ``_to_json_safe_config_value`` writes it: plain values as they are,
+    dtypes and enums as strings, lists and dicts of those; ``_SKIP`` for anything else
+    (callables, process groups)."""
+    import enum
+
+    import torch
+
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (torch.dtype, enum.Enum)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [v for v in map(_json_value, value) if v is not _SKIP]
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in ((k, _json_value(v)) for k, v in value.items())
+                if v is not _SKIP}
+    return _SKIP
+
+
+def json_safe_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` (a TransformerConfig's, say) as verl writes ``transformer_config.json``:
+    JSON values kept, dtypes and enums as strings, callables and other objects dropped."""
+    return {k: v for k, v in ((k, _json_value(v)) for k, v in fields.items()) if v is not _SKIP}
+
+
+def transformer_config_json(config: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: int = 1,
+                            ep: int = 1, etp: int | None = None,
+                            first_stage_layers: int | None = None,
+                            last_stage_layers: int | None = None) -> dict[str, Any]:
+    """verl's ``transformer_config.json`` for a model ckpt-ir writes without a live
+    ``TransformerConfig``: the model-defining fields of :func:`megatron_args` and the
+    parallel sizes (the fields readers take back: :func:`hf_config_from_megatron`)."""
+    return json_safe_fields({
+        **megatron_args(config).transformer_config,
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "virtual_pipeline_model_parallel_size": vpp if vpp > 1 else None,
+        "num_layers_in_first_pipeline_stage": first_stage_layers,
+        "num_layers_in_last_pipeline_stage": last_stage_layers,
+        "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp or tp})
+
+
 def _get(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     for n in names:
         if n in args and args[n] is not None:
@@ -255,8 +301,26 @@ def plain_arguments(args: Mapping[Any, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if isinstance(k, str) and plain(v)}
 
 
+UNRECORDED_FIELDS = ("max_position_embeddings", "rope_theta", "rms_norm_eps")
+"""HF config fields that change the forward pass and that some Megatron argument sets do not
+record (megatron-core's ``TransformerConfig``, hence verl's ``transformer_config.json``, has
+no rotary base and no sequence length: they are ``GPTModel`` arguments).
+:func:`hf_config_from_megatron` leaves them out when absent rather than guess; see
+:func:`missing_fields`."""
+
+
+def missing_fields(hf: Mapping[str, Any]) -> list[str]:
+    """The :data:`UNRECORDED_FIELDS` an HF config dict built from Megatron arguments lacks."""
+    rope = hf.get("rope_parameters")
+    present = {"max_position_embeddings": "max_position_embeddings" in hf,
+               "rope_theta": isinstance(rope, Mapping) and "rope_theta" in rope,
+               "rms_norm_eps": "rms_norm_eps" in hf}
+    return [f for f in UNRECORDED_FIELDS if not present[f]]
+
+
 def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None = None,
-                            architecture: str | None = None) -> dict[str, Any]:
+                            architecture: str | None = None,
+                            tied: bool | None = None) -> dict[str, Any]:
     """An HF ``config.json`` dict from Megatron argument names (see
     :func:`_hf_config_from_megatron`), read from a checkpoint.
 
@@ -267,13 +331,13 @@ def hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None =
     """
     try:
         return _hf_config_from_megatron(plain_arguments(args), vocab_size=vocab_size,
-                                        architecture=architecture)
+                                        architecture=architecture, tied=tied)
     except (TypeError, ValueError, ArithmeticError) as e:
         raise CorruptCheckpointError(f"malformed Megatron arguments: {e}") from e
 
 
 def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
-                             architecture: str | None) -> dict[str, Any]:
+                             architecture: str | None, tied: bool | None) -> dict[str, Any]:
     """An HF ``config.json`` dict from Megatron argument names.
 
     Accepts Megatron-LM ``args`` (``untie_embeddings_and_output_weights``, ``norm_epsilon``,
@@ -282,6 +346,11 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     ``transformer_config.json``. The architecture is inferred when not given: qk-norm means
     qwen3, a QKV bias qwen2, otherwise llama; with ``num_moe_experts``, multi-latent attention
     means deepseek_v3, a shared expert qwen2_moe, qk-norm qwen3_moe, otherwise mixtral.
+
+    ``tied`` is what the checkpoint itself says (a torch_dist save of a tied model holds no
+    ``output_layer.weight``); it decides when the arguments do not (``TransformerConfig`` has no
+    tying field). Values the arguments do not hold are left out, never guessed (see
+    :data:`UNRECORDED_FIELDS`).
     """
     try:
         layers = int(_get(args, "num_layers"))
@@ -302,7 +371,13 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
         raise MissingConfigError("Megatron arguments carry no vocabulary size")
     untie = _get(args, "untie_embeddings_and_output_weights", default=None)
     share = _get(args, "share_embeddings_and_output_weights", default=None)
-    tied = (not untie) if untie is not None else bool(share) if share is not None else False
+    if untie is not None:
+        tied = not untie
+    elif share is not None:
+        tied = bool(share)
+    elif tied is None:
+        raise MissingConfigError("Megatron arguments do not say whether the embeddings are "
+                                 "tied to the output layer")
     qk_norm = bool(_get(args, "qk_layernorm", default=False))
     qkv_bias = bool(_get(args, "add_qkv_bias", default=False))
     if _get(args, "add_bias_linear", default=False):
@@ -320,7 +395,9 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     norm = _get(args, "normalization", default="RMSNorm")
     if norm != "RMSNorm":
         raise FormatError(f"Megatron normalization {norm!r} is not supported (RMSNorm only)")
-    theta = float(_get(args, "rotary_base", default=10000.0))
+    theta = _get(args, "rotary_base")
+    eps = _get(args, "norm_epsilon", "layernorm_epsilon")
+    positions = _get(args, "max_position_embeddings", "seq_length", "max_sequence_length")
     archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
              "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -336,10 +413,10 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
         "intermediate_size": int(ffn),
         "vocab_size": int(vocab),
         "tie_word_embeddings": tied,
-        "rms_norm_eps": float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-6)),
-        "max_position_embeddings": int(_get(args, "max_position_embeddings", "seq_length",
-                                            "max_sequence_length", default=4096)),
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        **({"rms_norm_eps": float(eps)} if eps is not None else {}),
+        **({"max_position_embeddings": int(positions)} if positions is not None else {}),
+        "rope_parameters": {"rope_type": "default",
+                            **({"rope_theta": float(theta)} if theta is not None else {})},
         "hidden_act": "silu",
         **({"attention_bias": False} if arch != "qwen2" else {}),
     }

@@ -151,7 +151,7 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
     for name, spec in source_tensors.items():
         binding = src.by_native.get(name)
         if binding is None:
-            if name in _TIED_COPIES and config.tie_word_embeddings:
+            if name in _TIED_COPIES and config.shares_output_with_embedding:
                 dropped[name] = "tied to the input embedding (tie_word_embeddings=true)"
                 continue
             reason = next((why for pat, why in DROPPABLE if pat.search(name)), None)
@@ -175,6 +175,14 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
             problems.append(f"IR tensor {ir_name} has no source (expected {native})")
             continue
         ir_specs[ir_name] = TensorSpec(ir_name, shape, source_tensors[hit[0].native].dtype)
+    if problems:
+        raise PlanError(problems)
+
+    # Every IR tensor has a place in the destination: a tensor the destination's table cannot
+    # hold (a token-classification score bias in Megatron) is refused, never dropped.
+    placed = {n for b in dst.bindings for n in b.ir.values()}
+    problems.extend(f"IR tensor {n} has no place in the {config.architecture} {dest_naming} "
+                    f"table of {dest_format}" for n in ir_specs if n not in placed)
     if problems:
         raise PlanError(problems)
 

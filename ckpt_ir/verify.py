@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ckpt_ir.errors import CheckpointError, FormatError, MissingConfigError
+from ckpt_ir.errors import CheckpointError, FormatError
 from ckpt_ir.ir import Checkpoint, ModelConfig, Shape, dtype_name
 
 __all__ = [
@@ -194,13 +194,17 @@ class _Stats:
 def verify(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float = 0.0,
            rtol: float = 0.0, hf_config: str | os.PathLike[str] | None = None,
            trust_pickles: bool = False, check_dtype: bool = True,
-           lora_alpha: float | None = None) -> VerifyReport:
+           lora_alpha: float | None = None, source_ep: int | None = None) -> VerifyReport:
     """Compare checkpoints ``a`` (the reference) and ``b`` through the IR, tensor by tensor.
 
     Args:
         a, b: checkpoint directories of any format and layout :func:`ckpt_ir.open` reads.
         atol, rtol: tolerances; both 0 (the default) demands bit-identical tensors.
-        hf_config: an HF config directory for a side that carries no config of its own.
+        hf_config: an HF config directory; it is the config of both sides (a side's own
+            config, or one rebuilt from Megatron arguments, is not used when it is given).
+        source_ep: the expert-parallel size of a per-rank side whose ``mp_rank_TT_NNN``
+            names are ambiguous (overrides what its files and layout record say); ignored for
+            sides of other formats.
         trust_pickles: DANGEROUS, see :doc:`docs/safety.md`: unpickle without the allow-list.
         check_dtype: when False, a dtype difference alone is not a mismatch (values still are
             compared, in float64).
@@ -217,6 +221,16 @@ def verify(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float 
     Raises:
         CheckpointError: either side cannot be opened or read (corrupt, unsafe, no config).
     """
+    return _verify(a, b, atol=atol, rtol=rtol, hf_config=hf_config, trust_pickles=trust_pickles,
+                   check_dtype=check_dtype, lora_alpha=lora_alpha,
+                   source_ep=(source_ep, source_ep))
+
+
+def _verify(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float, rtol: float,
+            hf_config: str | os.PathLike[str] | None, trust_pickles: bool, check_dtype: bool,
+            source_ep: tuple[int | None, int | None],
+            lora_alpha: float | None = None) -> VerifyReport:
+    """:func:`verify` with a ``source_ep`` per side."""
     if not (math.isfinite(atol) and math.isfinite(rtol)) or atol < 0 or rtol < 0:
         raise CheckpointError(f"atol and rtol must be finite and >= 0, not {atol}, {rtol}")
     started = time.perf_counter()
@@ -224,13 +238,13 @@ def verify(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: float 
     if adapters:
         from ckpt_ir.adapter_api import open_adapter
 
-        def open_side(path: str | os.PathLike[str]) -> Checkpoint:
+        def open_side(path: str | os.PathLike[str], ep: int | None) -> Checkpoint:
             return open_adapter(path, hf_config=hf_config, lora_alpha=lora_alpha,
                                 trust_pickles=trust_pickles)
     else:
-        def open_side(path: str | os.PathLike[str]) -> Checkpoint:
-            return _open(path, hf_config, trust_pickles)
-    with open_side(a) as ca, open_side(b) as cb:
+        def open_side(path: str | os.PathLike[str], ep: int | None) -> Checkpoint:
+            return _open(path, hf_config, trust_pickles, ep)
+    with open_side(a, source_ep[0]) as ca, open_side(b, source_ep[1]) as cb:
         release = (_release_hook(ca), _release_hook(cb))
         config = _config_diffs(ca.config, cb.config)
         if adapters:
@@ -291,31 +305,38 @@ def roundtrip(src: str | os.PathLike[str], via: str, *, atol: float = 0.0, rtol:
         CheckpointError: ``src`` cannot be read, or a conversion is refused.
     """
     import ckpt_ir
+    from ckpt_ir.formats import PER_RANK_FORMATS
 
     back_format = ckpt_ir.detect(src)
+    # --source-ep describes SRC only; what ckpt-ir wrote carries its own layout record.
+    source_ep = convert_options.pop("source_ep", None)
+    if back_format not in PER_RANK_FORMATS:
+        source_ep = None
+    sides = (source_ep, None)
     with tempfile.TemporaryDirectory(prefix="ckpt-ir-roundtrip-",
                                      dir=None if workdir is None else os.fspath(workdir)) as tmp:
         there_dir, back_dir = Path(tmp) / via, Path(tmp) / "back"
         ckpt_ir.convert(src, there_dir, to=via, hf_config=hf_config,
-                        trust_pickles=trust_pickles, **convert_options)
+                        trust_pickles=trust_pickles, source_ep=source_ep, **convert_options)
         ckpt_ir.convert(there_dir, back_dir, to=back_format)
-        there = verify(src, there_dir, atol=atol, rtol=rtol, hf_config=hf_config,
-                       trust_pickles=trust_pickles)
-        back = verify(src, back_dir, atol=atol, rtol=rtol, hf_config=hf_config,
-                      trust_pickles=trust_pickles)
+        there = _verify(src, there_dir, atol=atol, rtol=rtol, hf_config=hf_config,
+                        trust_pickles=trust_pickles, check_dtype=True, source_ep=sides)
+        back = _verify(src, back_dir, atol=atol, rtol=rtol, hf_config=hf_config,
+                       trust_pickles=trust_pickles, check_dtype=True, source_ep=sides)
     return RoundtripReport(str(src), via, back_format, there, back)
 
 
 def _open(path: str | os.PathLike[str], hf_config: str | os.PathLike[str] | None,
-          trust: bool) -> Checkpoint:
+          trust: bool, source_ep: int | None = None) -> Checkpoint:
     import ckpt_ir
+    from ckpt_ir.detect import resolve
+    from ckpt_ir.formats import PER_RANK_FORMATS
 
-    try:
-        return ckpt_ir.open(path, trust_pickles=trust)
-    except MissingConfigError:
-        if hf_config is None:
-            raise
-        return ckpt_ir.open(path, hf_config=hf_config, trust_pickles=trust)
+    # The user's --hf-config is always the config (as in convert and inspect): a side's own
+    # config may be wrong or rebuilt from incomplete Megatron arguments.
+    if source_ep is not None and resolve(path).format not in PER_RANK_FORMATS:
+        source_ep = None  # the other side of `verify A B`: only per-rank names are ambiguous
+    return ckpt_ir.open(path, hf_config=hf_config, trust_pickles=trust, source_ep=source_ep)
 
 
 def _both_adapters(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:

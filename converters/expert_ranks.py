@@ -21,8 +21,8 @@ import re
 
 from ckpt_ir.errors import IncompatibleLayoutError
 
-__all__ = ["EXPERT_LAYOUTS", "expert_rank", "global_expert_name", "local_expert_name",
-           "local_extra_state_module"]
+__all__ = ["EXPERT_LAYOUTS", "expert_rank", "global_expert_name", "local_expert_index",
+           "local_expert_name", "local_extra_state_module"]
 
 EXPERT_LAYOUTS = ("sequential", "grouped")
 """Module layouts of the local experts (writer option ``mcore_experts``)."""
@@ -75,6 +75,15 @@ def global_expert_name(name: str, ep_rank: int, num_experts: int, ep: int
             f"EP={ep} ({per} per rank)")
     expert = ep_rank * per + local
     return f"{name[:m.start()]}.experts.experts.{expert}.{module}.{param}", layout
+
+
+def local_expert_index(name: str) -> int | None:
+    """The local expert index of a rank file's expert tensor (either layout), or None."""
+    m = _SEQUENTIAL.search(name)
+    if m is not None:
+        return int(m.group(1))
+    m = _GROUPED.search(name)
+    return int(m.group(3)) if m is not None else None
 
 
 def local_extra_state_module(local_name: str) -> str | None:

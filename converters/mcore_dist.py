@@ -64,7 +64,13 @@ from ckpt_ir.errors import (
     PlanError,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
-from ckpt_ir.megatron_config import hf_config_from_megatron, padded_vocab_size, plain_arguments
+from ckpt_ir.megatron_config import (
+    hf_config_from_megatron,
+    missing_fields,
+    padded_vocab_size,
+    plain_arguments,
+    transformer_config_json,
+)
 from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
@@ -79,6 +85,12 @@ log = logging.getLogger(__name__)
 
 HF_CONFIG_DIR = "hf_config"
 """ckpt-ir stores the HF config and tokenizer files here, beside the torch_dist files."""
+
+# A verl 0.9.1 role directory (WriteOptions.extra["verl_tree"]): where verl's
+# MegatronCheckpointManager keeps a dist-only model save and the HF config its merger reads.
+VERL_DIST_DIR = "model/dist_ckpt"
+VERL_HF_DIR = "model/huggingface"
+VERL_MANIFEST = "ckpt_contents.json"
 
 _STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -191,8 +203,16 @@ class McoreDistReader:
                 self._specs[fqn] = TensorSpec(fqn, tuple(t.shape), t.dtype)
         for fqn in self._dcp.index.blobs:
             self._dropped[fqn] = _blob_reason(fqn)
+        self._notes: list[str] = []
         self._config_source, hf = self._find_config(hf_config, config_candidates)
         self.config = ModelConfig.from_hf(hf)
+        head = self._specs.get("output_layer.weight")
+        if head is not None and len(head.shape) == 2 and head.shape[0] == 1 \
+                and self.config.vocab_size > 1 and not self.config.is_value_model:
+            # verl's critic: megatron-core's output layer replaced by LinearForLastLayer(H, 1).
+            self.config = self.config.as_value_model(1)
+            self._notes.append("output_layer.weight has one row: a value head (verl critic), "
+                               "read as score.weight of a token-classification model")
         check_layer_count(self.config, len(self._specs), self._config_source)
         emb = self._specs.get("embedding.word_embeddings.weight")
         padded = emb.shape[0] if emb is not None else None
@@ -286,14 +306,31 @@ class McoreDistReader:
             path=self.path)
 
     def _from_megatron(self, fields: Mapping[str, Any], where: Path) -> dict[str, Any]:
-        """An HF config from Megatron arguments read from ``where`` (untrusted values)."""
+        """An HF config from Megatron arguments read from ``where`` (untrusted values).
+
+        Whether the embeddings are tied is read from the checkpoint when the arguments do not
+        say (verl's ``transformer_config.json`` never does): torch_dist stores a tied model's
+        embedding once, with no ``output_layer.weight``. Values recorded nowhere (a rotary base
+        or a sequence length in ``transformer_config.json``) are refused, not guessed.
+        """
         fields = plain_arguments(fields)  # vocab_size may be anything before this
+        tensors = self._dcp.index.tensors
+        # Only a checkpoint with the embedding says anything by lacking an output layer (an
+        # adapter-only one lacks both).
+        tied = "output_layer.weight" not in tensors \
+            if "embedding.word_embeddings.weight" in tensors else None
         try:
-            return hf_config_from_megatron(
-                fields, vocab_size=fields.get("vocab_size") or self._vocab_rows())
-        except CorruptCheckpointError as e:
+            hf = hf_config_from_megatron(
+                fields, vocab_size=fields.get("vocab_size") or self._vocab_rows(), tied=tied)
+        except CheckpointError as e:
             e.path = e.path or str(where)
             raise
+        missing = missing_fields(hf)
+        if missing:
+            raise MissingConfigError(
+                f"{where.name} does not record {', '.join(missing)}; pass --hf-config DIR (the "
+                "model's config.json)", path=where)
+        return hf
 
     # -- Reader protocol ----------------------------------------------------------------------
 
@@ -333,6 +370,7 @@ class McoreDistReader:
             "padded_vocab_size": self.params.padded_vocab_size,
             "generation": "<=0.18 (common.pt)" if (self.path / "common.pt").is_file()
             else ">=0.19 (common_state object)",
+            **({"notes": list(self._notes)} if self._notes else {}),
         }
 
     def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
@@ -352,7 +390,11 @@ class McoreDistWriter:
     naming: ClassVar[str] = "mcore"
 
     def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
-        self.directory = directory
+        # verl_tree: the destination is a verl 0.9.1 role directory and the torch_dist files
+        # go to its model/dist_ckpt (see _finish_verl_tree).
+        self.verl_tree: Mapping[str, Any] | None = options.extra.get("verl_tree")
+        self.root = Path(directory)
+        self.directory = self.root / VERL_DIST_DIR if self.verl_tree else self.root
         self.config = config
         self.options = options
         self.spec = options.extra.get("mcore_spec", "any")
@@ -423,6 +465,7 @@ class McoreDistWriter:
                     (key, index + (0,) * len(s.shape), len(index)))
         self._objects = self._extra_state_objects([s.name for s in specs])
         # torch DCP names data files __<rank>_<i>.distcp; each process appends to its own.
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._data = DcpDataFile(self.directory, f"__{self.options.rank}_0.distcp")
 
     def _extra_state_objects(self, names: Sequence[str]) -> list[str]:
@@ -517,18 +560,59 @@ class McoreDistWriter:
             torch.save(common, f)
             f.flush()
             os.fsync(f.fileno())
-        hf_dir = self.directory / HF_CONFIG_DIR
-        hf_dir.mkdir()
+        # ckpt-ir's own copy of the HF config; a verl tree keeps it where verl does.
+        hf_dir = self.root / VERL_HF_DIR if self.verl_tree else self.directory / HF_CONFIG_DIR
+        hf_dir.mkdir(parents=True)
         with open(hf_dir / "config.json", "w") as f:
             json.dump(self.config.to_hf_dict(dtype=self.options.dtype), f, indent=2)
             f.write("\n")
-        for name, path in source.source_files().files.items():
+        carried = source.source_files().files
+        for name, path in carried.items():
             shutil.copyfile(path, hf_dir / name)
         # Last: megatron-core treats metadata.json as "this checkpoint is complete".
         with open(self.directory / "metadata.json", "w") as f:
             json.dump(METADATA_JSON, f)
             f.flush()
             os.fsync(f.fileno())
+        if self.verl_tree:
+            self._finish_verl_tree(has_tokenizer=any(n != "config.json" for n in carried))
+
+    def _finish_verl_tree(self, *, has_tokenizer: bool) -> None:
+        """``transformer_config.json`` and, last, ``ckpt_contents.json`` with the entries
+        verl 0.9.1's ``MegatronCheckpointManager`` writes for a dist-only model save."""
+        info = self.verl_tree or {}
+        with open(self.root / "transformer_config.json", "w") as f:
+            json.dump(transformer_config_json(self.config), f, indent=2)
+            f.write("\n")
+        hf_entry = {"path": VERL_HF_DIR, "format": "huggingface",
+                    "note": "config.json, tokenizer, and optional generation_config.json"}
+        contents: dict[str, Any] = {
+            "model": {"path": VERL_DIST_DIR, "format": "megatron_dist_checkpoint",
+                      "backend": "dist_checkpointing"},
+            "transformer_config": {"path": "transformer_config.json", "format": "json"},
+            "hf_config": hf_entry,
+        }
+        if has_tokenizer:
+            contents["tokenizer"] = {"path": VERL_HF_DIR, "format": "huggingface"}
+        archs = self.config.hf.get("architectures") or [self.config.architecture]
+        manifest = {
+            "schema_version": 2, "framework": "megatron", "role": info.get("role", "actor"),
+            "arch": archs[0], "global_step": int(info.get("step") or 0),
+            "world_size": self.options.world_size,
+            "backend": {"has_bridge": False, "use_dist_checkpointing": True, "peft": False},
+            "save_contents": ["model"], "contents": contents,
+            "directories": {VERL_DIST_DIR: "Megatron dist_checkpointing shards for model "
+                                           "weights (written by ckpt-ir)",
+                            VERL_HF_DIR: "config.json and tokenizer files"},
+            "saved_any_dist_ckpt": True,
+        }
+        # verl writes it last (temp file + rename): its presence means the save completed.
+        tmp = self.root / f"{VERL_MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / VERL_MANIFEST)
 
     def abort(self) -> None:
         if self._data is not None:

@@ -36,8 +36,8 @@ import torch
 
 from ckpt_ir.converters.per_rank import PerRankReader, PerRankWriter, RankKey
 from ckpt_ir.detect import TRACKER
-from ckpt_ir.errors import CorruptCheckpointError
-from ckpt_ir.megatron_config import hf_config_from_megatron, plain_arguments
+from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError
+from ckpt_ir.megatron_config import hf_config_from_megatron, missing_fields, plain_arguments
 
 __all__ = ["HF_DIR", "TRACKER", "MegatronLegacyReader", "MegatronLegacyWriter",
            "megatron_lm_args"]
@@ -132,7 +132,14 @@ class MegatronLegacyReader(PerRankReader):
         if not fields.get("vocab_size"):
             self._notes.append("the vocabulary size comes from args.padded_vocab_size (args "
                                "carry no vocab_size); pass --hf-config to trim the padding")
-        return "Megatron-LM args", hf_config_from_megatron(fields)
+        hf = hf_config_from_megatron(fields)
+        missing = missing_fields(hf)
+        if missing:
+            # Megatron-LM always saves these; a file without them is not guessed at.
+            raise MissingConfigError(f"the Megatron-LM args do not record {', '.join(missing)}; "
+                                     "pass --hf-config DIR (the model's config.json)",
+                                     path=self.path)
+        return "Megatron-LM args", hf
 
     def _parallel_hints(self, first: Any) -> tuple[int | None, int | None]:
         fields = _args_fields(first.get("args")) if isinstance(first, Mapping) else None
@@ -177,7 +184,7 @@ def megatron_lm_args(writer: PerRankWriter, dtype: torch.dtype | None) -> argpar
         add_bias_linear=False,
         add_qkv_bias=cfg.has_qkv_bias,
         qk_layernorm=cfg.has_qk_norm,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        untie_embeddings_and_output_weights=not cfg.shares_output_with_embedding,
         vocab_size=cfg.vocab_size,
         padded_vocab_size=params.padded_vocab_size or cfg.vocab_size,
         tensor_model_parallel_size=layout.tp,

@@ -26,6 +26,7 @@ written) as soon as its last tensor has arrived.
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -43,11 +44,13 @@ from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.expert_ranks import (
     EXPERT_LAYOUTS,
     global_expert_name,
+    local_expert_index,
     local_expert_name,
     local_extra_state_module,
 )
 from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
 from ckpt_ir.converters.storage.torch_zip import TensorRef, TorchZipWriter
+from ckpt_ir.detect import read_json_file
 from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -71,6 +74,7 @@ from ckpt_ir.tables import PIPELINE_TAIL, Binding, NativeParams, Table, build_ta
 
 __all__ = [
     "EXTRA_STATE_MODULES",
+    "LAYOUT_RECORD",
     "PerRankReader",
     "PerRankWriter",
     "RankKey",
@@ -141,12 +145,17 @@ def parse_rank_dir(name: str) -> tuple[int, ...] | None:
 
 
 def resolve_rank_suffix(*, is_moe: bool, source_ep: int | None,
-                        hint_pp: int | None, hint_ep: int | None, where: Path) -> str:
+                        hint_pp: int | None, hint_ep: int | None, where: Path,
+                        num_experts: int = 0, local_experts: int | None = None,
+                        count: int = 1) -> str:
     """Whether the second number of ``mp_rank_TT_NNN`` is the pipeline or the expert rank.
 
     With PP = 1 and EP > 1 the name is ``mp_rank_TT_EEE``, indistinguishable from
-    ``mp_rank_TT_PPP``. Decided by, in order: an explicit ``source_ep``, parallel sizes saved
-    with the checkpoint (Megatron-LM args), or the model (a dense model has no expert ranks).
+    ``mp_rank_TT_PPP``. Decided by, in order: an explicit ``source_ep``; parallel sizes saved
+    with the checkpoint (ckpt-ir's layout record, Megatron-LM args); the model (a dense model
+    has no expert ranks); what the files hold: a file of one of ``count`` expert ranks holds
+    ``num_experts / count`` local experts of a layer, a pipeline stage's file all
+    ``num_experts`` (``local_experts``, counted in the first rank file).
     """
     if source_ep is not None:
         return "ep" if source_ep > 1 else "pp"
@@ -156,9 +165,51 @@ def resolve_rank_suffix(*, is_moe: bool, source_ep: int | None,
         return "pp"
     if not is_moe:
         return "pp"
+    if local_experts is not None and local_experts > 0:
+        if local_experts == num_experts:
+            return "pp"
+        if count > 1 and local_experts * count == num_experts:
+            return "ep"
+        raise FormatError(
+            f"{where}: the first rank file holds {local_experts} experts of a layer, which "
+            f"neither all {num_experts} experts (pipeline ranks) nor {num_experts} / {count} "
+            "(expert ranks) explains; pass source_ep (--source-ep N)", path=where)
     raise FormatError(
         f"{where}: rank directories named mp_rank_TT_NNN may number pipeline or expert ranks "
         "and nothing in the checkpoint says which; pass source_ep (--source-ep N)", path=where)
+
+
+LAYOUT_RECORD = "ckpt_ir_layout.json"
+"""ckpt-ir's record of the parallel layout, written beside the ``mp_rank_*`` directories of
+MoE models (whose ``mp_rank_TT_NNN`` names may number pipeline or expert ranks), so reading
+them back needs no ``--source-ep``. verl and Megatron-LM do not read it."""
+
+
+def read_layout_record(root: Path) -> tuple[int | None, int | None]:
+    """(PP, EP) from the layout record in ``root``; (None, None) without one."""
+    path = root / LAYOUT_RECORD
+    if not path.is_file():
+        return None, None
+    data = read_json_file(path)
+    sizes = [data.get(k) for k in ("pp", "ep")]
+    if not all(type(v) is int and v >= 1 for v in sizes):
+        raise CorruptCheckpointError(f"{LAYOUT_RECORD} needs positive integers pp and ep, has "
+                                     f"{sizes}", path=path)
+    return sizes[0], sizes[1]
+
+
+def count_local_experts(chunks: Sequence[Mapping[str, Any]]) -> int | None:
+    """Local experts of the first MoE layer in one rank file's chunks (None: no expert)."""
+    for chunk in chunks:
+        per_layer: dict[int, set[int]] = {}
+        for key in chunk:
+            found = local_expert_index(key)
+            split = _split_layer(key, "decoder.layers.")
+            if found is not None and split is not None:
+                per_layer.setdefault(split[0], set()).add(found)
+        if per_layer:
+            return len(per_layer[min(per_layer)])
+    return None
 
 
 def refuse_unsupported(fmt: str, config: ModelConfig, where: Path | None = None,
@@ -250,9 +301,15 @@ class PerRankReader:
         refuse_unsupported(self.format, self.config, self.path)
         suffix = "pp"
         if any(len(n) == 2 for n in files):
-            hint_pp, hint_ep = self._parallel_hints(first)
-            suffix = resolve_rank_suffix(is_moe=self.config.is_moe, source_ep=source_ep,
-                                         hint_pp=hint_pp, hint_ep=hint_ep, where=self.path)
+            hint_pp, hint_ep = read_layout_record(self.path)
+            if hint_pp is None:
+                hint_pp, hint_ep = self._parallel_hints(first)
+            suffix = resolve_rank_suffix(
+                is_moe=self.config.is_moe, source_ep=source_ep, hint_pp=hint_pp,
+                hint_ep=hint_ep, where=self.path, num_experts=self.config.num_experts,
+                local_experts=count_local_experts(self._checked_chunks(
+                    first, files[first_numbers])) if self.config.is_moe else None,
+                count=1 + max(n[1] for n in files))
         keys = {self._rank_key(n, suffix): n for n in files}
         tp, pp, ep = (1 + max(getattr(k, f) for k in keys) for f in ("tp", "pp", "ep"))
         grid = ParallelLayout(tp, pp, ep=ep)
@@ -272,7 +329,24 @@ class PerRankReader:
             if buffer is not None:
                 self._maps[key] = buffer
             self._state[key] = self._checked_chunks(obj, files[numbers])
+        self._detect_value_head(pp)
         self._build_index(tp, pp, ep)
+
+    def _detect_value_head(self, pp: int) -> None:
+        """A one-row output layer is verl's critic value head (``LinearForLastLayer(H, 1)``,
+        whole on every TP rank), whatever the saved HF config says: read the model as the
+        token-classification model it is."""
+        if self.config.is_value_model:
+            return
+        head = OUTPUT_LAYER if self.naming == "mcore" else "lm_head.weight"
+        for chunk in self._state[RankKey(0, pp - 1, 0)]:
+            value = chunk.get(head)
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == 1 \
+                    and self.config.vocab_size > 1:
+                self.config = self.config.as_value_model(1)
+                self._notes.append(f"{head} has one row: a value head (verl critic), read as "
+                                   "score.weight of a token-classification model")
+                return
 
     def _checked_chunks(self, obj: Any, path: Path) -> list[Mapping[str, Any]]:
         chunks = self._chunks(obj, path)
@@ -463,7 +537,7 @@ class PerRankReader:
         if not isinstance(value, torch.Tensor):
             self._dropped[name] = f"non-tensor entry ({type(value).__name__})"
             return
-        if name in _TIED_COPIES and self.config.tie_word_embeddings:
+        if name in _TIED_COPIES and self.config.shares_output_with_embedding:
             self._dropped[name] = ("tied to the input embedding: the last pipeline stage's copy "
                                    "of it")
             return
@@ -685,7 +759,7 @@ class PerRankWriter:
                 path = root / rank_dir_name(key, self.layout) / self.FILE_NAME
                 self._files[key] = _RankFile(path, [[] for _ in range(vpp)],
                                              [{} for _ in range(vpp)], 0)
-        tied_copy = self.config.tie_word_embeddings and self.layout.pp > 1
+        tied_copy = self.config.shares_output_with_embedding and self.layout.pp > 1
         for spec in specs:
             binding = self._table.by_native.get(spec.name)
             if binding is None:
@@ -740,7 +814,8 @@ class PerRankWriter:
                 for layer in sorted(ends, reverse=True):
                     at = ends[layer]
                     out[at:at] = [f"{prefix}{layer}.{m}._extra_state" for m in modules]
-                if (key.pp, v) == last:
+                if (key.pp, v) == last and not self.config.is_value_model:
+                    # verl's value head (LinearForLastLayer) is a torch Linear: no extra state.
                     out.append("output_layer._extra_state")
                 f.order[v] = out
 
@@ -763,7 +838,8 @@ class PerRankWriter:
                     out.append(f"{module}._extra_state")
                     if self.spec == "te" and module.endswith(".self_attention.linear_proj"):
                         out.append(module[: -len("linear_proj")] + "core_attention._extra_state")
-                if (key.pp, v) == last:
+                if (key.pp, v) == last and not self.config.is_value_model:
+                    # verl's value head (LinearForLastLayer) is a torch Linear: no extra state.
                     out.append("output_layer._extra_state")
                 f.order[v] = out
 
@@ -813,7 +889,21 @@ class PerRankWriter:
         if unfinished:
             raise InternalError(f"{self.format} writer finished with incomplete rank files: "
                                 f"{unfinished[:3]}")
+        self._write_layout_record()
         self._finish_tree(source)
+
+    def _write_layout_record(self) -> None:
+        """:data:`LAYOUT_RECORD` beside the rank directories of an MoE model."""
+        if not self.config.is_moe:
+            return  # a dense model's mp_rank_TT_NNN is always TP, PP
+        layout = self.layout
+        record = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep,
+                  "etp": layout.etp or layout.tp, "expert_layout": self.expert_layout}
+        root = self._rank_root()
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / LAYOUT_RECORD, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
 
     # -- several processes (ckpt_ir.distributed, DistributedWriter) ---------------------------
 
@@ -838,6 +928,7 @@ class PerRankWriter:
 
     def finish_all(self, source: Any, parts: Sequence[Any]) -> None:
         """After every process finished its stages: the config, tokenizer and tracker."""
+        self._write_layout_record()
         self._finish_tree(source)
 
     def abort(self) -> None:

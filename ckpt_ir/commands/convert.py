@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MoE experts in per-rank files: SequentialMLP local_experts.K names or "
                         "TEGroupedMLP weightK names (default: grouped for the TE spec, "
                         "sequential for the local spec)")
+    p.add_argument("--verl-tree", action="store_true",
+                   help="with --to mcore-dist: write DST as a verl 0.9.1 role directory "
+                        "(global_step_N/actor): model/dist_ckpt, model/huggingface config and "
+                        "tokenizer, transformer_config.json, ckpt_contents.json")
     add_run_options(p)
     add_layout_options(p, what="layout of a per-rank destination (verl-legacy, megatron-legacy)")
     add_lora_options(p)
@@ -62,9 +66,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    extra = {"verl_tree": True} if args.verl_tree else {}
     return convert_with_progress(args, to=args.to, source_format=args.source_format,
                                  max_shard_size=args.max_shard_size, hf_experts=args.hf_experts,
-                                 mcore_experts=args.mcore_experts, **lora_options(args))
+                                 mcore_experts=args.mcore_experts, **extra,
+                                 **lora_options(args))
 
 
 PROGRESS_SECONDS = 10.0

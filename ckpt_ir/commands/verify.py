@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   "FORMAT")
         report = verify(args.paths[0], args.paths[1], atol=args.atol, rtol=args.rtol,
                         hf_config=args.hf_config, trust_pickles=args.trust_pickles,
-                        check_dtype=not args.ignore_dtype, lora_alpha=args.lora_alpha)
+                        check_dtype=not args.ignore_dtype, lora_alpha=args.lora_alpha,
+                        source_ep=args.source_ep)
     return report.to_dict()
 
 

@@ -24,6 +24,7 @@ background thread (``async_=True``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -120,6 +121,9 @@ def _typed(e: Exception, what: str, path: Path) -> Exception:
     return e
 
 
+TRANSFORMER_CONFIG = "transformer_config.json"
+
+
 def _as_chunks(model: Any) -> list[Any] | None:
     """Model chunks (a module or a list of them), or None for a sharded state dict."""
     if model is None or isinstance(model, Mapping):
@@ -159,6 +163,10 @@ class _Job:
     writers: dict[str, Any] = field(default_factory=dict)
     copy_data: bool = False             # async: this rank's tensors are private CPU copies
     started: float = 0.0
+    # Top-level keys of the optimizer / extra states (verl's manifest names lr_scheduler and
+    # rng_state entries), and verl's transformer_config.json content (rank 0, verl layout).
+    state_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    transformer_config: dict[str, Any] | None = None
 
 
 class CheckpointManager:
@@ -353,7 +361,12 @@ class CheckpointManager:
 
         unit_s, dirs_s = self._bcast(self._agree(stage))
         job = _Job(step, wanted, Path(unit_s), {c: Path(d) for c, d in dirs_s.items()},
-                   copy_data=async_, started=started)
+                   copy_data=async_, started=started,
+                   state_keys={c: tuple(str(k) for k in state) for c, state in
+                               (("optimizer", optimizer), ("extra", extra))
+                               if isinstance(state, Mapping)})
+        if self.rank == 0 and self.disk.kind == "verl" and "extra" in wanted:
+            job.transformer_config = self._transformer_config(model)
         try:
             self._agree(lambda: self._prepare_local(job, model, optimizer, extra))
             if {"model", "hf_model"} & set(wanted) and _as_chunks(model) is not None:
@@ -704,12 +717,49 @@ class CheckpointManager:
             if content == "model":
                 self._write_hf_config(job.dirs[content])
             sharded.finish_sharded(job.dirs[content], [p[content] for p in parts], snap.common)
+        if self.disk.kind == "verl":
+            self._write_verl_files(job)
         disk.write_manifest(job.unit, self._manifest(job))
         disk.publish(self.root, self.disk, job.step, job.unit)
         disk.write_tracker(self.root, job.step)
         removed = disk.retain(self.root, self.disk, self.keep_last)
         if removed:
             log.info("retention (keep_last=%s) removed steps %s", self.keep_last, removed)
+
+    def _transformer_config(self, model: Any) -> dict[str, Any]:
+        """verl's ``transformer_config.json``: the live model's megatron-core
+        ``TransformerConfig`` as JSON values (callables, process groups and other objects
+        dropped, dtypes and enums as strings, as verl writes it); for a model given as a
+        sharded state dict, the fields ckpt-ir derives from the HF config and the layout."""
+        from ckpt_ir.megatron_config import json_safe_fields, transformer_config_json
+
+        chunks = _as_chunks(model)
+        config = getattr(chunks[0], "config", None) if chunks else None
+        if config is not None and dataclasses.is_dataclass(config):
+            return json_safe_fields({f.name: getattr(config, f.name)
+                                     for f in dataclasses.fields(config)})
+        layout = self.layout
+        return transformer_config_json(
+            self.config, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep,
+            etp=layout.etp, first_stage_layers=layout.first_stage_layers,
+            last_stage_layers=layout.last_stage_layers)
+
+    def _write_verl_files(self, job: _Job) -> None:
+        """What verl 0.9.1 writes beside the weights (verl layout, rank 0, before the
+        manifest): the HF config and tokenizer in ``model/huggingface/`` (verl's model merger
+        reads the config there, also for a torch_dist-only save), and
+        ``transformer_config.json`` when ``extra`` is saved."""
+        if {"model", "hf_model"} & set(job.contents):
+            hf_dir = job.unit / self.disk.content_path("hf_model")
+            if not (hf_dir / "config.json").is_file():
+                hf_dir.mkdir(parents=True, exist_ok=True)
+                disk.atomic_write_text(hf_dir / "config.json",
+                                       json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+                for name, path in self._source.source_files().files.items():
+                    shutil.copyfile(path, hf_dir / name)
+        if job.transformer_config is not None:
+            disk.atomic_write_text(job.unit / TRANSFORMER_CONFIG,
+                                   json.dumps(job.transformer_config, indent=2) + "\n")
 
     def _write_hf_config(self, directory: Path) -> None:
         """The HF config beside a passed-through torch_dist model, where ckpt-ir's own
@@ -722,6 +772,29 @@ class CheckpointManager:
                                json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
         for name, path in self._source.source_files().files.items():
             shutil.copyfile(path, out / name)
+
+    def _verl_entries(self, job: _Job, contents: dict[str, Any]) -> None:
+        """The entries verl 0.9.1's manifest adds beside the saved contents
+        (``MegatronCheckpointManager._build_checkpoint_manifest``): where the LR scheduler
+        and the RNG state sit, the transformer config, the HF config and tokenizer."""
+        if "model" in contents and contents["model"]["format"] == disk.FORMAT_DIST:
+            contents["model"]["backend"] = "dist_checkpointing"
+        optimizer = self._content_path("optimizer")
+        if "optimizer" in job.contents and "lr_scheduler" in job.state_keys.get("optimizer", ()):
+            contents["lr_scheduler"] = {"path": optimizer, "format": disk.FORMAT_DIST,
+                                        "key": "lr_scheduler"}
+        if "extra" in job.contents and "rng_state" in job.state_keys.get("extra", ()):
+            contents["rng_state"] = {"path": self._content_path("extra"),
+                                     "format": disk.FORMAT_DIST, "key": "rng_state"}
+        if job.transformer_config is not None:
+            contents["transformer_config"] = {"path": TRANSFORMER_CONFIG, "format": "json"}
+        if {"model", "hf_model"} & set(job.contents):
+            hf = self.disk.content_path("hf_model")
+            contents["hf_config"] = {"path": hf, "format": disk.FORMAT_HF,
+                                     "note": "config.json, tokenizer, and optional "
+                                             "generation_config.json"}
+            if self.tokenizer is not None:
+                contents["tokenizer"] = {"path": hf, "format": disk.FORMAT_HF}
 
     def _manifest(self, job: _Job) -> dict[str, Any]:
         """verl's ``ckpt_contents.json`` (schema 2), plus what ckpt-ir needs to load it."""
@@ -739,6 +812,8 @@ class CheckpointManager:
                 "extra": "RNG / scheduler / other state (torch_dist)"}[c]
         if self.model_format == "hf" and {"model", "hf_model"} <= set(job.contents):
             contents["hf_model"]["note"] = "same directory as model: written once"
+        if self.disk.kind == "verl":
+            self._verl_entries(job, contents)
         from ckpt_ir import __version__
 
         hf = self.config.hf

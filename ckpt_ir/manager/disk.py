@@ -50,6 +50,7 @@ from ckpt_ir.errors import (
     FormatError,
 )
 from ckpt_ir.executor import fsync_dir, remove_entry
+from ckpt_ir.safety.files import read_text
 
 __all__ = [
     "CONTENTS",
@@ -196,12 +197,9 @@ def read_tracker(root: Path) -> int | None:
         CorruptCheckpointError: the tracker holds something other than a step number.
     """
     path = root / TRACKER
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"cannot read {TRACKER}: {e}", path=path) from e
+    text = read_text(path, TRACKER, limit=1 << 16).strip()
     step = parse_step(text)
     if step is None:
         raise CorruptCheckpointError(f"{TRACKER} holds {text[:40]!r}, not a step number",
@@ -212,12 +210,9 @@ def read_tracker(root: Path) -> int | None:
 def read_manifest(unit: Path) -> dict[str, Any] | None:
     """A unit's ``ckpt_contents.json``, None if it has none (the save did not complete)."""
     path = unit / MANIFEST
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(f"cannot read {MANIFEST}: {e}", path=path) from e
+    text = read_text(path, MANIFEST)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

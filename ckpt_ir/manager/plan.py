@@ -98,7 +98,7 @@ def needed_tp(binding: Binding, shape: Shape, tp: int) -> list[int]:
 def is_tied_copy(native: str, config: ModelConfig) -> bool:
     # With tied embeddings and PP > 1, megatron-core keeps a synchronized copy of the embedding
     # as the last stage's output layer: saved once (from the embedding), loaded into both.
-    return native == OUTPUT_LAYER and config.tie_word_embeddings
+    return native == OUTPUT_LAYER and config.shares_output_with_embedding
 
 
 def build_model_plan(config: ModelConfig, layout: ParallelLayout,
@@ -111,9 +111,11 @@ def build_model_plan(config: ModelConfig, layout: ParallelLayout,
     norm_style = styles.pop() if styles else "te"
     tp = layout.tp
     padded = set()
+    # A value head's output layer ([num_labels, H], whole on every rank) has no vocabulary rows.
+    vocab_rows = (EMBEDDING,) if config.is_value_model else (EMBEDDING, OUTPUT_LAYER)
     for inv in inventories:
         for e in inv.entries:
-            if e.native in (EMBEDDING, OUTPUT_LAYER):
+            if e.native in vocab_rows:
                 padded.add(e.shape[0] * tp)
     if len(padded) > 1:
         raise PlanError([f"ranks disagree on the padded vocabulary size ({sorted(padded)})"])

@@ -58,7 +58,7 @@ __all__ = [
 
 NAMINGS = ("hf", "mcore", "verl-native", "mcore-lora")
 
-PIPELINE_TAIL = ("decoder.final", "output_layer", "model.norm", "lm_head", "mtp.")
+PIPELINE_TAIL = ("decoder.final", "output_layer", "model.norm", "lm_head", "score.", "mtp.")
 """Name prefixes of the non-layer tensors that follow the layers: the last pipeline stage holds
 them (the others, the embedding, live on the first stage)."""
 
@@ -86,6 +86,8 @@ class Features:
     has_qkv_bias: bool
     has_qk_norm: bool
     is_untied: bool
+    is_value_model: bool
+    no_score_bias: bool
     te_norms: bool
     local_norms: bool
     local_dist_norms: bool
@@ -100,7 +102,9 @@ class Features:
     def of(cls, config: ModelConfig, params: NativeParams) -> Features:
         names = config.moe_names
         return cls(has_qkv_bias=config.has_qkv_bias, has_qk_norm=config.has_qk_norm,
-                   is_untied=not config.tie_word_embeddings,
+                   is_untied=not config.tie_word_embeddings and not config.is_value_model,
+                   is_value_model=config.is_value_model,
+                   no_score_bias=not config.has_score_bias,
                    te_norms=params.norm_style == "te", local_norms=params.norm_style == "local",
                    local_dist_norms=params.norm_style == "local-dist",
                    has_shared_experts=config.shared_expert_intermediate_size > 0,

@@ -36,7 +36,7 @@ import dataclasses
 from ckpt_ir.ir import MOE_NAMES
 from ckpt_ir.layout import Partition
 from ckpt_ir.tables import Row, one
-from ckpt_ir.tables.dense import pad_vocab
+from ckpt_ir.tables.dense import VALUE_HEAD_ROW, pad_vocab
 from ckpt_ir.tables.moe import dense_mlp_rows, moe_mlp_rows
 
 __all__ = ["DEEPSEEK_V3_MCORE_ROWS"]
@@ -111,4 +111,5 @@ DEEPSEEK_V3_MCORE_ROWS: tuple[Row, ...] = (
     Row(M + "final_layernorm.weight", one(HM + "shared_head.norm.weight")),
     Row("output_layer.weight", one("lm_head.weight"), pad_vocab, Partition.VOCAB,
         when="is_untied"),
+    VALUE_HEAD_ROW,
 )

@@ -13,7 +13,7 @@ from ckpt_ir.layout import Partition
 from ckpt_ir.tables import NativeParams, Row, one
 from ckpt_ir.transforms import ConcatGateUp, InterleaveQKV, PadRows
 
-__all__ = ["ATTENTION_ROWS", "DENSE_MCORE_ROWS"]
+__all__ = ["ATTENTION_ROWS", "DENSE_MCORE_ROWS", "VALUE_HEAD_ROW"]
 
 
 def interleave_qkv(config: ModelConfig, params: NativeParams) -> InterleaveQKV:
@@ -60,6 +60,11 @@ ATTENTION_ROWS: tuple[Row, ...] = (
         partition=Partition.ROW),
 )
 
+# verl's critic: megatron-core's output layer replaced by LinearForLastLayer(H, 1), a plain
+# nn.Linear without bias that every TP rank holds whole; HF token classification's `score`.
+VALUE_HEAD_ROW = Row("output_layer.weight", one("score.weight"),
+                     when=("is_value_model", "no_score_bias"))
+
 DENSE_MCORE_ROWS: tuple[Row, ...] = (
     Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"),
         pad_vocab, Partition.VOCAB),
@@ -77,4 +82,5 @@ DENSE_MCORE_ROWS: tuple[Row, ...] = (
     Row("decoder.final_layernorm.weight", one("model.norm.weight")),
     Row("output_layer.weight", one("lm_head.weight"), pad_vocab, Partition.VOCAB,
         when="is_untied"),
+    VALUE_HEAD_ROW,
 )

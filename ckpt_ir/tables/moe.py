@@ -29,7 +29,7 @@ from __future__ import annotations
 from ckpt_ir.ir import MOE_NAMES, ModelConfig, MoeNames
 from ckpt_ir.layout import Partition
 from ckpt_ir.tables import NativeParams, Row, one
-from ckpt_ir.tables.dense import ATTENTION_ROWS, pad_vocab
+from ckpt_ir.tables.dense import ATTENTION_ROWS, VALUE_HEAD_ROW, pad_vocab
 from ckpt_ir.transforms import TENSOR, ConcatGateUp, StackExperts
 
 __all__ = ["HF_FUSED_ROWS", "MOE_MCORE_ROWS", "dense_mlp_rows", "fused_hf_rows", "moe_mlp_rows"]
@@ -108,6 +108,7 @@ def _rows(names: MoeNames) -> tuple[Row, ...]:
         Row("decoder.final_layernorm.weight", one("model.norm.weight")),
         Row("output_layer.weight", one("lm_head.weight"), pad_vocab, Partition.VOCAB,
             when="is_untied"),
+        VALUE_HEAD_ROW,
     )
 
 

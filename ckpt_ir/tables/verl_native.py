@@ -50,4 +50,6 @@ VERL_NATIVE_ROWS: tuple[Row, ...] = (
     Row(H + "mlp.down_proj.weight", one(H + "mlp.down_proj.weight"), partition=Partition.ROW),
     Row("model.norm.weight", one("model.norm.weight")),
     Row("lm_head.weight", one("lm_head.weight"), pad_vocab, Partition.VOCAB, when="is_untied"),
+    # Era A value models kept their [1, H] head under the LM head's name, whole on every rank.
+    Row("lm_head.weight", one("score.weight"), when=("is_value_model", "no_score_bias")),
 )

@@ -34,6 +34,9 @@ The test process never initialises ``torch.distributed``; it calls :func:`launch
     ``tests/clients/manager_jobs.py``).
 ``lora-load-forward`` / ``lora-save-random``
     Megatron-Bridge LoRA on the GPTModel (``tests/clients/mcore_lora.py``).
+``verl-save`` / ``verl-load``
+    verl 0.9.1's dist-only saves, its critic (value head) and legacy files: see
+    ``tests/clients/verl_jobs.py``.
 ``batch``
     A list of ``{"command": ..., **args}``: several jobs in one process start (~5 s each saved).
     Jobs may use different layouts: model parallelism is re-initialised between them.
@@ -715,6 +718,20 @@ def _manager_command(name: str) -> Any:
 
 _COMMANDS.update({n: _manager_command(n)
                   for n in ("manager-save", "manager-load", "manager-kill-loop")})
+
+
+def _verl_command(name: str) -> Any:
+    """A verl tree job (``tests/clients/verl_jobs.py``, imported when run)."""
+
+    def run(job: Mapping[str, Any], rank: int, world: int) -> None:
+        from tests.clients.verl_jobs import COMMANDS
+
+        COMMANDS[name](job, rank, world)
+
+    return run
+
+
+_COMMANDS.update({n: _verl_command(n) for n in ("verl-save", "verl-load")})
 
 
 def _jobs(command: str, args: Any) -> list[tuple[str, Mapping[str, Any]]]:

@@ -28,6 +28,7 @@ import torch
 
 import ckpt_ir
 from ckpt_ir.manager import MANIFEST, TRACKER, committed_steps, latest_step
+from ckpt_ir.manager.disk import CONTENTS
 from tests.clients import hf_models
 from tests.clients.manager_workers import kill_ranks, start_ranks
 from tests.clients.mcore_harness import HarnessError, job_result, launch
@@ -161,12 +162,20 @@ def test_verl_v2_tree_manifest_and_commit_order(run: Run, arch: str) -> None:
         assert manifest["save_contents"] == contents
         assert manifest["global_step"] == step and manifest["world_size"] == 2
         paths = {c: e["path"] for c, e in manifest["contents"].items()}
-        assert paths == {c: p for c, p in {
+        assert {c: p for c, p in paths.items() if c in CONTENTS} == {c: p for c, p in {
             "model": "model/dist_ckpt", "hf_model": "model/huggingface",
             "optimizer": "optimizer/dist_ckpt", "extra": "extra/dist_ckpt"}.items()
             if c in contents}
+        # verl's entries beside the contents: the HF config verl's merger reads (also for a
+        # model-only save), and the transformer config with 'extra'.
+        assert paths["hf_config"] == "model/huggingface"
+        assert (unit / "model/huggingface/config.json").is_file()
+        assert paths.get("transformer_config") == (
+            "transformer_config.json" if "extra" in contents else None)
+        assert set(paths) - set(CONTENTS) <= {"hf_config", "tokenizer", "transformer_config",
+                                              "lr_scheduler", "rng_state"}
         for d in paths.values():
-            assert (unit / d).is_dir()
+            assert (unit / d).exists()
         data = max(p.stat().st_mtime_ns for p in unit.rglob("*")
                    if p.is_file() and p.name != MANIFEST)
         assert data <= (unit / MANIFEST).stat().st_mtime_ns <= tracker

@@ -507,6 +507,75 @@ def test_model_format_hf_shares_one_tree_with_hf_model(small_hf: Path, tmp_path:
         assert torch.equal(a, b)
 
 
+def test_model_only_save_is_a_tree_verl_opens(small_hf: Path, tmp_path: Path) -> None:
+    """What verl 0.9.1 writes and reads (verl-formats.md §2.4, MegatronCheckpointManager):
+    ``model/huggingface/config.json`` beside a torch_dist-only model (verl's merger reads it
+    there), ``transformer_config.json`` with ``extra``, and the manifest's entries."""
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text("{}\n")
+    root = tmp_path / "run"
+    mgr = _manager(root, small_hf, tokenizer=tokenizer)
+    _save(mgr, small_hf, 1, contents=["model"])
+    unit = _unit(root, 1)
+    assert sorted(p.name for p in (unit / "model").iterdir()) == ["dist_ckpt", "huggingface"]
+    assert sorted(p.name for p in (unit / "model/huggingface").iterdir()) == [
+        "config.json", "tokenizer_config.json"]
+    config = json.loads((unit / "model/huggingface/config.json").read_text())
+    assert config == json.loads((small_hf / "config.json").read_text())
+    manifest = json.loads((unit / MANIFEST).read_text())
+    assert manifest["contents"] == {
+        "model": {"path": "model/dist_ckpt", "format": "megatron_dist_checkpoint",
+                  "backend": "dist_checkpointing"},
+        "hf_config": {"path": "model/huggingface", "format": "huggingface",
+                      "note": "config.json, tokenizer, and optional generation_config.json"},
+        "tokenizer": {"path": "model/huggingface", "format": "huggingface"}}
+    assert not (unit / "transformer_config.json").exists()  # verl: only with 'extra'
+    # ckpt-ir reads it back from the run directory, config from model/huggingface.
+    with ckpt_ir.open(root) as got, ckpt_ir.open(small_hf) as ref:
+        assert got.format == "mcore-dist" and got.path == str(unit / "model/dist_ckpt")
+        assert {n: s.shape for n, s in got.tensors.items()} == \
+            {n: s.shape for n, s in ref.tensors.items()}
+    # With the optimizer and extra state: the lr_scheduler / rng_state entries verl's
+    # manifest has, and transformer_config.json.
+    chunks = fake_chunks(small_hf, ParallelLayout(), RankCoords(), scale=step_value(2))
+    mgr.save(2, chunks, contents=["model", "extra"],
+             extra={"rng_state": {"seed": 7}, "iteration": 2})
+    unit = _unit(root, 2)
+    manifest = json.loads((unit / MANIFEST).read_text())
+    assert manifest["contents"]["rng_state"] == {
+        "path": "extra/dist_ckpt", "format": "megatron_dist_checkpoint", "key": "rng_state"}
+    assert manifest["contents"]["transformer_config"] == {
+        "path": "transformer_config.json", "format": "json"}
+    tc = json.loads((unit / "transformer_config.json").read_text())
+    cfg = ModelConfig.from_hf(json.loads((small_hf / "config.json").read_text()))
+    assert (tc["num_layers"], tc["hidden_size"], tc["num_query_groups"],
+            tc["tensor_model_parallel_size"]) == (cfg.num_layers, cfg.hidden_size,
+                                                  cfg.num_key_value_heads, 1)
+
+
+def test_critic_saves_its_value_head(tmp_path: Path) -> None:
+    """verl's critic (output layer [1, H]) through the manager: torch_dist and HF outputs are
+    the source bit for bit; the HF output is a token-classification model."""
+    from tests.fixtures import TINY_LLAMA, write_hf
+
+    critic = dict(TINY_LLAMA, model_type="qwen2", architectures=["Qwen2ForTokenClassification"],
+                  tie_word_embeddings=True, id2label={"0": "LABEL_0"},
+                  token_classification_bias=False)
+    write_hf(tmp_path / "hf", critic)
+    root = tmp_path / "run"
+    mgr = _manager(root, tmp_path / "hf", role="critic")
+    mgr.save(1, fake_chunks(tmp_path / "hf", ParallelLayout(), RankCoords()),
+             contents=["model", "hf_model"])
+    unit = root / "global_step_1" / "critic"
+    for out in (unit / "model/huggingface", root):
+        report = ckpt_ir.verify(tmp_path / "hf", out)
+        assert report.equal and "score.weight" in [t.name for t in report.tensors], \
+            report.summary()
+    config = json.loads((unit / "model/huggingface/config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForTokenClassification"]
+
+
 def test_a_failed_async_write_commits_nothing(small_hf: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "run"

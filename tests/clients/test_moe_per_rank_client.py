@@ -6,7 +6,8 @@
   gives the transformers logits (fp32, <= 1e-5) for mixtral, qwen2_moe, qwen3_moe and
   deepseek_v3 (MLA through the harness's test-only core attention).
 - megatron-core's own EP=2 rank files (``state_dict()`` of each rank, random weights, each EP
-  rank's experts drawn apart) -> ``hf`` -> transformers gives megatron's logits.
+  rank's experts drawn apart) -> ``hf`` -> transformers gives megatron's logits; read without
+  ``--source-ep`` (the experts each file holds say the suffix is the expert rank).
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def test_megatron_expert_parallel_rank_files_to_hf_match_megatron(suite: Suite, 
                                                                  tmp_path: Path) -> None:
     expected = suite.result(f"saved-{arch}")
     out = tmp_path / "hf"
-    report = ckpt_ir.convert(suite.root / "saved" / arch / "verl", out, to="hf", source_ep=2)
+    # No --source-ep: each mp_rank_00_00e file holds E/2 experts of a layer, so the suffix is
+    # the expert rank (megatron-core's own files carry no ckpt-ir layout record).
+    report = ckpt_ir.convert(suite.root / "saved" / arch / "verl", out, to="hf")
     assert report.source_format == "verl-legacy"
+    assert report.source_layout.endswith("tp=1 pp=1 ep=2")
     _assert_logits_close(hf_models.hf_logits(out, suite.ids), expected, f"saved-{arch}")

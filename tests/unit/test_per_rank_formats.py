@@ -19,7 +19,12 @@ import ckpt_ir
 from ckpt_ir.converters import per_rank
 from ckpt_ir.converters.per_rank import resolve_rank_suffix
 from ckpt_ir.converters.storage import torch_zip
-from ckpt_ir.errors import CorruptCheckpointError, FormatError, IncompatibleLayoutError
+from ckpt_ir.errors import (
+    CorruptCheckpointError,
+    FormatError,
+    IncompatibleLayoutError,
+    MissingConfigError,
+)
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.safety.unpickler import load_torch
@@ -438,3 +443,20 @@ def test_several_processes_write_the_same_rank_files(tmp_path):
     assert "written by 2 processes" in r.stdout
     assert rank_files(tmp_path / "multi") == rank_files(tmp_path / "single")
     assert (tmp_path / "multi" / "latest_checkpointed_iteration.txt").read_text() == "release"
+
+
+def test_megatron_lm_args_without_rope_or_positions_are_not_guessed(tmp_path):
+    write_hf(tmp_path / "hf", LLAMA4)
+    ckpt_ir.convert(tmp_path / "hf", tmp_path / "m", to="megatron-legacy", layout={"tp": 2})
+    shutil.rmtree(tmp_path / "m" / "release" / "hf_config")
+    for f in (tmp_path / "m" / "release").glob("mp_rank_*/model_optim_rng.pt"):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(f, weights_only=True)
+        del state["args"].max_position_embeddings, state["args"].rotary_base
+        torch.save(state, f)
+    with pytest.raises(MissingConfigError, match=re.escape(
+            "the Megatron-LM args do not record max_position_embeddings, rope_theta; pass "
+            "--hf-config DIR (the model's config.json)")):
+        ckpt_ir.open(tmp_path / "m")
+    with ckpt_ir.open(tmp_path / "m", hf_config=tmp_path / "hf") as ckpt:
+        assert ckpt.config.num_layers == LLAMA4["num_hidden_layers"]

@@ -14,7 +14,9 @@ import ckpt_ir
 from ckpt_ir.cli import main
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, write_metadata
 from ckpt_ir.detect import resolve
-from ckpt_ir.errors import CorruptCheckpointError
+from ckpt_ir.errors import CorruptCheckpointError, FormatError
+from ckpt_ir.ir import ModelConfig
+from ckpt_ir.megatron_config import transformer_config_json
 from tests.fixtures import TINY_LLAMA, write_hf
 
 CONFIG = dict(TINY_LLAMA, vocab_size=96)
@@ -183,15 +185,89 @@ def test_tracker_wins_over_newer_steps(sources, tmp_path):
 def test_no_completed_save_is_an_error(sources, tmp_path):
     run = tmp_path / "run"
     build_v2(sources, run / "global_step_3" / "actor", manifest=False)
+    # Unfinished: the extra (RNG) torch_dist has no metadata.json yet, and no manifest.
+    (run / "global_step_3" / "actor" / "extra" / "dist_ckpt" / "metadata.json").unlink()
     with pytest.raises(CorruptCheckpointError, match=re.escape(
             "no completed save under")) as e:
         resolve(run)
     assert "global_step_3 is incomplete (actor/ has no ckpt_contents.json" in str(e.value)
 
 
+def build_migrated_v1(sources: dict[str, Path], role: Path, *, mode: str = "copy") -> None:
+    """What verl's scripts/migrate_megatron_checkpoint_layout.py makes of a v1 save: the one
+    dist_ckpt/ linked into model/, optimizer/ and extra/ (``--mode copy`` or ``symlink``),
+    huggingface/ moved under model/, and no ckpt_contents.json."""
+    if mode == "symlink":
+        _copy(sources["dist"], role / "dist_ckpt")
+    for d in ("model", "optimizer", "extra"):
+        if mode == "symlink":
+            (role / d).mkdir(parents=True)
+            (role / d / "dist_ckpt").symlink_to(role / "dist_ckpt", target_is_directory=True)
+        else:
+            _copy(sources["dist"], role / d / "dist_ckpt")
+    _hf_config_only(sources["hf"], role / "model" / "huggingface")
+    (role / "transformer_config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("mode", ["copy", "symlink"])
+def test_migrated_v1_tree_without_manifest_or_tracker_is_read_with_a_note(sources, tmp_path,
+                                                                          capsys, mode):
+    run = tmp_path / "run"
+    build_migrated_v1(sources, run / "global_step_7" / "actor", mode=mode)
+    info = _inspect(run, capsys)
+    assert (info["format"], info["step"]) == ("mcore-dist", 7)
+    assert info["layout"] == "verl v2 (model/dist_ckpt)"
+    why = ("actor/ has no ckpt_contents.json (verl writes it last): a tree migrated from "
+           "verl's v1 layout or copied without it; completeness could not be confirmed")
+    assert info["notes"] == [
+        "no latest_checkpointed_iteration.txt; using global_step_7, the newest completed save",
+        f"global_step_7: {why}"]
+    assert _tree(info)["global_step_7/"] == \
+        "a saved step (no manifest: completeness not confirmed)"
+    # The role directory alone (copied without its run root): the same note.
+    r = resolve(run / "global_step_7" / "actor")
+    assert r.format == "mcore-dist"
+    assert r.notes == ("actor: no ckpt_contents.json (verl writes it last): a tree migrated "
+                       "from verl's v1 layout or copied without it; completeness could not be "
+                       "confirmed",)
+    with ckpt_ir.open(run, hf_config=sources["hf"]) as ckpt, \
+            ckpt_ir.open(sources["hf"]) as ref:
+        assert ckpt.tensors.keys() == ref.tensors.keys()
+        assert all(torch.equal(ckpt.read(n), ref.read(n)) for n in ref.tensors)
+
+
+def test_empty_dist_ckpt_dirs_are_not_checkpoints(sources, tmp_path, capsys):
+    # verl 0.9.1 pointed at a legacy tree makes model/, optimizer/ and extra/dist_ckpt and
+    # leaves them empty when its load fails; the legacy save stays complete and readable.
+    run = tmp_path / "run"
+    role = run / "global_step_5" / "actor"
+    build_legacy(sources, role)
+    for d in ("model", "optimizer", "extra"):
+        (role / d / "dist_ckpt").mkdir(parents=True, exist_ok=True)
+    info = _inspect(run, capsys)
+    assert (info["format"], info["step"]) == ("verl-legacy", 5)
+    assert info["notes"] == [
+        "no latest_checkpointed_iteration.txt; using global_step_5, the newest completed save"]
+    assert _tree(info)["global_step_5/"] == "a saved step"
+    # Beside a complete v2 save (manifest present) an empty root dist_ckpt/ changes nothing.
+    role2 = run / "global_step_9" / "actor"
+    build_v2(sources, role2)
+    (role2 / "dist_ckpt").mkdir()
+    info = _inspect(run, capsys)
+    assert (info["format"], info["step"]) == ("hf", 9)
+    assert _tree(info)["global_step_9/actor/dist_ckpt/"] == \
+        "empty (left by verl's path helpers): not a checkpoint"
+
+
 def test_role_dir_without_manifest_is_read_with_a_warning(sources, tmp_path):
     role = tmp_path / "actor"
     build_v2(sources, role, manifest=False)
+    r = resolve(role)
+    assert r.format == "hf"
+    assert r.notes == ("actor: no ckpt_contents.json (verl writes it last): a tree migrated "
+                       "from verl's v1 layout or copied without it; completeness could not be "
+                       "confirmed",)
+    shutil.rmtree(role / "extra")  # a part missing: an unfinished save, read only when asked
     r = resolve(role)
     assert r.format == "hf"
     assert r.notes == ("actor: no ckpt_contents.json (verl writes it last); this save may be "
@@ -207,3 +283,64 @@ def test_megatron_lm_run_tree(sources, tmp_path, capsys):
     assert tree["release/hf_config/"] == "HF config and tokenizer (written by ckpt-ir)"
     assert tree["release/mp_rank_00/"] == "one model-parallel rank's files"
     assert info["notes"] == ["latest_checkpointed_iteration.txt points at release"]
+
+
+def test_convert_verl_tree_writes_a_role_directory_verl_opens(sources, tmp_path, capsys):
+    """--verl-tree: what verl 0.9.1's MegatronCheckpointManager writes for a dist-only model
+    save, which its load_checkpoint and model merger read (verl-formats.md §2.4)."""
+    role = tmp_path / "run" / "global_step_3" / "actor"
+    assert main(["convert", str(sources["hf"]), str(role), "--to", "mcore-dist",
+                 "--verl-tree", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert sorted(str(p.relative_to(role)) for p in role.rglob("*")
+                  if p.is_file() and "dist_ckpt" not in p.parts) == [
+        "ckpt_contents.json", "model/huggingface/config.json",
+        "model/huggingface/tokenizer.json", "transformer_config.json"]
+    dist = role / "model" / "dist_ckpt"
+    assert sorted(p.name for p in dist.iterdir()) == [
+        ".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    manifest = json.loads((role / "ckpt_contents.json").read_text())
+    assert (manifest["schema_version"], manifest["role"], manifest["global_step"],
+            manifest["save_contents"]) == (2, "actor", 3, ["model"])
+    assert manifest["contents"] == {
+        "model": {"path": "model/dist_ckpt", "format": "megatron_dist_checkpoint",
+                  "backend": "dist_checkpointing"},
+        "transformer_config": {"path": "transformer_config.json", "format": "json"},
+        "hf_config": {"path": "model/huggingface", "format": "huggingface",
+                      "note": "config.json, tokenizer, and optional generation_config.json"},
+        "tokenizer": {"path": "model/huggingface", "format": "huggingface"}}
+    tc = json.loads((role / "transformer_config.json").read_text())
+    assert (tc["num_layers"], tc["hidden_size"], tc["num_query_groups"], tc["kv_channels"]) \
+        == (CONFIG["num_hidden_layers"], CONFIG["hidden_size"],
+            CONFIG["num_key_value_heads"], CONFIG["head_dim"])
+    # ckpt-ir reads the tree back from the run directory, bit for bit.
+    info = _inspect(tmp_path / "run", capsys)
+    assert (info["format"], info["step"]) == ("mcore-dist", 3)
+    assert info["layout"] == "verl v2 (model/dist_ckpt, from ckpt_contents.json)"
+    report = ckpt_ir.verify(sources["hf"], tmp_path / "run")
+    assert report.equal, report.summary()
+    with pytest.raises(FormatError, match=re.escape("verl_tree (--verl-tree) writes "
+                                                    "mcore-dist, not hf")):
+        ckpt_ir.convert(sources["hf"], tmp_path / "x", to="hf", verl_tree=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tying_comes_from_the_checkpoint_when_transformer_config_cannot_say(tmp_path, tied):
+    """A torch_dist save of a tied model holds no output_layer.weight; TransformerConfig has
+    no tying field. (Its rotary base and sequence length, absent from verl's file, are added
+    here by hand so that nothing else is missing.)"""
+    hf = dict(CONFIG, tie_word_embeddings=tied, rope_parameters={"rope_type": "default",
+                                                                  "rope_theta": 1e6})
+    write_hf(tmp_path / "hf", hf)
+    role = tmp_path / "actor"
+    ckpt_ir.convert(tmp_path / "hf", role / "model" / "dist_ckpt", to="mcore-dist")
+    shutil.rmtree(role / "model" / "dist_ckpt" / "hf_config")
+    tc = transformer_config_json(ModelConfig.from_hf(hf))
+    assert not {"share_embeddings_and_output_weights", "rotary_base"} & set(tc)
+    tc.update(rotary_base=1e6, max_position_embeddings=64)
+    (role / "transformer_config.json").write_text(json.dumps(tc))
+    with ckpt_ir.open(role) as ckpt:
+        assert ckpt.config.tie_word_embeddings is tied
+        assert ("lm_head.weight" in ckpt.tensors) is not tied
+    report = ckpt_ir.verify(tmp_path / "hf", role)
+    assert report.equal, report.summary()

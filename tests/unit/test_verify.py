@@ -281,6 +281,23 @@ def test_missing_config_comes_from_hf_config(made: dict[str, Path], tmp_path: Pa
     assert verify(made["hf"], tmp_path / "bare", hf_config=made["hf"]).equal
 
 
+def test_hf_config_is_honoured_when_a_side_has_a_config_of_its_own(made: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    # A side whose own config is wrong (an epsilon rebuilt or copied wrongly): --hf-config is
+    # the config of both sides, not a fallback for a missing one.
+    shutil.copytree(made["mcore-dist"], tmp_path / "wrong")
+    config = tmp_path / "wrong" / "hf_config" / "config.json"
+    hf = json.loads(config.read_text())
+    hf["rms_norm_eps"] = 1e-3
+    config.write_text(json.dumps(hf))
+    report = verify(made["hf"], tmp_path / "wrong")
+    assert not report.equal and [d.field for d in report.config] == ["rms_norm_eps"]
+    assert verify(made["hf"], tmp_path / "wrong", hf_config=made["hf"]).equal
+
+
 # --------------------------------------------------------------------------------------------
 # The blockwise comparison equals a whole-tensor one, in bounded memory
 
