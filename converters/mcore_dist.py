@@ -482,11 +482,21 @@ class McoreDistWriter:
         """The box of native ``name`` that starts at ``offsets``: a TP shard written by the
         live rank holding it (:mod:`ckpt_ir.manager`), never gathered. ``.metadata``
         checks at commit that every rank's boxes tile each tensor exactly."""
+        self.write_chunk_slabs(name, offsets, tuple(tensor.shape), tensor.dtype, (tensor,))
+
+    def write_chunk_slabs(self, name: str, offsets: Sequence[int], shape: Sequence[int],
+                          dtype: torch.dtype, slabs: Iterable[torch.Tensor]) -> None:
+        """:meth:`write_chunk` of a ``shape`` box given as row-major pieces, written as they
+        come (a GPU rank's host pieces, :class:`ckpt_ir.manager.staging.HostStream`)."""
         if self._data is None:
             raise InternalError("mcore-dist writer used before begin()")
-        for key, base, prepended in self._where[name]:
-            self._data.add_tensor(key, (*base[:prepended], *offsets),
-                                  tensor[(None,) * prepended])
+        where = self._where[name]
+        if len(where) > 1:
+            # A norm written under two keys (small); pieces may be reused buffers.
+            slabs = [s.clone() for s in slabs]
+        for key, base, prepended in where:
+            self._data.add_tensor_slabs(key, (*base[:prepended], *offsets),
+                                        (1,) * prepended + tuple(shape), dtype, slabs)
 
     def file_of(self, name: str) -> str | None:
         return None  # every rank appends its chunks to its own data file
