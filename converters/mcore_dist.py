@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
 from ckpt_ir.adapters import (
     LORA_LAYOUT_FILE,
@@ -263,6 +262,8 @@ class McoreDistReader:
                 return str(c), self._from_megatron(read_json_file(c), c)
         run_config = self.path / "run_config.yaml"
         if run_config.is_file():
+            import yaml  # only this fallback reads YAML (25 ms of every import otherwise)
+
             try:
                 data = yaml.safe_load(run_config.read_text())
             except (OSError, yaml.YAMLError) as e:
@@ -562,6 +563,8 @@ def _bridge_peft(path: Path) -> Mapping[str, Any]:
     run_config = path / "run_config.yaml"
     if not run_config.is_file():
         return {}
+    import yaml  # see McoreDistReader's config fallback
+
     try:
         data = yaml.safe_load(run_config.read_text())
     except (OSError, yaml.YAMLError) as e:

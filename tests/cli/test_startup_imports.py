@@ -56,13 +56,13 @@ def test_help_and_argument_errors_import_no_torch(argv: list[str], code: int) ->
 
 def test_hf_to_mcore_dist_conversion_imports_only_its_path(tmp_path: Path) -> None:
     # torch, yes (tensors are touched); not transformers, peft, megatron-core, the safetensors
-    # package (ckpt-ir reads and writes the format itself) or torch DCP. (torch itself
-    # imports numpy and tqdm.)
+    # package (ckpt-ir reads and writes the format itself), torch DCP or YAML (only a
+    # Megatron-Bridge run_config.yaml needs it). (torch itself imports numpy and tqdm.)
     src = tmp_path / "hf"
     write_hf(src)
     got = _probe(["convert", str(src), str(tmp_path / "dist"), "--to", "mcore-dist",
                   "--no-progress"])
     assert got["code"] == 0
     assert {"torch"} <= set(got["imported"])
-    assert not {"transformers", "peft", "megatron", "safetensors",
+    assert not {"transformers", "peft", "megatron", "safetensors", "yaml",
                 "torch.distributed.checkpoint"} & set(got["imported"]), got
