@@ -80,7 +80,8 @@ def in_process(src: Path, dst: Path, to: str) -> float:
 
 
 # One conversion per line of stdin ("SRC DST TO"), timed after ckpt_ir is imported; one JSON
-# line out per conversion: wall and CPU seconds of convert + os.sync(), peak RSS so far (KiB).
+# line out per conversion: wall and CPU seconds of convert + os.sync(), the process's peak RSS
+# so far (KiB).
 WORKER = r'''
 import json, os, resource, sys, time
 import ckpt_ir
@@ -92,7 +93,13 @@ for line in sys.stdin:
     ckpt_ir.convert(src, dst, to=to)
     os.sync()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child of a
+    # parent that once held 1 GB would report 1 GB whatever it used itself.
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"wall": wall, "cpu": cpu, "rss": rss}), flush=True)
 '''
 
