@@ -22,11 +22,12 @@ import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.errors import CheckpointError, FormatError, InternalError
-from ckpt_ir.executor import atomic_directory, execute
-from ckpt_ir.planner import Plan
+
+if TYPE_CHECKING:
+    from ckpt_ir.planner import Plan
 
 __all__ = ["env_world", "partition_units", "run_distributed"]
 
@@ -102,6 +103,10 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
                     overwrite: bool, protect: Sequence[Path],
                     on_progress: Callable[[int], None] | None = None) -> list[str]:
     """Execute ``plan`` on this rank's share; returns the output files (rank 0) or []."""
+    # Here, not at the top: the CLI imports this module for env_world(), and `ckpt-ir --help`
+    # must not import torch (the executor does).
+    from ckpt_ir.executor import atomic_directory, execute
+
     dist = _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     if not hasattr(writer_cls, "finish_all"):

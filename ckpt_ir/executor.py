@@ -31,6 +31,7 @@ from ckpt_ir.ir import TensorSpec
 from ckpt_ir.planner import Plan, Unit
 from ckpt_ir.safety.files import open_fd
 from ckpt_ir.slabs import FileSlab
+from ckpt_ir.transforms import join_rows, rows_shape
 
 __all__ = ["TEMP_MARKER", "atomic_directory", "committed", "destination_path", "execute",
            "fsync_dir", "remove_entry", "write_checkpoint"]
@@ -70,25 +71,27 @@ def execute(plan: Plan, reader, writer, *,
 def _run_unit(unit: Unit, reader, writer, specs: dict[str, TensorSpec], write_slabs,
               file_slab: Callable[[torch.Tensor], FileSlab | None] | None) -> None:
     """Read a unit's sources, invert their transforms, write every destination tensor."""
-    ir: dict[str, torch.Tensor] = {}
+    # IR tensors as row blocks: views of the source where a part is strided in it (q/k/v of a
+    # fused QKV), joined only for a target that needs the whole tensor.
+    ir: dict[str, tuple[torch.Tensor, ...]] = {}
     for b in unit.sources:
         native = reader.read(b.native)
-        for role, tensor in b.transform.inverse(native).items():
-            ir[b.ir[role]] = tensor
+        for role, rows in b.transform.inverse_rows(native).items():
+            ir[b.ir[role]] = rows
     for b in unit.targets:
-        parts = {role: ir[name] for role, name in b.ir.items()}
+        blocks = {role: ir[name] for role, name in b.ir.items()}
         spec = specs[b.native]
         if write_slabs is not None:
-            shape = b.transform.shapes({role: tuple(t.shape) for role, t in parts.items()})
+            shape = b.transform.shapes({role: rows_shape(rows) for role, rows in blocks.items()})
             if tuple(shape) != spec.shape:
                 raise InternalError(f"{b.native}: parts make shape {tuple(shape)}, "
                                     f"planned {spec.shape}")
-            slabs = _cast(b.transform.slabs(parts), spec.dtype)
+            slabs = _cast(b.transform.row_slabs(blocks), spec.dtype)
             if file_slab is not None:
                 slabs = (file_slab(t) or t for t in slabs)
             write_slabs(b.native, slabs)
             continue
-        out = b.transform.apply(parts)
+        out = b.transform.apply({role: join_rows(rows) for role, rows in blocks.items()})
         if out.dtype != spec.dtype:
             out = out.to(spec.dtype)
         if tuple(out.shape) != spec.shape:

@@ -28,10 +28,23 @@ from ckpt_ir.errors import InternalError
 from ckpt_ir.ir import Shape
 
 __all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveQKV", "MergeLora",
-           "PadRows", "RankColumns", "StackExperts", "StackRanks", "Transform", "lora_roles"]
+           "PadRows", "RankColumns", "StackExperts", "StackRanks", "Transform", "join_rows",
+           "lora_roles", "rows_shape"]
 
 TENSOR = "tensor"
 """The role name of a transform with a single part."""
+
+
+def join_rows(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Row blocks (:meth:`Transform.inverse_rows`) as one tensor; a single block as it is."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+def rows_shape(rows: tuple[torch.Tensor, ...]) -> Shape:
+    """The shape of :func:`join_rows` ``(rows)``, without joining."""
+    if len(rows) == 1:
+        return tuple(rows[0].shape)
+    return (sum(t.shape[0] for t in rows), *rows[0].shape[1:])
 
 
 class Transform(ABC):
@@ -54,6 +67,16 @@ class Transform(ABC):
     def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
         """The bytes of ``apply(parts)``, in order, as row-major pieces (default: the whole)."""
         yield self.apply(parts)
+
+    def inverse_rows(self, native: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        """``inverse(native)`` with each part as row blocks that, joined along dim 0, are the
+        part: views of ``native`` where ``inverse`` would have to copy (default: one block)."""
+        return {role: (t,) for role, t in self.inverse(native).items()}
+
+    def row_slabs(self, blocks: Mapping[str, tuple[torch.Tensor, ...]]
+                  ) -> Iterator[torch.Tensor]:
+        """:meth:`slabs` of parts given as row blocks (default: joined first)."""
+        yield from self.slabs({role: join_rows(rows) for role, rows in blocks.items()})
 
     def describe(self) -> str:
         return type(self).__name__
@@ -85,6 +108,12 @@ class Identity(Transform):
 
     def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
         yield parts[TENSOR]
+
+    def row_slabs(self, blocks: Mapping[str, tuple[torch.Tensor, ...]]
+                  ) -> Iterator[torch.Tensor]:
+        # The blocks are the tensor's bytes in order: written as they are, never joined (a q
+        # of a fused QKV goes to its file group by group, each a range of the source file).
+        yield from blocks[TENSOR]
 
     def shapes(self, parts: Mapping[str, Shape]) -> Shape:
         return tuple(parts[TENSOR])
@@ -227,6 +256,17 @@ class InterleaveQKV(Transform):
         k = grouped[:, n * d : (n + 1) * d].reshape(g * d, *rest)
         v = grouped[:, (n + 1) * d :].reshape(g * d, *rest)
         return {"q": q, "k": k, "v": v}
+
+    def inverse_rows(self, native: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        # q, k and v are strided across the groups (inverse copies them: 60% of an attention
+        # layer's bytes); group by group each is a contiguous row range of the fused tensor.
+        g, n, d = self.num_groups, self.heads_per_group, self.head_dim
+        if native.shape[0] != g * (n + 2) * d:
+            raise InternalError(f"fused QKV has {native.shape[0]} rows, expected {g * (n + 2) * d}")
+        block, nd = (n + 2) * d, n * d
+        return {"q": tuple(native[i * block: i * block + nd] for i in range(g)),
+                "k": tuple(native[i * block + nd: i * block + nd + d] for i in range(g)),
+                "v": tuple(native[i * block + nd + d: (i + 1) * block] for i in range(g))}
 
     def shapes(self, parts: Mapping[str, Shape]) -> Shape:
         q, k, v = parts["q"], parts["k"], parts["v"]

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
 from ckpt_ir.adapters import (
     LORA_LAYOUT_FILE,
@@ -522,11 +521,21 @@ class McoreDistWriter:
         """The box of native ``name`` that starts at ``offsets``: a TP shard written by the
         live rank holding it (:mod:`ckpt_ir.manager`), never gathered. ``.metadata``
         checks at commit that every rank's boxes tile each tensor exactly."""
+        self.write_chunk_slabs(name, offsets, tuple(tensor.shape), tensor.dtype, (tensor,))
+
+    def write_chunk_slabs(self, name: str, offsets: Sequence[int], shape: Sequence[int],
+                          dtype: torch.dtype, slabs: Iterable[torch.Tensor]) -> None:
+        """:meth:`write_chunk` of a ``shape`` box given as row-major pieces, written as they
+        come (a GPU rank's host pieces, :class:`ckpt_ir.manager.staging.HostStream`)."""
         if self._data is None:
             raise InternalError("mcore-dist writer used before begin()")
-        for key, base, prepended in self._where[name]:
-            self._data.add_tensor(key, (*base[:prepended], *offsets),
-                                  tensor[(None,) * prepended])
+        where = self._where[name]
+        if len(where) > 1:
+            # A norm written under two keys (small); pieces may be reused buffers.
+            slabs = [s.clone() for s in slabs]
+        for key, base, prepended in where:
+            self._data.add_tensor_slabs(key, (*base[:prepended], *offsets),
+                                        (1,) * prepended + tuple(shape), dtype, slabs)
 
     def file_of(self, name: str) -> str | None:
         return None  # every rank appends its chunks to its own data file
@@ -640,6 +649,8 @@ def read_yaml(path: Path) -> Any:
     and aliases repeat whole subtrees for whatever walks the result), then safe-loaded: tags
     that name Python objects are refused by ``safe_load`` itself.
     """
+    import yaml  # only a Megatron-Bridge run_config.yaml needs it (25 ms of every import)
+
     text = read_text(path, path.name, limit=_MAX_YAML_BYTES)
     try:
         depth = aliases = 0

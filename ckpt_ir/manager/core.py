@@ -75,6 +75,7 @@ from ckpt_ir.manager.plan import (
     place,
     rows_of,
 )
+from ckpt_ir.manager.staging import HostArena, HostStream
 
 __all__ = ["CheckpointManager", "Loaded"]
 
@@ -238,6 +239,7 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending_step: int | None = None
+        self._arena: HostArena | None = None  # async saves' pinned host copy, kept
         if self.rank == 0:
             disk.clean_stale(self.root, self.disk)
 
@@ -300,8 +302,12 @@ class CheckpointManager:
             raise error
 
     def close(self) -> None:
-        """Finish the pending save; call before destroying the process group."""
+        """Finish the pending save and unpin the async saves' host buffer; call before
+        destroying the process group."""
         self.wait()
+        if self._arena is not None:
+            self._arena.release()
+            self._arena = None
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -565,10 +571,17 @@ class CheckpointManager:
         inventory, params = self._agree(describe)
         inventories = self._all_gather(inventory)
         plan = build_model_plan(self.config, self.layout, inventories)
-        for p in params:
-            if plan.sources.get((p.native, self.coords.tp)) == self.rank:
-                t = p.tensor.detach()
-                plan.mine[p.native] = t.to("cpu", copy=True) if job.copy_data else t
+        mine = [p for p in params if plan.sources.get((p.native, self.coords.tp)) == self.rank]
+        tensors = [p.tensor.detach() for p in mine]
+        if job.copy_data and any(t.is_cuda for t in tensors):
+            # Pinned, non-blocking, one synchronisation: save(async_=True) returns after
+            # the bus time (see staging.py).
+            if self._arena is None:
+                self._arena = HostArena()
+            tensors = self._arena.copy(tensors)
+        elif job.copy_data:
+            tensors = [t.to("cpu", copy=True) for t in tensors]
+        plan.mine.update((p.native, t) for p, t in zip(mine, tensors, strict=True))
         job.model_plan = plan
         writes_hf = "hf_model" in job.contents or (
             "model" in job.contents and self.model_format == "hf")
@@ -658,6 +671,7 @@ class CheckpointManager:
             extra={"mcore_spec": self.mcore_spec}))
         job.writers["model"] = writer
         writer.begin(job.dist_specs)
+        boxes: list[tuple[str, list[int], torch.Tensor]] = []
         for native, tensor in plan.mine.items():
             binding = plan.table.by_native[native]
             shape = plan.shapes[native]
@@ -668,8 +682,16 @@ class CheckpointManager:
                 offsets = [run.start] + [0] * (len(shape) - 1)
                 if g.cols is not None:
                     offsets[-1] = g.cols.start
-                writer.write_chunk(job.dist_names[native], offsets, piece)
+                boxes.append((job.dist_names[native], offsets, piece))
                 at += len(run)
+        # GPU tensors cross to the host in pinned pieces while earlier ones are written.
+        stream = HostStream([piece for _, _, piece in boxes])
+        try:
+            for i, (name, offsets, piece) in enumerate(boxes):
+                writer.write_chunk_slabs(name, offsets, tuple(piece.shape), piece.dtype,
+                                         stream.pieces(i))
+        finally:
+            stream.close()
         return writer.finish_rank()
 
     def _write_hf(self, job: _Job, plan: ModelPlan | None) -> None:

@@ -17,6 +17,8 @@ from ckpt_ir.transforms import (
     InterleaveQKV,
     PadRows,
     StackExperts,
+    join_rows,
+    rows_shape,
 )
 from tests.strategies import bits_equal, dtypes, tensors
 
@@ -43,6 +45,14 @@ def _check_round_trip(op, parts):
     assert set(back) == set(parts)
     for role, t in parts.items():
         assert bits_equal(back[role], t), role
+    # The executor's path: parts as row blocks, joined or streamed, are the same bytes.
+    rows = op.inverse_rows(native)
+    assert set(rows) == set(parts)
+    for role, t in parts.items():
+        assert rows_shape(rows[role]) == tuple(t.shape), role
+        assert bits_equal(join_rows(rows[role]), t), role
+    flat = [s.reshape(-1) for s in op.row_slabs(rows)]
+    assert bits_equal(torch.cat(flat) if flat else native.new_empty(0), native.reshape(-1))
 
 
 @given(st.data())
@@ -92,6 +102,22 @@ def test_interleave_qkv_layout_is_group_major():
     v = torch.tensor([[20.0], [21.0]])
     fused = InterleaveQKV(2, 2, 1).apply({"q": q, "k": k, "v": v})
     assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+
+
+def test_interleave_qkv_parts_stream_as_views_of_the_fused_tensor():
+    # mcore-dist -> hf: q, k and v are strided in the fused tensor; as row blocks they are
+    # views of it (each a range of the source file), and an Identity target streams them
+    # without joining.
+    fused = torch.arange(3 * (4 + 2) * 2 * 5, dtype=torch.float32).reshape(3 * 6 * 2, 5)
+    rows = InterleaveQKV(3, 4, 2).inverse_rows(fused)
+    for role, blocks in rows.items():
+        assert len(blocks) == 3, role
+        assert all(b.is_contiguous() and b.data_ptr() >= fused.data_ptr()
+                   and b.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+                   for b in blocks), role
+        streamed = list(Identity().row_slabs({TENSOR: blocks}))
+        assert [s.data_ptr() for s in streamed] == [b.data_ptr() for b in blocks]
+    assert rows["q"][1].data_ptr() == fused[12:20].data_ptr()
 
 
 @given(st.data())

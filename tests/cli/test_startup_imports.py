@@ -1,0 +1,68 @@
+"""What a ckpt-ir process imports: nothing heavy where no tensor is touched (issues #17, #20).
+
+``import torch`` alone is 1.3-1.7 s on this machine kind, most of a small command's time, so
+``ckpt-ir --help`` and argument errors must not pay it; a conversion imports only its path's
+modules. Each case runs the real CLI entry point in a fresh interpreter and reports the modules
+it left in ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import write_hf
+
+# Runs ckpt_ir.cli.main(argv) as the console script does, then prints the exit code and
+# which of the watched modules were imported.
+_PROBE = """
+import json, sys
+from ckpt_ir.cli import main
+argv = json.loads(sys.argv[1])
+try:
+    code = main(argv)
+except SystemExit as e:
+    code = e.code
+watched = ("torch", "numpy", "transformers", "peft", "megatron", "safetensors", "tqdm",
+           "torch.distributed.checkpoint", "yaml")
+print(json.dumps({"code": code, "imported": [m for m in watched if m in sys.modules]}))
+"""
+
+
+def _probe(argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("argv", "code"), [
+    (["--help"], 0),
+    (["convert", "--help"], 0),
+    (["inspect", "--help"], 0),
+    ([], 2),                                       # no command
+    (["frobnicate"], 2),                           # unknown command
+    (["convert", "only-a-source"], 2),             # missing arguments
+    (["convert", "a", "b", "--to", "nonsense"], 2),  # bad choice
+])
+def test_help_and_argument_errors_import_no_torch(argv: list[str], code: int) -> None:
+    got = _probe(argv)
+    assert got == {"code": code, "imported": []}, (argv, got)
+
+
+def test_hf_to_mcore_dist_conversion_imports_only_its_path(tmp_path: Path) -> None:
+    # torch, yes (tensors are touched); not transformers, peft, megatron-core, the safetensors
+    # package (ckpt-ir reads and writes the format itself), torch DCP or YAML (only a
+    # Megatron-Bridge run_config.yaml needs it). (torch itself imports numpy and tqdm.)
+    src = tmp_path / "hf"
+    write_hf(src)
+    got = _probe(["convert", str(src), str(tmp_path / "dist"), "--to", "mcore-dist",
+                  "--no-progress"])
+    assert got["code"] == 0
+    assert {"torch"} <= set(got["imported"])
+    assert not {"transformers", "peft", "megatron", "safetensors", "yaml",
+                "torch.distributed.checkpoint"} & set(got["imported"]), got
