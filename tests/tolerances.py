@@ -61,6 +61,27 @@ def assert_merged_close(got: torch.Tensor, want: torch.Tensor, w: torch.Tensor,
         f"{bound.flatten()[worst].item():.3g} at flat index {worst.item()}"
 
 
+def assert_megatron_merge_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                               base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
+                               scaling: float) -> None:
+    """Two fp32 merges of Megatron-named weights (``got`` and ``want``, over ``base``) with the
+    Megatron-Bridge adapter tensors ``lora``: adapted weights within :func:`assert_merged_close`,
+    untouched ones bit-equal, and at least one weight adapted. Megatron's B carries each module's
+    own scaling relative to ``scaling`` (alpha / rank), so ``scaling * |B| @ |A|`` is the size of
+    the update."""
+    adapted = 0
+    for k in want:
+        stem = k.removesuffix(".weight")
+        b = lora.get(f"{stem}.adapter.linear_out.weight")
+        if b is None:
+            assert torch.equal(got[k], want[k]), k
+            continue
+        assert_merged_close(got[k], want[k], base[k], b, lora[f"{stem}.adapter.linear_in.weight"],
+                            scaling, k)
+        adapted += 1
+    assert adapted
+
+
 @torch.no_grad()
 def float64_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The logits of a float64 copy of ``model`` (the model itself is left in its dtype)."""

@@ -219,10 +219,8 @@ def lora_load_forward(job: Mapping[str, Any], rank: int, world: int) -> None:
                             ep=ep, etp=etp)
     wrap_with_lora(model, dim=int(job["dim"]), alpha=float(job["alpha"]), style=job["style"],
                    targets=tuple(job.get("targets") or LORA_TARGETS))
-    sd = model.sharded_state_dict()
-    # Bridge's apply_peft_adapter_filter_to_state_dict: adapter keys, no _extra_state.
-    adapter_sd = {k: v for k, v in sd.items() if ".adapter." in k and "_extra_state" not in k}
-    base_sd = {k: v for k, v in sd.items() if ".adapter." not in k}
+    adapter_sd = _adapter_state(model)
+    base_sd = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." not in k}
     loaded = dist_checkpointing.load(base_sd, str(job["base_ckpt"]))
     # Every adapter key must be in the checkpoint; the checkpoint may hold only the
     # common_state object besides (megatron-core >= 0.19's, which 0.16.1 does not request).

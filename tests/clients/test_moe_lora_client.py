@@ -48,7 +48,12 @@ from ckpt_ir.ir import ModelConfig
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
 from tests.fixtures import load_dcp_tensors
-from tests.tolerances import assert_logits_close, assert_merged_close, float64_logits
+from tests.tolerances import (
+    assert_logits_close,
+    assert_megatron_merge_close,
+    assert_merged_close,
+    float64_logits,
+)
 
 pytestmark = pytest.mark.clients
 
@@ -239,17 +244,7 @@ def test_merge_in_megatron_layout_equals_merged_hf(cases, arch, tmp_path):
     base, lora = load_dcp_tensors(tmp_path / "base-dist"), load_dcp_tensors(case.dist)
     # Megatron's scaling is alpha / rank; B carries each module's own factor relative to it.
     scaling = LORA[arch]["lora_alpha"] / LORA[arch]["r"]
-    adapted = 0
-    for k in want:
-        stem = k.removesuffix(".weight")
-        b = lora.get(f"{stem}.adapter.linear_out.weight")
-        if b is None:
-            assert torch.equal(got[k], want[k]), k
-            continue
-        assert_merged_close(got[k], want[k], base[k], b, lora[f"{stem}.adapter.linear_in.weight"],
-                            scaling, k)
-        adapted += 1
-    assert adapted
+    assert_megatron_merge_close(got, want, base, lora, scaling)
 
 
 # --------------------------------------------------------------------------- megatron-core

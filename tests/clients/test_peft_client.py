@@ -39,7 +39,12 @@ from ckpt_ir.adapter_api import open_adapter
 from ckpt_ir.converters.storage.dcp_files import DcpReader
 from ckpt_ir.layout import Partition, shard, unshard
 from tests.clients import hf_models
-from tests.tolerances import assert_logits_close, assert_merged_close, float64_logits
+from tests.tolerances import (
+    assert_logits_close,
+    assert_megatron_merge_close,
+    assert_merged_close,
+    float64_logits,
+)
 
 pytestmark = pytest.mark.clients
 
@@ -279,19 +284,7 @@ def test_merge_in_megatron_layout_equals_merged_hf(cases, arch, tmp_path):
     scaling = report.adapter["megatron"]["alpha"] / report.adapter["megatron"]["rank"]
     # Two fp32 merges of one update (per HF module, then fused; or fused): within the rounding
     # bound of W + s * B @ A at Megatron's (stacked) rank; untouched tensors are bit-equal.
-    adapted = 0
-    for k in want:
-        stem = k.removesuffix(".weight")
-        b = lora.get(f"{stem}.adapter.linear_out.weight")
-        if b is None:
-            assert torch.equal(got[k], want[k]), k
-            continue
-        # Megatron's B carries each module's own scaling relative to alpha / rank, so
-        # scaling * |B| @ |A| is the update's magnitude.
-        assert_merged_close(got[k], want[k], base[k], b, lora[f"{stem}.adapter.linear_in.weight"],
-                            scaling, k)
-        adapted += 1
-    assert adapted
+    assert_megatron_merge_close(got, want, base, lora, scaling)
     # Megatron's own merge (Megatron-Bridge merge_adapter_weights): fused base weight plus
     # (alpha/dim) * B @ A, one TP shard at a time: B and W split like the base rows, A whole
     # (linear_in gathers its output) for column-parallel layers.
