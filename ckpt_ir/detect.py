@@ -116,12 +116,26 @@ def _manifest(p: Path) -> dict | None:
     return read_json_file(path) if path.is_file() else None
 
 
+_CONFIG_DIRS = ("huggingface", "model/huggingface", "hf_config_and_tokenizer")
+"""Where a verl role directory keeps the HF config (v1/bridge, v2, legacy)."""
+
+
+def config_candidates(role: Path, *, with_parent: bool = False) -> tuple[Path, ...]:
+    """Where the model config of what ``role`` holds may be, in the order readers try them
+    (:attr:`Resolved.config_candidates`, searched with :func:`ckpt_ir.probes.find_config_dir`):
+    verl's HF config directories, then its ``transformer_config.json``. ``with_parent``: also
+    the parent's (an adapter directory inside a role directory)."""
+    dirs = [role / d for d in _CONFIG_DIRS]
+    files = [role / "transformer_config.json"]
+    if with_parent:
+        dirs += [role.parent / "huggingface", role.parent / "hf_config_and_tokenizer"]
+        files.append(role.parent / "transformer_config.json")
+    return tuple(d for d in dirs if d.is_dir()) + tuple(f for f in files if f.is_file())
+
+
 def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
     """A verl role directory (global_step_N/actor): v2, v1, bridge or legacy layout."""
-    candidates_cfg = tuple(c for c in (p / "huggingface", p / "model" / "huggingface",
-                                       p / "hf_config_and_tokenizer") if c.is_dir())
-    tc = p / "transformer_config.json"
-    cfgs = candidates_cfg + ((tc,) if tc.is_file() else ())
+    cfgs = config_candidates(p)
     manifest = _manifest(p)
     if manifest is not None:
         chosen = _from_manifest(p, manifest, given, notes, step, cfgs)
@@ -542,12 +556,7 @@ def read_json_file(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
-    role_cfgs = tuple(c for c in (p / "huggingface", p / "model" / "huggingface",
-                                  p / "hf_config_and_tokenizer", p.parent / "huggingface",
-                                  p.parent / "hf_config_and_tokenizer") if c.is_dir())
-    tc = [c for c in (p / "transformer_config.json", p.parent / "transformer_config.json")
-          if c.is_file()]
-    cfgs = role_cfgs + tuple(tc)
+    cfgs = config_candidates(p, with_parent=True)
     if p.name == "adapter" and (p.parent / "config.json").is_file():
         # Megatron-Bridge's save_hf_adapter export inside verl's huggingface/ (config and
         # tokenizer of the base model beside it).
