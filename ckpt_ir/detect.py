@@ -359,26 +359,10 @@ def describe_entry(c: Path) -> str | None:
             return f"the {name}'s checkpoint"
         if name == "dist_ckpt" and not has_files(c):
             return "empty (left by verl's path helpers): not a checkpoint"
-        if is_hf_dir(c):
-            return "HF weights, config and tokenizer"
-        if is_peft_dir(c):
-            return "HF PEFT adapter"
-        if is_plain_dcp_dir(c):
-            return "plain PyTorch DCP checkpoint (FSDP2, torchtitan): not supported yet"
-        if is_dist_dir(c) or any(c.glob("*.distcp")):
-            if not (c / "metadata.json").is_file():
-                return "torch_dist, INCOMPLETE (no metadata.json yet)"
-            model, adapter = dist_key_kinds(c)
-            if adapter:
-                return "torch_dist model weights and LoRA adapters" if model else \
-                    "torch_dist LoRA adapters only (Megatron-Bridge keys), no base weights"
-            return "torch_dist model weights" if model else \
-                "torch_dist without model weights (optimizer / RNG)"
-        if has_rank_dirs(c):
-            n = sum(1 for d in c.iterdir() if RANK_DIR.match(d.name))
-            kind = "model_optim_rng.pt" if any(
-                (d / "model_optim_rng.pt").is_file() for d in c.iterdir()) else "model.pt"
-            return f"per-rank model files ({n} mp_rank_* directories of {kind})"
+        for spec in REGISTRY:  # what a format directory holds, in the registry's words
+            text = spec.describe(c) if spec.describe is not None else None
+            if text is not None:
+                return text
         if name == "huggingface" and (c / "config.json").is_file():
             return "HF config and tokenizer (no weights)"
         if name == "model":

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.probes import (
+    RANK_DIR,
     dist_has_adapter,
+    dist_key_kinds,
     has_mlm_rank_files,
     has_rank_dirs,
     has_verl_adapter_files,
@@ -53,6 +55,9 @@ class FormatSpec:
     per_rank: bool = False
     probe: Probe | None = None
     adapter_probe: Callable[[Path], bool] | None = None
+    # One line on what a directory of this format holds, for ``inspect``'s tree (None: not
+    # this format); may say more than the probe (incomplete saves, what a torch_dist holds).
+    describe: Probe | None = None
     # What a user is told when the probe finds this format and ckpt-ir has no reader for it.
     unsupported: str = ""
 
@@ -87,19 +92,44 @@ def _per_rank_layout(name: str, megatron_lm: bool) -> Probe:
     return probe
 
 
+def _describe_dist(c: Path) -> str | None:
+    if is_plain_dcp_dir(c) or not (is_dist_dir(c) or any(c.glob("*.distcp"))):
+        return None
+    if not (c / "metadata.json").is_file():
+        return "torch_dist, INCOMPLETE (no metadata.json yet)"
+    model, adapter = dist_key_kinds(c)
+    if adapter:
+        return "torch_dist model weights and LoRA adapters" if model else \
+            "torch_dist LoRA adapters only (Megatron-Bridge keys), no base weights"
+    return "torch_dist model weights" if model else \
+        "torch_dist without model weights (optimizer / RNG)"
+
+
+def _describe_rank_dirs(c: Path) -> str | None:
+    if not has_rank_dirs(c):
+        return None
+    n = sum(1 for d in c.iterdir() if RANK_DIR.match(d.name))
+    kind = "model_optim_rng.pt" if has_mlm_rank_files(c) else "model.pt"
+    return f"per-rank model files ({n} mp_rank_* directories of {kind})"
+
+
 REGISTRY: tuple[FormatSpec, ...] = (
-    FormatSpec("hf", "ckpt_ir.converters.hf", "HfReader", "HfWriter", probe=_hf_layout),
+    FormatSpec("hf", "ckpt_ir.converters.hf", "HfReader", "HfWriter", probe=_hf_layout,
+               describe=lambda p: "HF weights, config and tokenizer" if is_hf_dir(p) else None),
     FormatSpec("hf-peft", adapter_module="ckpt_ir.converters.hf_peft",
                adapter_reader="HfPeftReader", adapter_writer="HfPeftWriter",
                probe=lambda p: "hf peft adapter" if is_peft_dir(p) else None,
-               adapter_probe=is_peft_dir),
+               adapter_probe=is_peft_dir,
+               describe=lambda p: "HF PEFT adapter" if is_peft_dir(p) else None),
     FormatSpec("mcore-dist", "ckpt_ir.converters.mcore_dist", "McoreDistReader", "McoreDistWriter",
                adapter_module="ckpt_ir.converters.mcore_dist",
                adapter_reader="McoreDistAdapterReader", adapter_writer="McoreDistAdapterWriter",
-               probe=_mcore_layout,
+               probe=_mcore_layout, describe=_describe_dist,
                adapter_probe=lambda p: is_dist_dir(p) and dist_has_adapter(p)),
     FormatSpec("torch-dcp",
                probe=lambda p: "plain torch DCP directory" if is_plain_dcp_dir(p) else None,
+               describe=lambda p: "plain PyTorch DCP checkpoint (FSDP2, torchtitan): not "
+                                  "supported yet" if is_plain_dcp_dir(p) else None,
                unsupported="a plain PyTorch DCP checkpoint (torch.distributed.checkpoint: FSDP2 "
                            "dcp.save, torchtitan), not a Megatron-Core torch_dist one (no "
                            "metadata.json, no Megatron parameter names); reading plain DCP "
@@ -108,10 +138,11 @@ REGISTRY: tuple[FormatSpec, ...] = (
                "VerlLegacyWriter", adapter_module="ckpt_ir.converters.verl_adapter",
                adapter_reader="VerlAdapterReader", adapter_writer="VerlAdapterWriter",
                per_rank=True, probe=_per_rank_layout("verl-legacy", megatron_lm=False),
-               adapter_probe=has_verl_adapter_files),
+               adapter_probe=has_verl_adapter_files, describe=_describe_rank_dirs),
     FormatSpec("megatron-legacy", "ckpt_ir.converters.megatron_legacy", "MegatronLegacyReader",
                "MegatronLegacyWriter", per_rank=True,
-               probe=_per_rank_layout("megatron-legacy", megatron_lm=True)),
+               probe=_per_rank_layout("megatron-legacy", megatron_lm=True),
+               describe=_describe_rank_dirs),
 )
 
 _BY_ID = {s.id: s for s in REGISTRY}
