@@ -151,9 +151,11 @@ FORMAT_NAMES: tuple[str, ...] = tuple(s.id for s in REGISTRY if s.supported)
 """The formats ckpt-ir reads or writes (``--from``); detection may also name an unsupported
 one, which it refuses with the spec's ``unsupported`` text."""
 
-WRITABLE_FORMATS: tuple[str, ...] = tuple(s.id for s in REGISTRY
-                                          if s.writer or s.adapter_writer)
-"""Destinations of ``convert --to`` and ``verify --via`` (a model or an adapter)."""
+WRITABLE_FORMATS: tuple[str, ...] = (tuple(s.id for s in REGISTRY if s.writer)
+                                     + tuple(s.id for s in REGISTRY
+                                             if s.adapter_writer and not s.writer))
+"""Destinations of ``convert --to`` and ``verify --via``: the model formats, then those that
+hold only an adapter."""
 
 PER_RANK_FORMATS: tuple[str, ...] = tuple(s.id for s in REGISTRY if s.per_rank)
 """Formats cut by a parallel layout (one file per model-parallel rank)."""
