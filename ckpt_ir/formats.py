@@ -196,6 +196,9 @@ def adapter_writer_class(name: str) -> type:
 
 
 def _model_spec(name: str) -> FormatSpec:
+    known = _BY_ID.get(name)
+    if known is not None and not known.supported:
+        raise FormatError(f"format {name!r} is {known.unsupported}")
     if name not in FORMAT_NAMES:
         raise FormatError(f"unknown format {name!r}; expected one of {', '.join(FORMAT_NAMES)}")
     s = _BY_ID[name]
