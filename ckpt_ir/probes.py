@@ -59,12 +59,20 @@ def _is_adapter_key(key: bytes) -> bool:
         or b".adapter.weight_magnitude" in key
 
 
+def _metadata_bytes(p: Path) -> bytes | None:
+    """The bytes of ``p/.metadata`` (the one peek at them; nothing unpickled), None when they
+    cannot be read: the torch_dist reader then says why."""
+    try:
+        return read_bytes(p / ".metadata")
+    except CheckpointError:
+        return None
+
+
 def dist_key_kinds(p: Path) -> tuple[bool, bool]:
     """``(has base model weights, has Megatron-Bridge LoRA adapter tensors)`` of a torch_dist
     directory, from the key names in its ``.metadata`` (bytes peeked, nothing unpickled)."""
-    try:
-        raw = read_bytes(p / ".metadata")
-    except CheckpointError:
+    raw = _metadata_bytes(p)
+    if raw is None:
         return True, False  # the reader then says what is wrong with it
     # Stop at the first model key unless adapter names may follow (then at one of each).
     maybe_adapter = b".adapter." in raw
@@ -91,9 +99,8 @@ def _megatron_keys(p: Path) -> bool:
     """Whether ``p/.metadata`` names Megatron-Core parameters (or optimizer state of them):
     ``decoder.layers...``, ``optimizer.state.exp_avg.embedding...``. An unreadable file counts
     as Megatron's so the torch_dist reader reports what is wrong with it, as before."""
-    try:
-        raw = read_bytes(p / ".metadata")
-    except CheckpointError:
+    raw = _metadata_bytes(p)
+    if raw is None:
         return True
     if next(_dist_keys(raw), None) is not None:
         return True
