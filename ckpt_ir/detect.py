@@ -18,6 +18,12 @@ directory is complete once its ``ckpt_contents.json`` exists, a torch_dist direc
 incomplete ones are reported. :attr:`Resolved.tree` says what each directory on the way holds
 (``ckpt-ir inspect`` prints it). Only names and small JSON files are inspected here; nothing is
 unpickled.
+
+One walk (:func:`_walk`) serves models (:func:`resolve`) and adapters
+(:func:`resolve_adapter`); at each directory it asks the probes of the format registry
+(:mod:`ckpt_ir.formats`), whose evidence lives in :mod:`ckpt_ir.probes`. A plain PyTorch DCP
+directory (``.metadata`` without ``metadata.json`` or Megatron parameter names) is told
+apart from a torch_dist one and refused as not supported yet.
 """
 
 from __future__ import annotations
@@ -26,17 +32,28 @@ import dataclasses
 import json
 import re
 import reprlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, FormatError
-from ckpt_ir.safety.files import read_bytes, read_text
+from ckpt_ir.errors import CorruptCheckpointError, FormatError
+from ckpt_ir.formats import FORMAT_NAMES, REGISTRY, FormatSpec
+from ckpt_ir.probes import (  # noqa: F401  (re-exported: the old home of these helpers)
+    ADAPTER_DIR,
+    RANK_DIR,
+    dist_has_adapter,
+    dist_key_kinds,
+    has_rank_dirs,
+    has_verl_adapter_files,
+    is_dist_dir,
+    is_hf_dir,
+    is_peft_dir,
+    is_plain_dcp_dir,
+)
+from ckpt_ir.safety.files import read_text
 
 __all__ = ["FORMAT_NAMES", "MANIFEST", "TRACKER", "Resolved", "detect", "has_files", "parse_step",
            "resolve", "resolve_adapter", "save_state", "save_status"]
-
-FORMAT_NAMES = ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy")
 
 TRACKER = "latest_checkpointed_iteration.txt"
 """Megatron-LM's and verl's tracker: the last completed save's step, or ``release``. The one
@@ -45,9 +62,6 @@ definition: the manager and the megatron-legacy writer import it, and read it wi
 MANIFEST = "ckpt_contents.json"
 _ITER = re.compile(r"^iter_(\d+)$", re.ASCII)
 _STEP = re.compile(r"^global_step_(\d+)$", re.ASCII)
-_RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -67,18 +81,6 @@ class Resolved:
     # model/huggingface/adapter/ next to model/dist_ckpt/), whose adapter_config.json records
     # the alpha, rank and targets the torch_dist files do not.
     peft_export: Path | None = None
-
-
-def is_dist_dir(p: Path) -> bool:
-    return p.is_dir() and ((p / "metadata.json").is_file() or (p / ".metadata").is_file())
-
-
-def is_hf_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and any((p / n).is_file() for n in _HF_WEIGHTS)
-
-
-def is_peft_dir(p: Path) -> bool:
-    return (p / "adapter_config.json").is_file()
 
 
 MAX_STEP_DIGITS = 18
@@ -101,51 +103,6 @@ def _read_tracker(p: Path) -> str:
     return read_text(p / TRACKER, TRACKER, limit=4096).strip()
 
 
-# Megatron model keys start with one of these; a pickled `.metadata` holds each as a string,
-# after a length or opcode byte. Inside a longer dotted name (optimizer.state.exp_avg.<key>)
-# the same text is optimizer state, not a model key.
-_KEY_STARTS = (b"embedding.", b"decoder.", b"output_layer.")
-_KEY_TAIL = re.compile(rb"[\w.]*")
-_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-
-
-def _dist_keys(raw: bytes) -> Iterator[bytes]:
-    """The Megatron model and adapter key names in ``.metadata`` bytes (str.find, not a
-    regular expression scan: a few ms for a large index)."""
-    for start in _KEY_STARTS:
-        i = raw.find(start)
-        while i >= 0:
-            end = _KEY_TAIL.match(raw, i).end()
-            if not (i >= 2 and raw[i - 1] == 0x2E and raw[i - 2] in _WORD):
-                yield raw[i:end]
-            i = raw.find(start, end)
-
-
-def dist_key_kinds(p: Path) -> tuple[bool, bool]:
-    """``(has base model weights, has Megatron-Bridge LoRA adapter tensors)`` of a torch_dist
-    directory, from the key names in its ``.metadata`` (bytes peeked, nothing unpickled)."""
-    try:
-        raw = read_bytes(p / ".metadata")
-    except CheckpointError:
-        return True, False  # the reader then says what is wrong with it
-    # Stop at the first model key unless adapter names may follow (then at one of each).
-    maybe_adapter = b".adapter." in raw
-    model = adapter = False
-    for key in _dist_keys(raw):
-        if _is_adapter_key(key):
-            adapter = True
-        else:
-            model = True
-        if model and (adapter or not maybe_adapter):
-            break
-    return model, adapter
-
-
-def _is_adapter_key(key: bytes) -> bool:
-    return b".adapter.linear_" in key or b".adapter.adapter_" in key \
-        or b".adapter.weight_magnitude" in key
-
-
 def _dist_has_model(p: Path) -> bool:
     """Whether a torch_dist dir holds model weights: verl's bridge mode keeps only the
     optimizer there, and with LoRA only the adapters (Bridge's PEFT filter), which are not a
@@ -159,12 +116,26 @@ def _manifest(p: Path) -> dict | None:
     return read_json_file(path) if path.is_file() else None
 
 
+_CONFIG_DIRS = ("huggingface", "model/huggingface", "hf_config_and_tokenizer")
+"""Where a verl role directory keeps the HF config (v1/bridge, v2, legacy)."""
+
+
+def config_candidates(role: Path, *, with_parent: bool = False) -> tuple[Path, ...]:
+    """Where the model config of what ``role`` holds may be, in the order readers try them
+    (:attr:`Resolved.config_candidates`, searched with :func:`ckpt_ir.probes.find_config_dir`):
+    verl's HF config directories, then its ``transformer_config.json``. ``with_parent``: also
+    the parent's (an adapter directory inside a role directory)."""
+    dirs = [role / d for d in _CONFIG_DIRS]
+    files = [role / "transformer_config.json"]
+    if with_parent:
+        dirs += [role.parent / "huggingface", role.parent / "hf_config_and_tokenizer"]
+        files.append(role.parent / "transformer_config.json")
+    return tuple(d for d in dirs if d.is_dir()) + tuple(f for f in files if f.is_file())
+
+
 def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
     """A verl role directory (global_step_N/actor): v2, v1, bridge or legacy layout."""
-    candidates_cfg = tuple(c for c in (p / "huggingface", p / "model" / "huggingface",
-                                       p / "hf_config_and_tokenizer") if c.is_dir())
-    tc = p / "transformer_config.json"
-    cfgs = candidates_cfg + ((tc,) if tc.is_file() else ())
+    cfgs = config_candidates(p)
     manifest = _manifest(p)
     if manifest is not None:
         chosen = _from_manifest(p, manifest, given, notes, step, cfgs)
@@ -187,7 +158,7 @@ def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resol
                       (p / "huggingface", "verl bridge (huggingface)")):
         if is_hf_dir(d):
             return Resolved("hf", d, given, layout, tuple(notes), step, cfgs)
-    if (p / "model").is_dir() and _has_rank_dirs(p / "model"):
+    if (p / "model").is_dir() and has_rank_dirs(p / "model"):
         return Resolved("verl-legacy", p / "model", given, "verl legacy (model/mp_rank_*)",
                         tuple(notes), step, cfgs)
     for d in (p / "model" / "dist_ckpt", p / "dist_ckpt"):
@@ -232,13 +203,6 @@ def _from_manifest(p: Path, manifest: dict, given: Path, notes: list[str], step:
         notes.append(f"{MANIFEST} lists {key} at {reprlib.repr(entry['path'])} "
                      f"({reprlib.repr(fmt)}), which holds no readable weights")
     return None
-
-
-def _has_rank_dirs(p: Path) -> bool:
-    try:
-        return any(_RANK_DIR.match(c.name) and c.is_dir() for c in p.iterdir())
-    except OSError:
-        return False
 
 
 def _rel(p: Path, base: Path) -> str:
@@ -287,7 +251,7 @@ def _is_v2_role(role: Path) -> bool:
     """A verl v2 role directory: non-empty ``optimizer/`` or ``extra/``, or a ``model/``
     that is not a legacy one (``model/mp_rank_*``)."""
     return any(has_files(role / d) for d in ("optimizer", "extra")) or (
-        has_files(role / "model") and not _has_rank_dirs(role / "model"))
+        has_files(role / "model") and not has_rank_dirs(role / "model"))
 
 
 def _dist_incomplete(d: Path) -> bool:
@@ -395,24 +359,10 @@ def describe_entry(c: Path) -> str | None:
             return f"the {name}'s checkpoint"
         if name == "dist_ckpt" and not has_files(c):
             return "empty (left by verl's path helpers): not a checkpoint"
-        if is_hf_dir(c):
-            return "HF weights, config and tokenizer"
-        if is_peft_dir(c):
-            return "HF PEFT adapter"
-        if is_dist_dir(c) or any(c.glob("*.distcp")):
-            if not (c / "metadata.json").is_file():
-                return "torch_dist, INCOMPLETE (no metadata.json yet)"
-            model, adapter = dist_key_kinds(c)
-            if adapter:
-                return "torch_dist model weights and LoRA adapters" if model else \
-                    "torch_dist LoRA adapters only (Megatron-Bridge keys), no base weights"
-            return "torch_dist model weights" if model else \
-                "torch_dist without model weights (optimizer / RNG)"
-        if _has_rank_dirs(c):
-            n = sum(1 for d in c.iterdir() if _RANK_DIR.match(d.name))
-            kind = "model_optim_rng.pt" if any(
-                (d / "model_optim_rng.pt").is_file() for d in c.iterdir()) else "model.pt"
-            return f"per-rank model files ({n} mp_rank_* directories of {kind})"
+        for spec in REGISTRY:  # what a format directory holds, in the registry's words
+            text = spec.describe(c) if spec.describe is not None else None
+            if text is not None:
+                return text
         if name == "huggingface" and (c / "config.json").is_file():
             return "HF config and tokenizer (no weights)"
         if name == "model":
@@ -422,7 +372,7 @@ def describe_entry(c: Path) -> str | None:
     for key, text in _DESCRIPTIONS:
         if name == key:
             return text
-    if _RANK_DIR.match(name):
+    if RANK_DIR.match(name):
         return "one model-parallel rank's files"
     return None
 
@@ -469,31 +419,23 @@ def _with_inner(visited: list[Path], read: Path) -> list[Path]:
     return out
 
 
-def _resolve(given: Path, visited: list[Path]) -> Resolved:
-    if not given.exists():
-        raise FormatError(f"{given} does not exist", path=given)
-    if not given.is_dir():
-        raise FormatError(f"{given} is a file; ckpt-ir expects a checkpoint directory",
-                          path=given)
-    notes: list[str] = []
+Finder = Callable[[Path, Path, list[str], "int | None"], "Resolved | None"]
+"""What one walk looks for in a directory: ``(directory, given, notes, step)`` -> a hit."""
+
+
+def _walk(given: Path, visited: list[Path], notes: list[str], find: Finder, *,
+          strict: bool) -> Resolved | None:
+    """The one walk over run -> step -> role -> format directories, shared by models and
+    adapters: ask ``find`` at each level, else follow the tracker, the newest step or the
+    first role directory. ``strict`` (models): a tracker naming no directory is an error, and
+    only a completed save is taken when there is no tracker; adapters take the newest step
+    and stop where the tracker leads nowhere (their rules, kept as they were)."""
     p, step = given, None
     for _ in range(4):  # run dir -> step dir -> role dir -> inner dir, at most
         visited.append(p)
-        if is_peft_dir(p):
-            return Resolved("hf-peft", p, given, "hf peft adapter", tuple(notes), step)
-        if is_hf_dir(p):
-            return Resolved("hf", p, given, "hf model directory", tuple(notes), step)
-        if is_dist_dir(p):
-            layout = "megatron-bridge iter" if (p / "run_config.yaml").is_file() \
-                else "torch_dist directory"
-            return Resolved("mcore-dist", p, given, layout, tuple(notes), step)
-        if any(_RANK_DIR.match(c.name) for c in p.iterdir() if c.is_dir()):
-            has_mlm = any((c / "model_optim_rng.pt").is_file() for c in p.iterdir())
-            fmt = "megatron-legacy" if has_mlm else "verl-legacy"
-            return Resolved(fmt, p, given, f"{fmt} per-rank files", tuple(notes), step)
-        role = _role_dir(p, given, notes, step)
-        if role is not None:
-            return role
+        hit = find(p, given, notes, step)
+        if hit is not None:
+            return hit
         if (p / TRACKER).is_file():
             value = _read_tracker(p)
             inner = None
@@ -505,13 +447,15 @@ def _resolve(given: Path, visited: list[Path]) -> Resolved:
                     if cand.is_dir():
                         inner, step = cand, n
                         break
-            if inner is None:
+            if inner is None or not inner.is_dir():
+                if not strict:
+                    break
                 raise CorruptCheckpointError(f"{TRACKER} says {value!r} but no matching "
                                              "iter_/global_step_ directory exists",
                                              path=p / TRACKER)
             notes.append(f"{TRACKER} points at {inner.name}")
             newer = [c.name for n, c in _steps(p) if step is not None and n > step]
-            if newer:
+            if newer and strict:
                 notes.append(f"{', '.join(newer)} {'is' if len(newer) == 1 else 'are'} newer "
                              f"than the tracker's step {step}: an unfinished or failed save, "
                              "not used")
@@ -519,16 +463,46 @@ def _resolve(given: Path, visited: list[Path]) -> Resolved:
             continue
         steps = _steps(p)
         if steps:
-            step, p = _pick_step(p, steps, notes)
+            if strict:
+                step, p = _pick_step(p, steps, notes)
+            else:
+                step, p = steps[-1]
+                notes.append(f"no {TRACKER}; using the newest step directory {p.name}")
             continue
         roles = [r for r in ("actor", "critic") if (p / r).is_dir()]
         if roles:
-            if len(roles) > 1:
+            if len(roles) > 1 and strict:
                 notes.append(f"{p.name} holds {', '.join(roles)}; reading {roles[0]} "
                              "(point at the role directory to choose)")
             p = p / roles[0]
             continue
         break
+    return None
+
+
+def _probe_model(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
+    """The format ``p`` itself holds, asking each registered probe in registry order; else a
+    verl role directory's model."""
+    for spec in REGISTRY:
+        layout = spec.probe(p) if spec.probe is not None else None
+        if layout is None:
+            continue
+        if not spec.supported:
+            raise FormatError(f"{p} holds {spec.unsupported}", path=given)
+        return Resolved(spec.id, p, given, layout, tuple(notes), step)
+    return _role_dir(p, given, notes, step)
+
+
+def _resolve(given: Path, visited: list[Path]) -> Resolved:
+    if not given.exists():
+        raise FormatError(f"{given} does not exist", path=given)
+    if not given.is_dir():
+        raise FormatError(f"{given} is a file; ckpt-ir expects a checkpoint directory",
+                          path=given)
+    notes: list[str] = []
+    hit = _walk(given, visited, notes, _probe_model, strict=True)
+    if hit is not None:
+        return hit
     if (given / "config.json").is_file() and not any(given.glob("*.safetensors")):
         # A config alone describes every tensor's shape: enough to plan (--dry-run) at any
         # scale without weights, e.g. for sizing a 405B conversion before downloading it.
@@ -565,57 +539,41 @@ def read_json_file(path: Path) -> dict:
 # LoRA adapters
 # --------------------------------------------------------------------------------------------
 
-ADAPTER_DIR = "adapter_checkpoint"
-_ADAPTER_FILE = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?_adapter\.pt$")
-
-
-def has_verl_adapter_files(p: Path) -> bool:
-    """verl's per-rank adapter files (``mp_rank_TT[_PPP][_EEE]_adapter.pt``) in ``p``."""
-    try:
-        return p.is_dir() and any(_ADAPTER_FILE.match(c.name) for c in p.iterdir())
-    except OSError:
-        return False
-
-
-def dist_has_adapter(p: Path) -> bool:
-    """Whether a torch_dist dir holds Megatron-Bridge LoRA tensors (names peeked, not unpickled)."""
-    return dist_key_kinds(p)[1]
-
-
 def _adapter_in(p: Path, given: Path, notes: list[str], step: int | None) -> Resolved | None:
-    role_cfgs = tuple(c for c in (p / "huggingface", p / "model" / "huggingface",
-                                  p / "hf_config_and_tokenizer", p.parent / "huggingface",
-                                  p.parent / "hf_config_and_tokenizer") if c.is_dir())
-    tc = [c for c in (p / "transformer_config.json", p.parent / "transformer_config.json")
-          if c.is_file()]
-    cfgs = role_cfgs + tuple(tc)
+    cfgs = config_candidates(p, with_parent=True)
     if p.name == "adapter" and (p.parent / "config.json").is_file():
         # Megatron-Bridge's save_hf_adapter export inside verl's huggingface/ (config and
         # tokenizer of the base model beside it).
         cfgs = (p.parent, *cfgs)
-    if is_peft_dir(p):
-        return Resolved("hf-peft", p, given, "hf peft adapter", tuple(notes), step, cfgs)
-    if has_verl_adapter_files(p):
-        return Resolved("verl-legacy", p, given, f"verl adapter files ({p.name}/)", tuple(notes),
-                        step, cfgs)
-    if has_verl_adapter_files(p / ADAPTER_DIR):
-        return Resolved("verl-legacy", p / ADAPTER_DIR, given,
-                        f"verl adapter files ({ADAPTER_DIR}/)", tuple(notes), step, cfgs)
-    for d in (p, p / "model" / "dist_ckpt", p / "dist_ckpt"):
-        if is_dist_dir(d) and dist_has_adapter(d):
-            rel = _rel(d, given)
-            layout = "megatron-bridge iter" if (d / "run_config.yaml").is_file() else \
-                f"torch_dist with LoRA adapters ({rel})" if rel else "torch_dist directory"
-            export = _peft_export(p, d)
-            if export is not None:
-                layout = f"verl LoRA tree ({_rel(d, given)}, HF PEFT export {_rel(export, given)})"
-            return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs,
-                            peft_export=export)
-    for d in (p / "huggingface" / "adapter", p / "model" / "huggingface" / "adapter"):
-        if is_peft_dir(d):
-            return Resolved("hf-peft", d, given, f"verl HF PEFT export ({_rel(d, given)})",
-                            tuple(notes), step, cfgs)
+    # ``p`` itself, then where verl's role directories keep an adapter: per-rank files in
+    # adapter_checkpoint/, torch_dist adapter tensors in (model/)dist_ckpt/, the HF PEFT
+    # export in (model/)huggingface/adapter/. At each place the registry's adapter probes are
+    # asked in registry order.
+    for d in (p, p / ADAPTER_DIR, p / "model" / "dist_ckpt", p / "dist_ckpt",
+              p / "huggingface" / "adapter", p / "model" / "huggingface" / "adapter"):
+        for spec in REGISTRY:
+            if spec.adapter_probe is not None and spec.adapter_probe(d):
+                return _adapter_hit(spec, d, p, given, notes, step, cfgs)
     return None
+
+
+def _adapter_hit(spec: FormatSpec, d: Path, p: Path, given: Path, notes: list[str],
+                 step: int | None, cfgs: tuple[Path, ...]) -> Resolved:
+    """The adapter ``spec``'s probe found in ``d`` (``p`` or a place inside it), with the
+    layout ``inspect`` shows and, for torch_dist adapters, verl's HF PEFT export beside it."""
+    rel = _rel(d, given)
+    export = None
+    if is_peft_dir(d):
+        layout = "hf peft adapter" if d == p else f"verl HF PEFT export ({rel})"
+    elif is_dist_dir(d):
+        layout = "megatron-bridge iter" if (d / "run_config.yaml").is_file() else \
+            f"torch_dist with LoRA adapters ({rel})" if rel else "torch_dist directory"
+        export = _peft_export(p, d)
+        if export is not None:
+            layout = f"verl LoRA tree ({rel}, HF PEFT export {_rel(export, given)})"
+    else:
+        layout = f"verl adapter files ({d.name}/)"
+    return Resolved(spec.id, d, given, layout, tuple(notes), step, cfgs, peft_export=export)
 
 
 def _peft_export(role: Path, dist: Path) -> Path | None:
@@ -649,33 +607,9 @@ def resolve_adapter(src: str | Path) -> Resolved:
         raise FormatError(f"{given} is not a directory", path=given)
     notes: list[str] = []
     visited: list[Path] = []
-    p, step = given, None
-    for _ in range(4):  # run dir -> step dir -> role dir -> inner dir, at most
-        visited.append(p)
-        hit = _adapter_in(p, given, notes, step)
-        if hit is not None:
-            return dataclasses.replace(hit, tree=_tree(given, _with_inner(visited, hit.path)))
-        if (p / TRACKER).is_file():
-            value = _read_tracker(p)
-            candidates = [p / "release"] if value == "release" else \
-                [p / f"iter_{int(value):07d}", p / f"global_step_{value}"] if _is_step(value) \
-                else []
-            inner = next((c for c in candidates if c.is_dir()), None)
-            if inner is None:
-                break
-            notes.append(f"{TRACKER} points at {inner.name}")
-            p, step = inner, (int(value) if _is_step(value) else None)
-            continue
-        steps = _steps(p)
-        if steps:
-            step, p = steps[-1]
-            notes.append(f"no {TRACKER}; using the newest step directory {p.name}")
-            continue
-        roles = [r for r in ("actor", "critic") if (p / r).is_dir()]
-        if roles:
-            p = p / roles[0]
-            continue
-        break
+    hit = _walk(given, visited, notes, _adapter_in, strict=False)
+    if hit is not None:
+        return dataclasses.replace(hit, tree=_tree(given, _with_inner(visited, hit.path)))
     raise FormatError(f"{given} holds no LoRA adapter (no adapter_config.json, no "
                       f"{ADAPTER_DIR}/mp_rank_*_adapter.pt, no torch_dist adapter tensors)",
                       path=given)

@@ -70,6 +70,7 @@ from ckpt_ir.megatron_config import (
     plain_arguments,
     transformer_config_json,
 )
+from ckpt_ir.probes import find_config_dir
 from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
@@ -272,12 +273,9 @@ class McoreDistReader:
         transformer_config.json, Megatron-Bridge run_config.yaml, Megatron-LM args."""
         if explicit is not None:
             return str(explicit), load_hf_config(Path(explicit))
-        own = self.path / HF_CONFIG_DIR
-        if (own / "config.json").is_file():
-            return str(own), load_hf_config(own)
-        for c in candidates:
-            if c.is_dir() and (c / "config.json").is_file():
-                return str(c), load_hf_config(c)
+        found = find_config_dir([self.path / HF_CONFIG_DIR, *candidates])
+        if found is not None:
+            return str(found), load_hf_config(found)
         for c in candidates:
             if c.is_file() and c.name == "transformer_config.json":
                 return str(c), self._from_megatron(read_json_file(c), c)

@@ -69,6 +69,7 @@ from ckpt_ir.layout import (
     unshard_shape,
 )
 from ckpt_ir.megatron_config import padded_vocab_size
+from ckpt_ir.probes import find_config_dir
 from ckpt_ir.safety.unpickler import load_torch, load_torch_buffer, map_file
 from ckpt_ir.tables import PIPELINE_TAIL, Binding, NativeParams, Table, build_table
 
@@ -445,9 +446,9 @@ class PerRankReader:
                      first: Any) -> tuple[str, dict[str, Any]]:
         if explicit is not None:
             return str(explicit), load_hf_config(Path(explicit))
-        for c in [*self._own_config_dirs(), *candidates]:
-            if c.is_dir() and (c / "config.json").is_file():
-                return str(c), load_hf_config(c)
+        found = find_config_dir([*self._own_config_dirs(), *candidates])
+        if found is not None:
+            return str(found), load_hf_config(found)
         derived = self._config_from_files(first)
         if derived is not None:
             return derived

@@ -57,6 +57,7 @@ from ckpt_ir.errors import (
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.layout import ParallelLayout, Partition, shard, shard_shape, unshard, unshard_shape
+from ckpt_ir.probes import find_config_dir
 from ckpt_ir.safety.unpickler import load_torch, load_torch_buffer, map_file
 from ckpt_ir.tables import NativeParams
 from ckpt_ir.tables.lora import infer_megatron_lora, lora_partition
@@ -167,9 +168,9 @@ class VerlAdapterReader:
         if explicit is not None:
             return Path(explicit)
         role = self.path.parent if self.path.name == ADAPTER_DIR else self.path
-        for c in (*candidates, role / HF_DIR, role / "hf_config_and_tokenizer"):
-            if c.is_dir() and (c / "config.json").is_file():
-                return c
+        found = find_config_dir((*candidates, role / HF_DIR, role / "hf_config_and_tokenizer"))
+        if found is not None:
+            return found
         raise MissingConfigError(f"{self.path} carries no model config (no huggingface/ or "
                                  "hf_config_and_tokenizer/ beside it); pass --hf-config DIR",
                                  path=self.path)

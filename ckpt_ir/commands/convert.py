@@ -17,10 +17,10 @@ from ckpt_ir.commands import (
     print_dropped,
 )
 from ckpt_ir.commands.extract_adapter import add_lora_options, lora_options, show_adapter
+from ckpt_ir.formats import FORMAT_NAMES, WRITABLE_FORMATS
 
 NAME = "convert"
 HELP = "convert a checkpoint into another format"
-WRITABLE_FORMATS = ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "hf-peft")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst")
     p.add_argument("--to", required=True, choices=WRITABLE_FORMATS)
     p.add_argument("--from", dest="source_format",
-                   choices=("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy"),
+                   choices=FORMAT_NAMES,
                    help="source format (default: detected)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="cast floating-point weights (default: keep the source dtypes)")

@@ -1,0 +1,168 @@
+"""What a directory holds, from names and a few bytes: the evidence format probes use.
+
+Torch-free and unpickling nothing, so detection, ``inspect``'s tree and the CLI's argument
+checks stay cheap. :mod:`ckpt_ir.formats` builds each format's probe from these;
+:mod:`ckpt_ir.detect` walks run / step / role directories asking them. The HF-config lookup
+every reader shares (:func:`find_config_dir`) lives here too: it is the same kind of look.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ckpt_ir.errors import CheckpointError
+from ckpt_ir.safety.files import read_bytes
+
+__all__ = ["ADAPTER_DIR", "dist_has_adapter", "dist_key_kinds", "find_config_dir",
+           "has_mlm_rank_files", "has_rank_dirs", "has_verl_adapter_files", "is_dist_dir",
+           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir"]
+
+RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+ADAPTER_DIR = "adapter_checkpoint"
+_ADAPTER_FILE = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?_adapter\.pt$")
+
+
+def is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any((p / n).is_file() for n in HF_WEIGHTS)
+
+
+def is_peft_dir(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file()
+
+
+# Megatron model keys start with one of these; a pickled `.metadata` holds each as a string,
+# after a length or opcode byte. Inside a longer dotted name (optimizer.state.exp_avg.<key>)
+# the same text is optimizer state, not a model key.
+_KEY_STARTS = (b"embedding.", b"decoder.", b"output_layer.")
+_KEY_TAIL = re.compile(rb"[\w.]*")
+_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _dist_keys(raw: bytes) -> Iterator[bytes]:
+    """The Megatron model and adapter key names in ``.metadata`` bytes (str.find, not a
+    regular expression scan: a few ms for a large index)."""
+    for start in _KEY_STARTS:
+        i = raw.find(start)
+        while i >= 0:
+            end = _KEY_TAIL.match(raw, i).end()
+            if not (i >= 2 and raw[i - 1] == 0x2E and raw[i - 2] in _WORD):
+                yield raw[i:end]
+            i = raw.find(start, end)
+
+
+def _is_adapter_key(key: bytes) -> bool:
+    return b".adapter.linear_" in key or b".adapter.adapter_" in key \
+        or b".adapter.weight_magnitude" in key
+
+
+def _metadata_bytes(p: Path) -> bytes | None:
+    """The bytes of ``p/.metadata`` (the one peek at them; nothing unpickled), None when they
+    cannot be read: the torch_dist reader then says why."""
+    try:
+        return read_bytes(p / ".metadata")
+    except CheckpointError:
+        return None
+
+
+def dist_key_kinds(p: Path) -> tuple[bool, bool]:
+    """``(has base model weights, has Megatron-Bridge LoRA adapter tensors)`` of a torch_dist
+    directory, from the key names in its ``.metadata`` (bytes peeked, nothing unpickled)."""
+    raw = _metadata_bytes(p)
+    if raw is None:
+        return True, False  # the reader then says what is wrong with it
+    # Stop at the first model key unless adapter names may follow (then at one of each).
+    maybe_adapter = b".adapter." in raw
+    model = adapter = False
+    for key in _dist_keys(raw):
+        if _is_adapter_key(key):
+            adapter = True
+        else:
+            model = True
+        if model and (adapter or not maybe_adapter):
+            break
+    return model, adapter
+
+
+def dist_has_adapter(p: Path) -> bool:
+    """Whether a torch_dist dir holds Megatron-Bridge LoRA tensors (names peeked, not unpickled)."""
+    return dist_key_kinds(p)[1]
+
+
+_OPTIMIZER_STATES = (b"exp_avg", b"exp_avg_sq", b"fp32_param")
+
+
+def _megatron_keys(p: Path) -> bool:
+    """Whether ``p/.metadata`` names Megatron-Core parameters (or optimizer state of them):
+    ``decoder.layers...``, ``optimizer.state.exp_avg.embedding...``. An unreadable file counts
+    as Megatron's so the torch_dist reader reports what is wrong with it, as before."""
+    raw = _metadata_bytes(p)
+    if raw is None:
+        return True
+    if next(_dist_keys(raw), None) is not None:
+        return True
+    # An optimizer-only torch_dist directory names the parameters inside its state keys
+    # (optimizer.state.exp_avg.decoder...); HF names under a module (model.decoder.layers of
+    # OPT, T5) are not evidence.
+    return any(b"%s.%s" % (state, start) in raw
+               for state in _OPTIMIZER_STATES for start in _KEY_STARTS)
+
+
+def is_dist_dir(p: Path) -> bool:
+    """A Megatron-Core torch_dist directory, by evidence: its ``metadata.json`` (megatron-core
+    writes it, with ``sharded_backend``, after every rank finished; plain torch DCP never
+    does), or, while that is not written yet, Megatron parameter names in ``.metadata``.
+    A ``.metadata`` file alone is any torch DCP checkpoint (:func:`is_plain_dcp_dir`)."""
+    if not p.is_dir():
+        return False
+    if (p / "metadata.json").is_file():
+        return True
+    return (p / ".metadata").is_file() and _megatron_keys(p)
+
+
+def is_plain_dcp_dir(p: Path) -> bool:
+    """A plain PyTorch DCP checkpoint (``torch.distributed.checkpoint.save``: FSDP2,
+    torchtitan): ``.metadata`` without ``metadata.json`` and without Megatron parameter names.
+    Model keys like ``model.layers.0.self_attn.q_proj.weight`` or ``layers.0.attention.wq``
+    are not Megatron-Core's, so no torch_dist table maps them."""
+    return p.is_dir() and (p / ".metadata").is_file() \
+        and not (p / "metadata.json").is_file() and not _megatron_keys(p)
+
+
+def has_rank_dirs(p: Path) -> bool:
+    """``mp_rank_TT[_PPP][_EEE]/`` directories in ``p`` (per-rank model files)."""
+    try:
+        return any(RANK_DIR.match(c.name) and c.is_dir() for c in p.iterdir())
+    except OSError:
+        return False
+
+
+def has_mlm_rank_files(p: Path) -> bool:
+    """Megatron-LM's ``mp_rank_*/model_optim_rng.pt`` (verl's per-rank files are ``model.pt``)."""
+    try:
+        return any((c / "model_optim_rng.pt").is_file() for c in p.iterdir())
+    except OSError:
+        return False
+
+
+def has_verl_adapter_files(p: Path) -> bool:
+    """verl's per-rank adapter files (``mp_rank_TT[_PPP][_EEE]_adapter.pt``) in ``p``."""
+    try:
+        return p.is_dir() and any(_ADAPTER_FILE.match(c.name) for c in p.iterdir())
+    except OSError:
+        return False
+
+
+def find_config_dir(candidates: Iterable[Path]) -> Path | None:
+    """The first of ``candidates`` that is a directory holding an HF ``config.json``.
+
+    The one lookup behind every reader's config search (torch_dist, per-rank, verl adapter
+    files): each passes its own candidates in its own order (``--hf-config`` first, then its
+    own copy, then what detection found beside the checkpoint)."""
+    for c in candidates:
+        if c.is_dir() and (c / "config.json").is_file():
+            return c
+    return None

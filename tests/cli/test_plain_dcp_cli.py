@@ -1,0 +1,140 @@
+"""A plain PyTorch DCP checkpoint is told apart from a Megatron-Core torch_dist one (issue #13).
+
+Both are ``torch.distributed.checkpoint`` directories with a ``.metadata`` file; megatron-core
+adds ``metadata.json`` (``sharded_backend``) and names its parameters ``decoder.layers...``.
+The checkpoints here are written by torch itself: FSDP2 (``fully_shard`` on a one-rank gloo
+group, CPU) saving an HF-named model with ``dcp.save``, and ``dcp.save`` of a torchtitan-named
+state dict without any process group. ckpt-ir must call them plain DCP, "not supported yet",
+exit 2, and write nothing; before the registry it called them mcore-dist and failed in the
+llama mcore table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckpt_ir.detect import describe_entry, resolve
+from ckpt_ir.errors import FormatError
+from ckpt_ir.probes import is_dist_dir, is_plain_dcp_dir
+from tests.fixtures import tree_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+
+# FSDP2 needs a process group; a one-rank gloo group on CPU is a real one. The model carries
+# HF Llama parameter names, as an FSDP2 training script's model does.
+_FSDP2_SAVE = """
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(16, 16, bias=False)
+        self.mlp = nn.Module()
+        self.mlp.down_proj = nn.Linear(32, 16, bias=False)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(64, 16)
+        self.model.layers = nn.ModuleList([Layer(), Layer()])
+        self.lm_head = nn.Linear(16, 64, bias=False)
+
+
+torch.manual_seed(0)
+m = Model()
+for layer in m.model.layers:
+    fully_shard(layer)
+fully_shard(m)
+dcp.save({"model": m.state_dict()}, checkpoint_id=sys.argv[1])
+dist.destroy_process_group()
+"""
+
+# torchtitan's parameter names, saved without a process group (DCP's no-dist path).
+_TITAN_SAVE = """
+import sys
+import torch
+import torch.distributed.checkpoint as dcp
+
+state = {"tok_embeddings.weight": torch.randn(64, 16),
+         "layers.0.attention.wq.weight": torch.randn(16, 16),
+         "layers.0.feed_forward.w1.weight": torch.randn(32, 16),
+         "norm.weight": torch.ones(16), "output.weight": torch.randn(64, 16)}
+dcp.save(state, checkpoint_id=sys.argv[1], no_dist=True)
+"""
+
+
+def _save(script: str, out: Path, *extra: str) -> Path:
+    done = subprocess.run([sys.executable, "-c", script, str(out), *extra], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / ".metadata").is_file() and not (out / "metadata.json").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_dcp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("plain_dcp")
+    port = str(29500 + os.getpid() % 1000)
+    return {"fsdp2": _save(_FSDP2_SAVE, root / "fsdp2", port),
+            "torchtitan": _save(_TITAN_SAVE, root / "torchtitan")}
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ckpt_ir", *map(str, args)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "torchtitan"])
+def test_plain_dcp_is_not_mistaken_for_torch_dist(plain_dcp: dict[str, Path], kind: str) -> None:
+    d = plain_dcp[kind]
+    assert is_plain_dcp_dir(d) and not is_dist_dir(d)
+    with pytest.raises(FormatError, match=r"plain PyTorch DCP checkpoint .* not supported yet"):
+        resolve(d)
+    assert describe_entry(d) == "plain PyTorch DCP checkpoint (FSDP2, torchtitan): not " \
+                                "supported yet"
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "torchtitan"])
+def test_inspect_and_convert_refuse_plain_dcp_with_exit_2(plain_dcp: dict[str, Path],
+                                                          kind: str, tmp_path: Path) -> None:
+    d = plain_dcp[kind]
+    before = tree_bytes(d)
+    for args in (("inspect", d), ("convert", d, tmp_path / "out", "--to", "hf", "--no-progress")):
+        run = cli(*args)
+        assert run.returncode == 2, (args, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1, run.stderr
+        assert "plain PyTorch DCP checkpoint" in lines[0] and "not supported yet" in lines[0]
+        assert "mcore" not in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert tree_bytes(d) == before
+
+
+def test_plain_dcp_inside_a_run_directory_is_refused_too(plain_dcp: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    # The walk reaches it through a tracker and a step directory, as it would a torch_dist one.
+    run = tmp_path / "run"
+    step = run / "iter_0000005"
+    step.parent.mkdir()
+    os.symlink(plain_dcp["fsdp2"], step)
+    (run / "latest_checkpointed_iteration.txt").write_text("5")
+    with pytest.raises(FormatError, match="iter_0000005 holds a plain PyTorch DCP checkpoint"):
+        resolve(run)
