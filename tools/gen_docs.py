@@ -1,4 +1,4 @@
-"""Regenerate docs/architectures.md from the mapping tables (the code is the source of truth).
+"""Regenerate docs/architectures.md from the architecture records (the code is the source of truth).
 
     python tools/gen_docs.py          # rewrite the file
     python tools/gen_docs.py --check  # exit 1 if the file is stale (used by the test suite)
@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ckpt_ir.tables import describe_rows
-from ckpt_ir.tables.registry import TABLES
+from ckpt_ir.architectures import TABLES
+from ckpt_ir.table_engine import describe_rows
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 

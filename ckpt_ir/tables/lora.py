@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from ckpt_ir.adapters import LORA_LEAVES, LoraLayout, base_modules, module_of
+from ckpt_ir.architectures import MOE_NAMES, MoeNames
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
-from ckpt_ir.ir import MOE_NAMES, ModelConfig, MoeNames, TensorSpec
+from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.layout import Partition
-from ckpt_ir.tables import Binding, NativeParams, Table, one
+from ckpt_ir.table_engine import Binding, NativeParams, Table, one
 from ckpt_ir.transforms import (
     ConcatGateUp,
     Identity,
