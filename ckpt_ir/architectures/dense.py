@@ -155,5 +155,5 @@ def _qwen2_qkv_bias(hf: Mapping[str, Any]) -> bool:
 LLAMA = Architecture("llama", "Llama", _DENSE)
 MISTRAL = Architecture("mistral", "Mistral", _DENSE)
 QWEN2 = Architecture("qwen2", "Qwen2", _DENSE, qkv_bias=_qwen2_qkv_bias,
-                     attention_bias_refused=False)
+                     attention_bias_refused=False, spells_attention_bias=False)
 QWEN3 = Architecture("qwen3", "Qwen3", {"mcore": DENSE_MCORE_ROWS}, qk_norm=True)

@@ -93,6 +93,9 @@ class Architecture:
     # ``attention_bias_refused`` refuses the config.
     qkv_bias: Callable[[Mapping[str, Any]], bool] = lambda hf: False
     attention_bias_refused: bool = True
+    # The transformers config has an ``attention_bias`` field (qwen2's has none): an HF config
+    # built from Megatron arguments sets it to False.
+    spells_attention_bias: bool = True
     qk_norm: bool = False
     # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
     mla: bool = False
