@@ -32,7 +32,9 @@ Four namings exist:
   ``model.layers.{layer}.self_attn.qkv_proj`` as plain ``[q; k; v]``, ``mlp.gate_up_proj``;
   read-only, registered for the architectures verl had then.
 * ``"mcore-lora"``: Megatron-Bridge LoRA adapter names over an adapter's IR tensors
-  (:mod:`ckpt_ir.tables.lora`), configured by ``NativeParams.lora``.
+  (:mod:`ckpt_ir.tables.lora`), configured by ``NativeParams.lora``. An adapter targets some
+  modules only, so its rows are *partial*: a binding keeps the roles whose IR tensor the
+  adapter holds, and its transform is configured from those concrete names.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ __all__ = [
     "Binding",
     "Features",
     "NativeParams",
+    "PartialFactory",
     "Row",
     "Table",
     "TransformFactory",
@@ -109,10 +112,15 @@ class Features:
     has_q_lora: bool
     no_q_lora: bool
     fused_experts: bool
+    # The LoRA style of the mcore-lora naming (NativeParams.lora): one adapter per fused
+    # Megatron layer, or one per HF module (CanonicalLoRA).
+    fused_lora: bool
+    canonical_lora: bool
 
     @classmethod
     def of(cls, config: ModelConfig, params: NativeParams) -> Features:
         names = config.moe_names
+        lora_style = params.lora.style if params.lora is not None else None
         return cls(has_qkv_bias=config.has_qkv_bias, has_qk_norm=config.has_qk_norm,
                    is_untied=not config.tie_word_embeddings and not config.is_value_model,
                    is_value_model=config.is_value_model,
@@ -123,7 +131,8 @@ class Features:
                    has_shared_expert_gate=bool(names and names.shared_gate),
                    has_expert_bias=bool(names and names.expert_bias),
                    has_q_lora=config.q_lora_rank > 0, no_q_lora=config.q_lora_rank == 0,
-                   fused_experts=params.hf_experts == "fused")
+                   fused_experts=params.hf_experts == "fused",
+                   fused_lora=lora_style == "fused", canonical_lora=lora_style == "canonical")
 
 
 LAYER_FEATURES = ("moe_layer", "dense_layer")
@@ -143,6 +152,8 @@ def _fill(pattern: str, values: Mapping[str, int]) -> str:
 
 
 TransformFactory = Callable[["ModelConfig", NativeParams], Transform]
+# A partial row's factory: (config, params, {role: concrete IR name} of one binding).
+PartialFactory = Callable[["ModelConfig", NativeParams, Mapping[str, str]], Transform]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +162,15 @@ class Row:
 
     native: str
     ir: Mapping[str, str]
-    transform: Transform | TransformFactory = field(default_factory=Identity)
+    transform: Transform | TransformFactory | PartialFactory = field(default_factory=Identity)
     partition: Partition = Partition.REPLICATED
     # A feature name, or a tuple of names that must all hold.
     when: str | tuple[str, ...] | None = None
     # A placeholder used only in ``ir`` whose every value goes into the one native tensor.
     stack: str | None = None
+    # Bind only the roles whose IR tensor the table's schema holds (none: no binding), with
+    # ``transform`` a PartialFactory called per binding: LoRA adapters target some modules.
+    partial: bool = False
 
     def __post_init__(self) -> None:
         for cond in self.conditions:
@@ -170,6 +184,10 @@ class Row:
                                        or self.stack in _placeholders(self.native)):
             raise InternalError(f"row {self.native}: stacked placeholder {self.stack!r} must "
                                 "appear in the IR patterns only")
+        if self.partial and (isinstance(self.transform, Transform) or self.stack is not None
+                             or "layer" not in self.axes):
+            raise InternalError(f"row {self.native}: a partial row needs a factory and a "
+                                "{layer} placeholder, and stacks nothing")
         if (isinstance(self.transform, Transform) and self.stack is None
                 and set(self.ir) != set(self.transform.roles)):
             raise InternalError(f"row {self.native}: roles {sorted(self.ir)} do not match "
@@ -227,9 +245,13 @@ def _axis_size(config: ModelConfig, axis: str) -> int:
             "mtp": config.num_mtp_layers}[axis]
 
 
-def _bindings(row: Row, transform: Transform, config: ModelConfig, values: Mapping[str, int],
-              layer: int) -> list[Binding]:
-    """``row`` at one layer (HF index ``layer``), once per expert if it has that axis."""
+def _bindings(row: Row, transform: Transform | None, config: ModelConfig, params: NativeParams,
+              values: Mapping[str, int], layer: int, present: frozenset[str] | None
+              ) -> list[Binding]:
+    """``row`` at one layer (HF index ``layer``), once per expert if it has that axis.
+
+    ``transform`` is None for a partial row: configured per binding from the roles whose IR
+    tensor is in ``present``."""
     if ("moe_layer" in row.conditions and not config.is_moe_layer(layer)) or \
             ("dense_layer" in row.conditions and config.is_moe_layer(layer)):
         return []
@@ -243,23 +265,30 @@ def _bindings(row: Row, transform: Transform, config: ModelConfig, values: Mappi
             ir = {f"{role}[{i}]": _fill(pattern, {**v, row.stack: i})
                   for i in range(_axis_size(config, _PLACEHOLDER_AXIS[row.stack]))
                   for role, pattern in row.ir.items()}
-        if set(ir) != set(transform.roles):
-            raise InternalError(f"row {row.native}: roles do not match {transform.describe()}")
-        out.append(Binding(_fill(row.native, v), MappingProxyType(ir), transform,
+        t = transform
+        if t is None:
+            ir = {role: name for role, name in ir.items() if present is None or name in present}
+            if not ir:
+                continue
+            t = row.transform(config, params, ir)  # type: ignore[call-arg]  # a PartialFactory
+        if set(ir) != set(t.roles):
+            raise InternalError(f"row {row.native}: roles do not match {t.describe()}")
+        out.append(Binding(_fill(row.native, v), MappingProxyType(ir), t,
                            row.partition, None if "mtp" in row.axes else layer, expert))
     return out
 
 
-def _expand(rows: Iterable[Row], config: ModelConfig, params: NativeParams) -> list[Binding]:
+def _expand(rows: Iterable[Row], config: ModelConfig, params: NativeParams,
+            present: frozenset[str] | None = None) -> list[Binding]:
     feats = Features.of(config, params)
     out: list[Binding] = []
-    per_layer: list[tuple[Row, Transform]] = []
-    per_mtp: list[tuple[Row, Transform]] = []
+    per_layer: list[tuple[Row, Transform | None]] = []
+    per_mtp: list[tuple[Row, Transform | None]] = []
     for row in rows:
         if not all(getattr(feats, c) for c in row.conditions if c not in LAYER_FEATURES):
             continue
         transform = row.transform if isinstance(row.transform, Transform) \
-            else row.transform(config, params)
+            else None if row.partial else row.transform(config, params)  # type: ignore[call-arg]
         axes = row.axes
         if "layer" in axes:
             per_layer.append((row, transform))
@@ -268,18 +297,19 @@ def _expand(rows: Iterable[Row], config: ModelConfig, params: NativeParams) -> l
         elif axes:
             raise InternalError(f"row {row.native}: {{expert}} needs a layer placeholder")
         else:
-            if set(row.ir) != set(transform.roles):
-                raise InternalError(
-                    f"row {row.native}: roles do not match {transform.describe()}")
+            if transform is None or set(row.ir) != set(transform.roles):
+                raise InternalError(f"row {row.native}: roles do not match "
+                                    f"{transform.describe() if transform else 'a partial row'}")
             out.append(Binding(row.native, MappingProxyType(dict(row.ir)), transform,
                                row.partition, None))
     # Layer-major order: the executor streams one layer's tensors at a time, and within a layer
     # one expert's (each expert is its own unit of work).
     layers = config.num_layers
     layered = [b for i in range(layers) for row, t in per_layer
-               for b in _bindings(row, t, config, {"layer": i}, i)]
+               for b in _bindings(row, t, config, params, {"layer": i}, i, present)]
     mtp = [b for k in range(config.num_mtp_layers) for row, t in per_mtp
-           for b in _bindings(row, t, config, {"mtp": k, "mtp_layer": layers + k}, layers + k)]
+           for b in _bindings(row, t, config, params, {"mtp": k, "mtp_layer": layers + k},
+                              layers + k, present)]
     head = [b for b in out if not b.native.startswith(PIPELINE_TAIL)]
     tail = [b for b in out if b not in head]
     return head + layered + mtp + tail
@@ -295,10 +325,13 @@ def _identity_table(names: Iterable[str]) -> Table:
     return Table("hf", bindings)
 
 
-def expand_table(naming: str, rows: Iterable[Row], config: ModelConfig,
-                 params: NativeParams) -> Table:
-    """The ``naming`` table of ``config``: every enabled row at every layer (and expert)."""
-    return Table(naming, _expand(rows, config, params))
+def expand_table(naming: str, rows: Iterable[Row], config: ModelConfig, params: NativeParams,
+                 *, present: Iterable[str] | None = None) -> Table:
+    """The ``naming`` table of ``config``: every enabled row at every layer (and expert).
+
+    ``present``: the IR tensors a partial row may bind (an adapter's schema)."""
+    return Table(naming, _expand(rows, config, params,
+                                 None if present is None else frozenset(present)))
 
 
 def hf_table(config: ModelConfig, variant_rows: Iterable[Row], params: NativeParams,
