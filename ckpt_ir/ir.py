@@ -22,6 +22,7 @@ import torch
 
 from ckpt_ir.architectures import ARCHITECTURES, MOE_NAMES, architecture, lookup
 from ckpt_ir.architectures.record import MAX_LAYER_EXPERTS, MoeNames, hf_int
+from ckpt_ir.architectures.schema import decoder_schema
 from ckpt_ir.errors import FormatError
 
 # ARCHITECTURES, MOE_NAMES, MoeNames and MAX_LAYER_EXPERTS live with the architecture records
@@ -263,130 +264,11 @@ class ModelConfig:
                               f"most {MAX_LAYER_EXPERTS})")
 
     def schema(self) -> dict[str, Shape]:
-        """Every logical IR tensor of this model with its global shape, in a stable order."""
-        if self.is_moe or self.has_mla:
-            return self._moe_schema()
-        h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
-        q_rows, kv_rows = self.num_attention_heads * d, self.num_key_value_heads * d
-        out: dict[str, Shape] = {"model.embed_tokens.weight": (self.vocab_size, h)}
-        for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = (h,)
-            out[p + "self_attn.q_proj.weight"] = (q_rows, h)
-            out[p + "self_attn.k_proj.weight"] = (kv_rows, h)
-            out[p + "self_attn.v_proj.weight"] = (kv_rows, h)
-            if self.has_qkv_bias:
-                out[p + "self_attn.q_proj.bias"] = (q_rows,)
-                out[p + "self_attn.k_proj.bias"] = (kv_rows,)
-                out[p + "self_attn.v_proj.bias"] = (kv_rows,)
-            if self.has_qk_norm:
-                out[p + "self_attn.q_norm.weight"] = (d,)
-                out[p + "self_attn.k_norm.weight"] = (d,)
-            out[p + "self_attn.o_proj.weight"] = (h, q_rows)
-            out[p + "post_attention_layernorm.weight"] = (h,)
-            out[p + "mlp.gate_proj.weight"] = (f, h)
-            out[p + "mlp.up_proj.weight"] = (f, h)
-            out[p + "mlp.down_proj.weight"] = (h, f)
-        out["model.norm.weight"] = (h,)
-        self._head_schema(out)
-        return out
-
-    def _head_schema(self, out: dict[str, Shape]) -> None:
-        """The output head: ``score`` of a token-classification model, else ``lm_head``
-        unless tied to the embedding."""
-        h = self.hidden_size
-        if self.is_value_model:
-            out["score.weight"] = (self.num_labels, h)
-            if self.has_score_bias:
-                out["score.bias"] = (self.num_labels,)
-        elif not self.tie_word_embeddings:
-            out["lm_head.weight"] = (self.vocab_size, h)
-
-    def _moe_schema(self) -> dict[str, Shape]:
-        """The schema of MoE / MLA / MTP models, per layer kind.
-
-        Layer ``i`` holds attention (standard or MLA), its two norms, and either a dense MLP or
-        a router with ``num_experts`` experts (names from :data:`MOE_NAMES`), an optional
-        shared expert, its gate or the routing bias. MTP layer ``k`` is HF layer
-        ``num_layers + k``: a full decoder layer plus ``enorm``, ``hnorm``, ``eh_proj`` and
-        ``shared_head.norm``. Its copies of the embedding and the output head are not IR
-        tensors (megatron-core shares them with the main model).
-        """
-        h = self.hidden_size
-        out: dict[str, Shape] = {"model.embed_tokens.weight": (self.vocab_size, h)}
-        for i in range(self.num_layers + self.num_mtp_layers):
-            p = f"model.layers.{i}."
-            if i >= self.num_layers:
-                out[p + "enorm.weight"] = (h,)
-                out[p + "hnorm.weight"] = (h,)
-                out[p + "eh_proj.weight"] = (h, 2 * h)
-            out[p + "input_layernorm.weight"] = (h,)
-            self._attention_schema(p, out)
-            out[p + "post_attention_layernorm.weight"] = (h,)
-            self._mlp_schema(i, p, out)
-            if i >= self.num_layers:
-                out[p + "shared_head.norm.weight"] = (h,)
-        out["model.norm.weight"] = (h,)
-        self._head_schema(out)
-        return out
-
-    def _attention_schema(self, p: str, out: dict[str, Shape]) -> None:
-        h = self.hidden_size
-        a = p + "self_attn."
-        if not self.has_mla:
-            d = self.head_dim
-            q_rows, kv_rows = self.num_attention_heads * d, self.num_key_value_heads * d
-            out[a + "q_proj.weight"] = (q_rows, h)
-            out[a + "k_proj.weight"] = (kv_rows, h)
-            out[a + "v_proj.weight"] = (kv_rows, h)
-            if self.has_qkv_bias:
-                out[a + "q_proj.bias"] = (q_rows,)
-                out[a + "k_proj.bias"] = (kv_rows,)
-                out[a + "v_proj.bias"] = (kv_rows,)
-            if self.has_qk_norm:
-                out[a + "q_norm.weight"] = (d,)
-                out[a + "k_norm.weight"] = (d,)
-            out[a + "o_proj.weight"] = (h, q_rows)
-            return
-        n = self.num_attention_heads
-        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
-        if self.q_lora_rank:
-            out[a + "q_a_proj.weight"] = (self.q_lora_rank, h)
-            out[a + "q_a_layernorm.weight"] = (self.q_lora_rank,)
-            out[a + "q_b_proj.weight"] = (n * qk, self.q_lora_rank)
-        else:
-            out[a + "q_proj.weight"] = (n * qk, h)
-        out[a + "kv_a_proj_with_mqa.weight"] = (self.kv_lora_rank + self.qk_rope_head_dim, h)
-        out[a + "kv_a_layernorm.weight"] = (self.kv_lora_rank,)
-        out[a + "kv_b_proj.weight"] = (n * (self.qk_nope_head_dim + self.v_head_dim),
-                                       self.kv_lora_rank)
-        out[a + "o_proj.weight"] = (h, n * self.v_head_dim)
-
-    def _mlp_schema(self, layer: int, p: str, out: dict[str, Shape]) -> None:
-        h = self.hidden_size
-        names = self.moe_names
-        if names is None or not self.is_moe_layer(layer):
-            f = self.intermediate_size
-            out[p + "mlp.gate_proj.weight"] = (f, h)
-            out[p + "mlp.up_proj.weight"] = (f, h)
-            out[p + "mlp.down_proj.weight"] = (h, f)
-            return
-        e_count, f = self.num_experts, self.moe_intermediate_size
-        out[p + names.router] = (e_count, h)
-        if names.expert_bias:
-            out[p + names.expert_bias] = (e_count,)
-        for e in range(e_count):
-            x = p + names.expert.format(expert=e)
-            out[x + names.gate + ".weight"] = (f, h)
-            out[x + names.up + ".weight"] = (f, h)
-            out[x + names.down + ".weight"] = (h, f)
-        if names.shared and self.shared_expert_intermediate_size:
-            fs = self.shared_expert_intermediate_size
-            out[p + names.shared + "gate_proj.weight"] = (fs, h)
-            out[p + names.shared + "up_proj.weight"] = (fs, h)
-            out[p + names.shared + "down_proj.weight"] = (h, fs)
-        if names.shared_gate:
-            out[p + names.shared_gate] = (1, h)
+        """Every logical IR tensor of this model with its global shape, in a stable order
+        (the record's schema: :func:`ckpt_ir.architectures.schema.decoder_schema` unless the
+        family has tensors of its own)."""
+        record = lookup(self.architecture)
+        return (record.schema if record is not None else decoder_schema)(self)
 
     def to_hf_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """The HF config.json content, with ``dtype`` updated when the weights were cast."""

@@ -1,10 +1,11 @@
 """What ckpt-ir knows about one architecture family, in one record.
 
-An :class:`Architecture` gathers, for one HF ``model_type``: the transformers class name, how
-its HF config reads (attention biases, QK norm, the MoE / MLA fields and their spellings), the
-family's own checks, where its MoE tensors live (:class:`MoeNames`), its Megatron-Core config
-mapping both ways, and its mapping-table rows per naming. ``ModelConfig``, ``megatron_config``
-and the tables consult the record; none of them branches on an architecture string.
+An :class:`Architecture` gathers, for one HF ``model_type``: the transformers class name, its
+logical tensors (the schema), how its HF config reads (attention biases, QK norm, the MoE / MLA
+fields and their spellings), the family's own checks, where its MoE tensors live
+(:class:`MoeNames`), its Megatron-Core config mapping both ways, and its mapping-table rows per
+naming. ``ModelConfig``, ``megatron_config`` and the tables consult the record; none of them
+branches on an architecture string.
 
 This module sits below :mod:`ckpt_ir.ir` (which looks records up), so it needs ``ModelConfig``
 for typing only; the HF config helpers here are the ones ``ir.py`` uses too.
@@ -17,10 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckpt_ir.architectures.schema import decoder_schema
 from ckpt_ir.table_engine import Row
 
 if TYPE_CHECKING:
-    from ckpt_ir.ir import ModelConfig
+    from ckpt_ir.ir import ModelConfig, Shape
 
 __all__ = ["MAX_LAYER_EXPERTS", "Architecture", "MegatronMoe", "MoeNames", "hf_int",
            "hf_int_list", "megatron_arg"]
@@ -86,6 +88,8 @@ class Architecture:
     tables: Mapping[str, tuple[Row, ...]]
     # Mixture of experts: where the expert tensors live; None for a dense family.
     moe: MoeNames | None = None
+    # The model's logical IR tensors (ModelConfig.schema).
+    schema: Callable[[ModelConfig], dict[str, Shape]] = decoder_schema
     # The MoE / MLA / MTP fields of the HF config (None: a dense family).
     hf_fields: HfFields | None = None
     # Whether the config has q/k/v biases. Families that spell it ``attention_bias`` also get
