@@ -47,7 +47,7 @@ L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
 
 # Self-attention of a GPT layer (input norm, fused QKV, QK norm, o_proj): shared by every
-# architecture with standard attention (the dense ones here, the MoE ones in tables/moe.py).
+# architecture with standard attention (the dense ones here, the MoE ones in moe.py).
 ATTENTION_ROWS: tuple[Row, ...] = (
     Row(L + "self_attention.linear_qkv.layer_norm_weight", one(H + "input_layernorm.weight"),
         when="te_norms"),
