@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt_ir.architectures import lookup
+from ckpt_ir.architectures import guess_from_megatron, lookup
 from ckpt_ir.architectures.record import MegatronMoe, megatron_arg
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
@@ -315,9 +315,10 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     Accepts Megatron-LM ``args`` (``untie_embeddings_and_output_weights``, ``norm_epsilon``,
     ``padded_vocab_size``), TransformerConfig / Megatron-Bridge names
     (``share_embeddings_and_output_weights``, ``layernorm_epsilon``) and verl's
-    ``transformer_config.json``. The architecture is inferred when not given: qk-norm means
-    qwen3, a QKV bias qwen2, otherwise llama; with ``num_moe_experts``, multi-latent attention
-    means deepseek_v3, a shared expert qwen2_moe, qk-norm qwen3_moe, otherwise mixtral.
+    ``transformer_config.json``. The architecture is guessed when not given (the records'
+    ``megatron_guess``): qk-norm means qwen3, a QKV bias qwen2, otherwise llama; with
+    ``num_moe_experts``, multi-latent attention means deepseek_v3, a shared expert qwen2_moe,
+    qk-norm qwen3_moe, otherwise mixtral.
 
     ``tied`` is what the checkpoint itself says (a torch_dist save of a tied model holds no
     ``output_layer.weight``); it decides when the arguments do not (``TransformerConfig`` has no
@@ -350,20 +351,11 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     elif tied is None:
         raise MissingConfigError("Megatron arguments do not say whether the embeddings are "
                                  "tied to the output layer")
-    qk_norm = bool(_get(args, "qk_layernorm", default=False))
-    qkv_bias = bool(_get(args, "add_qkv_bias", default=False))
     if _get(args, "add_bias_linear", default=False):
         raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
     # TransformerConfig / Megatron-Bridge say num_moe_experts, Megatron-LM args num_experts.
     experts = int(_get(args, "num_moe_experts", "num_experts", default=0) or 0)
-    if experts:
-        inferred = ("deepseek_v3" if _get(args, "multi_latent_attention", default=False)
-                    else "qwen2_moe" if _get(args, "moe_shared_expert_intermediate_size",
-                                             default=0)
-                    else "qwen3_moe" if qk_norm else "mixtral")
-    else:
-        inferred = "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
-    arch = architecture or inferred
+    arch = architecture or guess_from_megatron(args, moe=bool(experts))
     norm = _get(args, "normalization", default="RMSNorm")
     if norm != "RMSNorm":
         raise FormatError(f"Megatron normalization {norm!r} is not supported (RMSNorm only)")

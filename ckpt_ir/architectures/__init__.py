@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3
 from ckpt_ir.architectures.dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from ckpt_ir.architectures.mixtral import MIXTRAL
 from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
-from ckpt_ir.architectures.record import Architecture, MoeNames
+from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
 from ckpt_ir.errors import FormatError
 
 __all__ = ["ARCHITECTURES", "MOE_NAMES", "REGISTRY", "TABLES", "Architecture", "MoeNames",
-           "architecture", "lookup"]
+           "architecture", "guess_from_megatron", "lookup"]
 
 
 def _registry(*records: Architecture) -> Mapping[str, Architecture]:
@@ -42,6 +43,21 @@ TABLES: Mapping[str, Mapping[str, tuple]] = MappingProxyType(
 MOE_NAMES: Mapping[str, MoeNames] = MappingProxyType(
     {name: r.moe for name, r in REGISTRY.items() if r.moe is not None})
 """Where each MoE family keeps its expert tensors."""
+
+
+_GUESSES = tuple(sorted((r for r in REGISTRY.values() if r.megatron_guess is not None),
+                        key=lambda r: (r.megatron_guess or (0,))[0]))
+
+
+def guess_from_megatron(args: Mapping[str, Any], *, moe: bool) -> str:
+    """The family Megatron arguments that name none describe (records' ``megatron_guess``):
+    with experts, MLA means deepseek_v3, a shared expert qwen2_moe, QK norm qwen3_moe,
+    otherwise mixtral; dense, QK norm means qwen3, a QKV bias qwen2, otherwise llama."""
+    for r in _GUESSES:
+        if r.is_moe == moe and all(megatron_arg(args, a, default=False)
+                                   for a in (r.megatron_guess or (0, ()))[1]):
+            return r.name
+    raise FormatError("the Megatron arguments match no architecture; name one")
 
 
 def lookup(name: object) -> Architecture | None:

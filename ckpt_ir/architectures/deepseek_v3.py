@@ -212,4 +212,4 @@ DEEPSEEK_V3 = Architecture(
     "deepseek_v3", "DeepseekV3",
     {"mcore": DEEPSEEK_V3_MCORE_ROWS, "hf": fused_hf_rows(NAMES)},
     moe=NAMES, hf_fields=_hf_fields, mla=True, check_moe=_check, megatron_moe=_router,
-    hf_moe_from_megatron=_from_megatron)
+    hf_moe_from_megatron=_from_megatron, megatron_guess=(0, ("multi_latent_attention",)))

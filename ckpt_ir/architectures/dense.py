@@ -152,8 +152,10 @@ def _qwen2_qkv_bias(hf: Mapping[str, Any]) -> bool:
     return True
 
 
-LLAMA = Architecture("llama", "Llama", _DENSE)
+LLAMA = Architecture("llama", "Llama", _DENSE, megatron_guess=(2, ()))
 MISTRAL = Architecture("mistral", "Mistral", _DENSE)
 QWEN2 = Architecture("qwen2", "Qwen2", _DENSE, qkv_bias=_qwen2_qkv_bias,
-                     attention_bias_refused=False, spells_attention_bias=False)
-QWEN3 = Architecture("qwen3", "Qwen3", {"mcore": DENSE_MCORE_ROWS}, qk_norm=True)
+                     attention_bias_refused=False, spells_attention_bias=False,
+                     megatron_guess=(1, ("add_qkv_bias",)))
+QWEN3 = Architecture("qwen3", "Qwen3", {"mcore": DENSE_MCORE_ROWS}, qk_norm=True,
+                     megatron_guess=(0, ("qk_layernorm",)))

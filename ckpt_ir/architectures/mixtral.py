@@ -34,4 +34,5 @@ def _from_megatron(args: Mapping[str, Any], moe: MegatronMoe) -> dict[str, Any]:
 
 MIXTRAL = Architecture(
     "mixtral", "Mixtral", {"mcore": moe_mcore_rows(NAMES), "hf": fused_hf_rows(NAMES)},
-    moe=NAMES, hf_fields=_hf_fields, hf_moe_from_megatron=_from_megatron)
+    moe=NAMES, hf_fields=_hf_fields, hf_moe_from_megatron=_from_megatron,
+    megatron_guess=(3, ()))

@@ -87,10 +87,11 @@ QWEN2_MOE = Architecture(
     {"mcore": moe_mcore_rows(QWEN2_MOE_NAMES), "hf": fused_hf_rows(QWEN2_MOE_NAMES)},
     moe=QWEN2_MOE_NAMES, hf_fields=_qwen2_moe_hf_fields, qkv_bias=_qwen2_moe_qkv_bias,
     attention_bias_refused=False, check_moe=_check_qwen2_moe, megatron_moe=_router,
-    hf_moe_from_megatron=_qwen2_moe_from_megatron)
+    hf_moe_from_megatron=_qwen2_moe_from_megatron,
+    megatron_guess=(1, ("moe_shared_expert_intermediate_size",)))
 
 QWEN3_MOE = Architecture(
     "qwen3_moe", "Qwen3Moe",
     {"mcore": moe_mcore_rows(QWEN3_MOE_NAMES), "hf": fused_hf_rows(QWEN3_MOE_NAMES)},
     moe=QWEN3_MOE_NAMES, hf_fields=_hf_fields, qk_norm=True, megatron_moe=_router,
-    hf_moe_from_megatron=_qwen3_moe_from_megatron)
+    hf_moe_from_megatron=_qwen3_moe_from_megatron, megatron_guess=(2, ("qk_layernorm",)))

@@ -109,6 +109,11 @@ class Architecture:
     megatron_moe: MegatronFields | None = None
     # Their inverse: the HF MoE fields from Megatron arguments.
     hf_moe_from_megatron: HfFromMegatron | None = None
+    # Guessing the family from Megatron arguments that name none: (precedence, the arguments
+    # that must all be set and true). Families with experts compete among themselves, dense
+    # ones too; lower precedence is tried first, () matches anything (the fallback). None:
+    # never guessed (to Megatron, mistral is llama).
+    megatron_guess: tuple[int, tuple[str, ...]] | None = None
 
     @property
     def is_moe(self) -> bool:

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from ckpt_ir.architectures import ARCHITECTURES, MOE_NAMES, REGISTRY, TABLES, architecture
+from ckpt_ir.architectures import (
+    ARCHITECTURES,
+    MOE_NAMES,
+    REGISTRY,
+    TABLES,
+    architecture,
+    guess_from_megatron,
+)
 from ckpt_ir.errors import FormatError, InternalError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
@@ -98,3 +105,17 @@ def test_records_and_the_engine_import_without_ir():
             "if m in sys.modules); print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(("flags", "moe", "want"), [
+    ({}, False, "llama"),
+    ({"add_qkv_bias": True}, False, "qwen2"),
+    ({"add_qkv_bias": True, "qk_layernorm": True}, False, "qwen3"),
+    ({}, True, "mixtral"),
+    ({"qk_layernorm": True}, True, "qwen3_moe"),
+    ({"qk_layernorm": True, "moe_shared_expert_intermediate_size": 24}, True, "qwen2_moe"),
+    ({"multi_latent_attention": True, "moe_shared_expert_intermediate_size": 24}, True,
+     "deepseek_v3"),
+])
+def test_the_records_guess_the_family_of_bare_megatron_arguments(flags, moe, want):
+    assert guess_from_megatron(flags, moe=moe) == want
