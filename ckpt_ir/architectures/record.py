@@ -50,6 +50,11 @@ class MoeNames:
     expert_bias: str | None = None   # [E] routing-only score correction (deepseek_v3)
 
 
+def no_qkv_bias(hf: Mapping[str, Any]) -> bool:
+    """No q/k/v biases (Megatron's add_qkv_bias off)."""
+    return False
+
+
 # (HF config dict, layer count) -> extra ModelConfig fields (experts, MoE layers, MLA, MTP).
 HfFields = Callable[[Mapping[str, Any], int], dict[str, Any]]
 # (ModelConfig, notes to append to) -> extra TransformerConfig fields.
@@ -79,7 +84,8 @@ HfFromMegatron = Callable[[Mapping[str, Any], MegatronMoe], dict[str, Any]]
 @dataclass(frozen=True)
 class Architecture:
     """One architecture family (an HF ``model_type``): config reading, checks, Megatron mapping
-    and table rows. Families that share rows share the tuples (``describe`` says so)."""
+    and table rows. Families that share rows share the tuples (docs/architectures.md then
+    says "same rows as")."""
 
     name: str
     # transformers class prefix: ``{hf_class}ForCausalLM`` / ``ForTokenClassification``.
@@ -95,7 +101,7 @@ class Architecture:
     # Whether the config has q/k/v biases. Families that spell it ``attention_bias`` also get
     # an o_proj bias that Megatron's add_qkv_bias cannot express, so they answer False and
     # ``attention_bias_refused`` refuses the config.
-    qkv_bias: Callable[[Mapping[str, Any]], bool] = lambda hf: False
+    qkv_bias: Callable[[Mapping[str, Any]], bool] = no_qkv_bias
     attention_bias_refused: bool = True
     # The transformers config has an ``attention_bias`` field (qwen2's has none): an HF config
     # built from Megatron arguments sets it to False.
