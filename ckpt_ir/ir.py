@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,10 +20,15 @@ from typing import Any
 
 import torch
 
+from ckpt_ir.architectures import ARCHITECTURES, MOE_NAMES, architecture, lookup
+from ckpt_ir.architectures.record import MAX_LAYER_EXPERTS, MoeNames, hf_int
+from ckpt_ir.architectures.schema import decoder_schema
 from ckpt_ir.errors import FormatError
 
-__all__ = ["ARCHITECTURES", "MOE_NAMES", "Checkpoint", "ModelConfig", "MoeNames", "Shape",
-           "TensorSpec", "dtype_name", "parse_dtype"]
+# ARCHITECTURES, MOE_NAMES, MoeNames and MAX_LAYER_EXPERTS live with the architecture records
+# (ckpt_ir.architectures); they stay importable from here.
+__all__ = ["ARCHITECTURES", "MAX_LAYER_EXPERTS", "MOE_NAMES", "Checkpoint", "ModelConfig",
+           "MoeNames", "Shape", "TensorSpec", "dtype_name", "parse_dtype"]
 
 Shape = tuple[int, ...]
 
@@ -64,50 +68,6 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
-
-
-# Dense decoder families handled by the dense tables.
-DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-# Mixture-of-experts families (tables/moe.py, tables/deepseek.py).
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
-ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
-
-
-@dataclass(frozen=True, slots=True)
-class MoeNames:
-    """Where one MoE family keeps its MLP tensors, relative to ``model.layers.{layer}.``.
-
-    These are the names transformers *writes* (``save_pretrained``): one tensor per expert.
-    transformers 5 holds the experts fused in memory (``mlp.experts.gate_up_proj``); that layout
-    is a naming of the same IR (``NativeParams.hf_experts="fused"``), not the IR.
-    """
-
-    router: str           # [E, H]
-    expert: str           # prefix of expert {expert}'s three projections
-    gate: str
-    up: str
-    down: str
-    shared: str | None = None        # prefix of the shared expert MLP (gate/up/down_proj)
-    shared_gate: str | None = None   # [1, H] sigmoid gate on the shared expert (qwen2_moe)
-    expert_bias: str | None = None   # [E] routing-only score correction (deepseek_v3)
-
-
-MOE_NAMES: Mapping[str, MoeNames] = MappingProxyType({
-    "mixtral": MoeNames("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{expert}.",
-                        "w1", "w3", "w2"),
-    "qwen2_moe": MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
-                          "down_proj", shared="mlp.shared_expert.",
-                          shared_gate="mlp.shared_expert_gate.weight"),
-    "qwen3_moe": MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
-                          "down_proj"),
-    "deepseek_v3": MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
-                            "down_proj", shared="mlp.shared_experts.",
-                            expert_bias="mlp.gate.e_score_correction_bias"),
-})
-
-
-MAX_LAYER_EXPERTS = 1 << 18
-"""Refused above this many (layers + MTP layers) x experts: a hostile config, not a model."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,7 +162,8 @@ class ModelConfig:
         transformers' ``AutoModelForTokenClassification`` builds that model from."""
         hf = dict(self.hf)
         names = [a for a in hf.get("architectures") or () if isinstance(a, str)]
-        base = names[0] if names else _HF_CLASS_PREFIX.get(self.architecture, "")
+        record = lookup(self.architecture)
+        base = names[0] if names else record.hf_class if record is not None else ""
         for suffix in ("ForCausalLM", "ForTokenClassification"):
             base = base.removesuffix(suffix)
         hf["architectures"] = [f"{base}ForTokenClassification"]
@@ -228,19 +189,16 @@ class ModelConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Build from an HF ``config.json`` dict; refuses variants the tables cannot express."""
         hf = dict(hf)
-        arch = hf.get("model_type")
-        if arch not in ARCHITECTURES:
-            raise FormatError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        record = architecture(hf.get("model_type"))
         try:
             layers = _layer_count(hf)
             hidden = _int(hf, "hidden_size")
             heads = _int(hf, "num_attention_heads")
             kv_heads = _int(hf, "num_key_value_heads", default=0) or heads
             head_dim = _int(hf, "head_dim", default=0) or hidden // heads
-            moe = _moe_fields(arch, hf) if arch in MOE_ARCHITECTURES else {}
+            moe = record.hf_fields(hf, layers) if record.hf_fields else {}
             cfg = cls(
-                architecture=arch,
+                architecture=record.name,
                 num_layers=layers,
                 hidden_size=hidden,
                 num_attention_heads=heads,
@@ -249,11 +207,8 @@ class ModelConfig:
                 intermediate_size=_int(hf, "intermediate_size"),
                 vocab_size=_int(hf, "vocab_size"),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                # Qwen2 always has q/k/v biases; Llama/Mistral/Qwen3 expose `attention_bias`,
-                # which also adds an o_proj bias that Megatron's add_qkv_bias cannot express.
-                has_qkv_bias=arch == "qwen2" or (arch == "qwen2_moe"
-                                                 and bool(hf.get("qkv_bias", True))),
-                has_qk_norm=arch in ("qwen3", "qwen3_moe"),
+                has_qkv_bias=record.qkv_bias(hf),
+                has_qk_norm=record.qk_norm,
                 hf=MappingProxyType(hf),
                 **moe,
                 **_head_fields(hf),
@@ -266,7 +221,8 @@ class ModelConfig:
 
     def _check_supported(self) -> None:
         hf = self.hf
-        if hf.get("attention_bias") and self.architecture not in ("qwen2", "qwen2_moe"):
+        record = architecture(self.architecture)
+        if hf.get("attention_bias") and record.attention_bias_refused:
             raise FormatError(f"{self.architecture} with attention_bias=True (o_proj bias) is not "
                               "supported: Megatron's add_qkv_bias covers q/k/v only")
         if hf.get("mlp_bias"):
@@ -287,15 +243,11 @@ class ModelConfig:
                                   f"1..{self.num_experts} (the number of experts)")
             if self.moe_intermediate_size <= 0:
                 raise FormatError("the expert FFN size must be positive")
-            # transformers builds these shared experts whatever their size; with size 0 they
-            # are empty tensors that megatron-core (no shared expert) has no place for.
-            if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size <= 0:
-                raise FormatError("qwen2_moe needs shared_expert_intermediate_size > 0")
-            if self.architecture == "deepseek_v3" and self.shared_expert_intermediate_size <= 0:
-                raise FormatError("deepseek_v3 needs n_shared_experts > 0")
-        if self.architecture in MOE_ARCHITECTURES and not self.is_moe:
+            if record.check_moe is not None:
+                record.check_moe(self)
+        if record.is_moe and not self.is_moe:
             raise FormatError(f"{self.architecture} with no experts is not supported")
-        if self.has_mla or self.architecture == "deepseek_v3":
+        if self.has_mla or record.mla:
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, name) <= 0:
                     raise FormatError(f"HF config field {name} must be positive")
@@ -312,130 +264,11 @@ class ModelConfig:
                               f"most {MAX_LAYER_EXPERTS})")
 
     def schema(self) -> dict[str, Shape]:
-        """Every logical IR tensor of this model with its global shape, in a stable order."""
-        if self.is_moe or self.has_mla:
-            return self._moe_schema()
-        h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
-        q_rows, kv_rows = self.num_attention_heads * d, self.num_key_value_heads * d
-        out: dict[str, Shape] = {"model.embed_tokens.weight": (self.vocab_size, h)}
-        for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = (h,)
-            out[p + "self_attn.q_proj.weight"] = (q_rows, h)
-            out[p + "self_attn.k_proj.weight"] = (kv_rows, h)
-            out[p + "self_attn.v_proj.weight"] = (kv_rows, h)
-            if self.has_qkv_bias:
-                out[p + "self_attn.q_proj.bias"] = (q_rows,)
-                out[p + "self_attn.k_proj.bias"] = (kv_rows,)
-                out[p + "self_attn.v_proj.bias"] = (kv_rows,)
-            if self.has_qk_norm:
-                out[p + "self_attn.q_norm.weight"] = (d,)
-                out[p + "self_attn.k_norm.weight"] = (d,)
-            out[p + "self_attn.o_proj.weight"] = (h, q_rows)
-            out[p + "post_attention_layernorm.weight"] = (h,)
-            out[p + "mlp.gate_proj.weight"] = (f, h)
-            out[p + "mlp.up_proj.weight"] = (f, h)
-            out[p + "mlp.down_proj.weight"] = (h, f)
-        out["model.norm.weight"] = (h,)
-        self._head_schema(out)
-        return out
-
-    def _head_schema(self, out: dict[str, Shape]) -> None:
-        """The output head: ``score`` of a token-classification model, else ``lm_head``
-        unless tied to the embedding."""
-        h = self.hidden_size
-        if self.is_value_model:
-            out["score.weight"] = (self.num_labels, h)
-            if self.has_score_bias:
-                out["score.bias"] = (self.num_labels,)
-        elif not self.tie_word_embeddings:
-            out["lm_head.weight"] = (self.vocab_size, h)
-
-    def _moe_schema(self) -> dict[str, Shape]:
-        """The schema of MoE / MLA / MTP models, per layer kind.
-
-        Layer ``i`` holds attention (standard or MLA), its two norms, and either a dense MLP or
-        a router with ``num_experts`` experts (names from :data:`MOE_NAMES`), an optional
-        shared expert, its gate or the routing bias. MTP layer ``k`` is HF layer
-        ``num_layers + k``: a full decoder layer plus ``enorm``, ``hnorm``, ``eh_proj`` and
-        ``shared_head.norm``. Its copies of the embedding and the output head are not IR
-        tensors (megatron-core shares them with the main model).
-        """
-        h = self.hidden_size
-        out: dict[str, Shape] = {"model.embed_tokens.weight": (self.vocab_size, h)}
-        for i in range(self.num_layers + self.num_mtp_layers):
-            p = f"model.layers.{i}."
-            if i >= self.num_layers:
-                out[p + "enorm.weight"] = (h,)
-                out[p + "hnorm.weight"] = (h,)
-                out[p + "eh_proj.weight"] = (h, 2 * h)
-            out[p + "input_layernorm.weight"] = (h,)
-            self._attention_schema(p, out)
-            out[p + "post_attention_layernorm.weight"] = (h,)
-            self._mlp_schema(i, p, out)
-            if i >= self.num_layers:
-                out[p + "shared_head.norm.weight"] = (h,)
-        out["model.norm.weight"] = (h,)
-        self._head_schema(out)
-        return out
-
-    def _attention_schema(self, p: str, out: dict[str, Shape]) -> None:
-        h = self.hidden_size
-        a = p + "self_attn."
-        if not self.has_mla:
-            d = self.head_dim
-            q_rows, kv_rows = self.num_attention_heads * d, self.num_key_value_heads * d
-            out[a + "q_proj.weight"] = (q_rows, h)
-            out[a + "k_proj.weight"] = (kv_rows, h)
-            out[a + "v_proj.weight"] = (kv_rows, h)
-            if self.has_qkv_bias:
-                out[a + "q_proj.bias"] = (q_rows,)
-                out[a + "k_proj.bias"] = (kv_rows,)
-                out[a + "v_proj.bias"] = (kv_rows,)
-            if self.has_qk_norm:
-                out[a + "q_norm.weight"] = (d,)
-                out[a + "k_norm.weight"] = (d,)
-            out[a + "o_proj.weight"] = (h, q_rows)
-            return
-        n = self.num_attention_heads
-        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
-        if self.q_lora_rank:
-            out[a + "q_a_proj.weight"] = (self.q_lora_rank, h)
-            out[a + "q_a_layernorm.weight"] = (self.q_lora_rank,)
-            out[a + "q_b_proj.weight"] = (n * qk, self.q_lora_rank)
-        else:
-            out[a + "q_proj.weight"] = (n * qk, h)
-        out[a + "kv_a_proj_with_mqa.weight"] = (self.kv_lora_rank + self.qk_rope_head_dim, h)
-        out[a + "kv_a_layernorm.weight"] = (self.kv_lora_rank,)
-        out[a + "kv_b_proj.weight"] = (n * (self.qk_nope_head_dim + self.v_head_dim),
-                                       self.kv_lora_rank)
-        out[a + "o_proj.weight"] = (h, n * self.v_head_dim)
-
-    def _mlp_schema(self, layer: int, p: str, out: dict[str, Shape]) -> None:
-        h = self.hidden_size
-        names = self.moe_names
-        if names is None or not self.is_moe_layer(layer):
-            f = self.intermediate_size
-            out[p + "mlp.gate_proj.weight"] = (f, h)
-            out[p + "mlp.up_proj.weight"] = (f, h)
-            out[p + "mlp.down_proj.weight"] = (h, f)
-            return
-        e_count, f = self.num_experts, self.moe_intermediate_size
-        out[p + names.router] = (e_count, h)
-        if names.expert_bias:
-            out[p + names.expert_bias] = (e_count,)
-        for e in range(e_count):
-            x = p + names.expert.format(expert=e)
-            out[x + names.gate + ".weight"] = (f, h)
-            out[x + names.up + ".weight"] = (f, h)
-            out[x + names.down + ".weight"] = (h, f)
-        if names.shared and self.shared_expert_intermediate_size:
-            fs = self.shared_expert_intermediate_size
-            out[p + names.shared + "gate_proj.weight"] = (fs, h)
-            out[p + names.shared + "up_proj.weight"] = (fs, h)
-            out[p + names.shared + "down_proj.weight"] = (h, fs)
-        if names.shared_gate:
-            out[p + names.shared_gate] = (1, h)
+        """Every logical IR tensor of this model with its global shape, in a stable order
+        (the record's schema: :func:`ckpt_ir.architectures.schema.decoder_schema` unless the
+        family has tensors of its own)."""
+        record = lookup(self.architecture)
+        return (record.schema if record is not None else decoder_schema)(self)
 
     def to_hf_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """The HF config.json content, with ``dtype`` updated when the weights were cast."""
@@ -444,12 +277,6 @@ class ModelConfig:
             out["dtype"] = dtype_name(dtype)
             out.pop("torch_dtype", None)
         return out
-
-
-# transformers class name prefixes, for configs that name no architecture class.
-_HF_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                    "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
-                    "deepseek_v3": "DeepseekV3"}
 
 
 def _head_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -468,22 +295,7 @@ def _head_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             "has_score_bias": hf.get("token_classification_bias", True) is not False}
 
 
-def _int(hf: Mapping[str, Any], *names: str, default: int | None = None) -> int:
-    """The first of ``names`` present (and not null) in ``hf``: a JSON integer, nothing else.
-
-    ``int()`` would turn ``hidden_size: 32.5`` into 32 (and ``"64"`` or ``true`` into numbers)
-    while the config copied to the destination still says 32.5: structural fields are refused
-    unless they are integers already.
-    """
-    for n in names:
-        value = hf.get(n)
-        if value is not None:
-            if type(value) is not int:
-                raise ValueError(f"{n} must be an integer, not {reprlib.repr(value)}")
-            return value
-    if default is None:
-        raise KeyError(names[0])
-    return default
+_int = hf_int
 
 
 def _layer_count(hf: Mapping[str, Any]) -> int:
@@ -493,56 +305,6 @@ def _layer_count(hf: Mapping[str, Any]) -> int:
         raise ValueError(f"num_hidden_layers={layers} is beyond any real model (at most "
                          f"{MAX_LAYER_EXPERTS})")
     return layers
-
-
-def _int_list(hf: Mapping[str, Any], name: str) -> list[int]:
-    value = hf.get(name) or []
-    if type(value) is not list or len(value) > MAX_LAYER_EXPERTS or any(
-            type(i) is not int for i in value):
-        raise ValueError(f"{name} must be a list of integers")
-    return value
-
-
-def _moe_fields(arch: str, hf: Mapping[str, Any]) -> dict[str, Any]:
-    """MoE / MLA / MTP fields of an HF config (which field names each family uses).
-
-    transformers 5 spells the expert count ``num_local_experts`` for mixtral and qwen3_moe
-    (``num_experts`` is an alias), ``num_experts`` for qwen2_moe, ``n_routed_experts`` for
-    DeepSeek. Mixtral's experts use ``intermediate_size``; the others ``moe_intermediate_size``.
-    """
-    layers = _layer_count(hf)
-    out: dict[str, Any] = {
-        "num_experts": _int(hf, "num_local_experts", "num_experts", "n_routed_experts"),
-        "num_experts_per_tok": _int(hf, "num_experts_per_tok"),
-    }
-    if arch == "mixtral":
-        out["moe_intermediate_size"] = _int(hf, "intermediate_size")
-        out["moe_layers"] = tuple(range(layers))
-    elif arch in ("qwen2_moe", "qwen3_moe"):
-        out["moe_intermediate_size"] = _int(hf, "moe_intermediate_size")
-        # transformers: routed unless listed in mlp_only_layers, every decoder_sparse_step-th.
-        step = _int(hf, "decoder_sparse_step", default=1)
-        if step < 1:
-            raise ValueError("decoder_sparse_step must be >= 1")
-        dense = set(_int_list(hf, "mlp_only_layers"))
-        out["moe_layers"] = tuple(i for i in range(layers)
-                                  if i not in dense and (i + 1) % step == 0)
-        if arch == "qwen2_moe":
-            out["shared_expert_intermediate_size"] = _int(hf, "shared_expert_intermediate_size")
-    else:  # deepseek_v3
-        out["moe_intermediate_size"] = _int(hf, "moe_intermediate_size")
-        first_dense = _int(hf, "first_k_dense_replace", default=0)
-        out["moe_layers"] = tuple(range(max(first_dense, 0), layers))
-        out["shared_expert_intermediate_size"] = (
-            _int(hf, "n_shared_experts", default=0) * out["moe_intermediate_size"])
-        out["q_lora_rank"] = _int(hf, "q_lora_rank", default=0)
-        out["kv_lora_rank"] = _int(hf, "kv_lora_rank")
-        out["qk_nope_head_dim"] = _int(hf, "qk_nope_head_dim")
-        out["qk_rope_head_dim"] = _int(hf, "qk_rope_head_dim")
-        out["v_head_dim"] = _int(hf, "v_head_dim")
-        out["num_mtp_layers"] = _int(hf, "num_nextn_predict_layers", "num_mtp_layers",
-                                     default=0)
-    return out
 
 
 class Checkpoint:

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_ir.architectures import guess_from_megatron, lookup
+from ckpt_ir.architectures.record import MegatronMoe, megatron_arg
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 
@@ -99,15 +101,9 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any], list[str]]:
 def _moe_args(cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
     """TransformerConfig fields of the experts and their router.
 
-    Routing, HF -> megatron-core (verified by logits on CPU for mixtral, qwen2_moe, qwen3_moe):
-    Mixtral softmaxes over all experts, keeps the top k and renormalises, which is
-    megatron-core's default (top k of the logits, softmax over those). Qwen's
-    ``norm_topk_prob=False`` keeps the unnormalised softmax weights: ``moe_router_pre_softmax``.
-    DeepSeek-V3 scores with a sigmoid, picks experts from ``score + e_score_correction_bias``
-    within the best ``topk_group`` of ``n_group`` groups, normalises the chosen scores and
-    scales them by ``routed_scaling_factor``.
+    Routing, HF -> megatron-core, is the family's (its record's ``megatron_moe``; verified by
+    logits on CPU for mixtral, qwen2_moe, qwen3_moe).
     """
-    hf = cfg.hf
     tc: dict[str, Any] = {
         "num_moe_experts": cfg.num_experts,
         "moe_router_topk": cfg.num_experts_per_tok,
@@ -120,30 +116,10 @@ def _moe_args(cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
     names = cfg.moe_names
     if names is not None and names.shared_gate:
         tc["moe_shared_expert_gate"] = True
-    if cfg.architecture in ("qwen2_moe", "qwen3_moe") and not hf.get("norm_topk_prob", False):
-        tc["moe_router_pre_softmax"] = True
-    if cfg.architecture == "deepseek_v3":
-        tc.update({
-            "moe_router_score_function": "sigmoid",
-            "moe_router_enable_expert_bias": True,
-            # transformers' DeepseekV3Config defaults when the file leaves a field out.
-            "moe_router_num_groups": int(hf.get("n_group") or 8),
-            "moe_router_group_topk": int(hf.get("topk_group") or 4),
-            "moe_router_topk_scaling_factor": float(hf.get("routed_scaling_factor") or 2.5),
-            # HF computes DeepSeek's router logits in fp32.
-            "moe_router_dtype": "fp32",
-        })
-        groups, group_topk = tc["moe_router_num_groups"], tc["moe_router_group_topk"]
-        if groups > 1 and cfg.num_experts_per_tok // group_topk != 2:
-            # megatron-core ranks groups by their top (topk / group_topk) scores, HF by top 2
-            # (the same for DeepSeek-V3's 8 / 4).
-            notes.append(f"num_experts_per_tok / topk_group = {cfg.num_experts_per_tok} / "
-                         f"{group_topk} != 2: megatron-core scores expert groups by their top "
-                         f"{cfg.num_experts_per_tok // group_topk} experts, transformers by "
-                         "their top 2; the routing will differ")
-        if not hf.get("norm_topk_prob", True) and cfg.num_experts_per_tok > 1:
-            notes.append("norm_topk_prob=false: megatron-core always normalises sigmoid "
-                         "routing scores over the top k; the routing will differ")
+    # The family's router (Qwen's pre-softmax, DeepSeek's grouped sigmoid routing).
+    record = lookup(cfg.architecture)
+    if record is not None and record.megatron_moe is not None:
+        tc.update(record.megatron_moe(cfg, notes))
     return tc
 
 
@@ -276,11 +252,7 @@ def transformer_config_json(config: ModelConfig, *, tp: int = 1, pp: int = 1, vp
         "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp or tp})
 
 
-def _get(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if n in args and args[n] is not None:
-            return args[n]
-    return default
+_get = megatron_arg
 
 
 def plain_arguments(args: Mapping[Any, Any]) -> dict[str, Any]:
@@ -343,9 +315,10 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     Accepts Megatron-LM ``args`` (``untie_embeddings_and_output_weights``, ``norm_epsilon``,
     ``padded_vocab_size``), TransformerConfig / Megatron-Bridge names
     (``share_embeddings_and_output_weights``, ``layernorm_epsilon``) and verl's
-    ``transformer_config.json``. The architecture is inferred when not given: qk-norm means
-    qwen3, a QKV bias qwen2, otherwise llama; with ``num_moe_experts``, multi-latent attention
-    means deepseek_v3, a shared expert qwen2_moe, qk-norm qwen3_moe, otherwise mixtral.
+    ``transformer_config.json``. The architecture is guessed when not given (the records'
+    ``megatron_guess``): qk-norm means qwen3, a QKV bias qwen2, otherwise llama; with
+    ``num_moe_experts``, multi-latent attention means deepseek_v3, a shared expert qwen2_moe,
+    qk-norm qwen3_moe, otherwise mixtral.
 
     ``tied`` is what the checkpoint itself says (a torch_dist save of a tied model holds no
     ``output_layer.weight``); it decides when the arguments do not (``TransformerConfig`` has no
@@ -378,32 +351,20 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     elif tied is None:
         raise MissingConfigError("Megatron arguments do not say whether the embeddings are "
                                  "tied to the output layer")
-    qk_norm = bool(_get(args, "qk_layernorm", default=False))
-    qkv_bias = bool(_get(args, "add_qkv_bias", default=False))
     if _get(args, "add_bias_linear", default=False):
         raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
     # TransformerConfig / Megatron-Bridge say num_moe_experts, Megatron-LM args num_experts.
     experts = int(_get(args, "num_moe_experts", "num_experts", default=0) or 0)
-    if experts:
-        inferred = ("deepseek_v3" if _get(args, "multi_latent_attention", default=False)
-                    else "qwen2_moe" if _get(args, "moe_shared_expert_intermediate_size",
-                                             default=0)
-                    else "qwen3_moe" if qk_norm else "mixtral")
-    else:
-        inferred = "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
-    arch = architecture or inferred
+    arch = architecture or guess_from_megatron(args, moe=bool(experts))
     norm = _get(args, "normalization", default="RMSNorm")
     if norm != "RMSNorm":
         raise FormatError(f"Megatron normalization {norm!r} is not supported (RMSNorm only)")
     theta = _get(args, "rotary_base")
     eps = _get(args, "norm_epsilon", "layernorm_epsilon")
     positions = _get(args, "max_position_embeddings", "seq_length", "max_sequence_length")
-    archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-             "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+    record = lookup(arch)
     out = {
-        "architectures": [archs.get(arch, arch)],
+        "architectures": [record.causal_lm_class if record is not None else arch],
         "model_type": arch,
         "num_hidden_layers": layers,
         "hidden_size": hidden,
@@ -418,7 +379,8 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
         "rope_parameters": {"rope_type": "default",
                             **({"rope_theta": float(theta)} if theta is not None else {})},
         "hidden_act": "silu",
-        **({"attention_bias": False} if arch != "qwen2" else {}),
+        **({"attention_bias": False} if record is None or record.spells_attention_bias
+           else {}),
     }
     if experts:
         out.update(_moe_hf(args, arch, experts, layers))
@@ -446,44 +408,9 @@ def _moe_hf(args: Mapping[str, Any], arch: str, experts: int, layers: int) -> di
     ffn = int(_get(args, "moe_ffn_hidden_size", "ffn_hidden_size"))
     shared = int(_get(args, "moe_shared_expert_intermediate_size", default=0) or 0)
     pattern = _moe_layer_pattern(args, layers)
-    dense = [i for i, v in enumerate(pattern) if not v]
-    pre_softmax = bool(_get(args, "moe_router_pre_softmax", default=False))
-    if arch == "mixtral":
-        if dense:
-            raise FormatError(f"mixtral has no dense layers; moe_layer_freq marks {dense}")
-        return {"num_local_experts": experts, "num_experts_per_tok": topk,
-                "intermediate_size": ffn}
-    if arch in ("qwen2_moe", "qwen3_moe"):
-        out = {"num_experts_per_tok": topk, "moe_intermediate_size": ffn,
-               "mlp_only_layers": dense, "decoder_sparse_step": 1,
-               "norm_topk_prob": not pre_softmax}
-        if arch == "qwen2_moe":
-            out.update(num_experts=experts, shared_expert_intermediate_size=shared,
-                       qkv_bias=bool(_get(args, "add_qkv_bias", default=False)))
-            out.pop("attention_bias", None)
-        else:
-            out["num_local_experts"] = experts
-        return out
-    if arch != "deepseek_v3":
+    moe = MegatronMoe(experts, topk, ffn, shared, pattern,
+                      bool(_get(args, "moe_router_pre_softmax", default=False)))
+    record = lookup(arch)
+    if record is None or record.hf_moe_from_megatron is None:
         raise FormatError(f"{arch} is not a mixture-of-experts architecture")
-    first_dense = pattern.index(1) if 1 in pattern else layers
-    if pattern != [0] * first_dense + [1] * (layers - first_dense):
-        raise FormatError(f"deepseek_v3 has dense layers first only; moe_layer_freq is "
-                          f"{pattern}")
-    q_lora = _get(args, "q_lora_rank", default=None)
-    return {
-        "n_routed_experts": experts, "num_experts_per_tok": topk, "moe_intermediate_size": ffn,
-        "n_shared_experts": shared // ffn if shared else 0,
-        "first_k_dense_replace": first_dense,
-        "q_lora_rank": int(q_lora) if q_lora else None,
-        "kv_lora_rank": int(_get(args, "kv_lora_rank", default=512)),
-        "qk_nope_head_dim": int(_get(args, "qk_head_dim", default=128)),
-        "qk_rope_head_dim": int(_get(args, "qk_pos_emb_head_dim", default=64)),
-        "v_head_dim": int(_get(args, "v_head_dim", default=128)),
-        "n_group": int(_get(args, "moe_router_num_groups", default=1)),
-        "topk_group": int(_get(args, "moe_router_group_topk", default=1)),
-        "routed_scaling_factor": float(_get(args, "moe_router_topk_scaling_factor",
-                                            default=1.0)),
-        "norm_topk_prob": True, "rope_interleave": True,
-        "num_nextn_predict_layers": int(_get(args, "mtp_num_layers", default=0) or 0),
-    }
+    return record.hf_moe_from_megatron(args, moe)

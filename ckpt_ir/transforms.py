@@ -21,11 +21,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ckpt_ir.errors import InternalError
-from ckpt_ir.ir import Shape
+
+if TYPE_CHECKING:
+    # Typing only: ir.py imports the architecture records, which are built from transforms.
+    from ckpt_ir.ir import Shape
 
 __all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveQKV", "MergeLora",
            "PadRows", "RankColumns", "StackExperts", "StackRanks", "Transform", "join_rows",

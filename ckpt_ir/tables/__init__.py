@@ -1,293 +1,57 @@
 """Mapping tables: per architecture, how IR tensors map onto a format family's native tensors.
 
-A :class:`Row` is data: a native name pattern, the IR name pattern of each role it is built
-from, a transform (or a factory that configures one from the model's numbers), the TP
-partition rule, and an optional condition naming features of the model (``has_qkv_bias``) or of
-the layer (``moe_layer``). Patterns use named placeholders whose ranges come from the config, so
-both directions resolve alike:
-
-* ``{layer}``: decoder layers ``0 .. num_layers-1``;
-* ``{expert}``: routed experts ``0 .. num_experts-1`` (only inside a layer);
-* ``{mtp}`` / ``{mtp_layer}``: multi-token-prediction layer ``k`` and its HF layer index
-  ``num_layers + k`` (megatron-core ``mtp.layers.{mtp}`` <-> HF ``model.layers.{mtp_layer}``).
-
-A row may *stack* a placeholder that only its IR patterns use (``stack="expert"``): one native
-tensor then holds that tensor of every expert (transformers 5's fused ``mlp.experts.gate_up_proj``);
-its roles are ``<role>[<index>]``.
-
-Three namings exist:
-
-* ``"hf"``: Hugging Face transformers names; the IR names *are* HF names, so this table is
-  the identity over :meth:`ModelConfig.schema`, except where an architecture registers ``hf``
-  rows for a variant (``fused_experts``: the experts of a layer in two stacked tensors).
-* ``"mcore"``: Megatron-Core GPTModel parameter names, one tensor per layer with the *global*
-  layer index and the *unsharded* (TP-invariant) layout. Storage formats then add their own
-  physical layer: torch_dist stacks layers into ``decoder.layers.<param>`` keys, per-rank
-  formats cut TP shards by the row's partition and renumber layers per pipeline stage.
-* ``"verl-native"``: verl's own Megatron models of March 2025 (era A of ``verl-legacy``):
-  ``model.layers.{layer}.self_attn.qkv_proj`` as plain ``[q; k; v]``, ``mlp.gate_up_proj``;
-  read-only, registered for the architectures verl had then.
-* ``"mcore-lora"``: Megatron-Bridge LoRA adapter names over an adapter's IR tensors
-  (:mod:`ckpt_ir.tables.lora`), configured by ``NativeParams.lora``.
+The engine (rows, bindings, tables, features) is :mod:`ckpt_ir.table_engine`; the rows of each
+architecture are in its record (:mod:`ckpt_ir.architectures`); the ``mcore-lora`` rows of
+adapters are in :mod:`ckpt_ir.tables.lora`. This module picks the rows for a naming and a model
+and re-exports the engine's names, the import path the rest of ckpt-ir uses.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Iterable
 
+from ckpt_ir.architectures import TABLES
 from ckpt_ir.errors import FormatError, InternalError
 from ckpt_ir.ir import ModelConfig
-from ckpt_ir.layout import Partition
-from ckpt_ir.transforms import TENSOR, Identity, Transform
+from ckpt_ir.table_engine import (
+    LAYER_FEATURES,
+    NAMINGS,
+    PIPELINE_TAIL,
+    Binding,
+    Features,
+    NativeParams,
+    Row,
+    Table,
+    TransformFactory,
+    describe_rows,
+    expand_table,
+    hf_table,
+    one,
+)
+from ckpt_ir.tables.lora import lora_table
 
 __all__ = [
+    "LAYER_FEATURES",
     "NAMINGS",
     "PIPELINE_TAIL",
     "Binding",
+    "Features",
     "NativeParams",
     "Row",
     "Table",
+    "TransformFactory",
     "build_table",
     "describe_rows",
     "drop_absent_mtp",
+    "one",
+    "rows_for",
 ]
-
-NAMINGS = ("hf", "mcore", "verl-native", "mcore-lora")
-
-PIPELINE_TAIL = ("decoder.final", "output_layer", "model.norm", "lm_head", "score.", "mtp.")
-"""Name prefixes of the non-layer tensors that follow the layers: the last pipeline stage holds
-them (the others, the embedding, live on the first stage)."""
-
-
-@dataclass(frozen=True, slots=True)
-class NativeParams:
-    """Physical choices of one side of a conversion that the model config does not fix."""
-
-    padded_vocab_size: int | None = None  # None: no padding
-    # "te": norms under linear_qkv.layer_norm_weight (torch_dist, TE spec); "local": input_layernorm
-    # (the local spec's parameter names); "local-dist": what the local spec's sharded_state_dict
-    # writes to torch_dist (TE-style keys for standard attention, MoE layers included; its own
-    # names for MLA, which has no key map).
-    norm_style: str = "te"
-    # The mcore-lora naming's ckpt_ir.adapters.LoraLayout (shared or rank-stacked A, rank, alpha).
-    lora: Any = None
-    # hf naming: "per-expert" (what transformers writes) or "fused" (gate_up_proj / down_proj).
-    hf_experts: str = "per-expert"
-
-
-@dataclass(frozen=True, slots=True)
-class Features:
-    """The named conditions a row's ``when`` may refer to."""
-
-    has_qkv_bias: bool
-    has_qk_norm: bool
-    is_untied: bool
-    is_value_model: bool
-    no_score_bias: bool
-    te_norms: bool
-    local_norms: bool
-    local_dist_norms: bool
-    has_shared_experts: bool
-    has_shared_expert_gate: bool
-    has_expert_bias: bool
-    has_q_lora: bool
-    no_q_lora: bool
-    fused_experts: bool
-
-    @classmethod
-    def of(cls, config: ModelConfig, params: NativeParams) -> Features:
-        names = config.moe_names
-        return cls(has_qkv_bias=config.has_qkv_bias, has_qk_norm=config.has_qk_norm,
-                   is_untied=not config.tie_word_embeddings and not config.is_value_model,
-                   is_value_model=config.is_value_model,
-                   no_score_bias=not config.has_score_bias,
-                   te_norms=params.norm_style == "te", local_norms=params.norm_style == "local",
-                   local_dist_norms=params.norm_style == "local-dist",
-                   has_shared_experts=config.shared_expert_intermediate_size > 0,
-                   has_shared_expert_gate=bool(names and names.shared_gate),
-                   has_expert_bias=bool(names and names.expert_bias),
-                   has_q_lora=config.q_lora_rank > 0, no_q_lora=config.q_lora_rank == 0,
-                   fused_experts=params.hf_experts == "fused")
-
-
-LAYER_FEATURES = ("moe_layer", "dense_layer")
-"""Conditions evaluated per layer (``ModelConfig.is_moe_layer``), not per model."""
-
-# Placeholder -> the axis it ranges over; {mtp} and {mtp_layer} name one axis two ways.
-_PLACEHOLDER_AXIS = {"layer": "layer", "expert": "expert", "mtp": "mtp", "mtp_layer": "mtp"}
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
-
-
-def _placeholders(pattern: str) -> set[str]:
-    return set(_PLACEHOLDER.findall(pattern))
-
-
-def _fill(pattern: str, values: Mapping[str, int]) -> str:
-    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), pattern)
-
-
-TransformFactory = Callable[[ModelConfig, NativeParams], Transform]
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One mapping rule: ``native`` is built from the IR tensors in ``ir`` by ``transform``."""
-
-    native: str
-    ir: Mapping[str, str]
-    transform: Transform | TransformFactory = field(default_factory=Identity)
-    partition: Partition = Partition.REPLICATED
-    # A feature name, or a tuple of names that must all hold.
-    when: str | tuple[str, ...] | None = None
-    # A placeholder used only in ``ir`` whose every value goes into the one native tensor.
-    stack: str | None = None
-
-    def __post_init__(self) -> None:
-        for cond in self.conditions:
-            if cond not in Features.__dataclass_fields__ and cond not in LAYER_FEATURES:
-                raise InternalError(f"row {self.native}: unknown condition {cond!r}")
-        names = _placeholders(self.native).union(*map(_placeholders, self.ir.values()))
-        unknown = names - set(_PLACEHOLDER_AXIS)
-        if unknown:
-            raise InternalError(f"row {self.native}: unknown placeholders {sorted(unknown)}")
-        if self.stack is not None and (self.stack not in names
-                                       or self.stack in _placeholders(self.native)):
-            raise InternalError(f"row {self.native}: stacked placeholder {self.stack!r} must "
-                                "appear in the IR patterns only")
-        if (isinstance(self.transform, Transform) and self.stack is None
-                and set(self.ir) != set(self.transform.roles)):
-            raise InternalError(f"row {self.native}: roles {sorted(self.ir)} do not match "
-                                f"{type(self.transform).__name__}{self.transform.roles}")
-
-    @property
-    def conditions(self) -> tuple[str, ...]:
-        if self.when is None:
-            return ()
-        return (self.when,) if isinstance(self.when, str) else tuple(self.when)
-
-    @property
-    def axes(self) -> frozenset[str]:
-        names = _placeholders(self.native).union(*map(_placeholders, self.ir.values()))
-        return frozenset(_PLACEHOLDER_AXIS[n] for n in names)
-
-
-def one(name: str) -> Mapping[str, str]:
-    """The ``ir`` mapping of a single-part row."""
-    return MappingProxyType({TENSOR: name})
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """A row instantiated for one concrete layer: concrete names and a configured transform."""
-
-    native: str
-    ir: Mapping[str, str]
-    transform: Transform
-    partition: Partition
-    layer: int | None
-    expert: int | None = None  # global expert index of per-expert tensors (EP places them)
-
-
-class Table:
-    """The bindings of one naming for one model, indexed both ways."""
-
-    def __init__(self, naming: str, bindings: Iterable[Binding]) -> None:
-        self.naming = naming
-        self.bindings = tuple(bindings)
-        self.by_native: dict[str, Binding] = {}
-        self.by_ir: dict[str, tuple[Binding, str]] = {}
-        for b in self.bindings:
-            if b.native in self.by_native:
-                raise InternalError(f"{naming} table maps {b.native} twice")
-            self.by_native[b.native] = b
-            for role, ir_name in b.ir.items():
-                if ir_name in self.by_ir:
-                    raise InternalError(f"{naming} table uses IR tensor {ir_name} twice")
-                self.by_ir[ir_name] = (b, role)
-
-
-def _axis_size(config: ModelConfig, axis: str) -> int:
-    return {"layer": config.num_layers, "expert": config.num_experts,
-            "mtp": config.num_mtp_layers}[axis]
-
-
-def _bindings(row: Row, transform: Transform, config: ModelConfig, values: Mapping[str, int],
-              layer: int) -> list[Binding]:
-    """``row`` at one layer (HF index ``layer``), once per expert if it has that axis."""
-    if ("moe_layer" in row.conditions and not config.is_moe_layer(layer)) or \
-            ("dense_layer" in row.conditions and config.is_moe_layer(layer)):
-        return []
-    per_expert = "expert" in row.axes and row.stack != "expert"
-    out = []
-    for expert in range(config.num_experts) if per_expert else (None,):
-        v = dict(values) if expert is None else {**values, "expert": expert}
-        if row.stack is None:
-            ir = {role: _fill(pattern, v) for role, pattern in row.ir.items()}
-        else:
-            ir = {f"{role}[{i}]": _fill(pattern, {**v, row.stack: i})
-                  for i in range(_axis_size(config, _PLACEHOLDER_AXIS[row.stack]))
-                  for role, pattern in row.ir.items()}
-        if set(ir) != set(transform.roles):
-            raise InternalError(f"row {row.native}: roles do not match {transform.describe()}")
-        out.append(Binding(_fill(row.native, v), MappingProxyType(ir), transform,
-                           row.partition, None if "mtp" in row.axes else layer, expert))
-    return out
-
-
-def _expand(rows: Iterable[Row], config: ModelConfig, params: NativeParams) -> list[Binding]:
-    feats = Features.of(config, params)
-    out: list[Binding] = []
-    per_layer: list[tuple[Row, Transform]] = []
-    per_mtp: list[tuple[Row, Transform]] = []
-    for row in rows:
-        if not all(getattr(feats, c) for c in row.conditions if c not in LAYER_FEATURES):
-            continue
-        transform = row.transform if isinstance(row.transform, Transform) \
-            else row.transform(config, params)
-        axes = row.axes
-        if "layer" in axes:
-            per_layer.append((row, transform))
-        elif "mtp" in axes:
-            per_mtp.append((row, transform))
-        elif axes:
-            raise InternalError(f"row {row.native}: {{expert}} needs a layer placeholder")
-        else:
-            if set(row.ir) != set(transform.roles):
-                raise InternalError(
-                    f"row {row.native}: roles do not match {transform.describe()}")
-            out.append(Binding(row.native, MappingProxyType(dict(row.ir)), transform,
-                               row.partition, None))
-    # Layer-major order: the executor streams one layer's tensors at a time, and within a layer
-    # one expert's (each expert is its own unit of work).
-    layers = config.num_layers
-    layered = [b for i in range(layers) for row, t in per_layer
-               for b in _bindings(row, t, config, {"layer": i}, i)]
-    mtp = [b for k in range(config.num_mtp_layers) for row, t in per_mtp
-           for b in _bindings(row, t, config, {"mtp": k, "mtp_layer": layers + k}, layers + k)]
-    head = [b for b in out if not b.native.startswith(PIPELINE_TAIL)]
-    tail = [b for b in out if b not in head]
-    return head + layered + mtp + tail
-
-
-def _identity_table(names: Iterable[str]) -> Table:
-    layer_re = re.compile(r"^model\.layers\.(\d+)\.")
-    bindings = []
-    for name in names:
-        m = layer_re.match(name)
-        bindings.append(Binding(name, one(name), Identity(), Partition.REPLICATED,
-                                int(m.group(1)) if m else None))
-    return Table("hf", bindings)
 
 
 def rows_for(config: ModelConfig, naming: str, *, required: bool = True) -> tuple[Row, ...]:
     """The rows of ``naming`` registered for the config's architecture (``()`` when not
     ``required`` and none are)."""
-    from ckpt_ir.tables.registry import TABLES
-
     arch = TABLES.get(config.architecture)
     if arch is None:
         raise FormatError(f"no mapping table for architecture {config.architecture!r}")
@@ -306,25 +70,12 @@ def build_table(naming: str, config: ModelConfig, params: NativeParams | None = 
     """
     if naming not in NAMINGS:
         raise InternalError(f"unknown naming {naming!r}")
+    params = params or NativeParams()
     if naming == "hf":
-        names = list(config.schema() if schema is None else schema)
-        order = {n: i for i, n in enumerate(names)}
-        variant = [b for b in _expand(rows_for(config, "hf", required=False), config,
-                                      params or NativeParams())
-                   if all(n in order for n in b.ir.values())]
-        if not variant:
-            return _identity_table(names)
-        # Variant rows replace the identity for the IR tensors they cover, in schema order.
-        covered = {n for b in variant for n in b.ir.values()}
-        rest = _identity_table(n for n in names if n not in covered).bindings
-        placed = [(order[b.native], b) for b in rest]
-        placed += [(min(order[n] for n in b.ir.values()), b) for b in variant]
-        return Table("hf", [b for _, b in sorted(placed, key=lambda p: p[0])])
+        return hf_table(config, rows_for(config, "hf", required=False), params, schema)
     if naming == "mcore-lora":
-        from ckpt_ir.tables.lora import lora_table
-
-        return lora_table(config, params or NativeParams(), schema)
-    return Table(naming, _expand(rows_for(config, naming), config, params or NativeParams()))
+        return lora_table(config, params, schema)
+    return expand_table(naming, rows_for(config, naming), config, params)
 
 
 def drop_absent_mtp(config: ModelConfig, naming: str, params: NativeParams,
@@ -350,20 +101,3 @@ def drop_absent_mtp(config: ModelConfig, naming: str, params: NativeParams,
 def _is_later_layer(name: str, num_layers: int) -> bool:
     m = re.match(r"^model\.layers\.(\d+)\.", name)
     return m is not None and int(m.group(1)) >= num_layers
-
-
-def describe_rows(rows: Iterable[Row]) -> str:
-    """A markdown table of rows, for docs generated from the code."""
-    lines = ["| native | IR parts | transform | TP partition | when |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        parts = ", ".join(f"{role}: `{n}`" if role != TENSOR else f"`{n}`"
-                          for role, n in r.ir.items())
-        t = r.transform
-        tname = t.describe() if isinstance(t, Transform) else (t.__doc__ or t.__name__)
-        tname = tname.strip().splitlines()[0]
-        if r.stack is not None:
-            tname += f" (every `{{{r.stack}}}` in one tensor)"
-        lines.append(f"| `{r.native}` | {parts} | {tname} | "
-                     f"{r.partition.value} | {', '.join(r.conditions)} |")
-    return "\n".join(lines)

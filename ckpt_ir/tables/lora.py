@@ -26,22 +26,25 @@ factory like a dense fc1 (Bridge's ``base_linear_name`` holds ``linear_fc1``).
 
 Which rows apply, and how each is configured, depends on the adapter: the targeted modules (the
 schema) and the :class:`~ckpt_ir.adapters.LoraLayout` (``NativeParams.lora``): shared or
-rank-stacked A, the Megatron rank, the B factors. Factories therefore get the concrete IR names
-of one layer's row; roles whose module is not targeted are left out.
+rank-stacked A, the Megatron rank, the B factors. The rows are the table engine's own, *partial*
+(:class:`~ckpt_ir.table_engine.Row`): factories get the concrete IR names of one binding, roles
+whose module is not targeted are left out, and the ``fused_lora`` / ``canonical_lora`` features
+pick the style's rows. The MoE rows derive from the family's :class:`MoeNames`, so a new MoE
+architecture needs no row here.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from ckpt_ir.adapters import LORA_LEAVES, LoraLayout, base_modules, module_of
+from ckpt_ir.architectures import MOE_NAMES, MoeNames
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
-from ckpt_ir.ir import MOE_NAMES, ModelConfig, MoeNames, TensorSpec
+from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.layout import Partition
-from ckpt_ir.tables import Binding, NativeParams, Table, one
+from ckpt_ir.table_engine import NativeParams, Row, Table, expand_table, one
 from ckpt_ir.transforms import (
     ConcatGateUp,
     Identity,
@@ -51,22 +54,33 @@ from ckpt_ir.transforms import (
     Transform,
 )
 
-__all__ = ["LORA_ROWS", "MOE_LORA_ROWS", "LoraRow", "infer_megatron_lora", "lora_partition",
-           "lora_rows", "lora_table"]
+__all__ = ["LORA_ROWS", "MOE_LORA_ROWS", "infer_megatron_lora", "lora_partition", "lora_rows",
+           "lora_table"]
 
-# (config, layout, {role: concrete IR name}) -> transform
-LoraFactory = Callable[[ModelConfig, LoraLayout, Mapping[str, str]], Transform]
+# (config, params, {role: concrete IR name}) -> transform: the engine's PartialFactory.
+LoraFactory = Callable[[ModelConfig, NativeParams, Mapping[str, str]], Transform]
+
+_STYLE_FEATURE = {"fused": "fused_lora", "canonical": "canonical_lora"}
 
 
-@dataclass(frozen=True, slots=True)
-class LoraRow:
-    """One mapping rule of the ``mcore-lora`` naming; ``style`` limits it to fused or canonical."""
+def _layout(params: NativeParams) -> LoraLayout:
+    if not isinstance(params.lora, LoraLayout):
+        raise InternalError("the mcore-lora naming needs NativeParams.lora (a LoraLayout)")
+    return params.lora
 
-    native: str
-    ir: Mapping[str, str]
-    transform: LoraFactory
-    partition: Partition
-    style: str | None = None
+
+def lora_row(native: str, ir: Mapping[str, str], transform: LoraFactory, partition: Partition,
+             style: str | None = None) -> Row:
+    """A partial row of the ``mcore-lora`` naming; ``style`` limits it to fused or canonical
+    LoRA. Per-expert rows apply to routed layers only."""
+    conds = ((_STYLE_FEATURE[style],) if style else ()) + (
+        ("moe_layer",) if "{expert}" in native else ())
+    return Row(native, ir, transform, partition, when=conds or None, partial=True)
+
+
+def row_style(row: Row) -> str | None:
+    """The LoRA style a row is limited to (None: both name it alike)."""
+    return next((s for s, f in _STYLE_FEATURE.items() if f in row.conditions), None)
 
 
 def _blocks(layout: LoraLayout, ir: Mapping[str, str]) -> dict[str, tuple[int, int]]:
@@ -76,8 +90,9 @@ def _blocks(layout: LoraLayout, ir: Mapping[str, str]) -> dict[str, tuple[int, i
         raise FormatError(f"the LoRA layout has no block for {e.args[0]}") from None
 
 
-def stack_ranks(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]) -> StackRanks:
+def stack_ranks(config: ModelConfig, params: NativeParams, ir: Mapping[str, str]) -> StackRanks:
     """StackRanks: roles whose A share a block (same start) are stored once."""
+    layout = _layout(params)
     by_start: dict[tuple[int, int], list[str]] = {}
     for role, block in sorted(_blocks(layout, ir).items(), key=lambda kv: kv[1]):
         by_start.setdefault(block, []).append(role)
@@ -92,8 +107,10 @@ def stack_ranks(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]) 
 
 
 def _rank_columns(inner: Transform, kv_rows: Mapping[str, int]
-                  ) -> Callable[[ModelConfig, LoraLayout, Mapping[str, str]], RankColumns]:
-    def factory(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]) -> RankColumns:
+                  ) -> Callable[[ModelConfig, NativeParams, Mapping[str, str]], RankColumns]:
+    def factory(config: ModelConfig, params: NativeParams, ir: Mapping[str, str]
+                ) -> RankColumns:
+        layout = _layout(params)
         blocks = _blocks(layout, ir)
         factors = tuple((role, layout.factor(module_of(name))) for role, name in ir.items()
                         if layout.factor(module_of(name)) != 1.0)
@@ -103,23 +120,25 @@ def _rank_columns(inner: Transform, kv_rows: Mapping[str, int]
     return factory
 
 
-def rank_columns(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]) -> RankColumns:
+def rank_columns(config: ModelConfig, params: NativeParams, ir: Mapping[str, str]
+                 ) -> RankColumns:
     """RankColumns of one module's B (no fusion)."""
-    return _rank_columns(Identity(), {})(config, layout, ir)
+    return _rank_columns(Identity(), {})(config, params, ir)
 
 
-def rank_columns_qkv(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]
+def rank_columns_qkv(config: ModelConfig, params: NativeParams, ir: Mapping[str, str]
                      ) -> RankColumns:
     """RankColumns fused like linear_qkv (InterleaveQKV over the KV groups)."""
     d, g = config.head_dim, config.num_key_value_heads
     rows = {"q": config.num_attention_heads * d, "k": g * d, "v": g * d}
-    return _rank_columns(InterleaveQKV(g, config.heads_per_group, d), rows)(config, layout, ir)
+    return _rank_columns(InterleaveQKV(g, config.heads_per_group, d), rows)(config, params, ir)
 
 
 def _gate_up_columns(ffn: Callable[[ModelConfig], int]) -> LoraFactory:
-    def factory(config: ModelConfig, layout: LoraLayout, ir: Mapping[str, str]) -> RankColumns:
+    def factory(config: ModelConfig, params: NativeParams, ir: Mapping[str, str]
+                ) -> RankColumns:
         f = ffn(config)
-        return _rank_columns(ConcatGateUp(), {"gate": f, "up": f})(config, layout, ir)
+        return _rank_columns(ConcatGateUp(), {"gate": f, "up": f})(config, params, ir)
     factory.__doc__ = "RankColumns fused like linear_fc1 (``[gate; up]``)."
     return factory
 
@@ -138,25 +157,25 @@ def _ab(module: str) -> tuple[str, str]:
 
 
 def _fused(base: str, roles: Mapping[str, str], b_factory: LoraFactory,
-           b_partition: Partition, a_partition: Partition) -> tuple[LoraRow, LoraRow]:
+           b_partition: Partition, a_partition: Partition) -> tuple[Row, Row]:
     a = {r: _ab(m)[0] for r, m in roles.items()}
     b = {r: _ab(m)[1] for r, m in roles.items()}
-    return (LoraRow(L + base + ".adapter.linear_in.weight", a, stack_ranks, a_partition,
-                    "fused"),
-            LoraRow(L + base + ".adapter.linear_out.weight", b, b_factory, b_partition,
-                    "fused"))
+    return (lora_row(L + base + ".adapter.linear_in.weight", a, stack_ranks, a_partition,
+                     "fused"),
+            lora_row(L + base + ".adapter.linear_out.weight", b, b_factory, b_partition,
+                     "fused"))
 
 
 def _single(prefix: str, module: str, a_partition: Partition, style: str | None
-            ) -> tuple[LoraRow, LoraRow]:
+            ) -> tuple[Row, Row]:
     a, b = _ab(module)
-    return (LoraRow(L + prefix + ".linear_in.weight", one(a), stack_ranks, a_partition, style),
-            LoraRow(L + prefix + ".linear_out.weight", one(b), rank_columns, Partition.COLUMN,
-                    style))
+    return (lora_row(L + prefix + ".linear_in.weight", one(a), stack_ranks, a_partition, style),
+            lora_row(L + prefix + ".linear_out.weight", one(b), rank_columns, Partition.COLUMN,
+                     style))
 
 
 def _swiglu_rows(native: str, hf: str, gate: str, up: str, down: str,
-                 gate_up: LoraFactory, *, canonical: bool) -> tuple[LoraRow, ...]:
+                 gate_up: LoraFactory, *, canonical: bool) -> tuple[Row, ...]:
     """The adapters of one SwiGLU MLP: Megatron ``{native}.linear_fc1`` / ``linear_fc2`` over
     HF ``{hf}{gate}`` / ``{up}`` / ``{down}``."""
     return (
@@ -168,7 +187,7 @@ def _swiglu_rows(native: str, hf: str, gate: str, up: str, down: str,
     )
 
 
-LORA_ROWS: tuple[LoraRow, ...] = (
+LORA_ROWS: tuple[Row, ...] = (
     # LoRA: one adapter per fused base layer; CanonicalLoRA: one per HF module. linear_proj and
     # linear_fc2 hold one HF module each, so both styles name them alike.
     *_fused("self_attention.linear_qkv",
@@ -184,7 +203,7 @@ LORA_ROWS: tuple[LoraRow, ...] = (
 """Rows of dense decoders (and of the attention and dense layers of MoE models)."""
 
 
-def _moe_rows(names: MoeNames) -> tuple[LoraRow, ...]:
+def _moe_rows(names: MoeNames) -> tuple[Row, ...]:
     """Routed experts (SequentialMLP ``mlp.experts.local_experts.{k}``, re-keyed by megatron-core
     to the global expert: the ``mcore`` naming ``mlp.experts.experts.{expert}``) and shared
     experts. Fused LoRA only: CanonicalLoRA on experts is refused by the layout planner."""
@@ -196,12 +215,12 @@ def _moe_rows(names: MoeNames) -> tuple[LoraRow, ...]:
     return rows
 
 
-MOE_LORA_ROWS: Mapping[str, tuple[LoraRow, ...]] = MappingProxyType({
+MOE_LORA_ROWS: Mapping[str, tuple[Row, ...]] = MappingProxyType({
     arch: LORA_ROWS + _moe_rows(names) for arch, names in MOE_NAMES.items()})
 """Rows of the MoE families by architecture: the dense rows plus experts and shared experts."""
 
 
-def lora_rows(config: ModelConfig | None) -> tuple[LoraRow, ...]:
+def lora_rows(config: ModelConfig | None) -> tuple[Row, ...]:
     """The ``mcore-lora`` rows of ``config``'s architecture (dense rows without a config)."""
     if config is None or config.moe_names is None:
         return LORA_ROWS
@@ -223,10 +242,10 @@ def lora_partition(native: str) -> Partition | None:
     return next((p for pat, p in _PARTITIONS if pat.match(native)), None)
 
 
-_ROW_PATTERNS: dict[str | None, tuple[tuple[re.Pattern[str], LoraRow], ...]] = {}
+_ROW_PATTERNS: dict[str | None, tuple[tuple[re.Pattern[str], Row], ...]] = {}
 
 
-def _row_patterns(config: ModelConfig | None) -> tuple[tuple[re.Pattern[str], LoraRow], ...]:
+def _row_patterns(config: ModelConfig | None) -> tuple[tuple[re.Pattern[str], Row], ...]:
     key = None if config is None or config.moe_names is None else config.architecture
     if key not in _ROW_PATTERNS:
         _ROW_PATTERNS[key] = tuple((_pattern(r.native), r) for r in lora_rows(config))
@@ -258,8 +277,9 @@ def infer_megatron_lora(specs: Mapping[str, TensorSpec], *, path: object = None,
         row = next((r for pat, r in patterns if pat.match(name)), None)
         if row is None:
             continue
-        if row.style is not None:
-            styles.add(row.style)
+        style = row_style(row)
+        if style is not None:
+            styles.add(style)
         leaves.update(module_of(n).rsplit(".", 1)[1] for n in row.ir.values())
         sites.update(module_of(n) for n in row.ir.values())
         if name.endswith(".linear_in.weight") and len(spec.shape) == 2:
@@ -298,35 +318,7 @@ def _site_pattern(module: str) -> str:
 def lora_table(config: ModelConfig, params: NativeParams, schema: Iterable[str] | None) -> Table:
     """The ``mcore-lora`` bindings of the adapter whose IR tensors are ``schema``: each row at
     every layer (and every routed expert of an MoE layer), with the roles the schema has."""
-    layout = getattr(params, "lora", None)
-    if not isinstance(layout, LoraLayout):
-        raise InternalError("the mcore-lora naming needs NativeParams.lora (a LoraLayout)")
+    _layout(params)
     if schema is None:
         raise InternalError("the mcore-lora naming needs the adapter's schema")
-    names = set(schema)
-    rows = [r for r in lora_rows(config) if r.style in (None, layout.style)]
-    bindings: list[Binding] = []
-    for layer in range(config.num_layers):
-        moe = config.is_moe and config.is_moe_layer(layer)
-        for row in rows:
-            per_expert = "{expert}" in row.native
-            if per_expert and not moe:
-                continue
-            for expert in range(config.num_experts) if per_expert else (None,):
-                values = {"layer": str(layer), "expert": str(expert)}
-
-                def fill(pattern: str, values: Mapping[str, str] = values) -> str:
-                    return pattern.replace("{layer}", values["layer"]).replace(
-                        "{expert}", values["expert"])
-
-                ir = {role: fill(pat) for role, pat in row.ir.items()}
-                ir = {role: name for role, name in ir.items() if name in names}
-                if not ir:
-                    continue
-                transform = row.transform(config, layout, ir)
-                if set(transform.roles) != set(ir):
-                    raise InternalError(f"row {row.native}: roles do not match "
-                                        f"{transform.describe()}")
-                bindings.append(Binding(fill(row.native), MappingProxyType(ir), transform,
-                                        row.partition, layer, expert))
-    return Table("mcore-lora", bindings)
+    return expand_table("mcore-lora", lora_rows(config), config, params, present=schema)

@@ -1,11 +1,13 @@
-"""Mixture-of-experts rows (mixtral, qwen2_moe, qwen3_moe): HF names <-> Megatron-Core names.
+"""Building blocks of the mixture-of-experts families: rows and HF config fields they share.
 
-IR names are what transformers *writes* for each family (:data:`ckpt_ir.ir.MOE_NAMES`): Mixtral
-``block_sparse_moe.experts.{expert}.w1/w3/w2`` and ``block_sparse_moe.gate``, the Qwen families
-``mlp.experts.{expert}.gate_proj/up_proj/down_proj`` and ``mlp.gate``. The ``mcore`` naming
-gives each routed expert its own tensor, ``decoder.layers.{layer}.mlp.experts.experts.{expert}.``
-with the *global* expert index: exactly the torch_dist key with the expert taken off the
-expert axis (mcore_dist stacks it back), and what per-rank formats cut by EP rank.
+The records are in ``mixtral.py``, ``qwen_moe.py`` and ``deepseek_v3.py``; each passes its
+:class:`MoeNames` to these builders. IR names are what transformers *writes* for each
+family: Mixtral ``block_sparse_moe.experts.{expert}.w1/w3/w2`` and ``block_sparse_moe.gate``,
+the Qwen families ``mlp.experts.{expert}.gate_proj/up_proj/down_proj`` and ``mlp.gate``.
+The ``mcore`` naming gives each routed expert its own tensor,
+``decoder.layers.{layer}.mlp.experts.experts.{expert}.`` with the *global* expert index:
+exactly the torch_dist key with the expert taken off the expert axis (mcore_dist stacks it
+back), and what per-rank formats cut by EP rank.
 
 Facts: megatron-core 0.16.1 ``sharded_state_dict()`` of ``get_gpt_layer_local_spec(num_experts=E,
 moe_grouped_gemm=False)`` (SequentialMLP) and of ``get_gpt_decoder_block_spec`` for mixed
@@ -26,13 +28,19 @@ too), hence the ``te_norms`` / ``local_norms`` / ``local_dist_norms`` variants b
 
 from __future__ import annotations
 
-from ckpt_ir.ir import MOE_NAMES, ModelConfig, MoeNames
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ckpt_ir.architectures.dense import ATTENTION_ROWS, VALUE_HEAD_ROW, pad_vocab
+from ckpt_ir.architectures.record import MoeNames, hf_int
 from ckpt_ir.layout import Partition
-from ckpt_ir.tables import NativeParams, Row, one
-from ckpt_ir.tables.dense import ATTENTION_ROWS, VALUE_HEAD_ROW, pad_vocab
+from ckpt_ir.table_engine import NativeParams, Row, one
 from ckpt_ir.transforms import TENSOR, ConcatGateUp, StackExperts
 
-__all__ = ["HF_FUSED_ROWS", "MOE_MCORE_ROWS", "dense_mlp_rows", "fused_hf_rows", "moe_mlp_rows"]
+if TYPE_CHECKING:
+    from ckpt_ir.ir import ModelConfig
+
+__all__ = ["dense_mlp_rows", "expert_fields", "fused_hf_rows", "moe_mcore_rows", "moe_mlp_rows"]
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
@@ -93,7 +101,8 @@ def moe_mlp_rows(names: MoeNames, native: str = L, hf: str = H) -> tuple[Row, ..
     return tuple(rows)
 
 
-def _rows(names: MoeNames) -> tuple[Row, ...]:
+def moe_mcore_rows(names: MoeNames) -> tuple[Row, ...]:
+    """The ``mcore`` rows of a standard-attention MoE family."""
     post = one(H + "post_attention_layernorm.weight")
     return (
         Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"),
@@ -134,10 +143,12 @@ def fused_hf_rows(names: MoeNames) -> tuple[Row, ...]:
     return tuple(rows)
 
 
-MOE_MCORE_ROWS: dict[str, tuple[Row, ...]] = {
-    arch: _rows(MOE_NAMES[arch]) for arch in ("mixtral", "qwen2_moe", "qwen3_moe")}
-"""mcore rows of the standard-attention MoE families, by architecture."""
+def expert_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The expert count and top k of an HF MoE config.
 
-HF_FUSED_ROWS: dict[str, tuple[Row, ...]] = {
-    arch: fused_hf_rows(names) for arch, names in MOE_NAMES.items()}
-"""hf variant rows (fused experts), by architecture."""
+    transformers 5 spells the expert count ``num_local_experts`` for mixtral and qwen3_moe
+    (``num_experts`` is an alias), ``num_experts`` for qwen2_moe, ``n_routed_experts`` for
+    DeepSeek; every family reads all three.
+    """
+    return {"num_experts": hf_int(hf, "num_local_experts", "num_experts", "n_routed_experts"),
+            "num_experts_per_tok": hf_int(hf, "num_experts_per_tok")}

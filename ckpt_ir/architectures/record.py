@@ -1,0 +1,164 @@
+"""What ckpt-ir knows about one architecture family, in one record.
+
+An :class:`Architecture` gathers, for one HF ``model_type``: the transformers class name, its
+logical tensors (the schema), how its HF config reads (attention biases, QK norm, the MoE / MLA
+fields and their spellings), the family's own checks, where its MoE tensors live
+(:class:`MoeNames`), its Megatron-Core config mapping both ways, and its mapping-table rows per
+naming. ``ModelConfig``, ``megatron_config`` and the tables consult the record; none of them
+branches on an architecture string.
+
+This module sits below :mod:`ckpt_ir.ir` (which looks records up), so it needs ``ModelConfig``
+for typing only; the HF config helpers here are the ones ``ir.py`` uses too.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckpt_ir.architectures.schema import decoder_schema
+from ckpt_ir.table_engine import Row
+
+if TYPE_CHECKING:
+    from ckpt_ir.ir import ModelConfig, Shape
+
+__all__ = ["MAX_LAYER_EXPERTS", "Architecture", "MegatronMoe", "MoeNames", "hf_int",
+           "hf_int_list", "megatron_arg"]
+
+MAX_LAYER_EXPERTS = 1 << 18
+"""Refused above this many (layers + MTP layers) x experts: a hostile config, not a model."""
+
+
+@dataclass(frozen=True, slots=True)
+class MoeNames:
+    """Where one MoE family keeps its MLP tensors, relative to ``model.layers.{layer}.``.
+
+    These are the names transformers *writes* (``save_pretrained``): one tensor per expert.
+    transformers 5 holds the experts fused in memory (``mlp.experts.gate_up_proj``); that layout
+    is a naming of the same IR (``NativeParams.hf_experts="fused"``), not the IR.
+    """
+
+    router: str           # [E, H]
+    expert: str           # prefix of expert {expert}'s three projections
+    gate: str
+    up: str
+    down: str
+    shared: str | None = None        # prefix of the shared expert MLP (gate/up/down_proj)
+    shared_gate: str | None = None   # [1, H] sigmoid gate on the shared expert (qwen2_moe)
+    expert_bias: str | None = None   # [E] routing-only score correction (deepseek_v3)
+
+
+def no_qkv_bias(hf: Mapping[str, Any]) -> bool:
+    """No q/k/v biases (Megatron's add_qkv_bias off)."""
+    return False
+
+
+# (HF config dict, layer count) -> extra ModelConfig fields (experts, MoE layers, MLA, MTP).
+HfFields = Callable[[Mapping[str, Any], int], dict[str, Any]]
+# (ModelConfig, notes to append to) -> extra TransformerConfig fields.
+MegatronFields = Callable[["ModelConfig", list[str]], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class MegatronMoe:
+    """The MoE arguments every family reads back from Megatron arguments."""
+
+    experts: int
+    topk: int
+    ffn: int
+    shared: int
+    pattern: list[int]   # 0/1 per decoder layer (megatron-core's moe_layer_freq)
+    pre_softmax: bool
+
+    @property
+    def dense(self) -> list[int]:
+        return [i for i, v in enumerate(self.pattern) if not v]
+
+
+# (Megatron arguments, their MoE part) -> the HF config's MoE fields.
+HfFromMegatron = Callable[[Mapping[str, Any], MegatronMoe], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture family (an HF ``model_type``): config reading, checks, Megatron mapping
+    and table rows. Families that share rows share the tuples (docs/architectures.md then
+    says "same rows as")."""
+
+    name: str
+    # transformers class prefix: ``{hf_class}ForCausalLM`` / ``ForTokenClassification``.
+    hf_class: str
+    # naming -> rows. "hf" rows, when present, are a variant of the identity (fused experts).
+    tables: Mapping[str, tuple[Row, ...]]
+    # Mixture of experts: where the expert tensors live; None for a dense family.
+    moe: MoeNames | None = None
+    # The model's logical IR tensors (ModelConfig.schema).
+    schema: Callable[[ModelConfig], dict[str, Shape]] = decoder_schema
+    # The MoE / MLA / MTP fields of the HF config (None: a dense family).
+    hf_fields: HfFields | None = None
+    # Whether the config has q/k/v biases. Families that spell it ``attention_bias`` also get
+    # an o_proj bias that Megatron's add_qkv_bias cannot express, so they answer False and
+    # ``attention_bias_refused`` refuses the config.
+    qkv_bias: Callable[[Mapping[str, Any]], bool] = no_qkv_bias
+    attention_bias_refused: bool = True
+    # The transformers config has an ``attention_bias`` field (qwen2's has none): an HF config
+    # built from Megatron arguments sets it to False.
+    spells_attention_bias: bool = True
+    qk_norm: bool = False
+    # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
+    mla: bool = False
+    # Family checks of an MoE config, after the generic ones (raise FormatError).
+    check_moe: Callable[[ModelConfig], None] | None = None
+    # TransformerConfig fields of the family's router (HF -> megatron-core).
+    megatron_moe: MegatronFields | None = None
+    # Their inverse: the HF MoE fields from Megatron arguments.
+    hf_moe_from_megatron: HfFromMegatron | None = None
+    # Guessing the family from Megatron arguments that name none: (precedence, the arguments
+    # that must all be set and true). Families with experts compete among themselves, dense
+    # ones too; lower precedence is tried first, () matches anything (the fallback). None:
+    # never guessed (to Megatron, mistral is llama).
+    megatron_guess: tuple[int, tuple[str, ...]] | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    @property
+    def causal_lm_class(self) -> str:
+        return f"{self.hf_class}ForCausalLM"
+
+
+def hf_int(hf: Mapping[str, Any], *names: str, default: int | None = None) -> int:
+    """The first of ``names`` present (and not null) in ``hf``: a JSON integer, nothing else.
+
+    ``int()`` would turn ``hidden_size: 32.5`` into 32 (and ``"64"`` or ``true`` into numbers)
+    while the config copied to the destination still says 32.5: structural fields are refused
+    unless they are integers already.
+    """
+    for n in names:
+        value = hf.get(n)
+        if value is not None:
+            if type(value) is not int:
+                raise ValueError(f"{n} must be an integer, not {reprlib.repr(value)}")
+            return value
+    if default is None:
+        raise KeyError(names[0])
+    return default
+
+
+def hf_int_list(hf: Mapping[str, Any], name: str) -> list[int]:
+    value = hf.get(name) or []
+    if type(value) is not list or len(value) > MAX_LAYER_EXPERTS or any(
+            type(i) is not int for i in value):
+        raise ValueError(f"{name} must be a list of integers")
+    return value
+
+
+def megatron_arg(args: Mapping[str, Any], *names: str, default: Any = None) -> Any:
+    """The first of ``names`` set (not None) in Megatron arguments, else ``default``."""
+    for n in names:
+        if n in args and args[n] is not None:
+            return args[n]
+    return default
