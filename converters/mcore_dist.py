@@ -54,6 +54,7 @@ from ckpt_ir.converters.storage.hf_files import (
     load_hf_config,
 )
 from ckpt_ir.detect import read_json_file
+from ckpt_ir.durable import atomic_write, write_synced
 from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -579,10 +580,7 @@ class McoreDistWriter:
         for name, path in carried.items():
             shutil.copyfile(path, hf_dir / name)
         # Last: megatron-core treats metadata.json as "this checkpoint is complete".
-        with open(self.directory / "metadata.json", "w") as f:
-            json.dump(METADATA_JSON, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(self.directory / "metadata.json", json.dumps(METADATA_JSON))
         if self.verl_tree:
             self._finish_verl_tree(has_tokenizer=any(n != "config.json" for n in carried))
 
@@ -616,12 +614,8 @@ class McoreDistWriter:
             "saved_any_dist_ckpt": True,
         }
         # verl writes it last (temp file + rename): its presence means the save completed.
-        tmp = self.root / f"{VERL_MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / VERL_MANIFEST)
+        atomic_write(self.root / VERL_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True),
+                     tmp=self.root / f"{VERL_MANIFEST}.tmp")
 
     def abort(self) -> None:
         if self._data is not None:

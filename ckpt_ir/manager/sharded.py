@@ -38,6 +38,7 @@ import torch
 
 from ckpt_ir.converters.mcore_dist import METADATA_JSON
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, DcpRecord, write_metadata
+from ckpt_ir.durable import write_synced
 from ckpt_ir.errors import (
     CorruptCheckpointError,
     FormatError,
@@ -268,10 +269,7 @@ def finish_sharded(directory: Path, parts: Sequence[RankPart], common: Any) -> N
         torch.save(common, f)
         f.flush()
         os.fsync(f.fileno())
-    with open(directory / "metadata.json", "w") as f:
-        json.dump(METADATA_JSON, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(directory / "metadata.json", json.dumps(METADATA_JSON))
 
 
 # --------------------------------------------------------------------------------------------

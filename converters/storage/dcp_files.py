@@ -48,6 +48,7 @@ from ckpt_ir.dcp_types import (
     dumps_metadata,
 )
 from ckpt_ir.dcp_types import StorageInfo as _StorageInfo
+from ckpt_ir.durable import atomic_write
 from ckpt_ir.errors import (
     CorruptCheckpointError,
     DestinationExistsError,
@@ -730,19 +731,6 @@ class DcpDataFile:
         return list(self._records)
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_metadata(directory: str | os.PathLike[str], records: Iterable[DcpRecord],
                    tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     """Commit a DCP checkpoint: build torch's ``Metadata`` and write ``.metadata`` atomically.
@@ -812,14 +800,5 @@ def write_metadata(directory: str | os.PathLike[str], records: Iterable[DcpRecor
         storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
         version=_DCP_VERSION,
     )
-    tmp = root / f"{METADATA_FILE}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as file:
-            file.write(dumps_metadata(metadata))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, root / METADATA_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(root)
+    atomic_write(root / METADATA_FILE, dumps_metadata(metadata),
+                 tmp=root / f"{METADATA_FILE}.{uuid.uuid4().hex}.tmp")
