@@ -47,6 +47,7 @@ from ckpt_ir.adapters import (
     lora_layout_json,
 )
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.per_rank import EXTRA_STATE_MODULES as _SPEC_EXTRA_STATE
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
@@ -102,18 +103,14 @@ _LINEAR_MODULE = re.compile(r"^(linear_\w+|eh_proj)$")
 _DUPLICATE_NORM = ("the same norm weight under the other layer spec's key (mcore_spec=any "
                    "writes both)")
 
-# `_extra_state` objects a GPTModel requests per layer. The local spec asks for the four linear
-# layers; the TE spec also for core attention. Writing the union loads under megatron-core's
-# default strictness with either spec (it ignores checkpoint keys the model does not request).
+# `_extra_state` objects a GPTModel requests per layer, by spec: the one list lives in
+# per_rank.py (the per-rank formats write the same modules). Writing the union ("any") loads
+# under megatron-core's default strictness with either spec (it ignores checkpoint keys the
+# model does not request).
 EXTRA_STATE_MODULES: Mapping[str, tuple[str, ...]] = {
-    "local": ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
-              "mlp.linear_fc2"),
-    "te": ("self_attention.linear_qkv", "self_attention.linear_proj",
-           "self_attention.core_attention", "mlp.linear_fc1", "mlp.linear_fc2"),
+    **_SPEC_EXTRA_STATE,
+    "any": tuple(dict.fromkeys(_SPEC_EXTRA_STATE["local"] + _SPEC_EXTRA_STATE["te"])),
 }
-EXTRA_STATE_MODULES = {**EXTRA_STATE_MODULES,
-                       "any": tuple(dict.fromkeys(EXTRA_STATE_MODULES["local"]
-                                                  + EXTRA_STATE_MODULES["te"]))}
 
 # A bare model save has an empty common state (verified with megatron-core 0.16.1).
 _COMMON_STATE: dict[str, Any] = {}
