@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["atomic_write", "fsync_dir", "fsync_tree", "write_json", "write_synced"]
+__all__ = ["atomic_write", "close_file", "fsync_dir", "fsync_tree", "sync_file", "write_json",
+           "write_synced"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,14 +40,30 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(d))
 
 
+def sync_file(file: IO[Any]) -> None:
+    """Flush Python's buffer and fsync the file's data."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def close_file(file: IO[Any], *, fsync: bool = True) -> None:
+    """Flush, fsync (unless ``fsync=False``: an aborted write) and close ``file``; it is
+    closed even when the flush or the fsync fails."""
+    try:
+        file.flush()
+        if fsync:
+            os.fsync(file.fileno())
+    finally:
+        file.close()
+
+
 def write_synced(path: Path, data: str | bytes, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` and fsync the file (not its directory: the caller's commit
     step, a rename or a later :func:`fsync_tree`, makes the entry durable)."""
     mode = ("x" if exclusive else "w") + ("b" if isinstance(data, bytes) else "")
     with open(path, mode) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        sync_file(f)
 
 
 def write_json(path: Path, data: Any, *, sort_keys: bool = False) -> None:

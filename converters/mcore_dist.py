@@ -55,7 +55,7 @@ from ckpt_ir.converters.storage.hf_files import (
     load_hf_config,
 )
 from ckpt_ir.detect import read_json_file
-from ckpt_ir.durable import atomic_write, write_synced
+from ckpt_ir.durable import atomic_write, sync_file, write_synced
 from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -565,8 +565,7 @@ class McoreDistWriter:
         write_metadata(self.directory, records, self._globals)
         with open(self.directory / "common.pt", "wb") as f:
             torch.save(common, f)
-            f.flush()
-            os.fsync(f.fileno())
+            sync_file(f)
         # ckpt-ir's own copy of the HF config; a verl tree keeps it where verl does.
         hf_dir = self.root / VERL_HF_DIR if self.verl_tree else self.directory / HF_CONFIG_DIR
         hf_dir.mkdir(parents=True)

@@ -43,13 +43,14 @@ from ckpt_ir.errors import (
     IncompatibleLayoutError,
     InternalError,
     MissingConfigError,
+    portable_error,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.manager import disk, sharded
 from ckpt_ir.manager.commit import CommitPhase
 from ckpt_ir.manager.fill import fill_from_dist, fill_from_hf
-from ckpt_ir.manager.job import CarriedFiles, SaveJob, as_chunks, portable_error, typed_error
+from ckpt_ir.manager.job import CarriedFiles, SaveJob, as_chunks, typed_error
 from ckpt_ir.manager.live import (
     LocalParam,
     RankCoords,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,21 +10,10 @@ from typing import Any
 
 from ckpt_ir.converters.base import SourceFiles
 from ckpt_ir.converters.storage.hf_files import carried_files
-from ckpt_ir.errors import CheckpointError, DestinationError, InternalError
+from ckpt_ir.errors import DestinationError
 from ckpt_ir.ir import TensorSpec
 from ckpt_ir.manager import sharded
 from ckpt_ir.manager.plan import HfItem, ModelPlan
-
-
-def portable_error(e: BaseException) -> BaseException:
-    """``e`` if it survives pickling (to travel between ranks), else an equivalent one-line
-    error of the nearest public type."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        cls = CheckpointError if isinstance(e, CheckpointError) else InternalError
-        return cls(f"{type(e).__name__}: {e}")
 
 
 def typed_error(e: Exception, what: str, path: Path) -> Exception:

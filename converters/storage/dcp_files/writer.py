@@ -29,7 +29,7 @@ from ckpt_ir.dcp_types import (
     dumps_metadata,
 )
 from ckpt_ir.dcp_types import StorageInfo as _StorageInfo
-from ckpt_ir.durable import atomic_write
+from ckpt_ir.durable import atomic_write, close_file
 from ckpt_ir.errors import DestinationExistsError, InternalError
 from ckpt_ir.slabs import FileSlab
 
@@ -143,12 +143,7 @@ class DcpDataFile:
         """Flush (and fsync) the file; returns every record written. Idempotent."""
         if self._file is not None:
             file, self._file = self._file, None
-            try:
-                file.flush()
-                if fsync:
-                    os.fsync(file.fileno())
-            finally:
-                file.close()
+            close_file(file, fsync=fsync)
         return list(self._records)
 
 
