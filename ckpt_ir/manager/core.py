@@ -91,6 +91,24 @@ class Loaded:
 
 
 
+def _wanted(contents: Sequence[str] | None, model: Any, optimizer: Any,
+            extra: Any) -> set[str]:
+    """The contents a save or a load names, by default those whose state was given."""
+    if contents is None:
+        wanted = {"model"} if model is not None else set()
+        wanted |= {"optimizer"} if optimizer is not None else set()
+        wanted |= {"extra"} if extra is not None else set()
+        return wanted
+    if isinstance(contents, str):
+        raise FormatError("contents must be a collection of names, not a string")
+    wanted = set(contents)
+    unknown = wanted - set(disk.CONTENTS)
+    if unknown:
+        raise FormatError(f"unknown contents {sorted(unknown)}; expected some of "
+                          f"{list(disk.CONTENTS)}")
+    return wanted
+
+
 class CheckpointManager(WritePhase, CommitPhase):
     """Saves and loads checkpoints of a Megatron-Core job, one instance per rank.
 
@@ -382,18 +400,7 @@ class CheckpointManager(WritePhase, CommitPhase):
 
     def _save_contents(self, contents: Sequence[str] | None, model: Any, optimizer: Any,
                        extra: Any) -> tuple[str, ...]:
-        if contents is None:
-            wanted = {"model"} if model is not None else set()
-            wanted |= {"optimizer"} if optimizer is not None else set()
-            wanted |= {"extra"} if extra is not None else set()
-        else:
-            if isinstance(contents, str):
-                raise FormatError("contents must be a collection of names, not a string")
-            wanted = set(contents)
-        unknown = wanted - set(disk.CONTENTS)
-        if unknown:
-            raise FormatError(f"unknown contents {sorted(unknown)}; expected some of "
-                              f"{list(disk.CONTENTS)}")
+        wanted = _wanted(contents, model, optimizer, extra)
         if not wanted:
             raise FormatError("nothing to save (contents is empty)")
         for content, state in (("optimizer", optimizer), ("extra", extra)):
@@ -411,17 +418,7 @@ class CheckpointManager(WritePhase, CommitPhase):
 
     def _load_contents(self, contents: Sequence[str] | None, model: Any, optimizer: Any,
                        extra: Any) -> tuple[str, ...]:
-        if contents is None:
-            wanted = {"model"} if model is not None else set()
-            wanted |= {"optimizer"} if optimizer is not None else set()
-            wanted |= {"extra"} if extra is not None else set()
-        else:
-            if isinstance(contents, str):
-                raise FormatError("contents must be a collection of names, not a string")
-            wanted = set(contents)
-        unknown = wanted - set(disk.CONTENTS)
-        if unknown:
-            raise FormatError(f"unknown contents {sorted(unknown)}")
+        wanted = _wanted(contents, model, optimizer, extra)
         if {"model", "hf_model"} <= wanted:
             raise FormatError("load the weights from 'model' or from 'hf_model', not both")
         if wanted & {"model", "hf_model"} and model is None:
