@@ -88,9 +88,6 @@ class Loaded:
     extra: Any = None
 
 
-
-
-
 def _wanted(contents: Sequence[str] | None, model: Any, optimizer: Any,
             extra: Any) -> set[str]:
     """The contents a save or a load names, by default those whose state was given."""

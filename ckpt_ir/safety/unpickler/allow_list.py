@@ -41,8 +41,6 @@ _TREE_NODES_PER_BYTE = 16
 _MIN_TREE_NODES = 1 << 20
 
 
-
-
 class _Refused(pickle.UnpicklingError):
     """An allowed name used in a way the allow-list does not admit (becomes Unsafe...Error)."""
 

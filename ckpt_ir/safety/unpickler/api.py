@@ -36,10 +36,6 @@ def _warn_trusted(where: str, path: str | None = None) -> None:
                    where)
 
 
-
-
-
-
 def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | None = None,
                 trust: bool = False) -> Any:
     """Unpickle a plain pickle (DCP ``.metadata``) through the allow-list.

@@ -23,8 +23,6 @@ from ckpt_ir.safety.unpickler.machine import _unpickle
 _LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
 
 
-
-
 class _ViewReader:
     """A seekable file over a memoryview, so zipfile can parse an archive without a copy."""
 

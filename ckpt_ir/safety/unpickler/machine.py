@@ -44,7 +44,6 @@ from ckpt_ir.safety.unpickler.stand_ins import (
 _TRUST_HINT = "pass trust_pickles only for files you trust"
 
 
-
 StorageLoader = Callable[[str, torch.dtype, int], torch.storage.TypedStorage]
 
 

@@ -11,8 +11,6 @@ from typing import Any, ClassVar
 _MAX_CACHED_STAND_INS = 4096
 
 
-
-
 class _StandInMeta(type):
     module: str
     qualname: str
