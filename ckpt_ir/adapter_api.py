@@ -45,7 +45,7 @@ from ckpt_ir.formats import (
 from ckpt_ir.ir import Checkpoint, dtype_name, parse_dtype
 from ckpt_ir.planner import Plan, make_plan
 from ckpt_ir.tables import Binding, Table, build_table
-from ckpt_ir.transforms import MergeLora, lora_roles
+from ckpt_ir.transforms import MergeLora, lora_roles, same_bits
 
 __all__ = ["AdapterCheckpoint", "AdapterReport", "adapter_conversion", "adapter_source",
            "convert_adapter",
@@ -204,11 +204,6 @@ def adapter_beside_model(path: Path, config: Any, *, lora_alpha: float | None = 
         reader.close()
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
 def probe_shared_groups(reader: Any) -> dict[str, bool]:
     """For each fused Megatron layer, whether its modules' A matrices are bit-identical in
     every adapter of that layer (every layer; every routed expert, shared expert and dense MLP
@@ -225,7 +220,7 @@ def probe_shared_groups(reader: Any) -> dict[str, bool]:
             if g != group or len(members) < 2:
                 continue
             first = read(members[0].name + ".lora_A.weight")
-            if any(not _same_bits(read(m.name + ".lora_A.weight"), first) for m in members[1:]):
+            if any(not same_bits(read(m.name + ".lora_A.weight"), first) for m in members[1:]):
                 same = False
                 break
         shared[group] = same

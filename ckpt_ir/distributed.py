@@ -18,13 +18,12 @@ import datetime
 import heapq
 import logging
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckpt_ir.errors import CheckpointError, FormatError, InternalError
+from ckpt_ir.errors import CheckpointError, FormatError, InternalError, portable_error
 
 if TYPE_CHECKING:
     from ckpt_ir.planner import Plan
@@ -80,17 +79,6 @@ def partition_units(plan: Plan, file_of: Callable[[str], str | None],
     return [sorted(s) for s in shares]
 
 
-def _portable(e: BaseException) -> BaseException:
-    """The exception itself if it survives pickling (to travel between ranks), else an
-    equivalent one-line error of the nearest public type."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        cls = CheckpointError if isinstance(e, CheckpointError) else InternalError
-        return cls(f"{type(e).__name__}: {e}")
-
-
 def _init_group() -> Any:
     import torch.distributed as dist
 
@@ -137,7 +125,7 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
             outcome = ("ok", writer.finish_rank())
         except Exception as e:  # reported to rank 0, which aborts the whole output
             writer.abort()
-            outcome = ("error", _portable(e))
+            outcome = ("error", portable_error(e))
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(outcome, gathered, dst=0)
         failure: list[Any] = [None]
@@ -150,7 +138,7 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
                 try:
                     writer.finish_all(reader, [o[1] for o in gathered])
                 except Exception as e:
-                    failure[0] = _portable(e)
+                    failure[0] = portable_error(e)
         dist.broadcast_object_list(failure, src=0)
         if failure[0] is not None:
             # Leaving the ExitStack with an exception makes rank 0 remove the temp directory.

@@ -7,6 +7,7 @@ Structured fields (``path``, ``tensor``) let callers react without parsing messa
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = [
     "MissingConfigError",
     "PlanError",
     "UnsafeCheckpointError",
+    "portable_error",
 ]
 
 
@@ -83,3 +85,14 @@ class PlanError(CheckpointError):
 
 class InternalError(Exception):
     """A broken invariant inside ckpt-ir: a bug, never the user's input."""
+
+
+def portable_error(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling (to travel between ranks), else an equivalent one-line
+    error of the nearest public type."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        cls = CheckpointError if isinstance(e, CheckpointError) else InternalError
+        return cls(f"{type(e).__name__}: {e}")

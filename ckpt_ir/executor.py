@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ckpt_ir.durable import fsync_dir
 from ckpt_ir.errors import (
     CheckpointError,
     DestinationError,
@@ -156,15 +157,6 @@ def write_checkpoint(plan: Plan, reader, writer_cls, config, options,
             writer.abort()
             raise
         return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory entry (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _stale_temps(dest: Path) -> list[Path]:

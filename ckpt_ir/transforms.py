@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveQKV", "MergeLora",
            "PadRows", "RankColumns", "StackExperts", "StackRanks", "Transform", "join_rows",
-           "lora_roles", "rows_shape"]
+           "lora_roles", "rows_shape", "same_bits"]
 
 TENSOR = "tensor"
 """The role name of a transform with a single part."""
@@ -335,7 +335,7 @@ class PadRows(Transform):
 # --------------------------------------------------------------------------------------------
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical (NaN payloads and -0.0 count), unlike ``torch.equal``."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
@@ -390,7 +390,7 @@ class StackRanks(Transform):
                                     f"{rows}")
             for other in roles[1:]:
                 # The planner chose a shared block because these were bit-identical.
-                if not _same_bits(parts[other], first):
+                if not same_bits(parts[other], first):
                     raise InternalError(f"LoRA A of {other} differs from {roles[0]}'s; they "
                                         "cannot share one Megatron A")
             pieces.append(first)

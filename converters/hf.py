@@ -33,6 +33,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsWriter,
     read_header,
 )
+from ckpt_ir.durable import write_json
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
 from ckpt_ir.safety.files import read_text
@@ -218,14 +219,6 @@ def _shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class HfWriter:
     """Streams tensors into pre-sized safetensors shards of at most ``max_shard_bytes``."""
 
@@ -323,7 +316,7 @@ class HfWriter:
     def finish_all(self, source, parts: Sequence[object]) -> None:
         """Index, config and carried files: rank 0, after every shard is durable."""
         if len(self._names) > 1:
-            _write_json(self.directory / SAFETENSORS_INDEX, {
+            write_json(self.directory / SAFETENSORS_INDEX, {
                 "metadata": {"total_size": self._total},
                 "weight_map": {n: self._names[i] for n, i in sorted(self._shard_of.items())},
             })
@@ -332,7 +325,7 @@ class HfWriter:
         config = self.config.to_hf_dict(dtype=dtype)
         if dtype is not None:
             config["dtype"] = dtype_name(dtype)
-        _write_json(self.directory / "config.json", config)
+        write_json(self.directory / "config.json", config)
         for name, path in source.source_files().files.items():
             shutil.copyfile(path, self.directory / name)
 

@@ -56,11 +56,13 @@ from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsWriter,
     read_header,
 )
+from ckpt_ir.durable import write_json
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError, MissingConfigError
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.tables import NativeParams
+from ckpt_ir.transforms import same_bits
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_SAFETENSORS", "PREFIX", "HfPeftReader", "HfPeftWriter",
            "read_adapter_config"]
@@ -264,19 +266,6 @@ class HfPeftReader:
         self._bin.clear()
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class HfPeftWriter:
     """Streams ``adapter_model.safetensors``; ``adapter_config.json`` and config.json last.
 
@@ -365,7 +354,7 @@ class HfPeftWriter:
         by_expert = [tensors[e * per:(e + 1) * per] for e in range(experts)]
         if packed.endswith(".lora_A.weight"):
             for e, group in enumerate(by_expert):
-                if any(not _same_bits(group[0], t) for t in group[1:]):
+                if any(not same_bits(group[0], t) for t in group[1:]):
                     raise FormatError(
                         f"expert {e}'s gate and up adapters have different A matrices, which one "
                         f"ParamWrapper ({packed.removesuffix('.lora_A.weight')}) cannot hold; "
@@ -379,8 +368,8 @@ class HfPeftWriter:
             raise InternalError("hf-peft writer finished with unwritten tensors")
         self._writer.close(fsync=True)
         self._writer = None
-        _write_json(self.directory / ADAPTER_CONFIG, self.adapter.to_peft_dict())
-        _write_json(self.directory / "config.json", self.config.to_hf_dict())
+        write_json(self.directory / ADAPTER_CONFIG, self.adapter.to_peft_dict())
+        write_json(self.directory / "config.json", self.config.to_hf_dict())
         for name, path in source.source_files().files.items():
             if name != "config.json":
                 shutil.copyfile(path, self.directory / name)

@@ -47,6 +47,7 @@ from ckpt_ir.adapters import (
     lora_layout_json,
 )
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.per_rank import EXTRA_STATE_MODULES as _SPEC_EXTRA_STATE
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
@@ -54,6 +55,7 @@ from ckpt_ir.converters.storage.hf_files import (
     load_hf_config,
 )
 from ckpt_ir.detect import read_json_file
+from ckpt_ir.durable import atomic_write, sync_file, write_synced
 from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -102,18 +104,14 @@ _LINEAR_MODULE = re.compile(r"^(linear_\w+|eh_proj)$")
 _DUPLICATE_NORM = ("the same norm weight under the other layer spec's key (mcore_spec=any "
                    "writes both)")
 
-# `_extra_state` objects a GPTModel requests per layer. The local spec asks for the four linear
-# layers; the TE spec also for core attention. Writing the union loads under megatron-core's
-# default strictness with either spec (it ignores checkpoint keys the model does not request).
+# `_extra_state` objects a GPTModel requests per layer, by spec: the one list lives in
+# per_rank.py (the per-rank formats write the same modules). Writing the union ("any") loads
+# under megatron-core's default strictness with either spec (it ignores checkpoint keys the
+# model does not request).
 EXTRA_STATE_MODULES: Mapping[str, tuple[str, ...]] = {
-    "local": ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
-              "mlp.linear_fc2"),
-    "te": ("self_attention.linear_qkv", "self_attention.linear_proj",
-           "self_attention.core_attention", "mlp.linear_fc1", "mlp.linear_fc2"),
+    **_SPEC_EXTRA_STATE,
+    "any": tuple(dict.fromkeys(_SPEC_EXTRA_STATE["local"] + _SPEC_EXTRA_STATE["te"])),
 }
-EXTRA_STATE_MODULES = {**EXTRA_STATE_MODULES,
-                       "any": tuple(dict.fromkeys(EXTRA_STATE_MODULES["local"]
-                                                  + EXTRA_STATE_MODULES["te"]))}
 
 # A bare model save has an empty common state (verified with megatron-core 0.16.1).
 _COMMON_STATE: dict[str, Any] = {}
@@ -565,8 +563,7 @@ class McoreDistWriter:
         write_metadata(self.directory, records, self._globals)
         with open(self.directory / "common.pt", "wb") as f:
             torch.save(common, f)
-            f.flush()
-            os.fsync(f.fileno())
+            sync_file(f)
         # ckpt-ir's own copy of the HF config; a verl tree keeps it where verl does.
         hf_dir = self.root / VERL_HF_DIR if self.verl_tree else self.directory / HF_CONFIG_DIR
         hf_dir.mkdir(parents=True)
@@ -577,10 +574,7 @@ class McoreDistWriter:
         for name, path in carried.items():
             shutil.copyfile(path, hf_dir / name)
         # Last: megatron-core treats metadata.json as "this checkpoint is complete".
-        with open(self.directory / "metadata.json", "w") as f:
-            json.dump(METADATA_JSON, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(self.directory / "metadata.json", json.dumps(METADATA_JSON))
         if self.verl_tree:
             self._finish_verl_tree(has_tokenizer=any(n != "config.json" for n in carried))
 
@@ -614,12 +608,8 @@ class McoreDistWriter:
             "saved_any_dist_ckpt": True,
         }
         # verl writes it last (temp file + rename): its presence means the save completed.
-        tmp = self.root / f"{VERL_MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / VERL_MANIFEST)
+        atomic_write(self.root / VERL_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True),
+                     tmp=self.root / f"{VERL_MANIFEST}.tmp")
 
     def abort(self) -> None:
         if self._data is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import reprlib
 import shutil
 from collections import OrderedDict
@@ -36,6 +35,7 @@ import torch
 
 from ckpt_ir.converters.per_rank import PerRankReader, PerRankWriter, RankKey
 from ckpt_ir.detect import TRACKER
+from ckpt_ir.durable import write_synced
 from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError
 from ckpt_ir.megatron_config import hf_config_from_megatron, missing_fields, plain_arguments
 
@@ -234,7 +234,4 @@ class MegatronLegacyWriter(PerRankWriter):
         for name, path in source.source_files().files.items():
             shutil.copyfile(path, hf_dir / name)
         # Last: Megatron-LM trusts an iteration only once the tracker names it.
-        with open(self.directory / TRACKER, "w") as f:
-            f.write("release")
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(self.directory / TRACKER, "release")

@@ -79,6 +79,8 @@ __all__ = [
     "PerRankReader",
     "PerRankWriter",
     "RankKey",
+    "list_entries",
+    "load_rank_file",
     "parse_rank_dir",
     "rank_dir_name",
     "refuse_unsupported",
@@ -137,12 +139,35 @@ def rank_dir_name(key: RankKey, layout: ParallelLayout) -> str:
     return name
 
 
-def parse_rank_dir(name: str) -> tuple[int, ...] | None:
-    """The numbers of an ``mp_rank_*`` directory name, or None for other names."""
-    m = _RANK_DIR.match(name)
+def parse_rank_dir(name: str, pattern: re.Pattern[str] = _RANK_DIR) -> tuple[int, ...] | None:
+    """The numbers of an ``mp_rank_*`` directory name (or of a name ``pattern`` matches,
+    one group a number), or None for other names."""
+    m = pattern.match(name)
     if m is None:
         return None
     return tuple(int(g) for g in m.groups() if g is not None)
+
+
+def list_entries(path: Path) -> list[Path]:
+    """The entries of a directory of rank files or rank directories, sorted by name.
+
+    Raises:
+        CorruptCheckpointError: the directory cannot be listed.
+    """
+    try:
+        return sorted(path.iterdir())
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot list {path}: {e}", path=path) from e
+
+
+def load_rank_file(path: Path, *, trust: bool) -> tuple[Any, mmap.mmap | None]:
+    """One rank's ``torch.save`` file through the restricted unpickler, with the private
+    mapping its tensors view (the caller keeps it open as long as the tensors); with
+    ``trust``, through ``torch.load`` and no mapping."""
+    if trust:
+        return load_torch(path, trust=True), None
+    buffer = map_file(path)
+    return load_torch_buffer(buffer, path=str(path)), buffer
 
 
 def resolve_rank_suffix(*, is_moe: bool, source_ep: int | None,
@@ -379,12 +404,8 @@ class PerRankReader:
     # -- scanning -------------------------------------------------------------------------------
 
     def _rank_files(self) -> dict[tuple[int, ...], Path]:
-        try:
-            entries = sorted(self.path.iterdir())
-        except OSError as e:
-            raise CorruptCheckpointError(f"cannot list {self.path}: {e}", path=self.path) from e
         files: dict[tuple[int, ...], Path] = {}
-        for d in entries:
+        for d in list_entries(self.path):
             numbers = parse_rank_dir(d.name)
             if numbers is None or not d.is_dir():
                 continue
@@ -413,10 +434,7 @@ class PerRankReader:
 
     def _load(self, path: Path) -> tuple[Any, mmap.mmap | None]:
         """The unpickled file and the private mapping its tensors view (None when trusted)."""
-        if self._trust:
-            return load_torch(path, trust=True), None
-        buffer = map_file(path)
-        return load_torch_buffer(buffer, path=str(path)), buffer
+        return load_rank_file(path, trust=self._trust)
 
     def _inspect_keys(self, chunks: list[Mapping[str, Any]], path: Path) -> None:
         """Naming (era) and norm style from the keys of the first rank file."""

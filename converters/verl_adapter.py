@@ -43,7 +43,13 @@ from ckpt_ir.adapters import (
     lora_layout_json,
 )
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
-from ckpt_ir.converters.per_rank import RankKey, rank_dir_name
+from ckpt_ir.converters.per_rank import (
+    RankKey,
+    list_entries,
+    load_rank_file,
+    parse_rank_dir,
+    rank_dir_name,
+)
 from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
 from ckpt_ir.converters.storage.torch_zip import TensorRef, TorchZipWriter
 from ckpt_ir.detect import ADAPTER_DIR, read_json_file
@@ -58,7 +64,6 @@ from ckpt_ir.errors import (
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.layout import ParallelLayout, Partition, shard, shard_shape, unshard, unshard_shape
 from ckpt_ir.probes import find_config_dir
-from ckpt_ir.safety.unpickler import load_torch, load_torch_buffer, map_file
 from ckpt_ir.tables import NativeParams
 from ckpt_ir.tables.lora import infer_megatron_lora, lora_partition
 
@@ -125,27 +130,19 @@ class VerlAdapterReader:
     # -- scanning -------------------------------------------------------------------------------
 
     def _load_files(self) -> dict[RankKey, Mapping[str, torch.Tensor]]:
-        try:
-            entries = sorted(self.path.iterdir())
-        except OSError as e:
-            raise CorruptCheckpointError(f"cannot list {self.path}: {e}", path=self.path) from e
         states: dict[RankKey, Mapping[str, torch.Tensor]] = {}
-        for f in entries:
-            m = _FILE.match(f.name)
-            if m is None:
+        for f in list_entries(self.path):
+            numbers = parse_rank_dir(f.name, _FILE)
+            if numbers is None:
                 continue
-            numbers = [int(g) for g in m.groups() if g is not None]
             # mp_rank_TT_NNN: a dense model has no expert ranks, so NNN is the pipeline rank.
             if len(numbers) == 3:
                 raise FormatError(f"{f.name}: expert-parallel adapter files are not supported "
                                   "(dense models only)", path=f)
             key = RankKey(numbers[0], numbers[1] if len(numbers) == 2 else 0)
-            if self._trust:
-                obj = load_torch(f, trust=True)
-            else:
-                buffer = map_file(f)
+            obj, buffer = load_rank_file(f, trust=self._trust)
+            if buffer is not None:
                 self._maps.append(buffer)
-                obj = load_torch_buffer(buffer, path=str(f))
             state = obj.get(STATE_KEY) if isinstance(obj, Mapping) else None
             if not isinstance(state, Mapping):
                 raise CorruptCheckpointError(f"{f.name} does not hold {{{STATE_KEY!r}: "

@@ -24,38 +24,33 @@ background thread (``async_=True``):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import json
 import logging
-import pickle
 import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.base import WriteOptions
 from ckpt_ir.converters.hf import HfWriter
-from ckpt_ir.converters.mcore_dist import McoreDistWriter
-from ckpt_ir.converters.storage.hf_files import carried_files, load_hf_config
+from ckpt_ir.converters.storage.hf_files import load_hf_config
 from ckpt_ir.errors import (
-    CheckpointError,
     CorruptCheckpointError,
-    DestinationError,
     FormatError,
     IncompatibleLayoutError,
     InternalError,
     MissingConfigError,
+    portable_error,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.manager import disk, sharded
+from ckpt_ir.manager.commit import CommitPhase
 from ckpt_ir.manager.fill import fill_from_dist, fill_from_hf
+from ckpt_ir.manager.job import CarriedFiles, SaveJob, as_chunks, typed_error
 from ckpt_ir.manager.live import (
     LocalParam,
     RankCoords,
@@ -63,19 +58,10 @@ from ckpt_ir.manager.live import (
     live_table,
     local_params,
     megatron_coords,
-    shard_geometry,
 )
-from ckpt_ir.manager.plan import (
-    Entry,
-    HfItem,
-    Inventory,
-    ModelPlan,
-    build_model_plan,
-    hf_items,
-    place,
-    rows_of,
-)
-from ckpt_ir.manager.staging import HostArena, HostStream
+from ckpt_ir.manager.plan import Entry, Inventory, build_model_plan, hf_items
+from ckpt_ir.manager.staging import HostArena
+from ckpt_ir.manager.write_phase import WritePhase
 
 __all__ = ["CheckpointManager", "Loaded"]
 
@@ -102,75 +88,25 @@ class Loaded:
     extra: Any = None
 
 
-def _portable(e: BaseException) -> BaseException:
-    """``e`` if it survives pickling (to travel between ranks), else an equivalent one-line
-    error of the nearest public type."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        cls = CheckpointError if isinstance(e, CheckpointError) else InternalError
-        return cls(f"{type(e).__name__}: {e}")
+def _wanted(contents: Sequence[str] | None, model: Any, optimizer: Any,
+            extra: Any) -> set[str]:
+    """The contents a save or a load names, by default those whose state was given."""
+    if contents is None:
+        wanted = {"model"} if model is not None else set()
+        wanted |= {"optimizer"} if optimizer is not None else set()
+        wanted |= {"extra"} if extra is not None else set()
+        return wanted
+    if isinstance(contents, str):
+        raise FormatError("contents must be a collection of names, not a string")
+    wanted = set(contents)
+    unknown = wanted - set(disk.CONTENTS)
+    if unknown:
+        raise FormatError(f"unknown contents {sorted(unknown)}; expected some of "
+                          f"{list(disk.CONTENTS)}")
+    return wanted
 
 
-def _typed(e: Exception, what: str, path: Path) -> Exception:
-    """OS errors (disk full, permissions) as the public :class:`DestinationError`."""
-    if isinstance(e, OSError):
-        err = DestinationError(f"{what}: {e.strerror or e}", path=path)
-        err.__cause__ = e
-        return err
-    return e
-
-
-TRANSFORMER_CONFIG = "transformer_config.json"
-
-
-def _as_chunks(model: Any) -> list[Any] | None:
-    """Model chunks (a module or a list of them), or None for a sharded state dict."""
-    if model is None or isinstance(model, Mapping):
-        return None
-    if isinstance(model, (list, tuple)):
-        return list(model)
-    return [model]
-
-
-class _Source:
-    """What HF/torch_dist writers ask a reader for: the files a model directory carries."""
-
-    def __init__(self, tokenizer: Path | None) -> None:
-        self._files = carried_files([tokenizer]) if tokenizer is not None else {}
-
-    def source_files(self) -> SourceFiles:
-        return SourceFiles(self._files)
-
-
-# --------------------------------------------------------------------------------------------
-# The save job
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    step: int
-    contents: tuple[str, ...]
-    unit: Path                          # staged unit directory
-    dirs: dict[str, Path]               # content -> directory inside the unit
-    model_plan: ModelPlan | None = None
-    hf_items: list[HfItem] = field(default_factory=list)
-    hf_specs: list[TensorSpec] = field(default_factory=list)
-    dist_specs: list[TensorSpec] = field(default_factory=list)
-    dist_names: dict[str, str] = field(default_factory=dict)  # live native -> torch_dist native
-    snapshots: dict[str, sharded.ShardedSnapshot] = field(default_factory=dict)
-    writers: dict[str, Any] = field(default_factory=dict)
-    copy_data: bool = False             # async: this rank's tensors are private CPU copies
-    started: float = 0.0
-    # Top-level keys of the optimizer / extra states (verl's manifest names lr_scheduler and
-    # rng_state entries), and verl's transformer_config.json content (rank 0, verl layout).
-    state_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    transformer_config: dict[str, Any] | None = None
-
-
-class CheckpointManager:
+class CheckpointManager(WritePhase, CommitPhase):
     """Saves and loads checkpoints of a Megatron-Core job, one instance per rank.
 
     Args:
@@ -218,7 +154,7 @@ class CheckpointManager:
         self.config = self._read_config(hf_config)
         check_supported(self.config, self.layout)
         self.tokenizer = Path(tokenizer) if tokenizer is not None else None
-        self._source = _Source(self.tokenizer)
+        self._source = CarriedFiles(self.tokenizer)
         self._dist: Any = None
         self._group: Any = None
         self.rank, self.world_size = 0, 1
@@ -276,7 +212,7 @@ class CheckpointManager:
         try:
             outcome: tuple[str, Any] = ("ok", fn())
         except Exception as e:
-            outcome = ("error", _portable(e))
+            outcome = ("error", portable_error(e))
         outcomes = self._all_gather(("ok", None) if outcome[0] == "ok" else outcome)
         for kind, err in outcomes:
             if kind == "error":
@@ -361,12 +297,12 @@ class CheckpointManager:
                 for d in dirs.values():
                     Path(d).mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise _typed(e, f"cannot stage step {step} under {self.root}",
-                             self.root) from e
+                raise typed_error(e, f"cannot stage step {step} under {self.root}",
+                                  self.root) from e
             return str(unit), dirs
 
         unit_s, dirs_s = self._bcast(self._agree(stage))
-        job = _Job(step, wanted, Path(unit_s), {c: Path(d) for c, d in dirs_s.items()},
+        job = SaveJob(step, wanted, Path(unit_s), {c: Path(d) for c, d in dirs_s.items()},
                    copy_data=async_, started=started,
                    state_keys={c: tuple(str(k) for k in state) for c, state in
                                (("optimizer", optimizer), ("extra", extra))
@@ -375,7 +311,7 @@ class CheckpointManager:
             job.transformer_config = self._transformer_config(model)
         try:
             self._agree(lambda: self._prepare_local(job, model, optimizer, extra))
-            if {"model", "hf_model"} & set(wanted) and _as_chunks(model) is not None:
+            if {"model", "hf_model"} & set(wanted) and as_chunks(model) is not None:
                 self._plan_model(job, model)
         except BaseException:
             if self.rank == 0:
@@ -434,7 +370,7 @@ class CheckpointManager:
                                              "outside the checkpoint", path=unit)
             fmt = entry.get("format")
             if content in ("model", "hf_model"):
-                chunks = _as_chunks(model)
+                chunks = as_chunks(model)
                 if chunks is None:
                     if fmt != disk.FORMAT_DIST:
                         raise FormatError(f"step {step} stores {content} as {fmt}; a sharded "
@@ -459,26 +395,9 @@ class CheckpointManager:
 
     # -- contents ------------------------------------------------------------------------------
 
-    def _content_path(self, content: str) -> str:
-        if content == "model" and self.model_format == "hf":
-            # verl's bridge mode: the model *is* the HF tree; hf_model then shares it.
-            return self.disk.content_path("hf_model")
-        return self.disk.content_path(content)
-
     def _save_contents(self, contents: Sequence[str] | None, model: Any, optimizer: Any,
                        extra: Any) -> tuple[str, ...]:
-        if contents is None:
-            wanted = {"model"} if model is not None else set()
-            wanted |= {"optimizer"} if optimizer is not None else set()
-            wanted |= {"extra"} if extra is not None else set()
-        else:
-            if isinstance(contents, str):
-                raise FormatError("contents must be a collection of names, not a string")
-            wanted = set(contents)
-        unknown = wanted - set(disk.CONTENTS)
-        if unknown:
-            raise FormatError(f"unknown contents {sorted(unknown)}; expected some of "
-                              f"{list(disk.CONTENTS)}")
+        wanted = _wanted(contents, model, optimizer, extra)
         if not wanted:
             raise FormatError("nothing to save (contents is empty)")
         for content, state in (("optimizer", optimizer), ("extra", extra)):
@@ -486,27 +405,17 @@ class CheckpointManager:
                 raise FormatError(f"contents has {content!r} but no {content} state was given")
         if wanted & {"model", "hf_model"} and model is None:
             raise FormatError("contents has 'model'/'hf_model' but no model was given")
-        if "hf_model" in wanted and _as_chunks(model) is None:
+        if "hf_model" in wanted and as_chunks(model) is None:
             raise FormatError("hf_model is written from the model chunks (torch.nn.Module), "
                               "not from a sharded state dict")
-        if self.model_format == "hf" and "model" in wanted and _as_chunks(model) is None:
+        if self.model_format == "hf" and "model" in wanted and as_chunks(model) is None:
             raise FormatError("model_format='hf' needs the model chunks, not a sharded state "
                               "dict")
         return tuple(c for c in disk.CONTENTS if c in wanted)
 
     def _load_contents(self, contents: Sequence[str] | None, model: Any, optimizer: Any,
                        extra: Any) -> tuple[str, ...]:
-        if contents is None:
-            wanted = {"model"} if model is not None else set()
-            wanted |= {"optimizer"} if optimizer is not None else set()
-            wanted |= {"extra"} if extra is not None else set()
-        else:
-            if isinstance(contents, str):
-                raise FormatError("contents must be a collection of names, not a string")
-            wanted = set(contents)
-        unknown = wanted - set(disk.CONTENTS)
-        if unknown:
-            raise FormatError(f"unknown contents {sorted(unknown)}")
+        wanted = _wanted(contents, model, optimizer, extra)
         if {"model", "hf_model"} <= wanted:
             raise FormatError("load the weights from 'model' or from 'hf_model', not both")
         if wanted & {"model", "hf_model"} and model is None:
@@ -546,17 +455,17 @@ class CheckpointManager:
 
     # -- save: plan ----------------------------------------------------------------------------
 
-    def _prepare_local(self, job: _Job, model: Any, optimizer: Any, extra: Any) -> None:
+    def _prepare_local(self, job: SaveJob, model: Any, optimizer: Any, extra: Any) -> None:
         """Snapshot the sharded state dicts (this rank's main replicas)."""
-        states = {"model": model if _as_chunks(model) is None else None,
+        states = {"model": model if as_chunks(model) is None else None,
                   "optimizer": optimizer, "extra": extra}
         for content, state in states.items():
             if content in job.contents and state is not None:
                 job.snapshots[content] = sharded.snapshot(state, copy_data=job.copy_data,
                                                           what=content)
 
-    def _plan_model(self, job: _Job, model: Any) -> None:
-        chunks = _as_chunks(model)
+    def _plan_model(self, job: SaveJob, model: Any) -> None:
+        chunks = as_chunks(model)
         if chunks is None:
             return
 
@@ -611,13 +520,13 @@ class CheckpointManager:
 
     # -- save: write and commit ----------------------------------------------------------------
 
-    def _run_in_background(self, job: _Job) -> None:
+    def _run_in_background(self, job: SaveJob) -> None:
         try:
             self._run(job)
         except BaseException as e:  # re-raised by wait() on this rank
             self._error = e
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: SaveJob) -> None:
         try:
             outcome: tuple[str, Any] = ("ok", self._write_rank(job))
         except Exception as e:
@@ -625,8 +534,8 @@ class CheckpointManager:
             for w in job.writers.values():
                 with contextlib.suppress(Exception):
                     w.abort()
-            outcome = ("error", _portable(_typed(e, f"rank {self.rank} cannot write step "
-                                                    f"{job.step}", job.unit)))
+            outcome = ("error", portable_error(typed_error(
+                e, f"rank {self.rank} cannot write step {job.step}", job.unit)))
         outcomes = self._gather(outcome)
         status: BaseException | None = None
         if self.rank == 0:
@@ -639,7 +548,8 @@ class CheckpointManager:
                 try:
                     self._commit(job, [o[1] for o in outcomes])
                 except Exception as e:
-                    status = _portable(_typed(e, f"cannot commit step {job.step}", self.root))
+                    status = portable_error(typed_error(e, f"cannot commit step {job.step}",
+                                                        self.root))
             if status is not None:
                 shutil.rmtree(self._staging_root(job.unit), ignore_errors=True)
         status = self._bcast(status)
@@ -653,208 +563,3 @@ class CheckpointManager:
         out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         self._dist.gather_object(obj, out, dst=0, group=self._group)
         return out
-
-    def _write_rank(self, job: _Job) -> dict[str, Any]:
-        parts: dict[str, Any] = {}
-        plan = job.model_plan
-        if "model" in job.contents and plan is not None and self.model_format == "torch_dist":
-            parts["model"] = self._write_dist_model(job, plan)
-        if "hf_model" in job.writers:
-            self._write_hf(job, plan)
-        for content, snap in job.snapshots.items():
-            parts[content] = sharded.write_sharded_rank(job.dirs[content], snap, self.rank)
-        return parts
-
-    def _write_dist_model(self, job: _Job, plan: ModelPlan) -> list:
-        writer = McoreDistWriter(job.dirs["model"], self.config, WriteOptions(
-            rank=self.rank, world_size=self.world_size,
-            extra={"mcore_spec": self.mcore_spec}))
-        job.writers["model"] = writer
-        writer.begin(job.dist_specs)
-        boxes: list[tuple[str, list[int], torch.Tensor]] = []
-        for native, tensor in plan.mine.items():
-            binding = plan.table.by_native[native]
-            shape = plan.shapes[native]
-            g = shard_geometry(binding.partition, shape, plan.tp, self.coords.tp, name=native)
-            at = 0
-            for run in g.rows:
-                piece = tensor.narrow(0, at, len(run)) if tensor.dim() else tensor
-                offsets = [run.start] + [0] * (len(shape) - 1)
-                if g.cols is not None:
-                    offsets[-1] = g.cols.start
-                boxes.append((job.dist_names[native], offsets, piece))
-                at += len(run)
-        # GPU tensors cross to the host in pinned pieces while earlier ones are written.
-        stream = HostStream([piece for _, _, piece in boxes])
-        try:
-            for i, (name, offsets, piece) in enumerate(boxes):
-                writer.write_chunk_slabs(name, offsets, tuple(piece.shape), piece.dtype,
-                                         stream.pieces(i))
-        finally:
-            stream.close()
-        return writer.finish_rank()
-
-    def _write_hf(self, job: _Job, plan: ModelPlan | None) -> None:
-        """Assemble each HF tensor at the owner of its file from the ranks' pieces (see the
-        module docstring); one destination tensor is alive at a time."""
-        if plan is None:
-            raise InternalError("hf_model without a model plan")
-        writer: HfWriter = job.writers["hf_model"]
-        me = self.rank
-        for item in job.hf_items:
-            out = torch.empty(item.shape, dtype=item.dtype) if item.owner == me else None
-            for piece in item.pieces:
-                if piece.rank == me:
-                    rows = rows_of(plan.mine[piece.native], piece.segments)
-                    if out is not None:
-                        place(out, rows, piece.segments, piece.cols)
-                    else:
-                        self._dist.send(rows.to("cpu").contiguous(), dst=item.owner,
-                                        group=self._group)
-                elif out is not None:
-                    direct = len(piece.segments) == 1 and piece.cols is None
-                    if direct:
-                        # Straight into the destination rows: no staging buffer.
-                        seg = piece.segments[0]
-                        self._dist.recv(out.narrow(0, seg.part, seg.length), src=piece.rank,
-                                        group=self._group)
-                    else:
-                        buf = torch.empty(piece.shape, dtype=item.dtype)
-                        self._dist.recv(buf, src=piece.rank, group=self._group)
-                        place(out, buf, piece.segments, piece.cols)
-                        del buf
-            if out is not None:
-                writer.write(item.name, out)
-                del out
-        writer.finish_rank()
-
-    def _commit(self, job: _Job, parts: Sequence[Mapping[str, Any]]) -> None:
-        """Rank 0, once every rank's files are durable: metadata, manifest, rename, tracker,
-        retention, in that order."""
-        if "model" in job.writers:
-            job.writers["model"].finish_all(self._source, [p["model"] for p in parts])
-        if "hf_model" in job.writers:
-            job.writers["hf_model"].finish_all(self._source, [None] * len(parts))
-        for content, snap in job.snapshots.items():
-            if content == "model":
-                self._write_hf_config(job.dirs[content])
-            sharded.finish_sharded(job.dirs[content], [p[content] for p in parts], snap.common)
-        if self.disk.kind == "verl":
-            self._write_verl_files(job)
-        disk.write_manifest(job.unit, self._manifest(job))
-        disk.publish(self.root, self.disk, job.step, job.unit)
-        disk.write_tracker(self.root, job.step)
-        removed = disk.retain(self.root, self.disk, self.keep_last)
-        if removed:
-            log.info("retention (keep_last=%s) removed steps %s", self.keep_last, removed)
-
-    def _transformer_config(self, model: Any) -> dict[str, Any]:
-        """verl's ``transformer_config.json``: the live model's megatron-core
-        ``TransformerConfig`` as JSON values (callables, process groups and other objects
-        dropped, dtypes and enums as strings, as verl writes it); for a model given as a
-        sharded state dict, the fields ckpt-ir derives from the HF config and the layout."""
-        from ckpt_ir.megatron_config import json_safe_fields, transformer_config_json
-
-        chunks = _as_chunks(model)
-        config = getattr(chunks[0], "config", None) if chunks else None
-        if config is not None and dataclasses.is_dataclass(config):
-            return json_safe_fields({f.name: getattr(config, f.name)
-                                     for f in dataclasses.fields(config)})
-        layout = self.layout
-        return transformer_config_json(
-            self.config, tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep,
-            etp=layout.etp, first_stage_layers=layout.first_stage_layers,
-            last_stage_layers=layout.last_stage_layers)
-
-    def _write_verl_files(self, job: _Job) -> None:
-        """What verl 0.9.1 writes beside the weights (verl layout, rank 0, before the
-        manifest): the HF config and tokenizer in ``model/huggingface/`` (verl's model merger
-        reads the config there, also for a torch_dist-only save), and
-        ``transformer_config.json`` when ``extra`` is saved."""
-        if {"model", "hf_model"} & set(job.contents):
-            hf_dir = job.unit / self.disk.content_path("hf_model")
-            if not (hf_dir / "config.json").is_file():
-                hf_dir.mkdir(parents=True, exist_ok=True)
-                disk.atomic_write_text(hf_dir / "config.json",
-                                       json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
-                for name, path in self._source.source_files().files.items():
-                    shutil.copyfile(path, hf_dir / name)
-        if job.transformer_config is not None:
-            disk.atomic_write_text(job.unit / TRANSFORMER_CONFIG,
-                                   json.dumps(job.transformer_config, indent=2) + "\n")
-
-    def _write_hf_config(self, directory: Path) -> None:
-        """The HF config beside a passed-through torch_dist model, where ckpt-ir's own
-        torch_dist writer puts it, so ``ckpt_ir.convert`` can read the model without help."""
-        from ckpt_ir.converters.mcore_dist import HF_CONFIG_DIR
-
-        out = directory / HF_CONFIG_DIR
-        out.mkdir(exist_ok=True)
-        disk.atomic_write_text(out / "config.json",
-                               json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
-        for name, path in self._source.source_files().files.items():
-            shutil.copyfile(path, out / name)
-
-    def _verl_entries(self, job: _Job, contents: dict[str, Any]) -> None:
-        """The entries verl 0.9.1's manifest adds beside the saved contents
-        (``MegatronCheckpointManager._build_checkpoint_manifest``): where the LR scheduler
-        and the RNG state sit, the transformer config, the HF config and tokenizer."""
-        if "model" in contents and contents["model"]["format"] == disk.FORMAT_DIST:
-            contents["model"]["backend"] = "dist_checkpointing"
-        optimizer = self._content_path("optimizer")
-        if "optimizer" in job.contents and "lr_scheduler" in job.state_keys.get("optimizer", ()):
-            contents["lr_scheduler"] = {"path": optimizer, "format": disk.FORMAT_DIST,
-                                        "key": "lr_scheduler"}
-        if "extra" in job.contents and "rng_state" in job.state_keys.get("extra", ()):
-            contents["rng_state"] = {"path": self._content_path("extra"),
-                                     "format": disk.FORMAT_DIST, "key": "rng_state"}
-        if job.transformer_config is not None:
-            contents["transformer_config"] = {"path": TRANSFORMER_CONFIG, "format": "json"}
-        if {"model", "hf_model"} & set(job.contents):
-            hf = self.disk.content_path("hf_model")
-            contents["hf_config"] = {"path": hf, "format": disk.FORMAT_HF,
-                                     "note": "config.json, tokenizer, and optional "
-                                             "generation_config.json"}
-            if self.tokenizer is not None:
-                contents["tokenizer"] = {"path": hf, "format": disk.FORMAT_HF}
-
-    def _manifest(self, job: _Job) -> dict[str, Any]:
-        """verl's ``ckpt_contents.json`` (schema 2), plus what ckpt-ir needs to load it."""
-        contents: dict[str, Any] = {}
-        directories: dict[str, str] = {}
-        for c in job.contents:
-            path = self._content_path(c)
-            is_hf = c == "hf_model" or (c == "model" and self.model_format == "hf")
-            contents[c] = {"path": path,
-                           "format": disk.FORMAT_HF if is_hf else disk.FORMAT_DIST,
-                           "backend": "ckpt-ir"}
-            directories[path] = {
-                "model": "model weights", "hf_model": "HF weights, config and tokenizer",
-                "optimizer": "optimizer state (torch_dist)",
-                "extra": "RNG / scheduler / other state (torch_dist)"}[c]
-        if self.model_format == "hf" and {"model", "hf_model"} <= set(job.contents):
-            contents["hf_model"]["note"] = "same directory as model: written once"
-        if self.disk.kind == "verl":
-            self._verl_entries(job, contents)
-        from ckpt_ir import __version__
-
-        hf = self.config.hf
-        archs = hf.get("architectures") or [self.config.architecture]
-        return {
-            "schema_version": disk.MANIFEST_SCHEMA_VERSION,
-            "framework": "megatron",
-            "role": self.disk.role,
-            "arch": archs[0] if isinstance(archs, list) and archs else self.config.architecture,
-            "global_step": job.step,
-            "world_size": self.world_size,
-            "backend": {"has_bridge": False,
-                        "use_dist_checkpointing": self.model_format == "torch_dist",
-                        "peft": False},
-            "save_contents": list(job.contents),
-            "contents": contents,
-            "directories": directories,
-            "saved_any_dist_ckpt": any(v["format"] == disk.FORMAT_DIST
-                                       for v in contents.values()),
-            "writer": {"name": "ckpt-ir", "version": __version__,
-                       "layout": self.layout.describe(), "mcore_spec": self.mcore_spec},
-        }

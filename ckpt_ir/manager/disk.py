@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_ir.detect import MANIFEST, TRACKER, parse_step
+from ckpt_ir.durable import atomic_write, fsync_dir, fsync_tree
 from ckpt_ir.errors import (
     CorruptCheckpointError,
     DestinationError,
     DestinationExistsError,
     FormatError,
 )
-from ckpt_ir.executor import fsync_dir, remove_entry
+from ckpt_ir.executor import remove_entry
 from ckpt_ir.safety.files import read_text
 
 __all__ = [
@@ -161,33 +162,10 @@ def _managed_unit(root: Path, layout: DiskLayout, step: int) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` so a reader sees the old content or the new, never a torn file:
-    a temporary sibling, fsync, ``os.replace``, fsync of the directory."""
+    """Write ``path`` so a reader sees the old content or the new, never a torn file; the
+    temporary sibling carries :data:`STAGING_MARKER` so :func:`clean_stale` can tell it apart."""
     tmp = path.parent / f".{path.name}{STAGING_MARKER}{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``: the data writers fsync their own files,
-    but small side files (copied tokenizer, configs) and new directory entries must be durable
-    too before a manifest vouches for them. Cheap for files already fsynced."""
-    for d, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(Path(d) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(d))
+    atomic_write(path, text, tmp=tmp)
 
 
 def read_tracker(root: Path) -> int | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from ckpt_ir.converters.mcore_dist import METADATA_JSON
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, DcpRecord, write_metadata
+from ckpt_ir.durable import sync_file, write_synced
 from ckpt_ir.errors import (
     CorruptCheckpointError,
     FormatError,
@@ -266,12 +266,8 @@ def finish_sharded(directory: Path, parts: Sequence[RankPart], common: Any) -> N
                           path=directory) from e
     with open(directory / "common.pt", "wb") as f:
         torch.save(common, f)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(directory / "metadata.json", "w") as f:
-        json.dump(METADATA_JSON, f)
-        f.flush()
-        os.fsync(f.fileno())
+        sync_file(f)
+    write_synced(directory / "metadata.json", json.dumps(METADATA_JSON))
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ckpt_ir.durable import close_file
 from ckpt_ir.errors import DestinationExistsError, InternalError
 from ckpt_ir.slabs import FileSlab, copy_range
 
@@ -337,12 +338,7 @@ class TorchZipWriter:
             raise InternalError("close() a file of its own; finish() an appended archive")
         self._finish_archive(obj)
         file, self._file = self._file, None
-        try:
-            file.flush()
-            if fsync:
-                os.fsync(file.fileno())
-        finally:
-            file.close()
+        close_file(file, fsync=fsync)
 
     def _central_directory(self) -> None:
         if self._file is None:

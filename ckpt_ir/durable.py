@@ -1,0 +1,85 @@
+"""Durable writes: the one home for fsync-a-file, fsync-a-directory and write-then-rename.
+
+A checkpoint counts only once its bytes and its directory entries are on disk, so every writer
+(the executor's rename, the DCP ``.metadata`` commit, the manager's manifest and tracker, the
+small JSON side files) goes through these few helpers instead of each repeating the
+open/flush/fsync/replace dance. The core may import this module; it imports nothing of ckpt-ir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "close_file", "fsync_dir", "fsync_tree", "sync_file", "write_json",
+           "write_synced"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``: the data writers fsync their own files,
+    but small side files (copied tokenizer, configs) and new directory entries must be durable
+    too before a manifest vouches for them. Cheap for files already fsynced."""
+    for d, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(d) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(d))
+
+
+def sync_file(file: IO[Any]) -> None:
+    """Flush Python's buffer and fsync the file's data."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def close_file(file: IO[Any], *, fsync: bool = True) -> None:
+    """Flush, fsync (unless ``fsync=False``: an aborted write) and close ``file``; it is
+    closed even when the flush or the fsync fails."""
+    try:
+        file.flush()
+        if fsync:
+            os.fsync(file.fileno())
+    finally:
+        file.close()
+
+
+def write_synced(path: Path, data: str | bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` and fsync the file (not its directory: the caller's commit
+    step, a rename or a later :func:`fsync_tree`, makes the entry durable)."""
+    mode = ("x" if exclusive else "w") + ("b" if isinstance(data, bytes) else "")
+    with open(path, mode) as f:
+        f.write(data)
+        sync_file(f)
+
+
+def write_json(path: Path, data: Any, *, sort_keys: bool = False) -> None:
+    """``data`` as indented JSON with a final newline, fsynced (see :func:`write_synced`)."""
+    write_synced(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def atomic_write(path: Path, data: str | bytes, *, tmp: Path) -> None:
+    """Write ``path`` so a reader sees the old content or the new, never a torn file: the
+    temporary sibling ``tmp`` (created exclusively, removed on failure), fsync, ``os.replace``,
+    fsync of the directory. The caller names ``tmp`` because its clean-up code recognises its
+    own temporary names."""
+    try:
+        write_synced(tmp, data, exclusive=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
