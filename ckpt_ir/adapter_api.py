@@ -43,6 +43,7 @@ from ckpt_ir.formats import (
     writer_class,
 )
 from ckpt_ir.ir import Checkpoint, dtype_name, parse_dtype
+from ckpt_ir.options import AdapterTarget, WriteOptions
 from ckpt_ir.planner import Plan, make_plan
 from ckpt_ir.tables import Binding, Table, build_table
 from ckpt_ir.transforms import MergeLora, lora_roles
@@ -299,8 +300,6 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     (Bridge's ``LoRA``; the default unless the source is CanonicalLoRA) or ``canonical``.
     ``layout``: TP/PP of a ``verl-legacy`` destination (as for :func:`ckpt_ir.convert`).
     """
-    from ckpt_ir.converters.base import WriteOptions
-
     started = time.perf_counter()
     if options:
         raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
@@ -322,7 +321,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         adapter: AdapterConfig = reader.adapter
         writer_cls = adapter_writer_class(to)
         dest_layout = target_layout(reader, to, layout)
-        extra: dict[str, Any] = {"adapter": adapter, "layout": dest_layout}
+        lora: LoraLayout | None = None
         notes = [*resolved.notes, *carried_notes(reader)]
         source_lora: LoraLayout | None = reader.params.lora
         if writer_cls.naming == "mcore-lora":
@@ -336,9 +335,9 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                 lora, lora_notes = plan_lora_layout(adapter, style=style, shared_groups=shared,
                                                     rank_multiple=multiple)
                 notes.extend(lora_notes)
-            extra["lora_layout"] = lora
         wopts = WriteOptions(dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
-                             trust_pickles=trust_pickles, extra=extra)
+                             trust_pickles=trust_pickles, layout=dest_layout,
+                             adapter=AdapterTarget(adapter, lora))
         plan = make_plan(source_format=reader.format, source_naming=reader.naming,
                          source_params=reader.params, source_tensors=reader.tensors(),
                          source_dropped=source_plan.dropped, config=reader.config,
@@ -346,8 +345,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                          dest_params=writer_cls.params_for(reader.config, wopts),
                          dtype=wopts.dtype, schema=adapter.schema())
         summary = {"source": adapter.summary()}
-        if "lora_layout" in extra:
-            lora = extra["lora_layout"]
+        if lora is not None:
             summary["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
                                    "target_modules": lora.targets(reader.config)}
         if source_lora is not None:
@@ -466,8 +464,6 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
 
         ckpt_ir.merge_adapter("Qwen3-8B", "adapter-hf", "merged", to="hf")
     """
-    from ckpt_ir.converters.base import WriteOptions
-
     started = time.perf_counter()
     if to not in ("hf", "mcore-dist"):
         raise FormatError(f"merge-adapter writes hf or mcore-dist, not {to!r}")
@@ -494,7 +490,7 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
             out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         wopts = WriteOptions(dtype=out_dtype, pad_vocab_to_multiple=pad_vocab_to_multiple,
                              max_shard_bytes=_parse_size(max_shard_size),
-                             trust_pickles=trust_pickles, extra={"mcore_spec": mcore_spec})
+                             trust_pickles=trust_pickles, mcore_spec=mcore_spec)
         writer_cls = writer_class(to)
         dest_params = writer_cls.params_for(config, wopts)
         ad_schema = ad_config.schema()

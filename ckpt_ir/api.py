@@ -21,6 +21,7 @@ from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import PER_RANK_FORMATS, reader_class, writer_class
 from ckpt_ir.ir import Checkpoint, parse_dtype
 from ckpt_ir.layout import ParallelLayout
+from ckpt_ir.options import VerlTree, WriteOptions
 from ckpt_ir.planner import Plan, make_plan
 from ckpt_ir.tables import build_table
 
@@ -210,8 +211,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     ``model/dist_ckpt``, ``model/huggingface`` (config, tokenizer), ``transformer_config.json``
     and ``ckpt_contents.json``.
     """
-    from ckpt_ir.converters.base import WriteOptions
-
     if "from" in options:
         source_format = options.pop("from")
     from ckpt_ir.adapter_api import adapter_conversion, convert_adapter
@@ -231,23 +230,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         if to != "mcore-dist":
             raise FormatError(f"verl_tree (--verl-tree) writes mcore-dist, not {to}")
         step = re.fullmatch(r"global_step_(\d+)", Path(dst).absolute().parent.name)
-        tree = {"role": Path(dst).name if Path(dst).name in ("actor", "critic") else "actor",
-                "step": int(step.group(1)) if step else None}
+        tree = VerlTree(role=Path(dst).name if Path(dst).name in ("actor", "critic") else "actor",
+                        step=int(step.group(1)) if step else None)
     started = time.perf_counter()
     wopts = WriteOptions(
         dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
         pad_vocab_to_multiple=pad_vocab_to_multiple,
         max_shard_bytes=_parse_size(max_shard_size),
-        trust_pickles=trust_pickles,
-        extra={"mcore_spec": mcore_spec, "hf_experts": hf_experts,
-               "mcore_experts": mcore_experts, "verl_tree": tree},
+        trust_pickles=trust_pickles, mcore_spec=mcore_spec, hf_experts=hf_experts,
+        mcore_experts=mcore_experts, verl_tree=tree,
     )
     reader, resolved = _open_reader(src, source_format, hf_config=hf_config,
                                     trust_pickles=trust_pickles, source_ep=source_ep)
     try:
         dest_layout = target_layout(reader, to, layout)
-        wopts = dataclasses.replace(wopts, extra={**wopts.extra, "layout": dest_layout,
-                                                  "source_params": reader.params})
+        wopts = dataclasses.replace(wopts, layout=dest_layout, source_params=reader.params)
         plan, writer_cls = plan_conversion(reader, to, wopts)
         notes = [*resolved.notes, *carried_notes(reader)]
         source_layout = resolved.layout

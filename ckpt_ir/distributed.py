@@ -105,11 +105,12 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
     """Execute ``plan`` on this rank's share; returns the output files (rank 0) or []."""
     # Here, not at the top: the CLI imports this module for env_world(), and `ckpt-ir --help`
     # must not import torch (the executor does).
+    from ckpt_ir.capabilities import PartitionedWriter
     from ckpt_ir.executor import atomic_directory, execute
 
     dist = _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if not hasattr(writer_cls, "finish_all"):
+    if not issubclass(writer_cls, PartitionedWriter):
         raise FormatError(f"format {writer_cls.format!r} cannot be written by several "
                           "processes yet")
     with contextlib.ExitStack() as stack:

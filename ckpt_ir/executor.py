@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ckpt_ir.capabilities import FileSlabWriter, LocatingReader, SlabWriter
 from ckpt_ir.errors import (
     CheckpointError,
     DestinationError,
@@ -53,11 +54,11 @@ def execute(plan: Plan, reader, writer, *,
     specs = {s.name: s for s in plan.dest_specs}
     # Writers that stream take a destination tensor as the row-major slabs of its transform
     # (a fused QKV as its q/k/v row blocks), so it is never built here.
-    write_slabs = getattr(writer, "write_slabs", None)
+    write_slabs = writer.write_slabs if isinstance(writer, SlabWriter) else None
     # Slabs that are byte ranges of a mapped source file go to such writers as FileSlabs,
     # copied by the kernel (ckpt_ir.slabs).
-    locate = getattr(reader, "locate", None) \
-        if getattr(writer, "accepts_file_slabs", False) else None
+    locate = reader.locate if isinstance(writer, FileSlabWriter) \
+        and isinstance(reader, LocatingReader) else None
     if begin:
         writer.begin(plan.dest_specs)
     with _SourceFiles() as files:

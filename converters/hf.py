@@ -45,8 +45,6 @@ __all__ = ["HfReader", "HfWriter", "is_hf_dir"]
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-HF_EXPERT_LAYOUTS = ("per-expert", "fused")
-"""``hf_experts`` writer option: what transformers writes, or its in-memory stacked layout."""
 FUSED_EXPERTS_SUFFIX = ".mlp.experts.gate_up_proj"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -248,11 +246,7 @@ class HfWriter:
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
         """HF names carry no padding; MoE experts per expert (default) or fused."""
-        experts = options.extra.get("hf_experts") or "per-expert"
-        if experts not in HF_EXPERT_LAYOUTS:
-            raise FormatError(f"hf_experts must be one of {', '.join(HF_EXPERT_LAYOUTS)}, "
-                              f"not {experts!r}")
-        return NativeParams(hf_experts=experts)
+        return NativeParams(hf_experts=options.hf_experts)
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         cap = self.options.max_shard_bytes

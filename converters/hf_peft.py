@@ -280,16 +280,14 @@ def _write_json(path: Path, data: Any) -> None:
 class HfPeftWriter:
     """Streams ``adapter_model.safetensors``; ``adapter_config.json`` and config.json last.
 
-    ``options.extra["adapter"]`` is the :class:`AdapterConfig` of the tensors written.
+    ``options.adapter.adapter`` is the :class:`AdapterConfig` of the tensors written.
     """
 
     format: ClassVar[str] = "hf-peft"
     naming: ClassVar[str] = "hf"
 
     def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
-        adapter = options.extra.get("adapter")
-        if not isinstance(adapter, AdapterConfig):
-            raise InternalError("the hf-peft writer needs options.extra['adapter']")
+        adapter = options.require_adapter("hf-peft").adapter
         self.directory = directory
         self.config = config
         self.options = options
