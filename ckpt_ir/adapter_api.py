@@ -48,6 +48,7 @@ from ckpt_ir.orchestration import (
     Report,
     adapter_source,
     carried_notes,
+    is_checkpoint,
     open_adapter_reader,
     open_reader,
     parse_size,
@@ -321,7 +322,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         if not dry_run:
             report.files = write_checkpoint(
                 plan, reader, writer_cls, reader.config, wopts, dst, overwrite=overwrite,
-                protect=(Path(src), resolved.path),
+                protect=(Path(src), resolved.path), replaceable=is_checkpoint,
                 on_progress=progress_counter(progress, plan.bytes_written))
     finally:
         reader.close()
@@ -481,6 +482,7 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
             report.files = write_checkpoint(
                 plan, source, writer_cls, config, wopts, dst, overwrite=overwrite,
                 protect=(Path(base), base_resolved.path, Path(adapter), ad_resolved.path),
+                replaceable=is_checkpoint,
                 on_progress=progress_counter(progress, plan.bytes_written))
     finally:
         base_reader.close()

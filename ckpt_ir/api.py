@@ -25,6 +25,7 @@ from ckpt_ir.orchestration import (
     LayoutRequest,
     Report,
     carried_notes,
+    is_checkpoint,
     open_reader,
     parse_size,
     plan_conversion,
@@ -170,6 +171,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             report.files = write_checkpoint(plan, reader, writer_cls, reader.config, wopts, dst,
                                             overwrite=overwrite,
                                             protect=(Path(src), resolved.path),
+                                            replaceable=is_checkpoint,
                                             on_progress=on_progress)
     finally:
         reader.close()

@@ -107,6 +107,7 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
     # must not import torch (the executor does).
     from ckpt_ir.capabilities import PartitionedWriter
     from ckpt_ir.executor import atomic_directory, execute
+    from ckpt_ir.orchestration import is_checkpoint as replaceable
 
     dist = _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -120,7 +121,8 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
         if rank == 0:
             try:
                 message[0] = str(stack.enter_context(
-                    atomic_directory(dst, overwrite=overwrite, protect=tuple(protect))))
+                    atomic_directory(dst, overwrite=overwrite, protect=tuple(protect),
+                                     replaceable=replaceable)))
             except CheckpointError as e:
                 message[0] = e
         dist.broadcast_object_list(message, src=0)

@@ -17,6 +17,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ckpt_ir.capabilities import LayoutReader, SlabWriter
@@ -27,7 +28,7 @@ from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.options import WriteOptions
 from ckpt_ir.planner import DestView, Plan, SourceView, make_plan
 
-__all__ = ["LayoutRequest", "Report", "Source", "adapter_source", "carried_notes",
+__all__ = ["LayoutRequest", "Report", "Source", "adapter_source", "carried_notes", "is_checkpoint",
            "open_adapter_reader", "open_reader", "parse_size", "plan_conversion",
            "progress_counter", "resolve_source", "source_layout", "target_layout"]
 
@@ -186,6 +187,16 @@ def source_layout(reader: Any, resolved: Resolved) -> str:
     if isinstance(reader, LayoutReader):
         return f"{resolved.layout}, {reader.layout.describe()}"
     return resolved.layout
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint ckpt-ir recognises: what ``--overwrite`` may
+    replace (the executor's ``replaceable``)."""
+    try:
+        resolve(path)
+    except Exception:  # whatever stops detection, the directory is not ours to delete
+        return False
+    return True
 
 
 def carried_notes(reader) -> list[str]:
