@@ -130,7 +130,7 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
             raise message[0]
         tmp = Path(message[0])
         opts = replace(options, rank=rank, world_size=world)
-        writer = writer_cls(tmp, reader.config, opts)
+        writer = writer_cls(tmp, reader.config, opts, plan.dest_params)
         outcome: Any
         try:
             writer.begin(plan.dest_specs)

@@ -152,7 +152,7 @@ def write_checkpoint(plan: Plan, reader, writer_cls, config, options,
     """
     with atomic_directory(dest, overwrite=overwrite, protect=protect,
                           replaceable=replaceable) as tmp:
-        writer = writer_cls(tmp, config, options)
+        writer = writer_cls(tmp, config, options, plan.dest_params)
         try:
             execute(plan, reader, writer, on_progress=on_progress)
             writer.finish(reader)

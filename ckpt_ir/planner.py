@@ -57,6 +57,9 @@ class Plan:
     ir_specs: Mapping[str, TensorSpec]
     dropped: Mapping[str, str]
     notes: tuple[str, ...] = field(default=())
+    # The destination's physical choices the plan was built with; the writer is constructed
+    # with them rather than recomputing them (its params_for runs once).
+    dest_params: NativeParams | None = None
 
     @property
     def bytes_read(self) -> int:
@@ -287,4 +290,4 @@ def make_plan(source: SourceView, dest: DestView, config: ModelConfig, *,
     rank = {t.native: i for i, u in enumerate(units) for t in u.targets}
     ordered_specs = tuple(sorted(dest_specs, key=lambda s: rank[s.name]))
     return Plan(source_format, dest_format, config, tuple(units), ordered_specs,
-                ir_specs, dropped, notes)
+                ir_specs, dropped, notes, dest.params)

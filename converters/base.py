@@ -71,7 +71,11 @@ class Reader(Protocol):
 
 @runtime_checkable
 class Writer(Protocol):
-    """Writes one checkpoint in one format into a (temporary) directory."""
+    """Writes one checkpoint in one format into a (temporary) directory.
+
+    Constructed as ``cls(directory, config, options, params)``: ``params`` are what
+    :meth:`params_for` returned when the plan was made (None: the writer calls it itself, as
+    the checkpoint manager's direct uses do)."""
 
     format: ClassVar[str]
     naming: ClassVar[str]

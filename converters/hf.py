@@ -230,11 +230,13 @@ class HfWriter:
     format: ClassVar[str] = "hf"
     naming: ClassVar[str] = "hf"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
         self.directory = directory
         self.config = config
         self.options = options
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         self._shard_of: dict[str, int] = {}
         self._entries: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
         self._pending: list[int] = []

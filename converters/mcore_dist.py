@@ -388,7 +388,8 @@ class McoreDistWriter:
     format: ClassVar[str] = "mcore-dist"
     naming: ClassVar[str] = "mcore"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
         # verl_tree: the destination is a verl 0.9.1 role directory and the torch_dist files
         # go to its model/dist_ckpt (see _finish_verl_tree).
         self.verl_tree: VerlTree | None = options.verl_tree
@@ -397,7 +398,8 @@ class McoreDistWriter:
         self.config = config
         self.options = options
         self.spec = options.mcore_spec
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         # native -> [(key, chunk offsets, number of prepended axes)]; two with mcore_spec=any
         # norm copies.
         self._where: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
@@ -826,8 +828,9 @@ class McoreDistAdapterWriter(McoreDistWriter):
 
     naming: ClassVar[str] = "mcore-lora"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
-        super().__init__(directory, config, options)
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
+        super().__init__(directory, config, options, params)
         self.adapter = options.require_adapter("mcore-dist adapter").adapter
 
     @classmethod

@@ -667,14 +667,16 @@ class PerRankWriter:
     per_rank: ClassVar[bool] = True
     FILE_NAME: ClassVar[str]
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
         self.directory = Path(directory)
         self.config = config
         self.options = options
         self.layout = options.parallel_layout
         self.spec = spec_option(options)
         self.expert_layout = expert_layout_option(options, self.spec)
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         self.placement = self.layout.placement(config.num_layers)
         self._table = build_table(self.naming, config, self.params)
         self._schema = config.schema()

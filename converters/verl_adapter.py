@@ -281,13 +281,15 @@ class VerlAdapterWriter:
     format: ClassVar[str] = "verl-legacy"
     naming: ClassVar[str] = "mcore-lora"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
         adapter = options.require_adapter("verl adapter").adapter
         self.directory = directory
         self.config = config
         self.options = options
         self.adapter = adapter
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         self.layout = self.parallel_layout(options)
         self.layout.placement(config.num_layers)  # raises for a PP that cannot hold the layers
         self._files: dict[RankKey, TorchZipWriter] = {}
