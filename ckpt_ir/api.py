@@ -165,6 +165,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             report.files = run_distributed(plan, reader, writer_cls, wopts, dst,
                                            overwrite=overwrite,
                                            protect=(Path(src), resolved.path),
+                                           replaceable=is_checkpoint,
                                            on_progress=on_progress)
             report.notes.append(f"written by {env_world()[1]} processes")
         else:

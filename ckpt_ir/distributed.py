@@ -101,13 +101,14 @@ def _init_group() -> Any:
 
 def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathLike, *,
                     overwrite: bool, protect: Sequence[Path],
-                    on_progress: Callable[[int], None] | None = None) -> list[str]:
-    """Execute ``plan`` on this rank's share; returns the output files (rank 0) or []."""
+                    on_progress: Callable[[int], None] | None = None,
+                    replaceable: Callable[[Path], bool] | None = None) -> list[str]:
+    """Execute ``plan`` on this rank's share; returns the output files (rank 0) or [].
+    ``replaceable``: see :func:`ckpt_ir.executor.atomic_directory`."""
     # Here, not at the top: the CLI imports this module for env_world(), and `ckpt-ir --help`
     # must not import torch (the executor does).
     from ckpt_ir.capabilities import PartitionedWriter
     from ckpt_ir.executor import atomic_directory, execute
-    from ckpt_ir.orchestration import is_checkpoint as replaceable
 
     dist = _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
