@@ -33,6 +33,7 @@ from ckpt_ir.adapters import (
     LoraLayout,
     plan_lora_layout,
 )
+from ckpt_ir.capabilities import AlphaSourceReader
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError, PlanError
 from ckpt_ir.executor import write_checkpoint
@@ -129,9 +130,8 @@ def describe_adapter(reader: Any) -> dict[str, Any]:
     if lora is not None:
         out["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
                            "target_modules": lora.targets(reader.config)}
-    alpha_from = getattr(reader, "alpha_from", None)
-    if alpha_from is not None:
-        out["alpha_from"] = alpha_from
+    if isinstance(reader, AlphaSourceReader) and reader.alpha_from is not None:
+        out["alpha_from"] = reader.alpha_from
     return out
 
 

@@ -22,8 +22,8 @@ from ckpt_ir.slabs import FileSlab
 if TYPE_CHECKING:
     from ckpt_ir.layout import ParallelLayout
 
-__all__ = ["FileSlabWriter", "LayoutReader", "LocatingReader", "MaybeEmptyReader",
-           "PartitionedWriter", "SlabWriter"]
+__all__ = ["AlphaSourceReader", "FileSlabWriter", "LayoutReader", "LocatingReader",
+           "MaybeEmptyReader", "PartitionedWriter", "SlabWriter"]
 
 
 @runtime_checkable
@@ -63,6 +63,16 @@ class MaybeEmptyReader(Protocol):
     """A reader that may have found a config and no weights (only a dry run can plan it)."""
 
     has_data: bool
+
+
+@runtime_checkable
+class AlphaSourceReader(Protocol):
+    """An adapter reader whose checkpoint may not record LoRA alpha: ``alpha_from`` says
+    where the alpha it uses came from (a layout file, run_config.yaml, an HF PEFT export,
+    ``--lora-alpha``)."""
+
+    @property
+    def alpha_from(self) -> str: ...
 
 
 @runtime_checkable

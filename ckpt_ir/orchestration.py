@@ -202,7 +202,7 @@ def is_checkpoint(path: Path) -> bool:
 def carried_notes(reader) -> list[str]:
     """Report notes for tokenizer/generation files the destination will not carry, and why
     (a symlink leading out of the checkpoint, not a regular file)."""
-    skipped = getattr(reader.source_files(), "skipped", {})
+    skipped = reader.source_files().skipped
     return [f"not copied: {path}: {why}" for path, why in sorted(skipped.items())]
 
 

@@ -4,7 +4,8 @@ Required: :class:`Reader` and :class:`Writer` (:class:`DistributedWriter` for wr
 processes share). Optional capabilities, tested with ``isinstance`` by the core, are declared in
 :mod:`ckpt_ir.capabilities` and re-exported here: :class:`SlabWriter`, :class:`FileSlabWriter`,
 :class:`LocatingReader`, :class:`LayoutReader`, :class:`MaybeEmptyReader`,
-:class:`PartitionedWriter`. Writers take one typed :class:`~ckpt_ir.options.WriteOptions`.
+:class:`PartitionedWriter`, :class:`AlphaSourceReader`. Writers take one typed
+:class:`~ckpt_ir.options.WriteOptions`.
 
 A reader exposes *native* tensors (the format's own names, with the unsharded layout of its
 naming family, see :mod:`ckpt_ir.tables`) and reads them lazily; a writer accepts native tensors
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from ckpt_ir.capabilities import (
+    AlphaSourceReader,
     FileSlabWriter,
     LayoutReader,
     LocatingReader,
@@ -33,9 +35,9 @@ from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.options import AdapterTarget, VerlTree, WriteOptions
 from ckpt_ir.tables import NativeParams
 
-__all__ = ["AdapterTarget", "DistributedWriter", "FileSlabWriter", "LayoutReader",
-           "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "Reader", "SlabWriter",
-           "SourceFiles", "VerlTree", "WriteOptions", "Writer"]
+__all__ = ["AdapterTarget", "AlphaSourceReader", "DistributedWriter", "FileSlabWriter",
+           "LayoutReader", "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "Reader",
+           "SlabWriter", "SourceFiles", "VerlTree", "WriteOptions", "Writer"]
 
 
 @runtime_checkable
