@@ -14,6 +14,7 @@ and writes ``W + scaling · B @ A`` (fp32, cast back).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -32,8 +33,8 @@ from ckpt_ir.adapters import (
     LoraLayout,
     plan_lora_layout,
 )
-from ckpt_ir.api import Report, _open_reader, _parse_size, carried_notes, target_layout
-from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
+from ckpt_ir.capabilities import AlphaSourceReader
+from ckpt_ir.detect import Resolved, dist_key_kinds, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError, PlanError
 from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import (
@@ -43,7 +44,20 @@ from ckpt_ir.formats import (
     writer_class,
 )
 from ckpt_ir.ir import Checkpoint, dtype_name, parse_dtype
-from ckpt_ir.planner import Plan, make_plan
+from ckpt_ir.options import AdapterTarget, WriteOptions
+from ckpt_ir.orchestration import (
+    Report,
+    adapter_source,
+    carried_notes,
+    is_checkpoint,
+    open_adapter_reader,
+    open_reader,
+    parse_size,
+    progress_counter,
+    resolve_source,
+    target_layout,
+)
+from ckpt_ir.planner import DestView, Plan, SourceView, ir_view, make_plan
 from ckpt_ir.tables import Binding, Table, build_table
 from ckpt_ir.transforms import MergeLora, lora_roles, same_bits
 
@@ -71,22 +85,6 @@ class AdapterCheckpoint(Checkpoint):
 # Opening
 
 
-def open_adapter_reader(src: str | os.PathLike, fmt: str | None = None, *,
-                        hf_config: str | os.PathLike | None = None,
-                        lora_alpha: float | None = None, trust_pickles: bool = False
-                        ) -> tuple[Any, Resolved]:
-    """The adapter reader for whatever adapter ``src`` holds."""
-    resolved = resolve_adapter(src)
-    if fmt is not None and fmt != resolved.format:
-        raise FormatError(f"{src} holds a {resolved.format} adapter ({resolved.layout}), not "
-                          f"{fmt}", path=src)
-    cls = adapter_reader_class(resolved.format)
-    reader = cls(resolved.path, hf_config=hf_config, trust_pickles=trust_pickles,
-                 config_candidates=resolved.config_candidates, lora_alpha=lora_alpha,
-                 peft_export=resolved.peft_export)
-    return reader, resolved
-
-
 def _ir_reader(reader: Any, schema: Mapping[str, Any]) -> Callable[[str], torch.Tensor]:
     table = build_table(reader.naming, reader.config, reader.params, schema=schema)
 
@@ -99,11 +97,8 @@ def _ir_reader(reader: Any, schema: Mapping[str, Any]) -> Callable[[str], torch.
 
 def _check_source(reader: Any) -> Plan:
     """Validate the adapter's tensors against its schema (names, shapes) before reading any."""
-    return make_plan(source_format=reader.format, source_naming=reader.naming,
-                     source_params=reader.params, source_tensors=reader.tensors(),
-                     source_dropped=reader.dropped(), config=reader.config, dest_format="ir",
-                     dest_naming="hf", dest_params=reader.params,
-                     schema=reader.adapter.schema())
+    source = SourceView.of(reader)
+    return make_plan(source, ir_view(source), reader.config, schema=reader.adapter.schema())
 
 
 def open_adapter(src: str | os.PathLike, format: str | None = None, *,
@@ -135,9 +130,8 @@ def describe_adapter(reader: Any) -> dict[str, Any]:
     if lora is not None:
         out["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
                            "target_modules": lora.targets(reader.config)}
-    alpha_from = getattr(reader, "alpha_from", None)
-    if alpha_from is not None:
-        out["alpha_from"] = alpha_from
+    if isinstance(reader, AlphaSourceReader) and reader.alpha_from is not None:
+        out["alpha_from"] = reader.alpha_from
     return out
 
 
@@ -232,49 +226,15 @@ def probe_shared_groups(reader: Any) -> dict[str, bool]:
 # Conversions
 
 
-def adapter_source(src: str | os.PathLike) -> Resolved | None:
-    """Where the LoRA adapter in ``src`` is, when ``src`` holds an adapter and no base model
-    (a PEFT directory, an adapter-only torch_dist directory, verl's adapter files or LoRA
-    tree); None when ``src`` holds a model (with or without adapters beside it)."""
-    try:
-        resolved = resolve(src)
-    except FormatError as e:
-        try:
-            return resolve_adapter(src)
-        except CheckpointError:
-            raise e from None
-    if resolved.format == "hf-peft":
-        return resolve_adapter(src)
-    if resolved.format == "mcore-dist":
-        model, adapter = dist_key_kinds(resolved.path)
-        if adapter and not model:
-            return resolve_adapter(src)
-    return None
-
-
 def adapter_conversion(src: str | os.PathLike, to: str, source_format: str | None = None
                        ) -> bool:
     """Whether ``convert(src, ..., to)`` converts an adapter: writing ``hf-peft``, or reading a
-    source that holds an adapter and no base model."""
-    if to == "hf-peft" or source_format == "hf-peft":
-        return True
+    source that holds an adapter and no base model (see
+    :func:`ckpt_ir.orchestration.resolve_source`, which decides)."""
     try:
-        return adapter_source(src) is not None
+        return resolve_source(src, to=to, source_format=source_format).adapter
     except CheckpointError:
         return False
-
-
-def _progress_counter(progress: Callable[[int, int], None] | None, total: int
-                      ) -> Callable[[int], None]:
-    done = 0
-
-    def on_progress(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
-    return on_progress
 
 
 def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
@@ -285,7 +245,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                     lora_alpha: float | None = None, lora_style: str | None = None,
                     layout: Any = None, progress: Callable[[int, int], None] | None = None,
                     pad_vocab_to_multiple: int | None = None, source_ep: int | None = None,
-                    **options: Any) -> AdapterReport:
+                    resolved: Resolved | None = None, **options: Any) -> AdapterReport:
     """Convert the LoRA adapter in ``src`` into adapter format ``to`` (``hf-peft``,
     ``mcore-dist``, ``verl-legacy``) at ``dst``.
 
@@ -293,9 +253,9 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     torch_dist without run_config.yaml). ``lora_style`` (Megatron destinations): ``fused``
     (Bridge's ``LoRA``; the default unless the source is CanonicalLoRA) or ``canonical``.
     ``layout``: TP/PP of a ``verl-legacy`` destination (as for :func:`ckpt_ir.convert`).
+    ``resolved``: where :func:`ckpt_ir.orchestration.resolve_source` found the adapter, so
+    ``src`` is not resolved again.
     """
-    from ckpt_ir.converters.base import WriteOptions
-
     started = time.perf_counter()
     if options:
         raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
@@ -311,13 +271,14 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         raise FormatError(f"lora_style must be one of {', '.join(LORA_STYLES)}, not "
                           f"{lora_style!r}")
     reader, resolved = open_adapter_reader(src, source_format, hf_config=hf_config,
-                                           lora_alpha=lora_alpha, trust_pickles=trust_pickles)
+                                           lora_alpha=lora_alpha, trust_pickles=trust_pickles,
+                                           resolved=resolved)
     try:
         source_plan = _check_source(reader)
         adapter: AdapterConfig = reader.adapter
         writer_cls = adapter_writer_class(to)
         dest_layout = target_layout(reader, to, layout)
-        extra: dict[str, Any] = {"adapter": adapter, "layout": dest_layout}
+        lora: LoraLayout | None = None
         notes = [*resolved.notes, *carried_notes(reader)]
         source_lora: LoraLayout | None = reader.params.lora
         if writer_cls.naming == "mcore-lora":
@@ -331,18 +292,15 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                 lora, lora_notes = plan_lora_layout(adapter, style=style, shared_groups=shared,
                                                     rank_multiple=multiple)
                 notes.extend(lora_notes)
-            extra["lora_layout"] = lora
         wopts = WriteOptions(dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
-                             trust_pickles=trust_pickles, extra=extra)
-        plan = make_plan(source_format=reader.format, source_naming=reader.naming,
-                         source_params=reader.params, source_tensors=reader.tensors(),
-                         source_dropped=source_plan.dropped, config=reader.config,
-                         dest_format=to, dest_naming=writer_cls.naming,
-                         dest_params=writer_cls.params_for(reader.config, wopts),
-                         dtype=wopts.dtype, schema=adapter.schema())
+                             trust_pickles=trust_pickles, layout=dest_layout,
+                             adapter=AdapterTarget(adapter, lora))
+        source = dataclasses.replace(SourceView.of(reader), dropped=source_plan.dropped)
+        dest = DestView(to, writer_cls.naming, writer_cls.params_for(reader.config, wopts))
+        plan = make_plan(source, dest, reader.config, dtype=wopts.dtype,
+                         schema=adapter.schema())
         summary = {"source": adapter.summary()}
-        if "lora_layout" in extra:
-            lora = extra["lora_layout"]
+        if lora is not None:
             summary["megatron"] = {"style": lora.style, "rank": lora.rank, "alpha": lora.alpha,
                                    "target_modules": lora.targets(reader.config)}
         if source_lora is not None:
@@ -359,8 +317,8 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         if not dry_run:
             report.files = write_checkpoint(
                 plan, reader, writer_cls, reader.config, wopts, dst, overwrite=overwrite,
-                protect=(Path(src), resolved.path),
-                on_progress=_progress_counter(progress, plan.bytes_written))
+                protect=(Path(src), resolved.path), replaceable=is_checkpoint,
+                on_progress=progress_counter(progress, plan.bytes_written))
     finally:
         reader.close()
     report.seconds = time.perf_counter() - started
@@ -461,13 +419,11 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
 
         ckpt_ir.merge_adapter("Qwen3-8B", "adapter-hf", "merged", to="hf")
     """
-    from ckpt_ir.converters.base import WriteOptions
-
     started = time.perf_counter()
     if to not in ("hf", "mcore-dist"):
         raise FormatError(f"merge-adapter writes hf or mcore-dist, not {to!r}")
-    base_reader, base_resolved = _open_reader(base, None, hf_config=hf_config,
-                                              trust_pickles=trust_pickles)
+    base_reader, base_resolved = open_reader(base, None, hf_config=hf_config,
+                                             trust_pickles=trust_pickles)
     ad_reader = None
     try:
         ad_resolved = resolve_adapter(adapter)
@@ -488,8 +444,8 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
         else:
             out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         wopts = WriteOptions(dtype=out_dtype, pad_vocab_to_multiple=pad_vocab_to_multiple,
-                             max_shard_bytes=_parse_size(max_shard_size),
-                             trust_pickles=trust_pickles, extra={"mcore_spec": mcore_spec})
+                             max_shard_bytes=parse_size(max_shard_size),
+                             trust_pickles=trust_pickles, mcore_spec=mcore_spec)
         writer_cls = writer_class(to)
         dest_params = writer_cls.params_for(config, wopts)
         ad_schema = ad_config.schema()
@@ -498,14 +454,12 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
                            build_table(ad_reader.naming, config, ad_reader.params,
                                        schema=ad_schema))
         dst_table = merged_table(build_table(writer_cls.naming, config, dest_params), ad_config)
-        plan = make_plan(source_format=f"{base_reader.format} + {ad_reader.format} adapter",
-                         source_naming="merge", source_params=base_reader.params,
-                         source_tensors={**base_reader.tensors(), **ad_reader.tensors()},
-                         source_dropped={**base_reader.dropped(), **ad_reader.dropped()},
-                         config=config, dest_format=to, dest_naming=writer_cls.naming,
-                         dest_params=dest_params, dtype=out_dtype,
-                         schema={**config.schema(), **ad_schema}, source_table=src_table,
-                         dest_table=dst_table)
+        merged_source = SourceView(
+            f"{base_reader.format} + {ad_reader.format} adapter", "merge", base_reader.params,
+            {**base_reader.tensors(), **ad_reader.tensors()},
+            {**base_reader.dropped(), **ad_reader.dropped()}, table=src_table)
+        plan = make_plan(merged_source, DestView(to, writer_cls.naming, dest_params, dst_table),
+                         config, dtype=out_dtype, schema={**config.schema(), **ad_schema})
         merged = sum(1 for b in dst_table.bindings if isinstance(b.transform, MergeLora))
         report = AdapterReport(
             source=f"{base} + {adapter}", destination=str(dst),
@@ -523,7 +477,8 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
             report.files = write_checkpoint(
                 plan, source, writer_cls, config, wopts, dst, overwrite=overwrite,
                 protect=(Path(base), base_resolved.path, Path(adapter), ad_resolved.path),
-                on_progress=_progress_counter(progress, plan.bytes_written))
+                replaceable=is_checkpoint,
+                on_progress=progress_counter(progress, plan.bytes_written))
     finally:
         base_reader.close()
         if ad_reader is not None:

@@ -89,15 +89,18 @@ def _init_group() -> Any:
 
 def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathLike, *,
                     overwrite: bool, protect: Sequence[Path],
-                    on_progress: Callable[[int], None] | None = None) -> list[str]:
-    """Execute ``plan`` on this rank's share; returns the output files (rank 0) or []."""
+                    on_progress: Callable[[int], None] | None = None,
+                    replaceable: Callable[[Path], bool] | None = None) -> list[str]:
+    """Execute ``plan`` on this rank's share; returns the output files (rank 0) or [].
+    ``replaceable``: see :func:`ckpt_ir.executor.atomic_directory`."""
     # Here, not at the top: the CLI imports this module for env_world(), and `ckpt-ir --help`
     # must not import torch (the executor does).
+    from ckpt_ir.capabilities import PartitionedWriter
     from ckpt_ir.executor import atomic_directory, execute
 
     dist = _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if not hasattr(writer_cls, "finish_all"):
+    if not issubclass(writer_cls, PartitionedWriter):
         raise FormatError(f"format {writer_cls.format!r} cannot be written by several "
                           "processes yet")
     with contextlib.ExitStack() as stack:
@@ -107,7 +110,8 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
         if rank == 0:
             try:
                 message[0] = str(stack.enter_context(
-                    atomic_directory(dst, overwrite=overwrite, protect=tuple(protect))))
+                    atomic_directory(dst, overwrite=overwrite, protect=tuple(protect),
+                                     replaceable=replaceable)))
             except CheckpointError as e:
                 message[0] = e
         dist.broadcast_object_list(message, src=0)
@@ -115,7 +119,7 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
             raise message[0]
         tmp = Path(message[0])
         opts = replace(options, rank=rank, world_size=world)
-        writer = writer_cls(tmp, reader.config, opts)
+        writer = writer_cls(tmp, reader.config, opts, plan.dest_params)
         outcome: Any
         try:
             writer.begin(plan.dest_specs)

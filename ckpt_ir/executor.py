@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ckpt_ir.capabilities import FileSlabWriter, LocatingReader, SlabWriter
 from ckpt_ir.durable import fsync_dir
 from ckpt_ir.errors import (
     CheckpointError,
@@ -54,11 +55,11 @@ def execute(plan: Plan, reader, writer, *,
     specs = {s.name: s for s in plan.dest_specs}
     # Writers that stream take a destination tensor as the row-major slabs of its transform
     # (a fused QKV as its q/k/v row blocks), so it is never built here.
-    write_slabs = getattr(writer, "write_slabs", None)
+    write_slabs = writer.write_slabs if isinstance(writer, SlabWriter) else None
     # Slabs that are byte ranges of a mapped source file go to such writers as FileSlabs,
     # copied by the kernel (ckpt_ir.slabs).
-    locate = getattr(reader, "locate", None) \
-        if getattr(writer, "accepts_file_slabs", False) else None
+    locate = reader.locate if isinstance(writer, FileSlabWriter) \
+        and isinstance(reader, LocatingReader) else None
     if begin:
         writer.begin(plan.dest_specs)
     with _SourceFiles() as files:
@@ -142,14 +143,17 @@ def _cast(slabs: Iterable[torch.Tensor], dtype: torch.dtype) -> Iterator[torch.T
 
 def write_checkpoint(plan: Plan, reader, writer_cls, config, options,
                      dest: str | os.PathLike, *, overwrite: bool, protect: tuple[Path, ...],
-                     on_progress: Callable[[int], None] | None = None) -> list[str]:
+                     on_progress: Callable[[int], None] | None = None,
+                     replaceable: Callable[[Path], bool] | None = None) -> list[str]:
     """Execute ``plan`` into ``dest`` atomically (temporary sibling, fsync, rename).
 
     Returns the files written, relative to ``dest``. The writer is aborted and the temporary
-    directory removed on any failure; ``dest`` is then left as it was.
+    directory removed on any failure; ``dest`` is then left as it was. ``replaceable``: see
+    :func:`atomic_directory`.
     """
-    with atomic_directory(dest, overwrite=overwrite, protect=protect) as tmp:
-        writer = writer_cls(tmp, config, options)
+    with atomic_directory(dest, overwrite=overwrite, protect=protect,
+                          replaceable=replaceable) as tmp:
+        writer = writer_cls(tmp, config, options, plan.dest_params)
         try:
             execute(plan, reader, writer, on_progress=on_progress)
             writer.finish(reader)
@@ -267,22 +271,13 @@ def _check_overlap(dest: Path, tmp_name: str, protect: tuple[Path, ...]) -> None
                 "its source", path=dest)
 
 
-def _is_checkpoint(path: Path) -> bool:
-    from ckpt_ir.detect import resolve
-
-    try:
-        resolve(path)
-    except Exception:  # whatever stops detection, the directory is not ours to delete
-        return False
-    return True
-
-
-def _existing(dest: Path, overwrite: bool) -> bool:
+def _existing(dest: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None) -> bool:
     """Whether ``dest`` exists and will be replaced; raises where it must not be.
 
     An empty directory is taken as it is. ``--overwrite`` replaces a symlink (the link, never
-    its target) or a directory holding a checkpoint ckpt-ir recognises; a directory holding
-    anything else, a file or a special file is never deleted.
+    its target) or a directory ``replaceable`` says holds a checkpoint ckpt-ir recognises
+    (without ``replaceable``, none); a directory holding anything else, a file or a special
+    file is never deleted.
     """
     try:
         st = dest.lstat()
@@ -306,7 +301,7 @@ def _existing(dest: Path, overwrite: bool) -> bool:
         raise _os_error(e, dest) from e
     if not entries:
         return True
-    if not _is_checkpoint(dest):
+    if replaceable is None or not replaceable(dest):
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3
                                           else "")
         raise DestinationExistsError(
@@ -343,19 +338,22 @@ def _signals_held() -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False,
-                     protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+                     protect: tuple[Path, ...] = (),
+                     replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``dest``; rename it onto ``dest`` on success.
 
     Paths are compared resolved (:func:`destination_path`): ``protect`` lists source paths the
     destination, its symlink target and the temporary sibling must neither be nor contain nor
-    be inside. An existing ``dest`` is replaced only as :func:`_existing` allows. On any
+    be inside. An existing ``dest`` is replaced only as :func:`_existing` allows:
+    ``replaceable(dest)`` decides whether a non-empty directory holds a checkpoint (the caller
+    knows the formats; this module does not). On any
     exception (SIGINT and SIGTERM included, see ckpt_ir.cli) the temporary directory is removed
     and ``dest`` is left as it was.
     """
     dest = destination_path(dest)
     tmp_name = f".{dest.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     _check_overlap(dest, tmp_name, protect)
-    _existing(dest, overwrite)
+    _existing(dest, overwrite, replaceable)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(dest)
@@ -367,7 +365,8 @@ def atomic_directory(dest: str | os.PathLike, *, overwrite: bool = False,
         yield tmp
         fsync_dir(tmp)
         with _signals_held():
-            replaced = _existing(dest, overwrite)  # again: it may have appeared meanwhile
+            # again: it may have appeared meanwhile
+            replaced = _existing(dest, overwrite, replaceable)
             if replaced:
                 # One atomic swap: at every instant `dest` is the old entry or the new one.
                 # Two renames would leave neither there if the process died between them.

@@ -20,7 +20,8 @@ from ckpt_ir.errors import PlanError
 from ckpt_ir.ir import ModelConfig, Shape, TensorSpec, dtype_name
 from ckpt_ir.tables import Binding, NativeParams, Table, build_table
 
-__all__ = ["DROPPABLE", "Plan", "Unit", "make_plan"]
+__all__ = ["DROPPABLE", "IR_VIEW_FORMAT", "DestView", "Plan", "SourceView", "Unit", "ir_view",
+           "make_plan"]
 
 # Source tensors that no table maps but that are safe to leave out, with the reason reported.
 DROPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -56,6 +57,9 @@ class Plan:
     ir_specs: Mapping[str, TensorSpec]
     dropped: Mapping[str, str]
     notes: tuple[str, ...] = field(default=())
+    # The destination's physical choices the plan was built with; the writer is constructed
+    # with them rather than recomputing them (its params_for runs once).
+    dest_params: NativeParams | None = None
 
     @property
     def bytes_read(self) -> int:
@@ -124,28 +128,68 @@ def _built_bytes(binding: Binding, spec: TensorSpec, ir_specs: Mapping[str, Tens
     return spec.nbytes if cast or binding.transform.copies_on_apply() else 0
 
 
-def make_plan(*, source_format: str, source_naming: str, source_params: NativeParams,
-              source_tensors: Mapping[str, TensorSpec], source_dropped: Mapping[str, str],
-              config: ModelConfig, dest_format: str, dest_naming: str,
-              dest_params: NativeParams, dtype: torch.dtype | None = None,
-              notes: tuple[str, ...] = (), schema: Mapping[str, Shape] | None = None,
-              source_table: Table | None = None, dest_table: Table | None = None,
-              streams: bool = False) -> Plan:
+@dataclass(frozen=True)
+class SourceView:
+    """What the planner needs of a source: its format (for messages), naming family and
+    physical choices, its native tensors and what it already dropped. ``table`` replaces the
+    naming's table when a source combines several (a base model read with an adapter)."""
+
+    format: str
+    naming: str
+    params: NativeParams
+    tensors: Mapping[str, TensorSpec]
+    dropped: Mapping[str, str] = field(default_factory=dict)
+    table: Table | None = None
+
+    @classmethod
+    def of(cls, reader: Any) -> SourceView:
+        """The view of an open reader (:class:`~ckpt_ir.converters.base.Reader`)."""
+        return cls(reader.format, reader.naming, reader.params, reader.tensors(),
+                   reader.dropped())
+
+
+@dataclass(frozen=True)
+class DestView:
+    """What the planner needs of a destination: its format (for messages), naming family and
+    physical choices (the writer's ``params_for``); ``table`` as for :class:`SourceView`."""
+
+    format: str
+    naming: str
+    params: NativeParams
+    table: Table | None = None
+
+
+IR_VIEW_FORMAT = "ir"
+"""The format name of a destination that is the IR itself (``open`` plans against it)."""
+
+
+def ir_view(source: SourceView) -> DestView:
+    """The IR as a destination: HF names with the source's physical choices. Planning a source
+    against it validates the source (names, shapes) without choosing a writer."""
+    return DestView(IR_VIEW_FORMAT, "hf", source.params)
+
+
+def make_plan(source: SourceView, dest: DestView, config: ModelConfig, *,
+              dtype: torch.dtype | None = None, schema: Mapping[str, Shape] | None = None,
+              streams: bool = False, notes: tuple[str, ...] = ()) -> Plan:
     """Build and validate the plan; raises :class:`PlanError` listing every problem.
 
+    ``dtype``: the destination's floating-point dtype (default: each tensor keeps its own).
     ``streams``: the destination writer takes tensors as slabs (``write_slabs``), so fused
     destination tensors are not built in memory; the peak estimate counts that.
 
     ``schema`` is the set of logical IR tensors to move (default: the model's
     :meth:`ModelConfig.schema`); checkpoints that hold something else, such as adapters, pass
-    their own. ``source_table`` / ``dest_table`` replace the namings' tables when one side
-    combines several (merging an adapter reads a base model's and an adapter's tensors).
+    their own.
     """
     schema = dict(config.schema() if schema is None else schema)
-    src: Table = source_table or build_table(source_naming, config, source_params, schema=schema)
-    dst: Table = dest_table or build_table(dest_naming, config, dest_params, schema=schema)
+    source_format, source_naming, source_tensors = source.format, source.naming, source.tensors
+    dest_format, dest_naming = dest.format, dest.naming
+    src: Table = source.table or build_table(source.naming, config, source.params,
+                                             schema=schema)
+    dst: Table = dest.table or build_table(dest.naming, config, dest.params, schema=schema)
     problems: list[str] = []
-    dropped: dict[str, str] = dict(source_dropped)
+    dropped: dict[str, str] = dict(source.dropped)
 
     # 1. Every source tensor is mapped (with the shape the config implies) or dropped.
     for name, spec in source_tensors.items():
@@ -246,4 +290,4 @@ def make_plan(*, source_format: str, source_naming: str, source_params: NativePa
     rank = {t.native: i for i, u in enumerate(units) for t in u.targets}
     ordered_specs = tuple(sorted(dest_specs, key=lambda s: rank[s.name]))
     return Plan(source_format, dest_format, config, tuple(units), ordered_specs,
-                ir_specs, dropped, notes)
+                ir_specs, dropped, notes, dest.params)

@@ -1,5 +1,12 @@
 """The one Reader/Writer protocol every format implements, and the options writers take.
 
+Required: :class:`Reader` and :class:`Writer` (:class:`DistributedWriter` for writers several
+processes share). Optional capabilities, tested with ``isinstance`` by the core, are declared in
+:mod:`ckpt_ir.capabilities` and re-exported here: :class:`SlabWriter`, :class:`FileSlabWriter`,
+:class:`LocatingReader`, :class:`LayoutReader`, :class:`MaybeEmptyReader`,
+:class:`PartitionedWriter`, :class:`AlphaSourceReader`. Writers take one typed
+:class:`~ckpt_ir.options.WriteOptions`.
+
 A reader exposes *native* tensors (the format's own names, with the unsharded layout of its
 naming family, see :mod:`ckpt_ir.tables`) and reads them lazily; a writer accepts native tensors
 one at a time after being told, from the plan, every tensor it will receive. Readers and writers
@@ -9,31 +16,28 @@ know files, not models: the planner decides what goes where.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from ckpt_ir.capabilities import (
+    AlphaSourceReader,
+    FileSlabWriter,
+    LayoutReader,
+    LocatingReader,
+    MaybeEmptyReader,
+    PartitionedWriter,
+    SlabWriter,
+)
 from ckpt_ir.converters.storage.hf_files import SourceFiles
 from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.options import AdapterTarget, VerlTree, WriteOptions
 from ckpt_ir.tables import NativeParams
 
-__all__ = ["DistributedWriter", "Reader", "SourceFiles", "WriteOptions", "Writer"]
-
-
-@dataclass(frozen=True)
-class WriteOptions:
-    """Options every writer understands; format-specific ones go in ``extra``."""
-
-    dtype: torch.dtype | None = None
-    pad_vocab_to_multiple: int | None = None
-    max_shard_bytes: int = 5 * 1000**3
-    trust_pickles: bool = False
-    # Several processes writing one checkpoint (torchrun): this process's place among them.
-    rank: int = 0
-    world_size: int = 1
-    extra: Mapping[str, Any] = field(default_factory=dict)
+__all__ = ["AdapterTarget", "AlphaSourceReader", "DistributedWriter", "FileSlabWriter",
+           "LayoutReader", "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "Reader",
+           "SlabWriter", "SourceFiles", "VerlTree", "WriteOptions", "Writer"]
 
 
 @runtime_checkable
@@ -69,7 +73,11 @@ class Reader(Protocol):
 
 @runtime_checkable
 class Writer(Protocol):
-    """Writes one checkpoint in one format into a (temporary) directory."""
+    """Writes one checkpoint in one format into a (temporary) directory.
+
+    Constructed as ``cls(directory, config, options, params)``: ``params`` are what
+    :meth:`params_for` returned when the plan was made (None: the writer calls it itself, as
+    the checkpoint manager's direct uses do)."""
 
     format: ClassVar[str]
     naming: ClassVar[str]
@@ -91,7 +99,8 @@ class Writer(Protocol):
         """Release resources after a failure; the caller removes the directory."""
 
 
-class DistributedWriter(Writer, Protocol):
+@runtime_checkable
+class DistributedWriter(Writer, PartitionedWriter, Protocol):
     """A writer several processes can share (``torchrun ... ckpt_ir convert``).
 
     Every rank calls ``begin`` with *all* destination specs (so every rank agrees on file

@@ -20,12 +20,13 @@ from __future__ import annotations
 import re
 
 from ckpt_ir.errors import IncompatibleLayoutError
+from ckpt_ir.options import EXPERT_LAYOUTS
 
 __all__ = ["EXPERT_LAYOUTS", "expert_rank", "global_expert_name", "local_expert_index",
            "local_expert_name", "local_extra_state_module"]
 
-EXPERT_LAYOUTS = ("sequential", "grouped")
-"""Module layouts of the local experts (writer option ``mcore_experts``)."""
+# EXPERT_LAYOUTS, the module layouts of the local experts (writer option ``mcore_experts``),
+# is listed once, with the typed options (ckpt_ir.options); re-exported for its importers.
 
 _GLOBAL = re.compile(r"\.experts\.experts\.(\d+)\.(\w+)\.(weight|bias)$")
 _SEQUENTIAL = re.compile(r"\.experts\.local_experts\.(\d+)\.(\w+)\.(weight|bias)$")

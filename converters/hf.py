@@ -46,8 +46,6 @@ __all__ = ["HfReader", "HfWriter", "is_hf_dir"]
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-HF_EXPERT_LAYOUTS = ("per-expert", "fused")
-"""``hf_experts`` writer option: what transformers writes, or its in-memory stacked layout."""
 FUSED_EXPERTS_SUFFIX = ".mlp.experts.gate_up_proj"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -225,11 +223,13 @@ class HfWriter:
     format: ClassVar[str] = "hf"
     naming: ClassVar[str] = "hf"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
         self.directory = directory
         self.config = config
         self.options = options
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         self._shard_of: dict[str, int] = {}
         self._entries: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
         self._pending: list[int] = []
@@ -241,11 +241,7 @@ class HfWriter:
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
         """HF names carry no padding; MoE experts per expert (default) or fused."""
-        experts = options.extra.get("hf_experts") or "per-expert"
-        if experts not in HF_EXPERT_LAYOUTS:
-            raise FormatError(f"hf_experts must be one of {', '.join(HF_EXPERT_LAYOUTS)}, "
-                              f"not {experts!r}")
-        return NativeParams(hf_experts=experts)
+        return NativeParams(hf_experts=options.hf_experts)
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         cap = self.options.max_shard_bytes

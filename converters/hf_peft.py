@@ -269,21 +269,21 @@ class HfPeftReader:
 class HfPeftWriter:
     """Streams ``adapter_model.safetensors``; ``adapter_config.json`` and config.json last.
 
-    ``options.extra["adapter"]`` is the :class:`AdapterConfig` of the tensors written.
+    ``options.adapter.adapter`` is the :class:`AdapterConfig` of the tensors written.
     """
 
     format: ClassVar[str] = "hf-peft"
     naming: ClassVar[str] = "hf"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
-        adapter = options.extra.get("adapter")
-        if not isinstance(adapter, AdapterConfig):
-            raise InternalError("the hf-peft writer needs options.extra['adapter']")
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
+        adapter = options.require_adapter("hf-peft").adapter
         self.directory = directory
         self.config = config
         self.options = options
         self.adapter = adapter
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         self._writer: SafetensorsWriter | None = None
         self._pending = 0
         # target_parameters: IR name -> packed name, and each packed tensor's pieces so far

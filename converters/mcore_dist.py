@@ -46,7 +46,7 @@ from ckpt_ir.adapters import (
     from_lora_layout_json,
     lora_layout_json,
 )
-from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.base import SourceFiles, VerlTree, WriteOptions
 from ckpt_ir.converters.per_rank import EXTRA_STATE_MODULES as _SPEC_EXTRA_STATE
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.converters.storage.hf_files import (
@@ -88,7 +88,7 @@ log = logging.getLogger(__name__)
 HF_CONFIG_DIR = "hf_config"
 """ckpt-ir stores the HF config and tokenizer files here, beside the torch_dist files."""
 
-# A verl 0.9.1 role directory (WriteOptions.extra["verl_tree"]): where verl's
+# A verl 0.9.1 role directory (WriteOptions.verl_tree): where verl's
 # MegatronCheckpointManager keeps a dist-only model save and the HF config its merger reads.
 VERL_DIST_DIR = "model/dist_ckpt"
 VERL_HF_DIR = "model/huggingface"
@@ -384,19 +384,18 @@ class McoreDistWriter:
     format: ClassVar[str] = "mcore-dist"
     naming: ClassVar[str] = "mcore"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
         # verl_tree: the destination is a verl 0.9.1 role directory and the torch_dist files
         # go to its model/dist_ckpt (see _finish_verl_tree).
-        self.verl_tree: Mapping[str, Any] | None = options.extra.get("verl_tree")
+        self.verl_tree: VerlTree | None = options.verl_tree
         self.root = Path(directory)
         self.directory = self.root / VERL_DIST_DIR if self.verl_tree else self.root
         self.config = config
         self.options = options
-        self.spec = options.extra.get("mcore_spec", "any")
-        if self.spec not in EXTRA_STATE_MODULES:
-            raise FormatError(f"mcore_spec must be one of {sorted(EXTRA_STATE_MODULES)}, "
-                              f"not {self.spec!r}")
-        self.params = self.params_for(config, options)
+        self.spec = options.mcore_spec
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         # native -> [(key, chunk offsets, number of prepended axes)]; two with mcore_spec=any
         # norm copies.
         self._where: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
@@ -410,8 +409,8 @@ class McoreDistWriter:
         """Norm keys of the requested layer spec (dense models: the same for both; MoE and
         MLA: the local spec's torch_dist keys unless ``mcore_spec="te"``, and ``"any"`` adds
         the TE keys as copies); vocab padded on request."""
-        spec = options.extra.get("mcore_spec", "any")
-        style = "local-dist" if (config.is_moe or config.has_mla) and spec != "te" else "te"
+        style = ("local-dist" if (config.is_moe or config.has_mla) and options.mcore_spec != "te"
+                 else "te")
         return NativeParams(
             padded_vocab_size=padded_vocab_size(config.vocab_size, options.pad_vocab_to_multiple),
             norm_style=style)
@@ -581,7 +580,7 @@ class McoreDistWriter:
     def _finish_verl_tree(self, *, has_tokenizer: bool) -> None:
         """``transformer_config.json`` and, last, ``ckpt_contents.json`` with the entries
         verl 0.9.1's ``MegatronCheckpointManager`` writes for a dist-only model save."""
-        info = self.verl_tree or {}
+        info = self.verl_tree or VerlTree()
         with open(self.root / "transformer_config.json", "w") as f:
             json.dump(transformer_config_json(self.config), f, indent=2)
             f.write("\n")
@@ -597,8 +596,8 @@ class McoreDistWriter:
             contents["tokenizer"] = {"path": VERL_HF_DIR, "format": "huggingface"}
         archs = self.config.hf.get("architectures") or [self.config.architecture]
         manifest = {
-            "schema_version": 2, "framework": "megatron", "role": info.get("role", "actor"),
-            "arch": archs[0], "global_step": int(info.get("step") or 0),
+            "schema_version": 2, "framework": "megatron", "role": info.role,
+            "arch": archs[0], "global_step": int(info.step or 0),
             "world_size": self.options.world_size,
             "backend": {"has_bridge": False, "use_dist_checkpointing": True, "peft": False},
             "save_contents": ["model"], "contents": contents,
@@ -810,26 +809,22 @@ class McoreDistAdapterReader(McoreDistReader):
 class McoreDistAdapterWriter(McoreDistWriter):
     """An adapter-only torch_dist directory, as Megatron-Bridge's PEFT checkpoints hold.
 
-    ``options.extra["adapter"]`` is the IR adapter config and ``options.extra["lora_layout"]``
-    the :class:`~ckpt_ir.adapters.LoraLayout`; both go to :data:`LORA_LAYOUT_FILE`. No
+    ``options.adapter`` holds the IR adapter config and the
+    :class:`~ckpt_ir.adapters.LoraLayout`; both go to :data:`LORA_LAYOUT_FILE`. No
     ``_extra_state`` objects: Bridge's adapter filter drops them.
     """
 
     naming: ClassVar[str] = "mcore-lora"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
-        super().__init__(directory, config, options)
-        adapter = options.extra.get("adapter")
-        if not isinstance(adapter, AdapterConfig):
-            raise InternalError("the mcore-dist adapter writer needs options.extra['adapter']")
-        self.adapter = adapter
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
+        super().__init__(directory, config, options, params)
+        self.adapter = options.require_adapter("mcore-dist adapter").adapter
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
-        layout = options.extra.get("lora_layout")
-        if not isinstance(layout, LoraLayout):
-            raise InternalError("the mcore-dist adapter writer needs options.extra['lora_layout']")
-        return NativeParams(lora=layout)
+        target = options.require_adapter("mcore-dist adapter")
+        return NativeParams(lora=target.require_lora_layout("mcore-dist adapter"))
 
     def _extra_state_modules(self) -> tuple[str, ...]:
         return ()

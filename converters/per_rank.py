@@ -42,7 +42,6 @@ import torch
 
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.expert_ranks import (
-    EXPERT_LAYOUTS,
     global_expert_name,
     local_expert_index,
     local_expert_name,
@@ -653,23 +652,11 @@ class _RankFile:
     writer: TorchZipWriter | None = None
 
 
-def layout_option(options: WriteOptions) -> ParallelLayout:
-    """The destination layout a writer was given (``WriteOptions.extra["layout"]``)."""
-    layout = options.extra.get("layout") or ParallelLayout()
-    if not isinstance(layout, ParallelLayout):
-        raise InternalError(f"layout option is a {type(layout).__name__}, not a ParallelLayout")
-    return layout
-
-
 def expert_layout_option(options: WriteOptions, spec: str) -> str:
     """``sequential`` (SequentialMLP: ``local_experts.{k}.linear_fc1.weight``) or ``grouped``
     (TEGroupedMLP: ``linear_fc1.weight{k}``). Default: grouped for the TE spec (megatron-core's
     choice with ``moe_grouped_gemm``), sequential for the local spec (its only MoE module)."""
-    layout = options.extra.get("mcore_experts") or ("grouped" if spec == "te" else "sequential")
-    if layout not in EXPERT_LAYOUTS:
-        raise FormatError(f"mcore_experts must be one of {', '.join(EXPERT_LAYOUTS)}, not "
-                          f"{layout!r}")
-    return layout
+    return options.mcore_experts or ("grouped" if spec == "te" else "sequential")
 
 
 def spec_option(options: WriteOptions) -> str:
@@ -677,14 +664,12 @@ def spec_option(options: WriteOptions) -> str:
 
     ``any`` (the CLI default) keeps the source's spec when it has one (TE otherwise).
     """
-    spec = options.extra.get("mcore_spec", "any")
+    spec: str = options.mcore_spec
     if spec == "any":
-        source = options.extra.get("source_params")
-        spec = source.norm_style if isinstance(source, NativeParams) else "te"
+        source = options.source_params
+        spec = source.norm_style if source is not None else "te"
         # torch_dist written by a local-spec model keeps the local spec.
         spec = {"local-dist": "local"}.get(spec, spec)
-    if spec not in EXTRA_STATE_MODULES:
-        raise FormatError(f"mcore_spec must be te, local or any, not {spec!r}")
     return spec
 
 
@@ -701,14 +686,16 @@ class PerRankWriter:
     per_rank: ClassVar[bool] = True
     FILE_NAME: ClassVar[str]
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
         self.directory = Path(directory)
         self.config = config
         self.options = options
-        self.layout = layout_option(options)
+        self.layout = options.parallel_layout
         self.spec = spec_option(options)
         self.expert_layout = expert_layout_option(options, self.spec)
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         self.placement = self.layout.placement(config.num_layers)
         self._table = build_table(self.naming, config, self.params)
         self._schema = config.schema()
@@ -721,12 +708,12 @@ class PerRankWriter:
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
         """Norm names of the chosen spec; vocab padded on request, else kept as the source
         had it (when this layout's TP divides it), else unpadded. Validates the layout."""
-        layout = layout_option(options)
+        layout = options.parallel_layout
         refuse_unsupported(cls.format, config, layout=layout)
-        source = options.extra.get("source_params")
+        source = options.source_params
         if options.pad_vocab_to_multiple:
             padded = padded_vocab_size(config.vocab_size, options.pad_vocab_to_multiple)
-        elif (isinstance(source, NativeParams) and source.padded_vocab_size
+        elif (source is not None and source.padded_vocab_size
               and source.padded_vocab_size >= config.vocab_size
               and source.padded_vocab_size % layout.tp == 0):
             padded = source.padded_vocab_size

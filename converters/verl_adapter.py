@@ -272,22 +272,22 @@ class VerlAdapterReader:
 class VerlAdapterWriter:
     """Writes ``adapter_checkpoint/mp_rank_*_adapter.pt`` (+ ``huggingface/config.json``).
 
-    ``options.extra``: ``adapter`` (IR adapter config), ``lora_layout``
-    (:class:`~ckpt_ir.adapters.LoraLayout`), ``layout`` (:class:`ParallelLayout`, TP and PP).
+    ``options.adapter``: the IR adapter config and its :class:`~ckpt_ir.adapters.LoraLayout`;
+    ``options.layout``: the :class:`ParallelLayout` (TP and PP).
     """
 
     format: ClassVar[str] = "verl-legacy"
     naming: ClassVar[str] = "mcore-lora"
 
-    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions) -> None:
-        adapter = options.extra.get("adapter")
-        if not isinstance(adapter, AdapterConfig):
-            raise InternalError("the verl adapter writer needs options.extra['adapter']")
+    def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
+                 params: NativeParams | None = None) -> None:
+        adapter = options.require_adapter("verl adapter").adapter
         self.directory = directory
         self.config = config
         self.options = options
         self.adapter = adapter
-        self.params = self.params_for(config, options)
+        # The params the plan was built with (params_for runs once per conversion).
+        self.params = params if params is not None else self.params_for(config, options)
         self.layout = self.parallel_layout(options)
         self.layout.placement(config.num_layers)  # raises for a PP that cannot hold the layers
         self._files: dict[RankKey, TorchZipWriter] = {}
@@ -297,9 +297,7 @@ class VerlAdapterWriter:
 
     @staticmethod
     def parallel_layout(options: WriteOptions) -> ParallelLayout:
-        layout = options.extra.get("layout") or ParallelLayout()
-        if not isinstance(layout, ParallelLayout):
-            raise InternalError(f"layout must be a ParallelLayout, not {type(layout).__name__}")
+        layout = options.parallel_layout
         if layout.vpp != 1 or layout.ep != 1:
             raise IncompatibleLayoutError("verl adapter files hold one virtual pipeline chunk "
                                           "and no expert ranks: VPP and EP must be 1")
@@ -308,10 +306,8 @@ class VerlAdapterWriter:
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
         _refuse_moe(config, None)
-        layout = options.extra.get("lora_layout")
-        if not isinstance(layout, LoraLayout):
-            raise InternalError("the verl adapter writer needs options.extra['lora_layout']")
-        return NativeParams(lora=layout)
+        target = options.require_adapter("verl adapter")
+        return NativeParams(lora=target.require_lora_layout("verl adapter"))
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         tp = self.layout.tp

@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import ckpt_ir  # noqa: E402
-from ckpt_ir.api import _open_reader, plan_conversion  # noqa: E402
-from ckpt_ir.converters.base import WriteOptions  # noqa: E402
 from ckpt_ir.distributed import partition_units  # noqa: E402
+from ckpt_ir.options import WriteOptions  # noqa: E402
+from ckpt_ir.orchestration import open_reader, plan_conversion  # noqa: E402
 
 LLAMA3_405B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
@@ -69,7 +69,7 @@ def study(name: str, config: dict, to: str = "mcore-dist") -> dict | None:
             print(f"{name}: not supported yet ({e})", file=sys.stderr)
             return None
         seconds = time.perf_counter() - t0
-        reader, _ = _open_reader(src, None)
+        reader, _ = open_reader(src, None)
         opts = WriteOptions()
         plan, writer_cls = plan_conversion(reader, to, opts)
         writer = writer_cls(Path(d), reader.config, opts)

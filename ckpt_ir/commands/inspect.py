@@ -28,28 +28,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ckpt_ir.adapter_api import (
-        _config_summary,
-        adapter_beside_model,
-        adapter_source,
-        inspect_adapter,
-    )
-    from ckpt_ir.api import _open_reader
-    from ckpt_ir.planner import make_plan
+    from ckpt_ir.adapter_api import _config_summary, adapter_beside_model, inspect_adapter
+    from ckpt_ir.orchestration import adapter_source, open_reader
+    from ckpt_ir.planner import SourceView, ir_view, make_plan
 
     lora_alpha = getattr(args, "lora_alpha", None)
     if adapter_source(args.src) is not None:
         # A PEFT directory, an adapter-only torch_dist, verl's adapter files or LoRA tree.
         return inspect_adapter(args.src, hf_config=args.hf_config, lora_alpha=lora_alpha,
                                trust_pickles=args.trust_pickles)
-    reader, resolved = _open_reader(args.src, None, hf_config=args.hf_config,
-                                    trust_pickles=args.trust_pickles,
-                                    source_ep=getattr(args, "source_ep", None))
+    reader, resolved = open_reader(args.src, None, hf_config=args.hf_config,
+                                   trust_pickles=args.trust_pickles,
+                                   source_ep=getattr(args, "source_ep", None))
     try:
-        plan = make_plan(source_format=reader.format, source_naming=reader.naming,
-                         source_params=reader.params, source_tensors=reader.tensors(),
-                         source_dropped=reader.dropped(), config=reader.config,
-                         dest_format="ir", dest_naming="hf", dest_params=reader.params)
+        source = SourceView.of(reader)
+        plan = make_plan(source, ir_view(source), reader.config)
         cfg = reader.config
         info = {
             "kind": "model",

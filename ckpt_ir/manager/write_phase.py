@@ -46,8 +46,7 @@ class WritePhase:
 
     def _write_dist_model(self, job: SaveJob, plan: ModelPlan) -> list:
         writer = McoreDistWriter(job.dirs["model"], self.config, WriteOptions(
-            rank=self.rank, world_size=self.world_size,
-            extra={"mcore_spec": self.mcore_spec}))
+            rank=self.rank, world_size=self.world_size, mcore_spec=self.mcore_spec))
         job.writers["model"] = writer
         writer.begin(job.dist_specs)
         boxes: list[tuple[str, list[int], torch.Tensor]] = []

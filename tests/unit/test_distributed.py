@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import ckpt_ir
 from ckpt_ir.distributed import partition_units
 from ckpt_ir.ir import ModelConfig, TensorSpec
-from ckpt_ir.planner import make_plan
+from ckpt_ir.planner import DestView, SourceView, make_plan
 from ckpt_ir.tables import NativeParams
 from tests.fixtures import TINY_LLAMA, load_dcp_tensors, write_hf
 from tests.strategies import bits_equal, dense_configs
@@ -35,9 +35,8 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 def test_partition_covers_every_unit_once_and_keeps_files_together(config, world, files):
     cfg = ModelConfig.from_hf(config)
     specs = {n: TensorSpec(n, s, torch.bfloat16) for n, s in cfg.schema().items()}
-    plan = make_plan(source_format="hf", source_naming="hf", source_params=NativeParams(),
-                     source_tensors=specs, source_dropped={}, config=cfg,
-                     dest_format="mcore-dist", dest_naming="mcore", dest_params=NativeParams())
+    plan = make_plan(SourceView("hf", "hf", NativeParams(), specs),
+                     DestView("mcore-dist", "mcore", NativeParams()), cfg)
     names = [s.name for s in plan.dest_specs]
     file_of = {n: (f"f{i * files // len(names)}" if i % 3 else None)
                for i, n in enumerate(names)}

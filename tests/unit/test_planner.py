@@ -7,7 +7,7 @@ import torch
 
 from ckpt_ir.errors import PlanError
 from ckpt_ir.ir import ModelConfig, TensorSpec
-from ckpt_ir.planner import make_plan
+from ckpt_ir.planner import DestView, SourceView, make_plan
 from ckpt_ir.tables import NativeParams, build_table
 
 HF = {"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 32,
@@ -21,9 +21,8 @@ def _hf_specs(cfg: ModelConfig, dtype=torch.bfloat16) -> dict[str, TensorSpec]:
 
 def _plan(cfg, specs, dest="mcore", params=None, **kw):
     params = params or NativeParams()
-    return make_plan(source_format="hf", source_naming="hf", source_params=NativeParams(),
-                     source_tensors=specs, source_dropped={}, config=cfg, dest_format=dest,
-                     dest_naming=dest, dest_params=params, **kw)
+    return make_plan(SourceView("hf", "hf", NativeParams(), specs), DestView(dest, dest, params),
+                     cfg, **kw)
 
 
 def test_hf_to_mcore_plan_shapes_and_units():
@@ -53,9 +52,8 @@ def test_mcore_to_hf_reads_each_fused_tensor_once():
     mc = build_table("mcore", cfg, NativeParams())
     sources = {b.native: TensorSpec(b.native, b.transform.shapes(
         {r: cfg.schema()[n] for r, n in b.ir.items()}), torch.float32) for b in mc.bindings}
-    plan = make_plan(source_format="mcore-dist", source_naming="mcore",
-                     source_params=NativeParams(), source_tensors=sources, source_dropped={},
-                     config=cfg, dest_format="hf", dest_naming="hf", dest_params=NativeParams())
+    plan = make_plan(SourceView("mcore-dist", "mcore", NativeParams(), sources),
+                     DestView("hf", "hf", NativeParams()), cfg)
     qkv_units = [u for u in plan.units
                  if u.sources[0].native.endswith("linear_qkv.weight")]
     assert len(qkv_units) == 2

@@ -1,0 +1,88 @@
+"""Optional reader and writer capabilities, declared as protocols.
+
+The required protocols (:class:`~ckpt_ir.converters.base.Reader`, ``Writer``) live with the
+converters; these optional ones live in the core because the executor, which must not import
+converters, asks for them. ``ckpt_ir.converters.base`` re-exports them, so a format author finds
+every protocol in one place. Each is ``runtime_checkable``: callers test ``isinstance(reader,
+LocatingReader)`` rather than probing attribute names with ``getattr``. (``isinstance`` on such
+a protocol checks that the members exist, not their signatures; the converter tests exercise
+the signatures.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from ckpt_ir.slabs import FileSlab
+
+if TYPE_CHECKING:
+    from ckpt_ir.layout import ParallelLayout
+
+__all__ = ["AlphaSourceReader", "FileSlabWriter", "LayoutReader", "LocatingReader",
+           "MaybeEmptyReader", "PartitionedWriter", "SlabWriter"]
+
+
+@runtime_checkable
+class SlabWriter(Protocol):
+    """A writer that takes a destination tensor as the row-major slabs of its transform (a
+    fused QKV as its q/k/v row blocks), so the executor never builds it in memory."""
+
+    def write_slabs(self, name: str, slabs: Iterable[torch.Tensor | FileSlab]) -> None: ...
+
+
+@runtime_checkable
+class FileSlabWriter(SlabWriter, Protocol):
+    """A slab writer that also takes :class:`~ckpt_ir.slabs.FileSlab` s (byte ranges of a
+    source file, copied by the kernel). The class attribute is the declaration."""
+
+    accepts_file_slabs: ClassVar[bool]
+
+
+@runtime_checkable
+class LocatingReader(Protocol):
+    """A reader whose tensors are views of memory-mapped files: ``locate`` says which file
+    and offset a tensor's bytes start at (None when it is not such a view)."""
+
+    def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None: ...
+
+
+@runtime_checkable
+class LayoutReader(Protocol):
+    """A reader of a checkpoint stored in a Megatron parallel layout (per-rank files): a
+    destination layout given as field overrides starts from this one."""
+
+    layout: ParallelLayout
+
+
+@runtime_checkable
+class MaybeEmptyReader(Protocol):
+    """A reader that may have found a config and no weights (only a dry run can plan it)."""
+
+    has_data: bool
+
+
+@runtime_checkable
+class AlphaSourceReader(Protocol):
+    """An adapter reader whose checkpoint may not record LoRA alpha: ``alpha_from`` says
+    where the alpha it uses came from (a layout file, run_config.yaml, an HF PEFT export,
+    ``--lora-alpha``)."""
+
+    @property
+    def alpha_from(self) -> str: ...
+
+
+@runtime_checkable
+class PartitionedWriter(Protocol):
+    """The methods that let several processes share one writer (see
+    :class:`~ckpt_ir.converters.base.DistributedWriter`). Methods only, so
+    ``issubclass(writer_cls, PartitionedWriter)`` works on a class before it is built."""
+
+    def file_of(self, name: str) -> str | None: ...
+
+    def finish_rank(self) -> Any: ...
+
+    def finish_all(self, source: Any, parts: Sequence[Any]) -> None: ...
