@@ -175,9 +175,18 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         "add_bias_linear": False,
         "add_qkv_bias": cfg.has_qkv_bias,
         "qk_layernorm": cfg.has_qk_norm,
+        # Dropouts are training choices, not part of the model: 0 reproduces the HF forward.
+        # Copying attention_dropout alone (HF's residual_dropout has no Megatron field of its
+        # own) would half-configure training; the note names what the HF config asked for.
         "hidden_dropout": 0.0,
-        "attention_dropout": float(hf.get("attention_dropout", 0.0) or 0.0),
+        "attention_dropout": 0.0,
     }
+    dropouts = {k: v for k, v in hf.items()
+                if k.endswith("dropout") and isinstance(v, (int, float)) and v}
+    if dropouts:
+        notes.append("HF config dropouts " + ", ".join(f"{k}={v}" for k, v in dropouts.items())
+                     + " not carried: hidden_dropout and attention_dropout are 0 (parity with "
+                     "the HF forward); set them for training")
     gpt = {
         "vocab_size": padded_vocab_size(cfg.vocab_size, pad_vocab_to_multiple),
         "max_sequence_length": int(hf.get("max_position_embeddings", 4096)),
