@@ -12,6 +12,9 @@ dropouts 0.1), 4 layers.
 - Round trips: HF -> ``mcore-dist`` / ``verl-legacy`` / ``megatron-legacy`` (TP=2, PP=2) -> HF
   reproduces every tensor bit for bit and the config, and the reloaded model's logits equal
   the source's exactly.
+- Reverse: GPTModels randomised by megatron-core at TP=2 (vocab padded to 384), saved with
+  ``dist_checkpointing.save`` and as verl / Megatron-LM rank files, convert to HF weights whose
+  transformers logits equal megatron's.
 
 megatron-core runs in subprocesses (``mcore_harness``): one launch of one rank and one of two,
 started together by the module fixture.
@@ -84,8 +87,12 @@ class Suite:
     written: dict[str, Outcome] = field(default_factory=dict)
     launches: dict[int, Outcome] = field(default_factory=dict)
 
+    def saved(self, name: str) -> Path:
+        return self.root / "saved" / name
+
     def logits(self, key: str, ranks: int) -> torch.Tensor:
-        self.written[key].get(f"ckpt_ir.convert(hf -> {key})")
+        if key in self.written:
+            self.written[key].get(f"ckpt_ir.convert(hf -> {key})")
         self.launches[ranks].get(f"the megatron-core launch on {ranks} rank(s)")
         try:
             return job_result(self.root / "logits" / f"{key}.pt")
@@ -125,6 +132,13 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
                             "pad_vocab_to_multiple": pad, "format": fmt,
                             "ckpt": str(s.written[key].value),
                             "out": str(root / "logits" / f"{key}.pt")})
+    saved = {**common, "tp": 2, "pad_vocab_to_multiple": PAD}
+    jobs[2].append({**saved, "command": "save-random", "seed": 17,
+                    "out_dir": str(s.saved("dist")),
+                    "logits_out": str(root / "logits" / "saved-dist.pt")})
+    jobs[2].append({**saved, "command": "save-rank-files", "layout": LAYOUTS["tp2"][0],
+                    "seed": 101, "out_dir": str(s.saved("rank-files")),
+                    "logits_out": str(root / "logits" / "saved-rank-files.pt")})
     # The two launches overlap: most of a rank's time is importing megatron-core.
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {n: pool.submit(_attempt, lambda n=n: launch("batch", jobs[n], world_size=n,
@@ -180,3 +194,29 @@ def test_round_trip_to_hf_is_bit_identical(suite: Suite, key: str, tmp_path: Pat
     assert json.loads((back / "config.json").read_text()) == \
         json.loads((suite.hf / "config.json").read_text())
     assert torch.equal(hf_models.hf_logits(back, suite.ids), suite.ref)
+
+
+# Saved by megatron-core -> (path under Suite.saved, the source format ckpt-ir detects,
+# --hf-config). Megatron-LM args hold only the padded vocabulary (384 rows), and name no HF
+# architecture (ckpt-ir would infer qwen2 from add_qkv_bias): the HF config says both.
+REVERSE = {
+    "dist": ("dist", "mcore-dist", True),
+    "verl": ("rank-files/verl", "verl-legacy", False),  # carries hf_config_and_tokenizer/
+    "megatron": ("rank-files/megatron", "megatron-legacy", True),
+}
+
+
+@pytest.mark.parametrize("name", REVERSE)
+def test_megatron_saved_checkpoint_to_hf_matches_megatron_logits(
+        suite: Suite, name: str, tmp_path: Path) -> None:
+    path, fmt, needs_config = REVERSE[name]
+    expected = suite.logits("saved-dist" if name == "dist" else "saved-rank-files", 2)
+    report = ckpt_ir.convert(suite.saved(path), tmp_path / "hf", to="hf",
+                             hf_config=suite.hf if needs_config else None)
+    assert report.source_format == fmt
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == \
+        ["SeedOssForCausalLM"]
+    logits = hf_models.hf_logits(tmp_path / "hf", suite.ids)
+    assert expected.std() > 0.1
+    diff = (logits - expected[..., :VOCAB]).abs().max().item()
+    assert diff <= ATOL, f"{name}: max abs logit diff {diff:.3g} > {ATOL}"
