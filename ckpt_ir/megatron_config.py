@@ -182,7 +182,7 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         "attention_dropout": 0.0,
     }
     dropouts = {k: v for k, v in hf.items()
-                if k.endswith("dropout") and isinstance(v, (int, float)) and v}
+                if k.endswith("dropout") and type(v) in (int, float) and v}
     if dropouts:
         notes.append("HF config dropouts " + ", ".join(f"{k}={v}" for k, v in dropouts.items())
                      + " not carried: hidden_dropout and attention_dropout are 0 (parity with "
