@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_ir.architectures import guess_from_megatron, lookup
-from ckpt_ir.architectures.record import MegatronMoe, megatron_arg
+from ckpt_ir.architectures.record import Architecture, MegatronMoe, megatron_arg
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 
@@ -388,12 +388,20 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
         "rope_parameters": {"rope_type": "default",
                             **({"rope_theta": float(theta)} if theta is not None else {})},
         "hidden_act": "silu",
-        **({"attention_bias": False} if record is None or record.spells_attention_bias
-           else {}),
+        **_attention_bias(record, bool(_get(args, "add_qkv_bias", default=False))),
     }
     if experts:
         out.update(_moe_hf(args, arch, experts, layers))
     return out
+
+
+def _attention_bias(record: Architecture | None, qkv_bias: bool) -> dict[str, Any]:
+    """The HF ``attention_bias`` field for Megatron's ``add_qkv_bias`` (none where the family's
+    config has no such field)."""
+    if record is not None and not record.spells_attention_bias:
+        return {}
+    return {"attention_bias": record is not None and record.attention_bias_is_qkv_bias
+            and qkv_bias}
 
 
 def _moe_layer_pattern(args: Mapping[str, Any], layers: int) -> list[int]:

@@ -106,6 +106,9 @@ class Architecture:
     # The transformers config has an ``attention_bias`` field (qwen2's has none): an HF config
     # built from Megatron arguments sets it to False.
     spells_attention_bias: bool = True
+    # ``attention_bias`` is exactly the q/k/v bias (seed_oss, whose o_proj bias is a field of
+    # its own): an HF config built from Megatron arguments sets it from add_qkv_bias instead.
+    attention_bias_is_qkv_bias: bool = False
     qk_norm: bool = False
     # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
     mla: bool = False

@@ -54,9 +54,6 @@ def _refuse_out_bias(hf: Mapping[str, Any], layers: int) -> dict[str, Any]:
 
 # No megatron_guess: bare Megatron arguments of a seed_oss model are qwen2's (add_qkv_bias, an
 # explicit kv_channels), so only a named architecture or an HF config makes them seed_oss.
-# spells_attention_bias=False: an HF config built from Megatron arguments leaves
-# attention_bias out (transformers' default, true, matches add_qkv_bias) instead of writing the
-# generic ``attention_bias: false``, which here would mean "no q/k/v biases".
 SEED_OSS = Architecture("seed_oss", "SeedOss", {"mcore": DENSE_MCORE_ROWS},
                         hf_fields=_refuse_out_bias, qkv_bias=_qkv_bias,
-                        attention_bias_refused=False, spells_attention_bias=False)
+                        attention_bias_refused=False, attention_bias_is_qkv_bias=True)

@@ -132,8 +132,8 @@ def test_hf_config_from_megatron_keeps_the_qkv_biases():
     back = hf_config_from_megatron({**args.transformer_config, **args.gpt_model},
                                    architecture="seed_oss", tied=False)
     assert back["architectures"] == ["SeedOssForCausalLM"]
-    # The generic "attention_bias: false" would mean no q/k/v biases for seed_oss.
-    assert "attention_bias" not in back
+    # attention_bias is the q/k/v bias here, not the generic "false" other families get.
+    assert back["attention_bias"] is True
     again = ModelConfig.from_hf(back)
     assert again.schema() == ModelConfig.from_hf(SEED_OSS_36B).schema()
 
