@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_ir.architectures import guess_from_megatron, lookup
-from ckpt_ir.architectures.record import MegatronMoe, megatron_arg
+from ckpt_ir.architectures.record import Architecture, MegatronMoe, megatron_arg
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 
@@ -175,9 +175,18 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         "add_bias_linear": False,
         "add_qkv_bias": cfg.has_qkv_bias,
         "qk_layernorm": cfg.has_qk_norm,
+        # Dropouts are training choices, not part of the model: 0 reproduces the HF forward.
+        # Copying attention_dropout alone (HF's residual_dropout has no Megatron field of its
+        # own) would half-configure training; the note names what the HF config asked for.
         "hidden_dropout": 0.0,
-        "attention_dropout": float(hf.get("attention_dropout", 0.0) or 0.0),
+        "attention_dropout": 0.0,
     }
+    dropouts = {k: v for k, v in hf.items()
+                if k.endswith("dropout") and type(v) in (int, float) and v}
+    if dropouts:
+        notes.append("HF config dropouts " + ", ".join(f"{k}={v}" for k, v in dropouts.items())
+                     + " not carried: hidden_dropout and attention_dropout are 0 (parity with "
+                     "the HF forward); set them for training")
     gpt = {
         "vocab_size": padded_vocab_size(cfg.vocab_size, pad_vocab_to_multiple),
         "max_sequence_length": int(hf.get("max_position_embeddings", 4096)),
@@ -379,12 +388,20 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
         "rope_parameters": {"rope_type": "default",
                             **({"rope_theta": float(theta)} if theta is not None else {})},
         "hidden_act": "silu",
-        **({"attention_bias": False} if record is None or record.spells_attention_bias
-           else {}),
+        **_attention_bias(record, bool(_get(args, "add_qkv_bias", default=False))),
     }
     if experts:
         out.update(_moe_hf(args, arch, experts, layers))
     return out
+
+
+def _attention_bias(record: Architecture | None, qkv_bias: bool) -> dict[str, Any]:
+    """The HF ``attention_bias`` field for Megatron's ``add_qkv_bias`` (none where the family's
+    config has no such field)."""
+    if record is not None and not record.spells_attention_bias:
+        return {}
+    return {"attention_bias": record is not None and record.attention_bias_is_qkv_bias
+            and qkv_bias}
 
 
 def _moe_layer_pattern(args: Mapping[str, Any], layers: int) -> list[int]:

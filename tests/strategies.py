@@ -39,12 +39,13 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @st.composite
 def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
-    """Small HF config dicts for llama / mistral / qwen2 / qwen3.
+    """Small HF config dicts for llama / mistral / qwen2 / qwen3 / seed_oss.
 
     KV groups are drawn first and heads as a multiple (MHA, GQA and MQA all occur), head_dim
-    independently of hidden/heads, odd vocab sizes, tied and untied embeddings.
+    independently of hidden/heads, odd vocab sizes, tied and untied embeddings; seed_oss with
+    and without its q/k/v biases (``attention_bias``) and with its non-zero dropouts.
     """
-    arch = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3"]))
+    arch = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "seed_oss"]))
     kv_heads = draw(st.sampled_from([1, 2, 4]))
     heads = kv_heads * draw(st.sampled_from([1, 2, 3]))
     head_dim = draw(st.sampled_from([4, 8, 12]))
@@ -52,7 +53,8 @@ def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
     return {
         "model_type": arch,
         "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
+                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           "seed_oss": "SeedOssForCausalLM"}[arch]],
         "num_hidden_layers": draw(st.integers(1, max_layers)),
         "hidden_size": hidden,
         "num_attention_heads": heads,
@@ -64,6 +66,9 @@ def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
         "rms_norm_eps": 1e-6,
         "hidden_act": "silu",
         "max_position_embeddings": 64,
+        **({"attention_bias": draw(st.booleans()), "attention_out_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.1, "residual_dropout": 0.1}
+           if arch == "seed_oss" else {}),
     }
 
 

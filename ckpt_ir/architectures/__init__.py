@@ -16,6 +16,7 @@ from ckpt_ir.architectures.dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from ckpt_ir.architectures.mixtral import MIXTRAL
 from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
+from ckpt_ir.architectures.seed_oss import SEED_OSS
 from ckpt_ir.errors import FormatError
 
 __all__ = ["ARCHITECTURES", "MOE_NAMES", "REGISTRY", "TABLES", "Architecture", "MoeNames",
@@ -32,7 +33,7 @@ def _registry(*records: Architecture) -> Mapping[str, Architecture]:
 
 
 REGISTRY: Mapping[str, Architecture] = _registry(
-    LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)
+    LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 

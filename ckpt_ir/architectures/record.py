@@ -100,12 +100,16 @@ class Architecture:
     hf_fields: HfFields | None = None
     # Whether the config has q/k/v biases. Families that spell it ``attention_bias`` also get
     # an o_proj bias that Megatron's add_qkv_bias cannot express, so they answer False and
-    # ``attention_bias_refused`` refuses the config.
+    # ``attention_bias_refused`` refuses the config (seed_oss's attention_bias is q/k/v only:
+    # ``attention_bias_is_qkv_bias``).
     qkv_bias: Callable[[Mapping[str, Any]], bool] = no_qkv_bias
     attention_bias_refused: bool = True
     # The transformers config has an ``attention_bias`` field (qwen2's has none): an HF config
     # built from Megatron arguments sets it to False.
     spells_attention_bias: bool = True
+    # ``attention_bias`` is exactly the q/k/v bias (seed_oss, whose o_proj bias is a field of
+    # its own): an HF config built from Megatron arguments sets it from add_qkv_bias instead.
+    attention_bias_is_qkv_bias: bool = False
     qk_norm: bool = False
     # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
     mla: bool = False

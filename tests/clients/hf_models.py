@@ -7,6 +7,8 @@ Each architecture exercises a different corner of the mappings:
 - ``qwen3``: q/k norms, MQA (1 KV head), untied. At TP=2 megatron-core 0.16.1 keeps the one
   KV group whole: it all-gathers ``linear_qkv``'s output and each rank takes its query heads.
 - ``mistral``: GQA, untied, ``sliding_window=None`` (Megatron's GPTModel has no sliding window).
+- ``seed_oss``: Seed-OSS-36B's flags (q/k/v biases, no o_proj / MLP bias, ``head_dim`` != hidden /
+  heads, GQA, untied, dropouts 0.1); for ``tests/clients/test_seed_oss_client.py``.
 
 Mixture-of-experts models (:data:`MOE_ARCHITECTURES`), for ``tests/clients/test_moe_client.py``:
 
@@ -65,6 +67,15 @@ _ARCH: dict[str, tuple[str, dict[str, Any]]] = {
                                   "tie_word_embeddings": False,
                                   "rope_parameters": {"rope_type": "default",
                                                       "rope_theta": 10000.0}}),
+    # Seed-OSS-36B's config shrunk, every structural flag kept: q/k/v biases only,
+    # head_dim (24) independent of hidden / heads (16), GQA (80:8 there, 4:2 here), untied,
+    # rope_theta 1e7, and its non-zero dropouts (inert in eval; megatron_args sets them to 0).
+    "seed_oss": ("SeedOssConfig", {"num_key_value_heads": 2, "head_dim": 24,
+                                   "attention_bias": True, "attention_out_bias": False,
+                                   "mlp_bias": False, "tie_word_embeddings": False,
+                                   "attention_dropout": 0.1, "residual_dropout": 0.1,
+                                   "rope_parameters": {"rope_type": "default",
+                                                       "rope_theta": 1e7}}),
     "mixtral": ("MixtralConfig", {"num_key_value_heads": 2, "intermediate_size": 48,
                                   "num_local_experts": 4, "num_experts_per_tok": 2,
                                   "sliding_window": None, "tie_word_embeddings": False,
