@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +77,28 @@ def load_dcp_tensors(path: Path) -> dict[str, torch.Tensor]:
         return {fqn: r.read_region(fqn, (0,) * len(t.shape), t.shape)
                 .clone(memory_format=torch.contiguous_format)
                 for fqn, t in r.index.tensors.items()}
+
+
+@dataclass
+class Outcome:
+    """A value, or the traceback of the exception that prevented it: module-scoped client runs
+    record failures here so that each test reports its own case instead of erroring them all."""
+
+    value: Any = None
+    error: str | None = None
+
+    def get(self, what: str) -> Any:
+        import pytest
+
+        if self.error is not None:
+            pytest.fail(f"{what} failed:\n{self.error}", pytrace=False)
+        return self.value
+
+
+def attempt(fn: Callable[[], Any]) -> Outcome:
+    """Run ``fn``; its value, or the traceback of what it raised, as an :class:`Outcome`."""
+    try:
+        return Outcome(fn())
+    except Exception:
+        return Outcome(error=traceback.format_exc())
+

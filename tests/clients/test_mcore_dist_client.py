@@ -28,8 +28,6 @@ local-spec model does not request; it is loaded under megatron-core's default st
 from __future__ import annotations
 
 import json
-import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from safetensors import safe_open
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
+from tests.fixtures import Outcome, attempt
 
 pytestmark = pytest.mark.clients
 
@@ -96,24 +95,6 @@ DEFAULT_CASES = [
 LOAD_CASES = [*STRICT_CASES, *PAD_CASES, *DEFAULT_CASES]
 
 
-@dataclass
-class Outcome:
-    """A value, or the traceback of the exception that prevented it."""
-
-    value: Any = None
-    error: str | None = None
-
-    def get(self, what: str) -> Any:
-        if self.error is not None:
-            pytest.fail(f"{what} failed:\n{self.error}", pytrace=False)
-        return self.value
-
-
-def _attempt(fn: Callable[[], Any]) -> Outcome:
-    try:
-        return Outcome(fn())
-    except Exception:
-        return Outcome(error=traceback.format_exc())
 
 
 @dataclass
@@ -173,7 +154,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
     for case in LOAD_CASES:
         key = (case.arch, case.variant)
         if key not in s.dist:
-            s.dist[key] = _attempt(lambda a=case.arch, v=case.variant: _convert_to_dist(s, a, v))
+            s.dist[key] = attempt(lambda a=case.arch, v=case.variant: _convert_to_dist(s, a, v))
 
     jobs: dict[int, list[dict[str, Any]]] = {1: [], 2: [_save_job(s, a) for a in REVERSE_ARCHS]}
     for case in dict.fromkeys(LOAD_CASES):
@@ -181,7 +162,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
             jobs[case.tp].append(_load_job(s, case))
     # The two launches overlap: most of a rank's time is importing megatron-core.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {tp: pool.submit(_attempt, lambda tp=tp: launch("batch", jobs[tp],
+        futures = {tp: pool.submit(attempt, lambda tp=tp: launch("batch", jobs[tp],
                                                                   world_size=tp))
                    for tp in jobs}
         s.launches = {tp: f.result() for tp, f in futures.items()}

@@ -26,8 +26,6 @@ DeepSeek-V3's MLA runs on CPU only with a test-only core attention
 from __future__ import annotations
 
 import json
-import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ from safetensors import safe_open
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import load_dcp_tensors
+from tests.fixtures import Outcome, attempt, load_dcp_tensors
 
 pytestmark = pytest.mark.clients
 
@@ -53,22 +51,6 @@ ARCHS = hf_models.MOE_ARCHITECTURES
 PARALLEL = {"tp2": (2, 1, None), "ep2": (1, 2, 1), "tp2-ep2": (2, 2, 1)}
 
 
-@dataclass
-class Outcome:
-    value: Any = None
-    error: str | None = None
-
-    def get(self, what: str) -> Any:
-        if self.error is not None:
-            pytest.fail(f"{what} failed:\n{self.error}", pytrace=False)
-        return self.value
-
-
-def _attempt(fn: Callable[[], Any]) -> Outcome:
-    try:
-        return Outcome(fn())
-    except Exception:
-        return Outcome(error=traceback.format_exc())
 
 
 @dataclass
@@ -145,7 +127,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
         s.hf[arch] = hf_models.make_hf_model(arch, s.root / "hf", seed=10 + i)
         s.ref[arch] = hf_models.hf_logits(s.hf[arch], s.ids)
         for variant in ("local", "pad128", "default", "fused"):
-            s.dist[arch, variant] = _attempt(lambda a=arch, v=variant: _convert(s, a, v))
+            s.dist[arch, variant] = attempt(lambda a=arch, v=variant: _convert(s, a, v))
 
     jobs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     for arch in ARCHS:
@@ -164,7 +146,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
         jobs[2].append(_save_job(s, arch))
     # The two launches overlap: most of a rank's time is importing megatron-core.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {w: pool.submit(_attempt, lambda w=w: launch("batch", jobs[w], world_size=w,
+        futures = {w: pool.submit(attempt, lambda w=w: launch("batch", jobs[w], world_size=w,
                                                                timeout=400))
                    for w in jobs}
         s.launches = {w: f.result() for w, f in futures.items()}

@@ -20,8 +20,6 @@ the model-parallel layout between jobs. Tolerance: fp32, max abs logit differenc
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
+from tests.fixtures import Outcome, attempt
 
 pytestmark = pytest.mark.clients
 
@@ -56,22 +55,6 @@ LAYOUTS = {
 CASES = [(arch, lay) for lay in LAYOUTS for arch in ARCHS]
 
 
-@dataclass
-class Outcome:
-    value: Any = None
-    error: str | None = None
-
-    def get(self, what: str) -> Any:
-        if self.error is not None:
-            pytest.fail(f"{what} failed:\n{self.error}", pytrace=False)
-        return self.value
-
-
-def _attempt(fn: Callable[[], Any]) -> Outcome:
-    try:
-        return Outcome(fn())
-    except Exception:
-        return Outcome(error=traceback.format_exc())
 
 
 @dataclass
@@ -112,7 +95,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
         s.ref[arch, lay] = hf_models.hf_logits(hf, s.ids)
         for fmt in FORMATS:
             dst = s.root / "written" / f"{arch}-{lay}-{fmt}"
-            s.written[arch, lay, fmt] = _attempt(lambda hf=hf, dst=dst, fmt=fmt, lay=layout: (
+            s.written[arch, lay, fmt] = attempt(lambda hf=hf, dst=dst, fmt=fmt, lay=layout: (
                 ckpt_ir.convert(hf, dst, to=fmt, layout=lay.fields, mcore_spec="local",
                                 pad_vocab_to_multiple=lay.pad), dst)[1])
             if s.written[arch, lay, fmt].error is None:
@@ -122,7 +105,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
         jobs.append(_job(s, arch, lay, command="save-rank-files", seed=100 + i,
                          out_dir=str(s.saved(arch, lay)),
                          logits_out=str(s.root / "logits" / f"saved-{arch}-{lay}.pt")))
-    s.launch = _attempt(lambda: launch("batch", jobs, world_size=2, timeout=400))
+    s.launch = attempt(lambda: launch("batch", jobs, world_size=2, timeout=400))
     return s
 
 

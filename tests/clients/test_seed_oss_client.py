@@ -23,8 +23,6 @@ started together by the module fixture.
 from __future__ import annotations
 
 import json
-import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from safetensors import safe_open
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
+from tests.fixtures import Outcome, attempt
 
 pytestmark = pytest.mark.clients
 
@@ -60,22 +59,6 @@ RANK_CASES = [(fmt, lay) for fmt in FORMATS for lay in LAYOUTS]
 LOAD_KEYS = ["dist-tp1", "dist-tp2", *(f"{fmt}-{lay}" for fmt, lay in RANK_CASES)]
 
 
-@dataclass
-class Outcome:
-    value: Any = None
-    error: str | None = None
-
-    def get(self, what: str) -> Any:
-        if self.error is not None:
-            pytest.fail(f"{what} failed:\n{self.error}", pytrace=False)
-        return self.value
-
-
-def _attempt(fn: Callable[[], Any]) -> Outcome:
-    try:
-        return Outcome(fn())
-    except Exception:
-        return Outcome(error=traceback.format_exc())
 
 
 @dataclass
@@ -114,7 +97,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
     common = {"hf_config": str(hf / "config.json"), "input_ids": ids}
     jobs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     for key, (kwargs, ranks) in DIST.items():
-        s.written[key] = _attempt(lambda key=key, kwargs=kwargs: _convert(
+        s.written[key] = attempt(lambda key=key, kwargs=kwargs: _convert(
             hf, root / "written" / key, to="mcore-dist", **kwargs))
         if ranks is not None and s.written[key].error is None:
             jobs[ranks].append({
@@ -124,7 +107,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
                 "out": str(root / "logits" / f"{key}.pt")})
     for fmt, lay in RANK_CASES:
         key, (fields, pad) = f"{fmt}-{lay}", LAYOUTS[lay]
-        s.written[key] = _attempt(lambda key=key, fmt=fmt, fields=fields, pad=pad: _convert(
+        s.written[key] = attempt(lambda key=key, fmt=fmt, fields=fields, pad=pad: _convert(
             hf, root / "written" / key, to=fmt, layout=fields, mcore_spec="local",
             pad_vocab_to_multiple=pad))
         if s.written[key].error is None:
@@ -141,7 +124,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
                     "logits_out": str(root / "logits" / "saved-rank-files.pt")})
     # The two launches overlap: most of a rank's time is importing megatron-core.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {n: pool.submit(_attempt, lambda n=n: launch("batch", jobs[n], world_size=n,
+        futures = {n: pool.submit(attempt, lambda n=n: launch("batch", jobs[n], world_size=n,
                                                                 timeout=400))
                    for n in jobs}
         s.launches = {n: f.result() for n, f in futures.items()}
