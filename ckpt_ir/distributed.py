@@ -18,7 +18,7 @@ import datetime
 import heapq
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,12 +79,22 @@ def partition_units(plan: Plan, file_of: Callable[[str], str | None],
     return [sorted(s) for s in shares]
 
 
-def _init_group() -> Any:
+@contextlib.contextmanager
+def _process_group() -> Iterator[Any]:
+    """``torch.distributed``, with the default process group initialised (gloo) if the caller
+    has none; a group created here is destroyed on leaving. Without that, gloo's worker threads
+    outlive the interpreter's finalisation and a rank can die with SIGABRT ("terminate called
+    without an active exception") after a successful conversion (pytorch #179291, #190489)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    return dist
+    try:
+        yield dist
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathLike, *,
@@ -93,12 +103,19 @@ def run_distributed(plan: Plan, reader, writer_cls, options, dst: str | os.PathL
                     replaceable: Callable[[Path], bool] | None = None) -> list[str]:
     """Execute ``plan`` on this rank's share; returns the output files (rank 0) or [].
     ``replaceable``: see :func:`ckpt_ir.executor.atomic_directory`."""
+    with _process_group() as dist:
+        return _run(dist, plan, reader, writer_cls, options, dst, overwrite=overwrite,
+                    protect=protect, on_progress=on_progress, replaceable=replaceable)
+
+
+def _run(dist: Any, plan: Plan, reader, writer_cls, options, dst: str | os.PathLike, *,
+         overwrite: bool, protect: Sequence[Path], on_progress: Callable[[int], None] | None,
+         replaceable: Callable[[Path], bool] | None) -> list[str]:
     # Here, not at the top: the CLI imports this module for env_world(), and `ckpt-ir --help`
     # must not import torch (the executor does).
     from ckpt_ir.capabilities import PartitionedWriter
     from ckpt_ir.executor import atomic_directory, execute
 
-    dist = _init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     if not issubclass(writer_cls, PartitionedWriter):
         raise FormatError(f"format {writer_cls.format!r} cannot be written by several "

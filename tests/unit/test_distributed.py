@@ -97,3 +97,34 @@ def test_torchrun_reports_input_errors_once_and_writes_nothing(model, tmp_path):
     assert "holds files that are not a checkpoint ckpt-ir recognises" in r.stderr
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     assert not [p for p in tmp_path.iterdir() if ".ckpt-ir-tmp-" in p.name]
+
+
+GROUP_SCRIPT = """
+import sys
+import torch.distributed as dist
+import ckpt_ir
+
+mine = sys.argv[3] == "caller-group"
+if mine:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if mine else None
+ckpt_ir.convert(sys.argv[1], sys.argv[2], to="mcore-dist")
+# ckpt-ir destroys only a group it created itself (gloo's threads must not outlive the
+# interpreter: SIGABRT at exit otherwise); the caller's group stays usable.
+assert dist.is_initialized() == mine, dist.is_initialized()
+if mine:
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("who", ["ckpt-ir-group", "caller-group"])
+def test_the_process_group_is_destroyed_only_by_whoever_created_it(model, tmp_path, who):
+    script = tmp_path / "job.py"
+    script.write_text(GROUP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", str(script), str(model), str(tmp_path / "out"),
+                        who], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / ".metadata").is_file()
