@@ -43,11 +43,6 @@ __all__ = ["LayoutRequest", "Report", "carried_notes", "convert", "detect", "ope
 log = logging.getLogger(__name__)
 
 
-# Kept under their old names for importers from before ckpt_ir.orchestration.
-_parse_size = parse_size
-_open_reader = open_reader
-
-
 def detect(src: str | os.PathLike) -> str:
     """The format of ``src``: one of ``hf``, ``hf-peft``, ``mcore-dist``, ``verl-legacy``,
     ``megatron-legacy``."""

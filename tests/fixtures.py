@@ -102,3 +102,18 @@ def attempt(fn: Callable[[], Any]) -> Outcome:
     except Exception:
         return Outcome(error=traceback.format_exc())
 
+
+def safetensors_bytes(directory: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """name -> (dtype, shape, raw bytes) over every ``*.safetensors`` file of ``directory``;
+    a tensor stored in two files is an error."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).contiguous()
+                assert name not in out, f"{name} stored twice"
+                out[name] = (str(t.dtype), tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
+    return out
+

@@ -35,12 +35,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt
+from tests.fixtures import Outcome, attempt, safetensors_bytes
 
 pytestmark = pytest.mark.clients
 
@@ -209,18 +208,6 @@ def test_megatron_saved_checkpoint_to_hf_matches_megatron_logits(
     _assert_logits_close(hf_models.hf_logits(hf_out, suite.ids), expected, f"saved-{arch}")
 
 
-def _safetensors(directory: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    """name -> (dtype, shape, raw bytes) over every ``*.safetensors`` file of ``directory``."""
-    out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name).contiguous()
-                assert name not in out, f"{name} stored twice"
-                out[name] = (str(t.dtype), tuple(t.shape),
-                             t.view(torch.uint8).numpy().tobytes())
-    return out
-
 
 ROUND_TRIPS = [(a, "default") for a in TP1_ARCHS] + [(a, "pad128") for a in TP2_ARCHS]
 
@@ -231,7 +218,7 @@ def test_hf_mcore_dist_hf_round_trip_is_bit_identical(
     dist = suite.dist[arch, variant].get(f"ckpt_ir.convert({arch} -> mcore-dist, {variant})")
     back = tmp_path / "hf"
     ckpt_ir.convert(dist, back, to="hf")  # the HF config travels inside the dist directory
-    source, result = _safetensors(suite.hf[arch]), _safetensors(back)
+    source, result = safetensors_bytes(suite.hf[arch]), safetensors_bytes(back)
     assert sorted(result) == sorted(source)
     changed = [n for n in source if result[n] != source[n]]
     assert not changed, f"tensors differ after the round trip: {changed}"

@@ -33,12 +33,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt, load_dcp_tensors
+from tests.fixtures import Outcome, attempt, load_dcp_tensors, safetensors_bytes
 
 pytestmark = pytest.mark.clients
 
@@ -185,7 +184,7 @@ def test_default_output_loads_under_default_strictness(suite: Suite, arch: str) 
 def test_fused_hf_experts_load_in_transformers_and_megatron(suite: Suite, arch: str) -> None:
     suite.dist[arch, "fused"].get(f"{arch}: hf -> hf --hf-experts fused -> mcore-dist")
     fused = suite.root / "fused" / arch
-    names = _safetensors(fused)
+    names = safetensors_bytes(fused)
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in names)
     assert not any(".experts.0." in n for n in names if not _is_mtp(n, suite.hf[arch]))
     _assert_logits_close(hf_models.hf_logits(fused, suite.ids), suite.ref[arch],
@@ -226,19 +225,10 @@ def test_hf_mcore_dist_hf_round_trip_is_bit_identical(suite: Suite, arch: str,
     dist = suite.dist[arch, "default"].get(f"ckpt_ir.convert({arch} -> mcore-dist)")
     back = tmp_path / "hf"
     ckpt_ir.convert(dist, back, to="hf")
-    source, result = _safetensors(suite.hf[arch]), _safetensors(back)
+    source, result = safetensors_bytes(suite.hf[arch]), safetensors_bytes(back)
     assert sorted(result) == sorted(source)
     changed = [n for n in source if result[n] != source[n]]
     assert not changed, f"tensors differ after the round trip: {changed}"
 
-
-def _safetensors(directory: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name).contiguous()
-                out[name] = (str(t.dtype), tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
-    return out
 
 

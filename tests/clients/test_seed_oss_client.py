@@ -30,12 +30,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt
+from tests.fixtures import Outcome, attempt, safetensors_bytes
 
 pytestmark = pytest.mark.clients
 
@@ -131,24 +130,13 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
     return s
 
 
-def _safetensors(directory: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    """name -> (dtype, shape, raw bytes) over every ``*.safetensors`` file of ``directory``."""
-    out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name).contiguous()
-                assert name not in out, f"{name} stored twice"
-                out[name] = (str(t.dtype), tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
-    return out
-
 
 def test_the_tiny_model_has_seed_oss_tensors(suite: Suite) -> None:
-    names = set(_safetensors(suite.hf))
+    names = set(safetensors_bytes(suite.hf))
     assert "model.layers.0.self_attn.q_proj.bias" in names
     assert "model.layers.0.self_attn.o_proj.bias" not in names
     assert "lm_head.weight" in names
-    shapes = {n: s for n, (_, s, _) in _safetensors(suite.hf).items()}
+    shapes = {n: s for n, (_, s, _) in safetensors_bytes(suite.hf).items()}
     assert shapes["model.layers.0.self_attn.q_proj.weight"] == (4 * 24, 64)
 
 
@@ -170,7 +158,7 @@ def test_round_trip_to_hf_is_bit_identical(suite: Suite, key: str, tmp_path: Pat
     # Each output carries the HF config (mcore-dist's metadata, the per-rank formats'
     # hf_config_and_tokenizer/): nothing else is passed.
     ckpt_ir.convert(src, back, to="hf")
-    source, result = _safetensors(suite.hf), _safetensors(back)
+    source, result = safetensors_bytes(suite.hf), safetensors_bytes(back)
     assert sorted(result) == sorted(source)
     changed = [n for n in source if result[n] != source[n]]
     assert not changed, f"tensors differ after the round trip: {changed}"
