@@ -162,6 +162,24 @@ def _verl_v2(d: Path) -> None:
         "contents": {"model": {"path": "model/huggingface", "format": "huggingface"}}}))
 
 
+def _verl_dist_only(d: Path) -> None:
+    """A verl 0.9.1 dist-only role directory (model/dist_ckpt, transformer_config.json, the
+    manifest), its HF config removed: the config is rebuilt from transformer_config.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf(Path(tmp) / "hf")
+        ckpt_ir.convert(Path(tmp) / "hf", d, to="mcore-dist", verl_tree=True)
+    shutil.rmtree(d / "model" / "huggingface")
+    shutil.rmtree(d / "model" / "dist_ckpt" / "hf_config", ignore_errors=True)
+    # What megatron-core's TransformerConfig lacks and Megatron-LM's args carry: recorded
+    # here so that the unmutated seed converts.
+    path = d / "transformer_config.json"
+    config = json.loads(path.read_text())
+    hf = json.loads(json.dumps(TINY_LLAMA))
+    config.update(rotary_base=hf.get("rope_theta", 10000.0),
+                  max_position_embeddings=hf.get("max_position_embeddings", 256))
+    path.write_text(json.dumps(config))
+
+
 SEEDS: dict[str, Callable[[Path], None]] = {
     "hf": _hf,
     "hf-sharded": _hf_sharded,
@@ -175,6 +193,7 @@ SEEDS: dict[str, Callable[[Path], None]] = {
     "hf-peft-bin": _hf_peft_bin,
     "verl-adapter": _verl_adapter,
     "verl-v2": _verl_v2,
+    "verl-dist-only": _verl_dist_only,
 }
 VERL_ADAPTER = "adapter_checkpoint/mp_rank_01_adapter.pt"
 
@@ -236,6 +255,8 @@ UNTRUSTED: tuple[Untrusted, ...] = (
     Untrusted("megatron-rank.pt", "megatron-legacy", MEGATRON_RANK, "hf", "pickle"),
     Untrusted("megatron-tracker", "megatron-legacy", "latest_checkpointed_iteration.txt", "hf"),
     Untrusted("ckpt_contents.json", "verl-v2", "ckpt_contents.json", "mcore-dist", "json"),
+    Untrusted("transformer_config.json", "verl-dist-only", "transformer_config.json", "hf",
+              "json"),
     Untrusted("adapter_config.json", "hf-peft", "adapter_config.json", "mcore-dist", "json",
               model=False),
     Untrusted("adapter_model.safetensors", "hf-peft", "adapter_model.safetensors", "mcore-dist",
