@@ -84,7 +84,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             progress: Callable[[int, int], None] | None = None,
             layout: LayoutRequest = None, source_ep: int | None = None,
             hf_experts: str = "per-expert", mcore_experts: str | None = None,
-            verl_tree: bool = False, **options: Any) -> Report:
+            verl_tree: bool = False, workers: int = 1, **options: Any) -> Report:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     The plan is built and validated from metadata first; then tensors stream through, one
@@ -105,6 +105,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     (``global_step_N/actor``) that verl's ``load_checkpoint`` and model merger open:
     ``model/dist_ckpt``, ``model/huggingface`` (config, tokenizer), ``transformer_config.json``
     and ``ckpt_contents.json``.
+    ``workers``: processes that write the destination on this machine (this one and
+    ``workers - 1`` forked after planning, see :mod:`ckpt_ir.workers`); under ``torchrun`` the
+    ranks are the workers instead.
     """
     if "from" in options:
         source_format = options.pop("from")
@@ -112,6 +115,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     if source.adapter:
         # A LoRA adapter (hf-peft in or out, or a source holding only an adapter); options
         # lora_alpha, lora_style. See ckpt_ir.adapter_api.
+        # An adapter is megabytes: one process writes it whatever ``workers`` says.
         return convert_adapter(src, dst, to, source_format=source_format, hf_config=hf_config,
                                dtype=dtype, overwrite=overwrite, dry_run=dry_run,
                                trust_pickles=trust_pickles, layout=layout, progress=progress,
@@ -119,6 +123,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                                source_ep=source_ep, resolved=source.resolved, **options)
     if options:
         raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
+    if workers < 1:
+        raise FormatError(f"workers must be at least 1, not {workers}")
+    if workers > 1 and env_world()[1] > 1:
+        raise FormatError("--workers and torchrun both start processes; use one of them")
     tree = None
     if verl_tree:
         if to != "mcore-dist":
@@ -163,6 +171,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                                            replaceable=is_checkpoint,
                                            on_progress=on_progress)
             report.notes.append(f"written by {env_world()[1]} processes")
+        elif workers > 1:
+            from ckpt_ir.workers import run_workers
+
+            report.files = run_workers(plan, reader, writer_cls, wopts, dst, workers=workers,
+                                       overwrite=overwrite,
+                                       protect=(Path(src), resolved.path),
+                                       replaceable=is_checkpoint, on_progress=on_progress)
+            report.notes.append(f"written by {workers} processes")
         else:
             report.files = write_checkpoint(plan, reader, writer_cls, reader.config, wopts, dst,
                                             overwrite=overwrite,

@@ -63,6 +63,20 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (on a terminal) and no progress lines (in a log)")
+    p.add_argument("--workers", type=_positive, default=1, metavar="N",
+                   help="processes writing the destination on this machine (default 1); "
+                        "forked after planning, each writes whole files (under torchrun the "
+                        "ranks are the workers)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,7 +154,7 @@ def convert_with_progress(args: argparse.Namespace, **kwargs: Any) -> dict[str, 
                          overwrite=args.overwrite, dry_run=args.dry_run,
                          trust_pickles=args.trust_pickles, mcore_spec=args.mcore_spec,
                          progress=progress, layout=layout_fields(args) or None,
-                         source_ep=args.source_ep, **kwargs)
+                         source_ep=args.source_ep, workers=args.workers, **kwargs)
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,197 @@
+"""Several processes converting one checkpoint on one machine: ``convert --workers N``.
+
+The same partition as ``torchrun -m ckpt_ir convert`` (:func:`ckpt_ir.distributed.partition_units`:
+whole destination files per process, largest groups first onto the least-loaded one) and the
+same writer protocol (``begin`` / ``finish_rank`` on every process, ``finish_all`` on the first),
+without torchrun. torchrun starts N fresh interpreters that each import torch, open the source
+and plan it again, then meet over gloo: on the machine of issue #19 that fixed cost alone made
+2-8 processes slower than one on a conversion the disk already bounds. Here the process that
+planned forks its workers after planning: they inherit the imported modules, the plan, the open
+reader and the temporary directory, so a worker costs a ``fork`` and nothing is planned twice.
+Results (each worker's ``finish_rank`` records) and progress come back over pipes.
+
+Workers run torch single-threaded: GNU OpenMP does not survive ``fork`` (a child that enters a
+parallel region after its parent used one waits forever for threads that were not copied), the
+reason PyTorch's DataLoader sets one thread in its forked workers too. The parallelism is the
+processes'. The first process takes the first share itself, also single-threaded while the
+workers run, so N processes use N cores; its thread count is restored afterwards.
+
+A worker that fails reports its error; one that dies (killed, out of memory) is noticed by its
+closed pipe. Either way the first process raises, the temporary directory is removed and the
+destination is left as it was; workers die with their parent (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt_ir.capabilities import PartitionedWriter
+from ckpt_ir.distributed import partition_units
+from ckpt_ir.errors import FormatError, InternalError, portable_error
+from ckpt_ir.executor import atomic_directory, execute
+from ckpt_ir.planner import Plan
+
+__all__ = ["run_workers"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def run_workers(plan: Plan, reader, writer_cls, options, dst: str | os.PathLike, *,
+                workers: int, overwrite: bool, protect: Sequence[Path],
+                on_progress: Callable[[int], None] | None = None,
+                replaceable: Callable[[Path], bool] | None = None) -> list[str]:
+    """Execute ``plan`` with ``workers`` processes (this one and ``workers - 1`` forks); returns
+    the files written, relative to ``dst``. ``replaceable``: see
+    :func:`ckpt_ir.executor.atomic_directory`."""
+    if workers < 1:
+        raise FormatError(f"--workers must be at least 1, not {workers}")
+    if not issubclass(writer_cls, PartitionedWriter):
+        raise FormatError(f"format {writer_cls.format!r} cannot be written by several "
+                          "processes yet")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise FormatError("--workers needs fork(), which this platform lacks; use torchrun")
+    with atomic_directory(dst, overwrite=overwrite, protect=tuple(protect),
+                          replaceable=replaceable) as tmp:
+        first = writer_cls(tmp, reader.config, replace(options, rank=0, world_size=workers),
+                           plan.dest_params)
+        try:
+            first.begin(plan.dest_specs)
+            shares = partition_units(plan, first.file_of, workers)
+            with _forked(plan, reader, writer_cls, options, tmp, shares) as pool:
+                with _single_threaded():
+                    execute(plan, reader, first, units=[plan.units[i] for i in shares[0]],
+                            begin=False, on_progress=lambda n: pool.progress(n, on_progress))
+                outcomes = [first.finish_rank(), *pool.results(on_progress)]
+            first.finish_all(reader, outcomes)
+        except BaseException:
+            first.abort()
+            raise
+        return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+
+
+class _Pool:
+    """The forked workers of one conversion, seen from the first process."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.conns: dict[Connection, int] = {}
+        self.outcomes: dict[int, Any] = {}
+
+    def progress(self, n: int, on_progress: Callable[[int], None] | None) -> None:
+        """The first process's own progress, and whatever the workers reported meanwhile."""
+        if on_progress is not None:
+            on_progress(n)
+        self._drain(on_progress, block=False)
+
+    def results(self, on_progress: Callable[[int], None] | None) -> list[Any]:
+        """Every worker's ``finish_rank`` record, in rank order, once all have finished."""
+        while self.conns:
+            self._drain(on_progress, block=True)
+        return [self.outcomes[r] for r in sorted(self.outcomes)]
+
+    def _drain(self, on_progress: Callable[[int], None] | None, *, block: bool) -> None:
+        for conn in wait(list(self.conns), timeout=None if block else 0):
+            rank = self.conns[conn]
+            try:
+                kind, value = conn.recv()
+            except EOFError:
+                proc = self.procs[rank]
+                proc.join()
+                raise InternalError(f"worker {rank} exited (code {proc.exitcode}) before "
+                                    "reporting; the output was not written") from None
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(value)
+            elif kind == "error":
+                raise value
+            else:
+                self.outcomes[rank] = value
+                del self.conns[conn]
+                conn.close()
+
+
+@contextlib.contextmanager
+def _forked(plan: Plan, reader, writer_cls, options, tmp: Path,
+            shares: list[list[int]]) -> Iterator[_Pool]:
+    ctx = multiprocessing.get_context("fork")
+    pool = _Pool()
+    try:
+        for rank in range(1, len(shares)):
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, name=f"ckpt-ir-worker-{rank}", daemon=True,
+                               args=(plan, reader, writer_cls, options, tmp, rank, len(shares),
+                                     shares[rank], send))
+            proc.start()
+            send.close()
+            pool.procs[rank] = proc
+            pool.conns[receive] = rank
+        yield pool
+    finally:
+        # After success every worker has reported and is exiting; after a failure those still
+        # running are stopped before the temporary directory they write into is removed.
+        pending = set(pool.conns.values())
+        for rank, proc in pool.procs.items():
+            if rank in pending:
+                proc.kill()
+        for proc in pool.procs.values():
+            proc.join()
+        for conn in pool.conns:
+            conn.close()
+
+
+def _worker(plan: Plan, reader, writer_cls, options, tmp: Path, rank: int, world: int,
+            share: list[int], send: Connection) -> None:
+    """One forked worker: its writer, its share of the units, its ``finish_rank`` record.
+    Results travel over a pipe to the process that forked it (our own objects, pickled by
+    ``multiprocessing``; nothing read from a checkpoint is unpickled here)."""
+    _die_with_parent()
+    # The parent's SIGINT/SIGTERM handlers (ckpt_ir.cli) clean up the parent's temporary
+    # directory; a worker just stops, and the parent, seeing it gone, cleans up.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)  # see the module docstring: OpenMP does not survive fork
+    writer = writer_cls(tmp, reader.config, replace(options, rank=rank, world_size=world),
+                        plan.dest_params)
+    try:
+        writer.begin(plan.dest_specs)
+        execute(plan, reader, writer, units=[plan.units[i] for i in share], begin=False,
+                on_progress=lambda n: send.send(("progress", n)))
+        send.send(("ok", writer.finish_rank()))
+    except BaseException as e:  # reported to the first process, which removes the output
+        writer.abort()
+        send.send(("error", portable_error(e)))
+    finally:
+        send.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker is killed when the process that forked it dies, even by SIGKILL, so
+    none outlives an aborted conversion writing into a removed directory. Elsewhere the
+    daemon flag covers a normal exit only."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
