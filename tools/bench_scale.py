@@ -85,6 +85,40 @@ def bench(src: Path, to: str, work: Path, args, env: dict[str, str]) -> dict[str
                 "peak_rss_mib": max(rss[m]) / 1024} for m, t in times.items()}
 
 
+def cpu_rates(mib: int = 256, repeat: int = 5) -> dict[str, float]:
+    """Single-thread throughput (GB/s of output) of the per-tensor CPU work a conversion does:
+    a bf16 copy, an fp32 -> bf16 cast, and block-FP8 (e4m3, 128 x 128 scales) -> bf16
+    dequantization by the releases' formula (``w.float() * scale`` over each block)."""
+    import torch
+
+    torch.set_num_threads(1)
+    rows = mib * 2**20 // (2 * 4096)
+    rows -= rows % 128
+    src32 = torch.randn(rows, 4096)
+    src16 = src32.to(torch.bfloat16)
+    fp8 = src32.to(torch.float8_e4m3fn)
+    scale = torch.rand(rows // 128, 4096 // 128) + 0.5
+
+    def dequant() -> torch.Tensor:
+        blocks = fp8.view(rows // 128, 128, 32, 128).float() * scale[:, None, :, None]
+        return blocks.view(rows, 4096).to(torch.bfloat16)
+
+    work = {"copy bf16": lambda: src16.clone(), "cast fp32->bf16": lambda: src32.to(torch.bfloat16),
+            "dequant fp8->bf16": dequant}
+    out = {}
+    for name, fn in work.items():
+        fn()
+        best = min(_once(fn) for _ in range(repeat))
+        out[name] = rows * 4096 * 2 / best / 1e9
+    return out
+
+
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +133,13 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / ".bench-scale")
     p.add_argument("--taskset", help="CPU list for taskset -c (emulate a smaller machine)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--rates", action="store_true",
+                   help="only print single-thread CPU rates (copy, cast, FP8 dequantization)")
     args = p.parse_args()
+    if args.rates:
+        for name, rate in cpu_rates().items():
+            print(f"{name:20s} {rate:6.2f} GB/s of bf16 output, one thread", flush=True)
+        return 0
     if 1 not in args.procs:
         args.procs = [1, *args.procs]
 
