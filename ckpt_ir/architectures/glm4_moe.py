@@ -174,6 +174,16 @@ def sigmoid_router(groups: int, group_topk: int, scale: float) -> MegatronFields
                              f" / {topk_group} != 2: megatron-core scores expert groups by "
                              f"their top {config.num_experts_per_tok // topk_group} experts, "
                              "transformers by their top 2; the routing will differ")
+        eps = float(hf.get("rms_norm_eps", 1e-6))
+        if config.has_mla and eps != 1e-6:
+            # transformers builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps;
+            # megatron-core's MLA uses layernorm_epsilon for every norm.
+            notes.append(f"rms_norm_eps={eps:g}: transformers normalises q_a / kv_a with eps "
+                         "1e-6, megatron-core with layernorm_epsilon; the logits differ "
+                         "slightly (3e-5 on a tiny fp32 GLM-4.7-Flash)")
+        if config.num_mtp_layers:
+            # megatron_args sets it for MLA models only; GLM-4.5's MTP has standard attention.
+            tc["mtp_num_layers"] = config.num_mtp_layers
         if not hf.get("norm_topk_prob", True) and config.num_experts_per_tok > 1:
             notes.append("norm_topk_prob=false: megatron-core always normalises sigmoid "
                          "routing scores over the top k; the routing will differ")

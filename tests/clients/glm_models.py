@@ -1,5 +1,5 @@
 """Tiny random GLM-4.5 / GLM-4.5-Air / GLM-4.7-Flash / DeepSeek-V3.2 / GLM-5 models (fp32) for
-``tests/clients/test_glm_client.py``, and the published configs for ``--dry-run`` tests.
+``tests/clients/test_glm_client.py``.
 
 Each tiny config is the real one shrunk, every structural flag kept (section numbers of
 /work/shared/reference/architectures-wave2.md):
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.clients.hf_models import VOCAB_SIZE, randomize_
 
-__all__ = ["FAMILIES", "PUBLISHED", "add_mtp_layer", "hf_config", "make_hf_model"]
+__all__ = ["FAMILIES", "add_mtp_layer", "hf_config", "make_hf_model"]
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
@@ -60,8 +60,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4_moe": ("Glm4MoeConfig", _GLM4_MOE),
     "glm4_moe_air": ("Glm4MoeConfig", {**_GLM4_MOE, "use_qk_norm": False,
                                        "routed_scaling_factor": 1.0}),
+    # rms_norm_eps 1e-6 (GLM-4.7-Flash: 1e-5): transformers normalises q_a / kv_a with 1e-6
+    # whatever the config says, megatron-core with the one layernorm_epsilon; the 1e-5 case
+    # is measured on its own in test_glm_client.py.
     "glm4_moe_lite": ("Glm4MoeLiteConfig", {**_MLA, "routed_scaling_factor": 1.8,
-                                            "n_group": 1, "topk_group": 1}),
+                                            "n_group": 1, "topk_group": 1,
+                                            "rms_norm_eps": 1e-6}),
     "deepseek_v32": ("DeepseekV32Config", {**_MLA, **_INDEXER, "routed_scaling_factor": 2.5,
                                            "n_group": 2, "topk_group": 1}),
     "glm_moe_dsa": ("GlmMoeDsaConfig", {**_MLA, **_INDEXER, "routed_scaling_factor": 2.5,
@@ -77,15 +81,17 @@ def hf_config(family: str, **overrides: Any):
     return getattr(transformers, cls_name)(**{**_COMMON, **fields, **overrides})
 
 
-def make_hf_model(family: str, root: Path, *, seed: int = 0, **overrides: Any) -> Path:
-    """Save a random fp32 model of ``family`` under ``root / family``; return the directory."""
+def make_hf_model(family: str, root: Path, *, seed: int = 0, name: str | None = None,
+                  **overrides: Any) -> Path:
+    """Save a random fp32 model of ``family`` under ``root / (name or family)``; return the
+    directory."""
     from transformers import AutoModelForCausalLM
 
     config = hf_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_(model, seed)
-    out = Path(root) / family
+    out = Path(root) / (name or family)
     model.save_pretrained(out)
     return out
 
