@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors import safe_open
 
 import ckpt_ir
 from ckpt_ir.architectures import lookup
@@ -447,3 +449,52 @@ def test_dsa_without_q_lora_is_refused() -> None:
 def test_mla_notes_the_q_kv_norm_epsilon() -> None:
     assert any("q_a / kv_a with eps 1e-6" in n for n in megatron_args(GLM_47_FLASH).notes)
     assert not any("q_a / kv_a" in n for n in megatron_args(DEEPSEEK_V3_2).notes)
+
+
+# ---------------------------------------------------------------- schema = transformers' files
+
+# Tiny configs of each family (every structural flag of the published ones), keyed by
+# architecture; tests/unit/test_architectures.py runs its per-record checks over them too.
+TINY: dict[str, dict[str, Any]] = {
+    "glm4_moe": dict(TINY_GLM, vocab_size=50, num_hidden_layers=3,
+                     first_k_dense_replace=1),
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite", hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=4, vocab_size=50,
+                          intermediate_size=40, moe_intermediate_size=12, n_routed_experts=4,
+                          n_shared_experts=1, num_experts_per_tok=2, q_lora_rank=16,
+                          kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                          v_head_dim=6, routed_scaling_factor=1.8,
+                          num_nextn_predict_layers=1),
+}
+TINY["deepseek_v32"] = dict(TINY["glm4_moe_lite"], model_type="deepseek_v32", n_group=2,
+                            topk_group=1, first_k_dense_replace=1, index_n_heads=2,
+                            index_head_dim=8, index_topk=4)
+TINY["glm_moe_dsa"] = dict(TINY["deepseek_v32"], model_type="glm_moe_dsa", n_group=1)
+_CONFIG_CLASSES = {"glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig",
+                   "deepseek_v32": "DeepseekV32Config", "glm_moe_dsa": "GlmMoeDsaConfig"}
+VARIANTS = [(a, {}) for a in TINY] + [("glm4_moe", {"use_qk_norm": False}),
+                                      ("glm4_moe", {"attention_bias": False})]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), VARIANTS,
+                         ids=[f"{a}-{i}" for i, (a, _) in enumerate(VARIANTS)])
+def test_schema_is_what_transformers_saves_and_fused_is_what_it_holds(
+        arch: str, overrides: dict, tmp_path: Path) -> None:
+    import transformers
+
+    fields = {k: v for k, v in {**TINY[arch], **overrides}.items() if k != "model_type"}
+    config = getattr(transformers, _CONFIG_CLASSES[arch])(**fields)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    cfg = ModelConfig.from_hf(json.loads((tmp_path / "config.json").read_text())).without_mtp()
+    # transformers neither builds nor saves MTP layers: such a checkpoint reads without them.
+    assert cfg.schema() == saved
+    fused = build_table("hf", cfg, NativeParams(hf_experts="fused"))
+    memory = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = dict(cfg.schema())
+    planned = {b.native: b.transform.shapes({r: shapes[n] for r, n in b.ir.items()})
+               for b in fused.bindings}
+    assert planned == memory
