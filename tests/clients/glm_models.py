@@ -32,7 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from tests.clients.hf_models import VOCAB_SIZE, randomize_
 
-__all__ = ["FAMILIES", "add_mtp_layer", "hf_config", "make_hf_model"]
+__all__ = ["FAMILIES", "MTP_COPIES", "add_mtp_layer", "hf_config", "make_hf_model"]
+
+MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+"""An HF MTP layer's copies of the embedding and the output head (not IR tensors)."""
 
 _COMMON: dict[str, Any] = {
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
@@ -98,9 +101,9 @@ def make_hf_model(family: str, root: Path, *, seed: int = 0, name: str | None = 
 
 def add_mtp_layer(src: Path, dst: Path, *, seed: int = 0) -> Path:
     """``src`` with MTP layer ``num_hidden_layers`` written into its safetensors, as the hub
-    files hold it: ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` and a full copy of
-    the last decoder layer's tensors (redrawn). The hub's copies of the embedding and the head
-    are left out: ckpt-ir does not carry them (see the report of the conversion)."""
+    files hold it: ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, a full decoder
+    layer shaped like the last one (redrawn), and ``embed_tokens`` / ``shared_head.head``,
+    copies of the model's embedding and head (:data:`MTP_COPIES`)."""
     dst.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
     layers = config["num_hidden_layers"]
@@ -119,6 +122,8 @@ def add_mtp_layer(src: Path, dst: Path, *, seed: int = 0) -> Path:
     for name, t in tensors.items():
         if name.startswith(last):
             extra[mtp + name[len(last):]] = draw(tuple(t.shape), "norm" in name).to(t.dtype)
+    extra[mtp + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    extra[mtp + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
     save_file({**tensors, **extra}, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
