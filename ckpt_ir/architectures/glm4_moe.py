@@ -180,7 +180,7 @@ def sigmoid_router(groups: int, group_topk: int, scale: float) -> MegatronFields
             # megatron-core's MLA uses layernorm_epsilon for every norm.
             notes.append(f"rms_norm_eps={eps:g}: transformers normalises q_a / kv_a with eps "
                          "1e-6, megatron-core with layernorm_epsilon; the logits differ "
-                         "slightly (3e-5 on a tiny fp32 GLM-4.7-Flash)")
+                         "slightly (2e-5 to 3e-5 on tiny fp32 GLM-4.7-Flash models)")
         if config.num_mtp_layers:
             # megatron_args sets it for MLA models only; GLM-4.5's MTP has standard attention.
             tc["mtp_num_layers"] = config.num_mtp_layers
