@@ -18,8 +18,10 @@ kept), fp32:
   logits (<= 1e-5): glm4_moe (partial rotary, q/k/v bias, QK norm, sigmoid routing with expert
   bias and scaling, shared expert, dense first layer) at TP=1 with and without its MTP layer,
   and at TP=2 x EP=2 with a padded vocabulary; GLM-4.5-Air; glm4_moe_lite (MLA through the
-  harness's test-only core attention). DSA cannot be built by megatron-core 0.16.1 on CPU
-  (its names are pinned by tests/unit/test_glm.py instead).
+  harness's test-only core attention); ckpt-ir's megatron-legacy EP=2 rank files of GLM-4.5
+  with its MTP layer load with ``strict=True``; megatron-core's own random GLM-4.5 (MTP
+  layer, EP=2) converts to HF with megatron's logits and back bit for bit. DSA cannot be
+  built by megatron-core 0.16.1 on CPU (its names are pinned by tests/unit/test_glm.py).
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def _write(s: Suite, family: str, write: str) -> Path:
     return dst
 
 
+def _convert_to(src: Path, dst: Path, **kwargs: Any) -> Path:
+    ckpt_ir.convert(src, dst, **kwargs)
+    return dst
+
+
 def _load_job(s: Suite, family: str, write: str, key: str, *, tp: int = 1, ep: int = 1,
               pad: int | None = None) -> dict[str, Any]:
     dist = s.get(family, write)
@@ -137,6 +144,22 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
         pad_vocab_to_multiple=PAD) and s.root / "written" / pad)
     if s.written["glm4_moe", pad].error is None:
         jobs[2].append(_load_job(s, "glm4_moe", pad, "tp2-ep2-glm4_moe", tp=2, ep=2, pad=PAD))
+    # GLM-4.5 with its MTP layer as megatron-legacy rank files at EP=2.
+    s.written["glm4_moe", "mtp-ep2"] = attempt(lambda: _convert_to(
+        s.root / "mtp" / "glm4_moe", s.root / "written" / "glm4_moe-mtp-ep2",
+        to="megatron-legacy", layout={"tp": 1, "ep": 2}, mcore_spec="local"))
+    ep2 = s.written["glm4_moe", "mtp-ep2"]
+    if ep2.error is None:
+        jobs[2].append({"command": "load-rank-files", "layout": {"tp": 1, "ep": 2},
+                        # The config ckpt-ir wrote beside the rank files: one MTP layer.
+                        "hf_config": str(sorted(ep2.value.rglob("hf_config/config.json"))[0]),
+                        "format": "megatron-legacy", "ckpt": str(ep2.value),
+                        "input_ids": s.ids, "out": str(s.logits("ep2-rank-files-glm4_moe"))})
+    # megatron-core's own GLM-4.5 (MTP layer included), random weights, EP=2.
+    jobs[2].append({"command": "save-random", "hf_config": str(s.hf["glm4_moe"] / "config.json"),
+                    "tp": 1, "ep": 2, "etp": 1, "out_dir": str(s.root / "megatron"),
+                    "logits_out": str(s.logits("saved-glm4_moe")), "input_ids": s.ids,
+                    "seed": 23})
     # The two launches overlap: most of a rank's time is importing megatron-core.
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {w: pool.submit(attempt, lambda w=w: launch("batch", jobs[w], world_size=w,
@@ -210,6 +233,13 @@ def test_fused_hf_experts_read_like_per_expert_ones(suite: Suite, family: str,
     _assert_same_files(suite.hf[family], tmp_path / "hf")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_hf_experts_load_in_transformers(suite: Suite, family: str) -> None:
+    suite.get(family, "fused")
+    logits = hf_models.hf_logits(suite.root / "fused" / family, suite.ids)
+    _assert_logits_close(logits, suite.ref[family], f"transformers on fused {family}")
+
+
 @pytest.mark.parametrize("family", MTP_FAMILIES)
 def test_mtp_layer_round_trips_bit_for_bit(suite: Suite, family: str, tmp_path: Path) -> None:
     dist = suite.get(family, "mtp")
@@ -256,3 +286,33 @@ def test_glm_flash_eps_differs_only_by_the_q_kv_norm_epsilon(suite: Suite) -> No
     assert diff <= 1e-4, f"max abs logit diff {diff:.3g}"
     notes = ckpt_ir.megatron_args(json.loads((suite.hf[EPS] / "config.json").read_text())).notes
     assert any("transformers normalises q_a / kv_a with eps 1e-6" in n for n in notes)
+
+
+def test_megatron_core_loads_expert_parallel_rank_files(suite: Suite) -> None:
+    """megatron-legacy EP=2 of GLM-4.5 with its MTP layer: each rank's GPTModel (MTP block
+    included) loads its file with strict=True and gives transformers' logits."""
+    suite.get("glm4_moe", "mtp-ep2")
+    logits = suite.result(2, "ep2-rank-files-glm4_moe")
+    _assert_logits_close(logits, suite.ref["glm4_moe"], "glm4_moe megatron-legacy ep2")
+
+
+def test_megatron_saved_glm_to_hf_matches_and_converts_back_bit_for_bit(
+        suite: Suite, tmp_path: Path) -> None:
+    """megatron-core's torch_dist of a random GLM-4.5 with its MTP layer -> HF: transformers
+    gives megatron's logits; back to mcore-dist every saved tensor is reproduced, the MTP
+    layer's and the routing biases included."""
+    expected = suite.result(2, "saved-glm4_moe")
+    hf_out = tmp_path / "hf"
+    report = ckpt_ir.convert(suite.root / "megatron", hf_out, to="hf",
+                             hf_config=suite.hf["glm4_moe"])
+    assert report.source_format == "mcore-dist"
+    _assert_logits_close(hf_models.hf_logits(hf_out, suite.ids), expected, "saved glm4_moe")
+    back = tmp_path / "dist"
+    ckpt_ir.convert(hf_out, back, to="mcore-dist", mcore_spec="local")
+    saved, ours = load_dcp_tensors(suite.root / "megatron"), load_dcp_tensors(back)
+    assert sorted(ours) == sorted(saved)
+    changed = [k for k in saved if not torch.equal(saved[k].view(torch.uint8),
+                                                   ours[k].view(torch.uint8))]
+    assert not changed, f"tensors differ after megatron -> hf -> mcore-dist: {changed}"
+    assert "mtp.layers.0.transformer_layer.self_attention.linear_qkv.bias" in saved
+    assert "decoder.layers.1.mlp.router.expert_bias" in saved
