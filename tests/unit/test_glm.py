@@ -146,11 +146,11 @@ def test_published_config_plans_without_weights(name: str, tmp_path: Path) -> No
     assert not (tmp_path / "out").exists()
 
 
-def test_the_cli_dry_run_plans_glm_4_5_to_per_rank_files(tmp_path: Path) -> None:
-    src = _write(tmp_path, GLM_45)
+def test_the_cli_dry_run_plans_glm_4_5_air_to_per_rank_files(tmp_path: Path) -> None:
+    src = _write(tmp_path, GLM_45_AIR)
     r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", str(src),
-                        str(tmp_path / "out"), "--to", "megatron-legacy", "--tp", "8",
-                        "--pp", "4", "--ep", "8", "--dry-run", "--json"],
+                        str(tmp_path / "out"), "--to", "megatron-legacy", "--tp", "4",
+                        "--pp", "2", "--ep", "8", "--dry-run", "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
