@@ -130,6 +130,7 @@ class Architecture:
     partial_rotary_default: float = 1.0
 
     def has_qk_norm(self, hf: Mapping[str, Any]) -> bool:
+        """Whether the HF config ``hf`` of this family has the per-head q/k norms."""
         return self.qk_norm(hf) if callable(self.qk_norm) else self.qk_norm
 
     @property
