@@ -208,7 +208,7 @@ class ModelConfig:
                 vocab_size=_int(hf, "vocab_size"),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 has_qkv_bias=record.qkv_bias(hf),
-                has_qk_norm=record.qk_norm,
+                has_qk_norm=record.has_qk_norm(hf),
                 hf=MappingProxyType(hf),
                 **moe,
                 **_head_fields(hf),

@@ -98,6 +98,19 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any], list[str]]:
     return float(theta), extra, notes
 
 
+def _rotary_percent(hf: Mapping[str, Any], record: Architecture | None) -> float:
+    """GPTModel's ``rotary_percent``: the config's ``partial_rotary_factor``, read from
+    ``rope_parameters`` first (transformers 5 keeps it only there for glm4_moe), then the
+    top-level attribute (older configs), else the family's transformers default."""
+    params = hf.get("rope_parameters") or {}
+    value = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if value is None:
+        return record.partial_rotary_default if record is not None else 1.0
+    if type(value) not in (int, float) or not 0 < value <= 1:
+        raise FormatError(f"partial_rotary_factor {value!r} must be a number in (0, 1]")
+    return float(value)
+
+
 def _moe_args(cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
     """TransformerConfig fields of the experts and their router.
 
@@ -192,7 +205,7 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         "max_sequence_length": int(hf.get("max_position_embeddings", 4096)),
         "position_embedding_type": "rope",
         "rotary_base": theta,
-        "rotary_percent": 1.0,
+        "rotary_percent": _rotary_percent(hf, lookup(cfg.architecture)),
         "share_embeddings_and_output_weights": cfg.tie_word_embeddings,
         **rope_extra,
     }
@@ -372,6 +385,13 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     eps = _get(args, "norm_epsilon", "layernorm_epsilon")
     positions = _get(args, "max_position_embeddings", "seq_length", "max_sequence_length")
     record = lookup(arch)
+    rope: dict[str, Any] = {"rope_type": "default",
+                            **({"rope_theta": float(theta)} if theta is not None else {})}
+    rotary = _get(args, "rotary_percent")
+    if rotary is not None and (float(rotary) != 1.0 or (
+            record is not None and record.partial_rotary_default != 1.0)):
+        # Written whenever transformers would otherwise assume another fraction.
+        rope["partial_rotary_factor"] = float(rotary)
     out = {
         "architectures": [record.causal_lm_class if record is not None else arch],
         "model_type": arch,
@@ -385,8 +405,7 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
         "tie_word_embeddings": tied,
         **({"rms_norm_eps": float(eps)} if eps is not None else {}),
         **({"max_position_embeddings": int(positions)} if positions is not None else {}),
-        "rope_parameters": {"rope_type": "default",
-                            **({"rope_theta": float(theta)} if theta is not None else {})},
+        "rope_parameters": rope,
         "hidden_act": "silu",
         **_attention_bias(record, bool(_get(args, "add_qkv_bias", default=False))),
     }

@@ -150,7 +150,10 @@ def lora_configs(draw: st.DrawFn) -> dict[str, Any]:
             "shared_a": shared}
 
 
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe",
+                     "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
+# deepseek_v3's tensors and config fields under another name (DSA: plus the indexer).
+_MLA_FAMILIES = ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
 
 
 # LoRA targets of an MoE family beyond the attention leaves: its expert leaves (Mixtral's
@@ -164,6 +167,8 @@ _MOE_LORA_TARGETS = {
     "deepseek_v3": (("gate_proj", "up_proj", "down_proj"),
                     ("shared_experts.gate_proj", "shared_experts.down_proj")),
 }
+_MOE_LORA_TARGETS |= {a: _MOE_LORA_TARGETS["deepseek_v3"]
+                      for a in ("glm4_moe", *_MLA_FAMILIES)}
 
 
 @st.composite
@@ -173,7 +178,7 @@ def moe_lora_configs(draw: st.DrawFn, hf: dict[str, Any]) -> dict[str, Any]:
     site-specific suffix (a shared expert, dense layers), patterns keyed by a target."""
     arch = hf["model_type"]
     mlp, sites = _MOE_LORA_TARGETS[arch]
-    attention = () if arch == "deepseek_v3" else LORA_LEAVES[:4]
+    attention = () if arch in _MLA_FAMILIES else LORA_LEAVES[:4]
     targets = draw(st.lists(st.sampled_from(mlp), min_size=1, max_size=3, unique=True))
     targets += draw(st.lists(st.sampled_from(attention), max_size=4, unique=True)) \
         if attention else []
@@ -196,13 +201,15 @@ def moe_lora_configs(draw: st.DrawFn, hf: dict[str, Any]) -> dict[str, Any]:
 @st.composite
 def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
                 ) -> dict[str, Any]:
-    """Small HF config dicts for mixtral / qwen2_moe / qwen3_moe / deepseek_v3.
+    """Small HF config dicts for mixtral / qwen2_moe / qwen3_moe / deepseek_v3 / glm4_moe and
+    deepseek_v3's relatives (glm4_moe_lite, deepseek_v32, glm_moe_dsa).
 
     Valid by construction: top-k drawn within the expert count, DeepSeek's expert groups among
     the divisors of the expert count. Drawn: shared experts (and their size), dense layers
     (Qwen ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek ``first_k_dense_replace``,
     so stacks are homogeneous or not), DeepSeek with and without q-LoRA and with 0 or 1 MTP
-    layer, Qwen2-MoE with and without q/k/v biases, tied and untied embeddings.
+    layer, Qwen2-MoE with and without q/k/v biases, GLM-4.5 with and without q/k/v biases and
+    QK norm (0 or 1 MTP layer), tied and untied embeddings.
     """
     arch = draw(st.sampled_from(MOE_ARCHITECTURES))
     layers = draw(st.integers(1, max_layers))
@@ -237,6 +244,18 @@ def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
                        shared_expert_intermediate_size=draw(st.sampled_from([4, 12])))
         else:
             cfg["num_local_experts"] = experts
+    elif arch == "glm4_moe":
+        cfg.update(n_routed_experts=experts, moe_intermediate_size=ffn,
+                   intermediate_size=draw(st.sampled_from([8, 20])),
+                   num_key_value_heads=draw(st.sampled_from([1, 2, 4])),
+                   head_dim=draw(st.sampled_from([4, 8])),
+                   attention_bias=draw(st.booleans()), use_qk_norm=draw(st.booleans()),
+                   n_shared_experts=draw(st.integers(1, 2)),
+                   first_k_dense_replace=draw(st.integers(0, layers)),
+                   num_nextn_predict_layers=draw(st.integers(0, 1)),
+                   routed_scaling_factor=2.5,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                    "partial_rotary_factor": 0.5})
     else:
         groups = draw(st.sampled_from([g for g in (1, 2, 3) if experts % g == 0]))
         cfg.update(n_routed_experts=experts, moe_intermediate_size=ffn,
@@ -249,6 +268,10 @@ def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
                    v_head_dim=draw(st.sampled_from([4, 6])),
                    num_nextn_predict_layers=draw(st.integers(0, 1)),
                    routed_scaling_factor=2.5, rope_interleave=True)
+        if arch in ("deepseek_v32", "glm_moe_dsa"):
+            # The indexer's wq_b reads the q-LoRA activations: DSA always has them.
+            cfg.update(q_lora_rank=8, index_n_heads=draw(st.sampled_from([1, 2])),
+                       index_head_dim=draw(st.sampled_from([4, 8])), index_topk=4)
     return cfg
 
 

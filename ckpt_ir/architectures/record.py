@@ -110,7 +110,8 @@ class Architecture:
     # ``attention_bias`` is exactly the q/k/v bias (seed_oss, whose o_proj bias is a field of
     # its own): an HF config built from Megatron arguments sets it from add_qkv_bias instead.
     attention_bias_is_qkv_bias: bool = False
-    qk_norm: bool = False
+    # Per-head q/k RMSNorm: always (qwen3), or as the config says (glm4_moe's use_qk_norm).
+    qk_norm: bool | Callable[[Mapping[str, Any]], bool] = False
     # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
     mla: bool = False
     # Family checks of an MoE config, after the generic ones (raise FormatError).
@@ -124,6 +125,13 @@ class Architecture:
     # ones too; lower precedence is tried first, () matches anything (the fallback). None:
     # never guessed (to Megatron, mistral is llama).
     megatron_guess: tuple[int, tuple[str, ...]] | None = None
+    # The rotary fraction transformers assumes when the config names none (glm4_moe: 0.5);
+    # the config's own ``partial_rotary_factor`` (``rope_parameters`` first) wins.
+    partial_rotary_default: float = 1.0
+
+    def has_qk_norm(self, hf: Mapping[str, Any]) -> bool:
+        """Whether the HF config ``hf`` of this family has the per-head q/k norms."""
+        return self.qk_norm(hf) if callable(self.qk_norm) else self.qk_norm
 
     @property
     def is_moe(self) -> bool:

@@ -22,6 +22,7 @@ from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
 from ckpt_ir.table_engine import Row, one
 from ckpt_ir.tables import NativeParams, build_table
 from ckpt_ir.tables.lora import LORA_ROWS, row_style
+from tests.unit.test_glm import TINY as GLM_TINY
 from tests.unit.test_moe import TINY
 
 DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
@@ -31,13 +32,16 @@ DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
 
 
 def _tiny(name: str) -> dict:
+    if name in GLM_TINY:
+        return dict(GLM_TINY[name])
     return dict(TINY[name]) if name in TINY else {**DENSE, "model_type": name}
 
 
 def test_the_registry_is_the_one_list_of_architectures():
     assert ARCHITECTURES == tuple(REGISTRY) == tuple(TABLES)
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "deepseek_v3", "seed_oss"}
+                                  "qwen3_moe", "deepseek_v3", "seed_oss", "glm4_moe",
+                                  "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"}
     for name, record in REGISTRY.items():
         assert record.name == name
         assert "mcore" in record.tables
@@ -61,7 +65,7 @@ def test_each_record_reads_its_config_and_names_its_class(name):
     cfg = ModelConfig.from_hf(_tiny(name))
     record = REGISTRY[name]
     assert cfg.architecture == name
-    assert cfg.has_qk_norm == record.qk_norm
+    assert cfg.has_qk_norm == record.has_qk_norm(cfg.hf)
     assert cfg.moe_names == record.moe
     assert cfg.as_value_model().hf["architectures"] == [f"{record.hf_class}"
                                                         "ForTokenClassification"]
