@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import reprlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.architectures.schema import decoder_schema
@@ -24,8 +24,8 @@ from ckpt_ir.table_engine import Row
 if TYPE_CHECKING:
     from ckpt_ir.ir import ModelConfig, Shape
 
-__all__ = ["MAX_LAYER_EXPERTS", "Architecture", "MegatronMoe", "MoeNames", "hf_int",
-           "hf_int_list", "megatron_arg"]
+__all__ = ["MAX_LAYER_EXPERTS", "Architecture", "MegatronExtra", "MegatronMoe", "MoeNames",
+           "hf_int", "hf_int_list", "megatron_arg"]
 
 MAX_LAYER_EXPERTS = 1 << 18
 """Refused above this many (layers + MTP layers) x experts: a hostile config, not a model."""
@@ -82,6 +82,27 @@ HfFromMegatron = Callable[[Mapping[str, Any], MegatronMoe], dict[str, Any]]
 
 
 @dataclass(frozen=True)
+class MegatronExtra:
+    """A family's Megatron-Core settings beyond what every supported model shares (SwiGLU with
+    SiLU, no linear biases besides q/k/v, plain rope): gpt-oss's biases, attention sinks,
+    sliding window, clamped activation and YaRN. ``megatron_args`` applies them last."""
+
+    # TransformerConfig fields, overriding the shared ones (``add_bias_linear``).
+    transformer_config: Mapping[str, Any] = field(default_factory=dict)
+    # GPTModel keyword arguments (``position_embedding_type``).
+    gpt_model: Mapping[str, Any] = field(default_factory=dict)
+    # Attributes megatron-core reads with getattr from the config but TransformerConfig does
+    # not declare (``yarn_*``): set them on the config object before building the GPTModel.
+    config_attributes: Mapping[str, Any] = field(default_factory=dict)
+    # The activation function's name, when not SiLU (megatron-core's ``quick_gelu``).
+    activation: str | None = None
+
+
+# (ModelConfig, notes to append to) -> the family's extra Megatron settings.
+MegatronExtraFields = Callable[["ModelConfig", list[str]], MegatronExtra]
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One architecture family (an HF ``model_type``): config reading, checks, Megatron mapping
     and table rows. Families that share rows share the tuples (docs/architectures.md then
@@ -124,6 +145,8 @@ class Architecture:
     # ones too; lower precedence is tried first, () matches anything (the fallback). None:
     # never guessed (to Megatron, mistral is llama).
     megatron_guess: tuple[int, tuple[str, ...]] | None = None
+    # Megatron-Core settings of a family beyond the shared ones (gpt-oss); None: none.
+    megatron_extra: MegatronExtraFields | None = None
 
     @property
     def is_moe(self) -> bool:
