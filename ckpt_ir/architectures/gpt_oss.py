@@ -36,6 +36,11 @@ What sets it apart, and where each piece lives:
   HF config gives both sides the same concentration factor ``0.1 ln(factor) + 1``; ``truncate``
   is ``yarn_correction_range_round_to_int``.
 
+Parallel layouts: megatron-core 0.16.1 builds biased experts only with expert TP 1
+(``TransformerConfig`` asserts it), so layouts with expert TP > 1 are refused
+(``ModelConfig.has_expert_biases``); per-rank formats, whose expert TP is TP, take TP = 1 with
+any PP / EP, and mcore-dist (TP-invariant) loads at any TP with ``expert_tensor_parallel_size=1``.
+
 Routing: top-k of the router logits (bias included), softmax over the k: megatron-core's
 default (``moe_router_pre_softmax=False``). MXFP4 checkpoints (``*_blocks`` / ``*_scales``,
 output-major) are another reader's business; this record is the bf16 layout they dequantize to.
@@ -295,4 +300,5 @@ def _megatron(config: ModelConfig, notes: list[str]) -> MegatronExtra:
 GPT_OSS = Architecture(
     "gpt_oss", "GptOss", {"mcore": MCORE_ROWS, "hf": HF_ROWS}, moe=NAMES,
     schema=gpt_oss_schema, hf_fields=_hf_fields, qkv_bias=_qkv_bias,
-    attention_bias_refused=False, check_moe=_check, megatron_extra=_megatron)
+    attention_bias_refused=False, check_moe=_check, megatron_extra=_megatron,
+    expert_biases=True)

@@ -147,6 +147,9 @@ class Architecture:
     megatron_guess: tuple[int, tuple[str, ...]] | None = None
     # Megatron-Core settings of a family beyond the shared ones (gpt-oss); None: none.
     megatron_extra: MegatronExtraFields | None = None
+    # Routed experts carry linear biases (gpt-oss): megatron-core 0.16.1 builds such experts
+    # only with expert TP 1 ("Bias in Moe is only supported when ETP==1").
+    expert_biases: bool = False
 
     @property
     def is_moe(self) -> bool:
