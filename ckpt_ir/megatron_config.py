@@ -376,11 +376,13 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     elif tied is None:
         raise MissingConfigError("Megatron arguments do not say whether the embeddings are "
                                  "tied to the output layer")
-    if _get(args, "add_bias_linear", default=False):
-        raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
     # TransformerConfig / Megatron-Bridge say num_moe_experts, Megatron-LM args num_experts.
     experts = int(_get(args, "num_moe_experts", "num_experts", default=0) or 0)
     arch = architecture or guess_from_megatron(args, moe=bool(experts))
+    if _get(args, "add_bias_linear", default=False) and not (
+            (bias_record := lookup(arch)) is not None and bias_record.expert_biases):
+        # Only a named family with linear biases (gpt_oss) has an HF equivalent.
+        raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
     norm = _get(args, "normalization", default="RMSNorm")
     if norm != "RMSNorm":
         raise FormatError(f"Megatron normalization {norm!r} is not supported (RMSNorm only)")

@@ -61,11 +61,13 @@ from ckpt_ir.architectures.moe import expert_fields
 from ckpt_ir.architectures.record import (
     Architecture,
     MegatronExtra,
+    MegatronMoe,
     MoeNames,
     hf_int,
+    megatron_arg,
 )
 from ckpt_ir.architectures.schema import attention_schema, head_schema
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, MissingConfigError
 from ckpt_ir.layout import Partition
 from ckpt_ir.table_engine import NativeParams, Row, one
 from ckpt_ir.transforms import TENSOR, ConcatGateUp, InterleaveExperts, StackExperts
@@ -294,11 +296,71 @@ def _megatron(config: ModelConfig, notes: list[str]) -> MegatronExtra:
                          config_attributes=yarn, activation="quick_gelu")
 
 
-# No megatron_guess and no hf_moe_from_megatron: Megatron arguments alone (add_bias_linear)
-# are refused; a gpt_oss Megatron checkpoint converts with its HF config (--hf-config, or the
-# one ckpt-ir writes beside per-rank files and into mcore-dist metadata).
+def _from_megatron(args: Mapping[str, Any], moe: MegatronMoe) -> dict[str, Any]:
+    """The gpt-oss fields of an HF config from Megatron arguments named gpt_oss (the inverse of
+    :func:`_megatron`; Megatron-Bridge's GPT-OSS provider records the same fields, ``yarn_*``
+    included). What the arguments cannot say is refused, not guessed."""
+    if moe.dense:
+        raise FormatError(f"gpt_oss has no dense layers; moe_layer_freq marks {moe.dense}")
+    if megatron_arg(args, "softmax_type") != "learnable":
+        raise FormatError("gpt_oss Megatron arguments need softmax_type='learnable' (the "
+                          "attention sinks)")
+    if not megatron_arg(args, "add_qkv_bias", default=False):
+        raise FormatError("gpt_oss Megatron arguments need add_qkv_bias=True")
+    limit = megatron_arg(args, "activation_func_clamp_value")
+    if limit is None or float(megatron_arg(args, "glu_linear_offset", default=0.0)) != 1.0:
+        raise FormatError("gpt_oss Megatron arguments need activation_func_clamp_value and "
+                          "glu_linear_offset=1 (the clamped SwiGLU)")
+    layers = len(moe.pattern)
+    window = megatron_arg(args, "window_size")
+    if window is None:
+        sliding, size = [False] * layers, None
+    else:
+        if len(window) != 2 or window[1] != 0:
+            raise FormatError(f"gpt_oss window_size {window!r} must be (N - 1, 0)")
+        size = int(window[0]) + 1
+        freq = megatron_arg(args, "window_attn_skip_freq")
+        if freq is None:
+            sliding = [True] * layers
+        elif isinstance(freq, int) and not isinstance(freq, bool) and freq > 0:
+            sliding = [(i + 1) % freq != 0 for i in range(layers)]
+        elif isinstance(freq, (list, tuple)) and len(freq) == layers:
+            sliding = [bool(v) for v in freq]
+        else:
+            raise FormatError(f"gpt_oss window_attn_skip_freq {freq!r} is not an int or a "
+                              f"list for {layers} layers")
+    out: dict[str, Any] = {
+        "num_local_experts": moe.experts, "num_experts_per_tok": moe.topk,
+        "intermediate_size": moe.ffn, "attention_bias": True,
+        "swiglu_limit": float(limit), "sliding_window": size,
+        "layer_types": [_LAYER_TYPES[0] if s else _LAYER_TYPES[1] for s in sliding],
+    }
+    if megatron_arg(args, "position_embedding_type") == "yarn":
+        factor = megatron_arg(args, "yarn_rotary_scaling_factor")
+        if factor is None:
+            raise MissingConfigError("gpt_oss Megatron arguments use YaRN but carry no "
+                                     "yarn_rotary_scaling_factor; pass the HF config")
+        theta = megatron_arg(args, "rotary_base")
+        mscale = megatron_arg(args, "yarn_mscale")
+        mscale_all_dim = megatron_arg(args, "yarn_mscale_all_dim")
+        out["rope_parameters"] = {
+            "rope_type": "yarn", **({"rope_theta": float(theta)} if theta is not None else {}),
+            "factor": float(factor),
+            "original_max_position_embeddings": int(megatron_arg(
+                args, "yarn_original_max_position_embeddings", default=4096)),
+            "beta_fast": float(megatron_arg(args, "yarn_beta_fast", default=32.0)),
+            "beta_slow": float(megatron_arg(args, "yarn_beta_slow", default=1.0)),
+            "truncate": bool(megatron_arg(args, "yarn_correction_range_round_to_int",
+                                          default=True)),
+            **({"mscale": float(mscale), "mscale_all_dim": float(mscale_all_dim)}
+               if mscale is not None and mscale_all_dim is not None else {})}
+    return out
+
+
+# No megatron_guess: bare Megatron arguments with add_bias_linear are refused (they name no
+# family); arguments named gpt_oss read back through hf_moe_from_megatron.
 GPT_OSS = Architecture(
     "gpt_oss", "GptOss", {"mcore": MCORE_ROWS, "hf": HF_ROWS}, moe=NAMES,
     schema=gpt_oss_schema, hf_fields=_hf_fields, qkv_bias=_qkv_bias,
     attention_bias_refused=False, check_moe=_check, megatron_extra=_megatron,
-    expert_biases=True)
+    hf_moe_from_megatron=_from_megatron, expert_biases=True)

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 import ckpt_ir
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import CheckpointError, FormatError
 from ckpt_ir.ir import ModelConfig
-from ckpt_ir.megatron_config import megatron_args
+from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
 from ckpt_ir.tables import build_table
 
 GIB = 2**30
@@ -253,3 +253,37 @@ def test_per_rank_files_with_expert_tp_are_refused(tmp_path):
     assert r.stderr.count("\n") == 1
     assert "gpt_oss's experts have biases" in r.stderr and "expert TP 1" in r.stderr
     assert not dst.exists()
+
+
+def test_megatron_arguments_named_gpt_oss_read_back_as_the_published_config():
+    # Megatron-Bridge's GPT-OSS provider records these fields, yarn_* included.
+    args = megatron_args(GPT_OSS_20B)
+    fields = {**args.transformer_config, **args.gpt_model, **args.config_attributes}
+    back = hf_config_from_megatron(fields, architecture="gpt_oss", tied=False)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                "num_local_experts", "num_experts_per_tok", "attention_bias", "layer_types",
+                "sliding_window", "swiglu_limit", "rms_norm_eps", "max_position_embeddings"):
+        assert back[key] == GPT_OSS_20B[key], key
+    assert back["rope_parameters"] == {"rope_type": "yarn", "rope_theta": 150000.0,
+                                       **GPT_OSS_20B["rope_scaling"]}
+    assert megatron_args(back).transformer_config == args.transformer_config
+
+
+@pytest.mark.parametrize(("drop", "message"), [
+    ("softmax_type", "softmax_type='learnable'"),
+    ("activation_func_clamp_value", "the clamped SwiGLU"),
+    ("yarn_rotary_scaling_factor", "carry no yarn_rotary_scaling_factor"),
+])
+def test_megatron_arguments_missing_a_gpt_oss_setting_are_refused(drop, message):
+    args = megatron_args(GPT_OSS_20B)
+    fields = {**args.transformer_config, **args.gpt_model, **args.config_attributes}
+    fields.pop(drop)
+    with pytest.raises(CheckpointError, match=message):
+        hf_config_from_megatron(fields, architecture="gpt_oss", tied=False)
+
+
+def test_bare_megatron_arguments_with_linear_biases_name_no_family():
+    args = megatron_args(GPT_OSS_20B)
+    with pytest.raises(FormatError, match="add_bias_linear=True have no HF equivalent"):
+        hf_config_from_megatron({**args.transformer_config, **args.gpt_model}, tied=False)
