@@ -693,4 +693,4 @@ class InterleaveExperts(Transform):
     def describe(self) -> str:
         layout = "input-major" if self.input_major else "output-major"
         return (f"InterleaveExperts({self.num_experts} experts of "
-                f"[{' | '.join(self.parts)}] interleaved, {layout})")
+                f"[{'; '.join(self.parts)}] interleaved, {layout})")

@@ -124,12 +124,12 @@ def gpt_oss_schema(config: ModelConfig) -> dict[str, Shape]:
 
 
 def _gate_up(config: ModelConfig, params: NativeParams) -> InterleaveExperts:
-    """gate_up_proj: [gate | up] interleaved by column, input-major ([E, H, 2F])."""
+    """gate_up_proj: gate and up interleaved by column, input-major ([E, H, 2F])."""
     return InterleaveExperts(config.num_experts, ("gate", "up"))
 
 
 def _gate_up_bias(config: ModelConfig, params: NativeParams) -> InterleaveExperts:
-    """gate_up_proj_bias: [gate | up] interleaved ([E, 2F])."""
+    """gate_up_proj_bias: gate and up interleaved ([E, 2F])."""
     return InterleaveExperts(config.num_experts, ("gate", "up"), input_major=False)
 
 
