@@ -240,6 +240,20 @@ def _check(config: ModelConfig) -> None:
                           f"quick_gelu has alpha {MEGATRON_SWIGLU_ALPHA} built in")
     if _number(hf, "swiglu_limit", 7.0) <= 0:
         raise FormatError("gpt_oss swiglu_limit must be positive")
+    rope = _rope_parameters(hf)
+    if (rope.get("rope_type") or rope.get("type")) == "yarn":
+        # Checked here, with the config: megatron_args (and the transformer_config.json an
+        # mcore-dist write carries) must not meet a malformed value later.
+        for name, default in (("factor", None), ("beta_fast", 32.0), ("beta_slow", 1.0)):
+            value = rope.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise FormatError(f"gpt_oss YaRN {name} must be a positive number, not "
+                                  f"{value!r}")
+        original = rope.get("original_max_position_embeddings")
+        if original is not None and (type(original) is not int or original < 1):
+            raise FormatError(f"gpt_oss YaRN original_max_position_embeddings must be a "
+                              f"positive integer, not {original!r}")
 
 
 def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:

@@ -180,6 +180,11 @@ def test_layer_types_other_than_the_alternation_become_megatron_core_s_list():
     ({"layer_types": ["chunked_attention"] * 24}, "layer_types must list"),
     ({"sliding_window": 0}, "sliding_window must be a positive integer"),
     ({"sliding_window": None}, "sliding_window must be a positive integer"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "YaRN factor must be a positive number"),
+    ({"rope_scaling": {**GPT_OSS_20B["rope_scaling"], "beta_fast": "32"}},
+     "YaRN beta_fast must be a positive number"),
+    ({"rope_scaling": {**GPT_OSS_20B["rope_scaling"], "original_max_position_embeddings": 4e3}},
+     "original_max_position_embeddings must be a positive integer"),
 ])
 def test_contradicting_configs_are_refused_by_name(change, message):
     with pytest.raises(FormatError, match=message):
