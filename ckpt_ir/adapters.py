@@ -262,14 +262,6 @@ def refused_modules(config: ModelConfig) -> dict[str, str]:
             if names.shared_gate:
                 out[p + names.shared_gate.removesuffix(".weight")] = \
                     "LoRA on the shared-expert gate is not supported"
-            if config.has_expert_biases:
-                # gpt-oss: peft adapts its interleaved, input-major gate_up_proj / down_proj as
-                # parameters; no rows map such an adapter onto Megatron's per-expert linears.
-                for e in range(config.num_experts):
-                    x = p + names.expert.format(expert=e)
-                    out.update((x + leaf, f"LoRA on {config.architecture}'s experts is not "
-                                "supported; target the attention modules")
-                               for leaf in (names.gate, names.up, names.down))
     return out
 
 
@@ -440,11 +432,6 @@ class AdapterConfig:
             if not any(p == t or p.endswith(f".{t}") for p in self.parameter_groups()):
                 raise FormatError(f"adapter_config.json target_parameters {t!r} match no fused "
                                   f"expert parameter of this {self.base.architecture} model",
-                                  path=path)
-        refused = refused_modules(self.base)
-        for m in self._targeted.values():  # modules adapted through target_parameters too
-            if m.name in refused:
-                raise FormatError(f"adapter_config.json targets {m.name}: {refused[m.name]}",
                                   path=path)
         if not self.modules():
             raise FormatError(f"adapter_config.json target_modules {self.target_modules!r} match "

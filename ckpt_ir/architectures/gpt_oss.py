@@ -41,6 +41,11 @@ Parallel layouts: megatron-core 0.16.1 builds biased experts only with expert TP
 (``ModelConfig.has_expert_biases``); per-rank formats, whose expert TP is TP, take TP = 1 with
 any PP / EP, and mcore-dist (TP-invariant) loads at any TP with ``expert_tensor_parallel_size=1``.
 
+LoRA: peft adapts the experts through ``target_parameters`` on the fused parameters, as for the
+other families, but ``gate_up_proj``'s ParamWrapper B rows are interleaved like its outputs
+(``MoeNames.gate_up_interleaved``, read and written by the hf-peft converter); attention modules
+are ordinary. The router is not a LoRA target (as for every family).
+
 Routing: top-k of the router logits (bias included), softmax over the k: megatron-core's
 default (``moe_router_pre_softmax=False``). MXFP4 checkpoints (``*_blocks`` / ``*_scales``,
 output-major) are another reader's business; this record is the bf16 layout they dequantize to.
@@ -83,7 +88,7 @@ X = H + "mlp.experts.{expert}."   # IR: one expert's tensors
 E = L + "mlp.experts.experts.{expert}."
 
 NAMES = MoeNames("mlp.router.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
-                 "down_proj")
+                 "down_proj", gate_up_interleaved=True)
 
 MEGATRON_SWIGLU_ALPHA = 1.702
 """megatron-core's ``quick_gelu`` is ``x * sigmoid(1.702 x)``, with no field for α."""

@@ -48,6 +48,9 @@ class MoeNames:
     shared: str | None = None        # prefix of the shared expert MLP (gate/up/down_proj)
     shared_gate: str | None = None   # [1, H] sigmoid gate on the shared expert (qwen2_moe)
     expert_bias: str | None = None   # [E] routing-only score correction (deepseek_v3)
+    # transformers' fused ``gate_up_proj`` interleaves gate and up (column 2j gate j, 2j + 1
+    # up j: gpt-oss) instead of stacking ``[gate; up]``; peft's ParamWrapper B rows follow.
+    gate_up_interleaved: bool = False
 
 
 def no_qkv_bias(hf: Mapping[str, Any]) -> bool:

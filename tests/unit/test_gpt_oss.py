@@ -292,3 +292,19 @@ def test_bare_megatron_arguments_with_linear_biases_name_no_family():
     args = megatron_args(GPT_OSS_20B)
     with pytest.raises(FormatError, match="add_bias_linear=True have no HF equivalent"):
         hf_config_from_megatron({**args.transformer_config, **args.gpt_model}, tied=False)
+
+
+def test_an_hf_peft_adapter_naming_gpt_oss_experts_as_modules_is_not_written(tmp_path):
+    # What an adapter created from Megatron LoRA alone would say (AdapterConfig.create);
+    # peft on gpt-oss has no per-expert modules, so it could not load such a file.
+    from ckpt_ir.adapters import AdapterConfig
+    from ckpt_ir.converters.hf_peft import HfPeftWriter
+    from ckpt_ir.options import AdapterTarget, WriteOptions
+
+    base = ModelConfig.from_hf(TINY)
+    adapter = AdapterConfig.create(base, r=2, lora_alpha=4, leaves=["q_proj", "gate_proj",
+                                                                     "up_proj"])
+    with pytest.raises(FormatError, match="must target their fused parameters"):
+        HfPeftWriter(tmp_path / "out", base, WriteOptions(adapter=AdapterTarget(adapter)))
+    attention = AdapterConfig.create(base, r=2, lora_alpha=4, leaves=["q_proj", "o_proj"])
+    HfPeftWriter(tmp_path / "out", base, WriteOptions(adapter=AdapterTarget(attention)))
