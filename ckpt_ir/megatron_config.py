@@ -205,8 +205,6 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
     }
     spec = {"normalization": "RMSNorm", "qk_layernorm": cfg.has_qk_norm}
     record = lookup(cfg.architecture)
-    if not (cfg.is_moe or cfg.has_mla):
-        return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes))
     if cfg.is_moe:
         tc.update(_moe_args(cfg, notes))
         spec["num_experts"] = cfg.num_experts
