@@ -12,8 +12,9 @@ experts, alternating sliding window, clamped SwiGLU, YaRN), 4 layers, 4 experts,
   fp32 logits within 1e-5 (measured 1e-6 or less; the reference's independent code measured
   1.6e-5 on a larger model). megatron-core's sliding-window mask is built on the CPU by the
   harness's test-only shim (tests/clients/mcore_harness.py).
-- Reverse: a GPTModel randomised by megatron-core (TP=1), saved with ``dist_checkpointing``,
-  converts to HF weights whose transformers logits equal megatron's.
+- Reverse: GPTModels randomised by megatron-core, saved with ``dist_checkpointing`` (TP=1) and
+  as verl / Megatron-LM rank files (EP=2), convert to HF weights whose transformers logits
+  equal megatron's.
 - Round trips: HF -> ``mcore-dist`` / ``verl-legacy`` (TP=2, PP=2) / ``megatron-legacy``
   (EP=2) -> HF reproduces every tensor bit for bit and the config, and the reloaded model's
   logits equal the source's exactly.
@@ -113,6 +114,10 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
     jobs[1].append({**common, "command": "save-random", "tp": 1, "seed": 23,
                     "out_dir": str(root / "saved" / "dist"),
                     "logits_out": str(root / "logits" / "saved-dist.pt")})
+    # megatron-core's own EP=2 rank files (each rank's experts drawn apart).
+    jobs[2].append({**common, "command": "save-rank-files", "layout": {"tp": 1, "ep": 2},
+                    "seed": 29, "out_dir": str(root / "saved" / "ranks"),
+                    "logits_out": str(root / "logits" / "saved-ranks.pt")})
     # The two launches overlap: most of a rank's time is importing megatron-core.
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {n: pool.submit(attempt, lambda n=n: launch("batch", jobs[n], world_size=n,
@@ -163,13 +168,25 @@ def test_round_trip_to_hf_is_bit_identical(suite: Suite, key: str, tmp_path: Pat
     assert torch.equal(hf_models.hf_logits(back, suite.ids), suite.ref)
 
 
-def test_megatron_saved_checkpoint_to_hf_matches_megatron_logits(suite: Suite,
+# Saved by megatron-core -> (path under root/saved, launch ranks, the source format ckpt-ir
+# detects, --hf-config). Megatron-LM args name no HF architecture (add_bias_linear alone is
+# refused): its HF config is passed; verl's files carry theirs.
+REVERSE = {
+    "dist": ("dist", 1, "mcore-dist", True),
+    "verl-ep2": ("ranks/verl", 2, "verl-legacy", False),
+    "megatron-ep2": ("ranks/megatron", 2, "megatron-legacy", True),
+}
+
+
+@pytest.mark.parametrize("name", REVERSE)
+def test_megatron_saved_checkpoint_to_hf_matches_megatron_logits(suite: Suite, name: str,
                                                                  tmp_path: Path) -> None:
-    expected = suite.logits("saved-dist", 1)
-    report = ckpt_ir.convert(suite.root / "saved" / "dist", tmp_path / "hf", to="hf",
-                             hf_config=suite.hf)
-    assert report.source_format == "mcore-dist"
+    path, ranks, fmt, needs_config = REVERSE[name]
+    expected = suite.logits("saved-dist" if name == "dist" else "saved-ranks", ranks)
+    report = ckpt_ir.convert(suite.root / "saved" / path, tmp_path / "hf", to="hf",
+                             hf_config=suite.hf if needs_config else None)
+    assert report.source_format == fmt
     logits = hf_models.hf_logits(tmp_path / "hf", suite.ids)
     assert expected.std() > 0.1
     diff = (logits - expected[..., :VOCAB]).abs().max().item()
-    assert diff <= ATOL, f"saved-dist: max abs logit diff {diff:.3g} > {ATOL}"
+    assert diff <= ATOL, f"{name}: max abs logit diff {diff:.3g} > {ATOL}"
