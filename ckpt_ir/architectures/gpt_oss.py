@@ -47,8 +47,11 @@ other families, but ``gate_up_proj``'s ParamWrapper B rows are interleaved like 
 are ordinary. The router is not a LoRA target (as for every family).
 
 Routing: top-k of the router logits (bias included), softmax over the k: megatron-core's
-default (``moe_router_pre_softmax=False``). MXFP4 checkpoints (``*_blocks`` / ``*_scales``,
-output-major) are another reader's business; this record is the bf16 layout they dequantize to.
+default (``moe_router_pre_softmax=False``). MXFP4 checkpoints (``*_blocks`` / ``*_scales``)
+are another reader's business; this record is the bf16 layout they dequantize to. Their blocks
+are *output-major* (``[E, 2F, H]`` / ``[E, H, F]`` after dequantization, rows still
+interleaved): a reader presents them transposed on dims 1 and 2 as ``gate_up_proj`` /
+``down_proj``, by provenance (the ``_blocks`` suffix), not by shape.
 
 Facts: /work/shared/reference/architectures-wave2.md §4 (transformers 5.23
 ``modeling_gpt_oss``, Megatron-Bridge ``gpt_oss_bridge.py``, megatron-core 0.16.1 local spec
