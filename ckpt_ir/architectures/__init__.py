@@ -15,6 +15,7 @@ from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3
 from ckpt_ir.architectures.dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from ckpt_ir.architectures.dsa import DEEPSEEK_V32, GLM_MOE_DSA
 from ckpt_ir.architectures.glm4_moe import GLM4_MOE, GLM4_MOE_LITE
+from ckpt_ir.architectures.gpt_oss import GPT_OSS
 from ckpt_ir.architectures.mixtral import MIXTRAL
 from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
@@ -36,7 +37,8 @@ def _registry(*records: Architecture) -> Mapping[str, Architecture]:
 
 REGISTRY: Mapping[str, Architecture] = _registry(
     LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS,
-    GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA)
+    GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA,
+    GPT_OSS)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 
