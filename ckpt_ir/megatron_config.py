@@ -98,6 +98,14 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any], list[str]]:
     return float(theta), extra, notes
 
 
+def _rotary_percent(hf: Mapping[str, Any]) -> float:
+    """The fraction of each head that rotates: ``partial_rotary_factor``, which transformers
+    5.23 keeps in ``rope_parameters`` (older configs: a top-level attribute); 1 without it."""
+    params = hf.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    return float(factor) if type(factor) in (int, float) else 1.0
+
+
 def _moe_args(cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
     """TransformerConfig fields of the experts and their router.
 
@@ -192,7 +200,7 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         "max_sequence_length": int(hf.get("max_position_embeddings", 4096)),
         "position_embedding_type": "rope",
         "rotary_base": theta,
-        "rotary_percent": 1.0,
+        "rotary_percent": _rotary_percent(hf),
         "share_embeddings_and_output_weights": cfg.tie_word_embeddings,
         **rope_extra,
     }

@@ -337,8 +337,7 @@ def _megatron(config: ModelConfig, notes: list[str]) -> dict[str, Any]:
     if config.num_mtp_layers:
         tc["mtp_num_layers"] = config.num_mtp_layers
     notes.append("qwen3_next builds only with the TE layer spec and flash-linear-attention "
-                 "(get_transformer_block_with_experimental_attention_variant_spec); "
-                 "rotary_percent is partial_rotary_factor")
+                 "(get_transformer_block_with_experimental_attention_variant_spec)")
     return tc
 
 
@@ -360,6 +359,10 @@ def _from_megatron(args: Mapping[str, Any], moe: MegatronMoe) -> dict[str, Any]:
         "norm_topk_prob": not moe.pre_softmax,
         "layer_types": ["linear_attention" if v else "full_attention" for v in linear],
         "num_nextn_predict_layers": int(megatron_arg(args, "mtp_num_layers", default=0) or 0),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(megatron_arg(args, "rotary_base", default=1e7)),
+            "partial_rotary_factor": float(megatron_arg(args, "rotary_percent", default=0.25))},
     }
     for name, default in (("linear_conv_kernel_dim", 4), ("linear_key_head_dim", 128),
                           ("linear_value_head_dim", 128), ("linear_num_key_heads", 16),
