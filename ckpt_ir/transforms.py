@@ -73,6 +73,10 @@ class Transform(ABC):
     """IR parts (by role) <-> one native tensor."""
 
     roles: tuple[str, ...] = (TENSOR,)
+    # The transform computes new values (ZeroCentre's w - 1), not only moves them: the executor
+    # gives it its parts already cast to a wider destination dtype (``--dtype fp32``), where the
+    # arithmetic may be exact when it is not in the source's.
+    arithmetic: bool = False
 
     @abstractmethod
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -836,6 +840,7 @@ class ZeroCentre(Transform):
     """
 
     roles = (TENSOR,)
+    arithmetic = True
 
     @staticmethod
     def _shift(t: torch.Tensor, by: float) -> torch.Tensor:

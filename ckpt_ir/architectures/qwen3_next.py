@@ -230,7 +230,7 @@ def gdn_in_proj(config: ModelConfig, params: NativeParams) -> GroupGDNInProj:
 
 
 def gdn_conv1d(config: ModelConfig, params: NativeParams) -> RowBlocks:
-    """conv1d channels as [q_all | k_all | v_all] blocks."""
+    """RowBlocks of the conv1d channels: [q_all; k_all; v_all]."""
     g = gdn_sizes(config.hf)
     return RowBlocks((g.key_dim, g.key_dim, g.value_dim))
 

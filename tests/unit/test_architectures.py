@@ -23,6 +23,7 @@ from ckpt_ir.table_engine import Row, one
 from ckpt_ir.tables import NativeParams, build_table
 from ckpt_ir.tables.lora import LORA_ROWS, row_style
 from tests.unit.test_moe import TINY
+from tests.unit.test_qwen3_next import TINY as QWEN3_NEXT_TINY
 
 DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 40, "vocab_size": 50,
@@ -31,13 +32,15 @@ DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
 
 
 def _tiny(name: str) -> dict:
+    if name == "qwen3_next":
+        return dict(QWEN3_NEXT_TINY)
     return dict(TINY[name]) if name in TINY else {**DENSE, "model_type": name}
 
 
 def test_the_registry_is_the_one_list_of_architectures():
     assert ARCHITECTURES == tuple(REGISTRY) == tuple(TABLES)
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "deepseek_v3", "seed_oss"}
+                                  "qwen3_moe", "deepseek_v3", "seed_oss", "qwen3_next"}
     for name, record in REGISTRY.items():
         assert record.name == name
         assert "mcore" in record.tables

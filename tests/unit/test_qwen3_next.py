@@ -79,6 +79,15 @@ QWEN3_NEXT_80B = {
     "vocab_size": 151936,
 }
 
+# A tiny config of every structural kind (layers: linear, full, linear, full; the MTP layer
+# assumed), for tests that loop over the registry (tests/unit/test_architectures.py).
+TINY = dict(model_type="qwen3_next", hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, vocab_size=50, intermediate_size=40,
+            linear_num_key_heads=2, linear_key_head_dim=4, linear_num_value_heads=4,
+            linear_value_head_dim=4, linear_conv_kernel_dim=4, full_attention_interval=2,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+            shared_expert_intermediate_size=36, partial_rotary_factor=0.25)
+
 # The reference's symbols for the 80B: H, nh, G, d, nk, dk, nv, dv, K, E, Fm, Fs.
 H, NH, G, D = 2048, 16, 2, 256
 NK, DK, NV, DV, K = 16, 128, 32, 128, 4
@@ -375,3 +384,28 @@ def test_the_cli_refuses_tp4_in_one_line(tmp_path, capsys):
     assert code == 2
     assert err.count("\n") == 1 and "gated attention" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_norm_weight_that_w_minus_1_would_round_is_refused_in_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from ckpt_ir.cli import main
+    from tests.fixtures import write_hf
+
+    state = write_hf(tmp_path / "hf", TINY)
+    norm = "model.layers.0.linear_attn.norm.weight"
+    # bf16 155 * 2^-9: w - 1 needs a bit bf16 lacks there (ZeroCentre's exactness check).
+    state[norm] = torch.tensor([1.0, 0.302734375, 1.5, 2.0], dtype=torch.bfloat16)
+    state["model.layers.2.linear_attn.norm.weight"] = torch.ones(4, dtype=torch.bfloat16)
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    code = main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "mcore-dist"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "1 norm weight(s)" in err and "--dtype fp32" in err
+    assert not (tmp_path / "out").exists()
+    # In fp32 the same weights are exact: converted, and back bit for bit.
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--to", "mcore-dist",
+                 "--dtype", "fp32"]) == 0
+    assert main(["convert", str(tmp_path / "out"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = ckpt_ir.open(tmp_path / "back")
+    assert torch.equal(back.read(norm), state[norm].float())
