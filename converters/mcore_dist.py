@@ -597,9 +597,11 @@ class McoreDistWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._data is None:
             raise InternalError("mcore-dist writer used before begin()")
-        for key, start, rows in self._split.get(name, ()):
-            self._data.add_tensor(key, (0,) * tensor.dim(), tensor[start:start + rows])
-        for key, offsets, prepended in self._where.get(name, ()):
+        if name in self._split:
+            for key, start, rows in self._split[name]:
+                self._data.add_tensor(key, (0,) * tensor.dim(), tensor[start:start + rows])
+            return
+        for key, offsets, prepended in self._where[name]:
             self._data.add_tensor(key, offsets, tensor[(None,) * prepended])
 
     accepts_file_slabs: ClassVar[bool] = True
