@@ -337,7 +337,7 @@ class ParallelLayout:
             # qwen3_next: a rank holds whole KV groups of the gated QKV (megatron-core's
             # KV-head replication for TP > groups is not mapped for it) and whole GDN key heads
             # with their value heads.
-            key_heads = config.hf.get("linear_num_key_heads")
+            key_heads = config.hf.get("linear_num_key_heads", 16)  # transformers' default
             if groups % tp:
                 problems.append(f"TP={tp} does not divide the {groups} KV groups of the gated "
                                 "attention")

@@ -166,8 +166,6 @@ def _check(config: ModelConfig) -> None:
         # The hub names hold one MTP layer (mtp.fc, mtp.norm): no index for a second one.
         raise FormatError(f"qwen3_next with {config.num_mtp_layers} MTP layers is not "
                           "supported (the published layout has one)")
-    if config.hf.get("attention_bias"):
-        raise FormatError("qwen3_next with attention_bias=True is not supported")
 
 
 def schema(config: ModelConfig) -> dict[str, Shape]:

@@ -409,3 +409,51 @@ def test_an_out_norm_weight_that_w_minus_1_would_round_is_refused_in_one_line(tm
     assert main(["convert", str(tmp_path / "out"), str(tmp_path / "back"), "--to", "hf"]) == 0
     back = ckpt_ir.open(tmp_path / "back")
     assert torch.equal(back.read(norm), state[norm].float())
+
+
+def _tiny_hf(path: Path) -> dict[str, torch.Tensor]:
+    """A random fp32 TINY checkpoint whose GDN output norms are exact under w - 1."""
+    from safetensors.torch import save_file
+
+    from tests.fixtures import write_hf
+
+    state = write_hf(path, TINY, dtype=torch.float32)
+    for name in state:
+        if name.endswith("linear_attn.norm.weight"):
+            state[name] = torch.linspace(0.5, 2.0, state[name].numel())
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return state
+
+
+def test_a_split_gdn_tensor_missing_a_sub_key_is_corrupt(tmp_path):
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from ckpt_ir.errors import CorruptCheckpointError
+    from tests.fixtures import load_dcp_tensors
+
+    _tiny_hf(tmp_path / "hf")
+    ckpt_ir.convert(tmp_path / "hf", tmp_path / "dist", to="mcore-dist")
+    state = load_dcp_tensors(tmp_path / "dist")
+    key = "decoder.layers.0.self_attention.in_proj.weight.alpha"
+    assert state[key].shape == (4, 32)
+    # Re-saved by torch's own DCP writer (the same format) without one sub-key.
+    del state[key]
+    bad = tmp_path / "bad"
+    dcp.save(state, storage_writer=FileSystemWriter(bad), no_dist=True)
+    shutil.copy(tmp_path / "dist" / "metadata.json", bad)
+    shutil.copytree(tmp_path / "dist" / "hf_config", bad / "hf_config")
+    with pytest.raises(CorruptCheckpointError, match=r"in_proj.weight is stored split but "
+                                                     r"lacks \['decoder.layers.0"):
+        ckpt_ir.open(bad)
+    # The complete re-save reads back as the same model.
+    shutil.rmtree(bad)
+    dcp.save(load_dcp_tensors(tmp_path / "dist"), storage_writer=FileSystemWriter(bad),
+             no_dist=True)
+    shutil.copy(tmp_path / "dist" / "metadata.json", bad)
+    shutil.copytree(tmp_path / "dist" / "hf_config", bad / "hf_config")
+    with ckpt_ir.open(bad) as ours, ckpt_ir.open(tmp_path / "hf") as theirs:
+        name = "model.layers.0.linear_attn.in_proj_qkvz.weight"
+        assert torch.equal(ours.read(name), theirs.read(name))
