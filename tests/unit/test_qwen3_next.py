@@ -457,3 +457,25 @@ def test_a_split_gdn_tensor_missing_a_sub_key_is_corrupt(tmp_path):
     with ckpt_ir.open(bad) as ours, ckpt_ir.open(tmp_path / "hf") as theirs:
         name = "model.layers.0.linear_attn.in_proj_qkvz.weight"
         assert torch.equal(ours.read(name), theirs.read(name))
+
+
+@pytest.mark.parametrize(("targets", "module"), [
+    (["q_proj", "v_proj"], "model.layers.1.self_attn.q_proj"),
+    (["in_proj_qkvz"], "model.layers.0.linear_attn.in_proj_qkvz"),
+    (["out_proj"], "model.layers.0.linear_attn.out_proj"),
+])
+def test_lora_on_the_attention_is_refused_by_name(targets, module):
+    from ckpt_ir.adapters import AdapterConfig
+
+    peft = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets}
+    with pytest.raises(FormatError, match=rf"targets {module}: LoRA on qwen3_next's attention"):
+        AdapterConfig.from_peft(peft, ModelConfig.from_hf(TINY))
+
+
+def test_lora_on_the_mlp_maps_like_qwen2_moes():
+    from ckpt_ir.adapters import AdapterConfig
+
+    peft = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj"]}
+    adapter = AdapterConfig.from_peft(peft, ModelConfig.from_hf(TINY))
+    assert "model.layers.0.mlp.shared_expert.gate_proj" in adapter.modules()
+    assert "model.layers.0.mlp.experts.3.gate_proj" in adapter.modules()
