@@ -226,7 +226,7 @@ def base_modules(config: ModelConfig) -> tuple[LoraModule, ...]:
     names = config.moe_names
     for layer in range(config.num_layers):
         p = f"model.layers.{layer}."
-        if not config.has_mla:
+        if not config.has_mla and not config.linear_attention_layers:
             out += [LoraModule(p + f"self_attn.{x}", layer, "attention", x)
                     for x in ("q_proj", "k_proj", "v_proj", "o_proj")]
         if names is None or not config.is_moe_layer(layer):
@@ -256,6 +256,16 @@ def refused_modules(config: ModelConfig) -> dict[str, str]:
             out.update((p + f"self_attn.{x}", "LoRA on multi-latent attention (DeepSeek-V3 "
                         "q/kv projections, o_proj) is not supported; target the MLP modules")
                        for x in _MLA_LEAVES)
+        if config.linear_attention_layers:
+            # qwen3_next: a gated q_proj and Gated DeltaNet projections, whose Megatron LoRA
+            # layout (Megatron-Bridge's) is not mapped here.
+            out.update((p + m, "LoRA on qwen3_next's attention (gated q_proj, Gated DeltaNet "
+                        "in_proj / out_proj) is not supported; target the MLP modules")
+                       for m in (("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba",
+                                  "linear_attn.out_proj")
+                                 if config.is_linear_attention_layer(layer) else
+                                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                  "self_attn.o_proj")))
         if names is not None and config.is_moe_layer(layer):
             out[p + names.router.removesuffix(".weight")] = \
                 "LoRA on the MoE router is not supported (Megatron-Bridge's LoRATopKRouter)"

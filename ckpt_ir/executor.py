@@ -83,6 +83,9 @@ def _run_unit(unit: Unit, reader, writer, specs: dict[str, TensorSpec], write_sl
     for b in unit.targets:
         blocks = {role: ir[name] for role, name in b.ir.items()}
         spec = specs[b.native]
+        if b.transform.arithmetic:
+            blocks = {role: tuple(_widened(t, spec.dtype) for t in rows)
+                      for role, rows in blocks.items()}
         if write_slabs is not None:
             shape = b.transform.shapes({role: rows_shape(rows) for role, rows in blocks.items()})
             if tuple(shape) != spec.shape:
@@ -102,6 +105,13 @@ def _run_unit(unit: Unit, reader, writer, specs: dict[str, TensorSpec], write_sl
         writer.write(b.native, out)
     del ir
     reader.release()
+
+
+def _widened(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast up to a wider floating ``dtype`` (exact); otherwise as it is."""
+    if t.is_floating_point() and dtype.is_floating_point and dtype.itemsize > t.element_size():
+        return t.to(dtype)
+    return t
 
 
 class _SourceFiles:

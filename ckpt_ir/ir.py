@@ -111,6 +111,9 @@ class ModelConfig:
     # 0: a causal LM. ``has_score_bias``: transformers' ``token_classification_bias``.
     num_labels: int = 0
     has_score_bias: bool = False
+    # Hybrid stacks (qwen3_next): the decoder layers whose attention is linear (Gated
+    # DeltaNet); the others use full attention. Empty: every layer is full attention.
+    linear_attention_layers: tuple[int, ...] = ()
 
     @property
     def heads_per_group(self) -> int:
@@ -152,7 +155,13 @@ class ModelConfig:
         An MoE model with any dense layer needs a per-layer ``moe_layer_freq`` list, and
         megatron-core keeps per-layer keys whenever that is a list (even all zeros).
         """
-        return not self.is_moe or len(self.moe_layers) == self.num_layers
+        return (not self.is_moe or len(self.moe_layers) == self.num_layers) and \
+            not self.linear_attention_layers
+
+    def is_linear_attention_layer(self, layer: int) -> bool:
+        """Whether HF layer ``layer`` has linear (Gated DeltaNet) attention; MTP layers
+        (``layer >= num_layers``) have full attention."""
+        return layer < self.num_layers and layer in self.linear_attention_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether HF layer ``layer`` routes to experts. MTP layers (``layer >= num_layers``)

@@ -333,6 +333,17 @@ class ParallelLayout:
         if vocab % tp:
             problems.append(f"TP={tp} does not divide the vocabulary ({vocab} rows); pad it "
                             f"with --pad-vocab-to-multiple (e.g. {128 * tp})")
+        if config.linear_attention_layers and tp > 1:
+            # qwen3_next: a rank holds whole KV groups of the gated QKV (megatron-core's
+            # KV-head replication for TP > groups is not mapped for it) and whole GDN key heads
+            # with their value heads.
+            key_heads = config.hf.get("linear_num_key_heads", 16)  # transformers' default
+            if groups % tp:
+                problems.append(f"TP={tp} does not divide the {groups} KV groups of the gated "
+                                "attention")
+            if not isinstance(key_heads, int) or key_heads % tp:
+                problems.append(f"TP={tp} does not divide the {key_heads} linear-attention "
+                                "key heads")
         experts = config.num_experts
         if self.ep > 1 and not experts:
             problems.append(f"EP={self.ep} needs a mixture-of-experts model; "

@@ -135,8 +135,9 @@ class Features:
                    fused_lora=lora_style == "fused", canonical_lora=lora_style == "canonical")
 
 
-LAYER_FEATURES = ("moe_layer", "dense_layer")
-"""Conditions evaluated per layer (``ModelConfig.is_moe_layer``), not per model."""
+LAYER_FEATURES = ("moe_layer", "dense_layer", "linear_attention_layer", "full_attention_layer")
+"""Conditions evaluated per layer (``ModelConfig.is_moe_layer``,
+``ModelConfig.is_linear_attention_layer``), not per model."""
 
 # Placeholder -> the axis it ranges over; {mtp} and {mtp_layer} name one axis two ways.
 _PLACEHOLDER_AXIS = {"layer": "layer", "expert": "expert", "mtp": "mtp", "mtp_layer": "mtp"}
@@ -254,6 +255,10 @@ def _bindings(row: Row, transform: Transform | None, config: ModelConfig, params
     tensor is in ``present``."""
     if ("moe_layer" in row.conditions and not config.is_moe_layer(layer)) or \
             ("dense_layer" in row.conditions and config.is_moe_layer(layer)):
+        return []
+    if ("linear_attention_layer" in row.conditions
+            and not config.is_linear_attention_layer(layer)) or \
+            ("full_attention_layer" in row.conditions and config.is_linear_attention_layer(layer)):
         return []
     per_expert = "expert" in row.axes and row.stack != "expert"
     out = []

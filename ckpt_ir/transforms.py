@@ -25,15 +25,34 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ckpt_ir.errors import InternalError
+from ckpt_ir.errors import FormatError, InternalError
 
 if TYPE_CHECKING:
     # Typing only: ir.py imports the architecture records, which are built from transforms.
     from ckpt_ir.ir import Shape
 
-__all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveExperts",
-           "InterleaveQKV", "MergeLora", "PadRows", "RankColumns", "StackExperts", "StackRanks",
-           "Transform", "join_rows", "lora_roles", "rows_shape", "same_bits"]
+__all__ = [
+    "TENSOR",
+    "ConcatGateUp",
+    "ConcatQKV",
+    "GroupGDNInProj",
+    "Identity",
+    "InterleaveExperts",
+    "InterleaveGatedQKV",
+    "InterleaveQKV",
+    "MergeLora",
+    "PadRows",
+    "RankColumns",
+    "RowBlocks",
+    "StackExperts",
+    "StackRanks",
+    "Transform",
+    "ZeroCentre",
+    "join_rows",
+    "lora_roles",
+    "rows_shape",
+    "same_bits",
+]
 
 TENSOR = "tensor"
 """The role name of a transform with a single part."""
@@ -55,6 +74,10 @@ class Transform(ABC):
     """IR parts (by role) <-> one native tensor."""
 
     roles: tuple[str, ...] = (TENSOR,)
+    # The transform computes new values (ZeroCentre's w - 1), not only moves them: the executor
+    # gives it its parts already cast to a wider destination dtype (``--dtype fp32``), where the
+    # arithmetic may be exact when it is not in the source's.
+    arithmetic: bool = False
 
     @abstractmethod
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -84,6 +107,12 @@ class Transform(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    def tp_blocks(self, parts: Mapping[str, Shape]) -> tuple[int, ...]:
+        """Rows of each block of the native tensor's global layout, for the ``BLOCKS`` TP
+        partition (a rank holds ``[b0_t; b1_t; ...]``); default: one block per role, in role
+        order, as big as that part."""
+        return tuple(parts[r][0] for r in self.roles)
 
     # Memory accounting for the planner's peak estimate: a transform that returns views of its
     # input costs nothing beyond the input. Conservative default: it allocates.
@@ -694,3 +723,221 @@ class InterleaveExperts(Transform):
         layout = "input-major" if self.input_major else "output-major"
         return (f"InterleaveExperts({self.num_experts} experts of "
                 f"[{'; '.join(self.parts)}] interleaved, {layout})")
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen3-Next: Gated DeltaNet in_proj / conv1d, gated-query QKV, zero-centred output norm
+# (Megatron-Bridge's GDNLinearMapping, GDNConv1dMapping, QKVMapping with attention_output_gate
+# and RMSNorm2ZeroCenteredRMSNormMapping; /work/shared/reference/architectures-wave2.md §5.3)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowBlocks(Transform):
+    """The native tensor is the IR tensor, made of row blocks that TP splits one by one.
+
+    ``blocks`` are the rows of each block in the global layout; a TP rank holds
+    ``[b0_t; b1_t; ...]`` (the ``BLOCKS`` partition). Qwen3-Next's ``conv1d.weight`` is
+    ``[q_all; k_all; v_all]`` channels in both HF and Megatron, but a rank's local conv1d is
+    ``[q_t; k_t; v_t]``, not a contiguous row range.
+    """
+
+    blocks: tuple[int, ...]
+    roles = (TENSOR,)
+
+    def __post_init__(self) -> None:
+        if not self.blocks or any(b <= 0 for b in self.blocks):
+            raise InternalError(f"RowBlocks needs positive block sizes: {self.blocks}")
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        t = parts[TENSOR]
+        if t.shape[0] != sum(self.blocks):
+            raise InternalError(f"tensor has {t.shape[0]} rows, blocks {self.blocks}")
+        return t
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        if native.shape[0] != sum(self.blocks):
+            raise InternalError(f"tensor has {native.shape[0]} rows, blocks {self.blocks}")
+        return {TENSOR: native}
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        return tuple(parts[TENSOR])
+
+    def tp_blocks(self, parts: Mapping[str, Shape]) -> tuple[int, ...]:
+        return self.blocks
+
+    def describe(self) -> str:
+        return f"RowBlocks({' | '.join(map(str, self.blocks))})"
+
+    def copies_on_apply(self) -> bool:
+        return False
+
+    def copies_on_inverse(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class GroupGDNInProj(Transform):
+    """Qwen3-Next's Gated DeltaNet input projections regrouped from per key head to per
+    component (Megatron ``self_attention.in_proj.weight``).
+
+    HF holds, for each key head ``g`` (``r = num_value_heads / num_key_heads`` value heads
+    per key head)::
+
+        in_proj_qkvz  [q_g (dk) ; k_g (dk) ; v_g (r*dv) ; z_g (r*dv)]  for g = 0 .. nk-1
+        in_proj_ba    [b_g (r)  ; a_g (r)]                             for g = 0 .. nk-1
+
+    Megatron holds ``[q_all; k_all; v_all; z_all; b_all; a_all]`` (each head-major), and a TP
+    rank ``[q_t; k_t; v_t; z_t; b_t; a_t]`` for its key heads (:meth:`tp_blocks`): since
+    value head ``j`` belongs to key head ``j // r``, a rank's key heads own a contiguous range
+    of every component.
+    """
+
+    num_key_heads: int
+    key_head_dim: int
+    value_heads_per_key: int
+    value_head_dim: int
+    roles = ("qkvz", "ba")
+
+    def __post_init__(self) -> None:
+        if min(self.num_key_heads, self.key_head_dim, self.value_heads_per_key,
+               self.value_head_dim) < 1:
+            raise InternalError(f"GroupGDNInProj needs positive sizes: {self}")
+
+    @property
+    def _per_head(self) -> tuple[int, int, int, int]:
+        dk, rv = self.key_head_dim, self.value_heads_per_key * self.value_head_dim
+        return dk, dk, rv, rv
+
+    def tp_blocks(self, parts: Mapping[str, Shape] | None = None) -> tuple[int, ...]:
+        nk, r = self.num_key_heads, self.value_heads_per_key
+        return (*(nk * s for s in self._per_head), nk * r, nk * r)
+
+    def _check(self, qkvz_rows: int, ba_rows: int) -> None:
+        nk = self.num_key_heads
+        if qkvz_rows != nk * sum(self._per_head) or ba_rows != 2 * nk * self.value_heads_per_key:
+            raise InternalError(f"in_proj_qkvz / in_proj_ba have {qkvz_rows} / {ba_rows} rows, "
+                                f"expected {nk * sum(self._per_head)} / "
+                                f"{2 * nk * self.value_heads_per_key}")
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        qkvz, ba = parts["qkvz"], parts["ba"]
+        self._check(qkvz.shape[0], ba.shape[0])
+        nk, rest = self.num_key_heads, tuple(qkvz.shape[1:])
+        per_head = qkvz.reshape(nk, sum(self._per_head), *rest).split(self._per_head, dim=1)
+        b, a = ba.reshape(nk, 2 * self.value_heads_per_key, *rest).tensor_split(2, dim=1)
+        return torch.cat([c.reshape(-1, *rest) for c in (*per_head, b, a)], dim=0)
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        blocks = self.tp_blocks()
+        if native.shape[0] != sum(blocks):
+            raise InternalError(f"GDN in_proj has {native.shape[0]} rows, expected "
+                                f"{sum(blocks)}")
+        nk, rest = self.num_key_heads, tuple(native.shape[1:])
+        q, k, v, z, b, a = (c.reshape(nk, -1, *rest) for c in native.split(blocks, dim=0))
+        return {"qkvz": torch.cat((q, k, v, z), dim=1).reshape(-1, *rest),
+                "ba": torch.cat((b, a), dim=1).reshape(-1, *rest)}
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        qkvz, ba = parts["qkvz"], parts["ba"]
+        self._check(qkvz[0], ba[0])
+        return (qkvz[0] + ba[0], *qkvz[1:])
+
+    def describe(self) -> str:
+        return (f"GroupGDNInProj(key_heads={self.num_key_heads}, key_dim={self.key_head_dim}, "
+                f"value_heads/key={self.value_heads_per_key}, value_dim={self.value_head_dim})")
+
+
+@dataclass(frozen=True, slots=True)
+class InterleaveGatedQKV(Transform):
+    """Megatron's fused QKV with an attention output gate (``attention_output_gate``).
+
+    HF ``q_proj`` holds ``2 * d`` rows per query head, ``[q_h (d); gate_h (d)]``. Megatron's
+    ``linear_qkv`` holds, per KV group of ``n`` query heads::
+
+        group i: q of heads i*n .. i*n+n-1 (n*d) | their gates (n*d) | k_i (d) | v_i (d)
+
+    A TP rank holds whole groups (the ``QKV`` partition), as for :class:`InterleaveQKV`.
+    """
+
+    num_groups: int
+    heads_per_group: int
+    head_dim: int
+    roles = ("q", "k", "v")
+
+    def _rows(self) -> int:
+        return self.num_groups * (2 * self.heads_per_group + 2) * self.head_dim
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        g, n, d = self.num_groups, self.heads_per_group, self.head_dim
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        rest = tuple(q.shape[1:])
+        if q.shape[0] != 2 * g * n * d:
+            raise InternalError(f"gated q_proj has {q.shape[0]} rows, expected {2 * g * n * d}")
+        heads = q.reshape(g, n, 2, d, *rest)
+        fused = torch.cat((heads[:, :, 0].reshape(g, n * d, *rest),
+                           heads[:, :, 1].reshape(g, n * d, *rest),
+                           k.reshape(g, d, *rest), v.reshape(g, d, *rest)), dim=1)
+        return fused.reshape(self._rows(), *rest)
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        g, n, d = self.num_groups, self.heads_per_group, self.head_dim
+        rest = tuple(native.shape[1:])
+        if native.shape[0] != self._rows():
+            raise InternalError(f"gated QKV has {native.shape[0]} rows, expected {self._rows()}")
+        grouped = native.reshape(g, (2 * n + 2) * d, *rest)
+        q = grouped[:, : n * d].reshape(g, n, 1, d, *rest)
+        gate = grouped[:, n * d: 2 * n * d].reshape(g, n, 1, d, *rest)
+        return {"q": torch.cat((q, gate), dim=2).reshape(2 * g * n * d, *rest),
+                "k": grouped[:, 2 * n * d: (2 * n + 1) * d].reshape(g * d, *rest),
+                "v": grouped[:, (2 * n + 1) * d:].reshape(g * d, *rest)}
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        return (q[0] + k[0] + v[0], *q[1:])
+
+    def describe(self) -> str:
+        return (f"InterleaveGatedQKV(groups={self.num_groups}, "
+                f"heads/group={self.heads_per_group}, head_dim={self.head_dim})")
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroCentre(Transform):
+    """A plain RMSNorm weight ``w`` stored zero-centred, ``w - 1`` (Megatron-Bridge's
+    ``RMSNorm2ZeroCenteredRMSNormMapping`` for Qwen3-Next's GDN ``out_norm``: megatron-core
+    builds every norm of the model with ``layernorm_zero_centered_gamma`` and scales by
+    ``1 + weight``).
+
+    Both directions compute in fp32 (fp64 stays fp64) and round to the tensor's dtype.
+    ``w - 1`` is exact for ``0.5 <= w <= 2`` (Sterbenz) and for most larger values, not for
+    smaller ones in bf16 / fp16; ``apply`` checks that ``inverse`` gives ``w`` back bit for
+    bit and raises :class:`ckpt_ir.errors.FormatError` otherwise (convert with
+    ``--dtype fp32``), so a round trip is exact or refused, never silently rounded.
+    """
+
+    roles = (TENSOR,)
+    arithmetic = True
+
+    @staticmethod
+    def _shift(t: torch.Tensor, by: float) -> torch.Tensor:
+        wide = torch.promote_types(t.dtype, torch.float32)
+        return (t.to(wide) + by).to(t.dtype)
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        w = parts[TENSOR]
+        out = self._shift(w, -1.0)
+        if not same_bits(self._shift(out, 1.0), w):
+            bad = int((self._shift(out, 1.0) != w).sum())
+            raise FormatError(f"{bad} norm weight(s) w are not exactly w - 1 + 1 in {w.dtype} "
+                              "(Megatron's zero-centred out_norm stores w - 1); convert with "
+                              "--dtype fp32 to keep them exact")
+        return out
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {TENSOR: self._shift(native, 1.0)}
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        return tuple(parts[TENSOR])
+
+    def describe(self) -> str:
+        return "ZeroCentre(w - 1)"

@@ -60,6 +60,7 @@ from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
     FormatError,
+    IncompatibleLayoutError,
     InternalError,
     MissingConfigError,
     PlanError,
@@ -127,6 +128,47 @@ ADAPTER_SKIPPED = ("LoRA adapter weight (read by extract-adapter, merge-adapter 
                    "--to hf-peft)")
 
 
+# megatron-core's GatedDeltaNet.sharded_state_dict (qwen3_next) stores these fused tensors as
+# TP-invariant row blocks under sub-keys (``_split_tensor_factory``): ``in_proj.weight.query``
+# ... ``.alpha``, ``conv1d.weight.query`` / ``.key`` / ``.value``. The native name is the fused
+# tensor; its blocks are the binding's ``tp_blocks``, in this order.
+SPLIT_KEYS: Mapping[str, tuple[str, ...]] = {
+    "self_attention.in_proj.weight": ("query", "key", "value", "z", "beta", "alpha"),
+    "self_attention.conv1d.weight": ("query", "key", "value"),
+}
+_SPLIT_KEY = re.compile(r"^(.+\.(?:" + "|".join(re.escape(k) for k in SPLIT_KEYS) + r"))\.(\w+)$")
+
+
+def _split_native(name: str) -> tuple[str, ...] | None:
+    """The sub-key names of a native tensor megatron-core stores split, else None."""
+    return next((subs for suffix, subs in SPLIT_KEYS.items() if name.endswith("." + suffix)),
+                None)
+
+
+def _split_slabs(slabs: Iterable[torch.Tensor | FileSlab], cuts: Sequence[int]
+                 ) -> list[list[torch.Tensor | FileSlab]]:
+    """Row-major pieces cut at the byte offsets ``cuts`` (ascending, the last the total): the
+    pieces of each range, as views and sub-ranges of file slabs (nothing is copied)."""
+    out: list[list[torch.Tensor | FileSlab]] = [[] for _ in cuts]
+    part, pos = 0, 0
+    for slab in slabs:
+        size = slab.nbytes if isinstance(slab, FileSlab) else slab.numel() * slab.element_size()
+        start = 0
+        while start < size:
+            while pos + start >= cuts[part]:
+                part += 1
+            take = min(size - start, cuts[part] - pos - start)
+            if isinstance(slab, FileSlab):
+                out[part].append(dataclasses.replace(slab, offset=slab.offset + start,
+                                                     nbytes=take))
+            else:
+                item = slab.element_size()
+                out[part].append(slab.reshape(-1)[start // item:(start + take) // item])
+            start += take
+        pos += size
+    return out
+
+
 def _native_name(key: str, axes: tuple[str, ...], index: tuple[int, ...]) -> str:
     """The native name of chunk ``index`` of a stacked key (inverse of the writer's locate)."""
     name = key
@@ -175,10 +217,17 @@ class McoreDistReader:
         self._natives: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._specs: dict[str, TensorSpec] = {}
         self._dropped: dict[str, str] = {}
+        # fused native name -> its sub-keys (megatron-core's GDN split tensors)
+        self._joined: dict[str, tuple[str, ...]] = {}
         for fqn, t in self._dcp.index.tensors.items():
             skip = self._skip_reason(fqn)
             if skip is not None:
                 self._dropped[fqn] = skip
+                continue
+            split = _SPLIT_KEY.match(fqn)
+            if split and split.group(2) in SPLIT_KEYS[next(
+                    k for k in SPLIT_KEYS if split.group(1).endswith(k))]:
+                self._joined.setdefault(split.group(1), ())
                 continue
             m = _STACKED.match(fqn)
             axes = ("layer",) if m else ()
@@ -199,6 +248,8 @@ class McoreDistReader:
             else:
                 self._natives[fqn] = (fqn, ())
                 self._specs[fqn] = TensorSpec(fqn, tuple(t.shape), t.dtype)
+        for name in self._joined:
+            self._join(name)
         for fqn in self._dcp.index.blobs:
             self._dropped[fqn] = _blob_reason(fqn)
         self._notes: list[str] = []
@@ -221,6 +272,24 @@ class McoreDistReader:
                             path=self._config_source)
         self.config = drop_absent_mtp(self.config, self.naming, NativeParams(), self._specs)
         self.params = NativeParams(padded_vocab_size=padded, norm_style=self._norm_style())
+
+    def _join(self, name: str) -> None:
+        """The native tensor of a split key: its sub-keys' rows, one after another."""
+        subs = _split_native(name) or ()
+        tensors = self._dcp.index.tensors
+        keys = tuple(f"{name}.{sub}" for sub in subs)
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise CorruptCheckpointError(f"{name} is stored split but lacks {missing}",
+                                         path=self.path / ".metadata", tensor=name)
+        parts = [tensors[k] for k in keys]
+        rest, dtype = tuple(parts[0].shape[1:]), parts[0].dtype
+        if any(len(p.shape) < 1 or tuple(p.shape[1:]) != rest or p.dtype != dtype
+               for p in parts):
+            raise CorruptCheckpointError(f"the sub-keys of {name} disagree on shape or dtype",
+                                         path=self.path / ".metadata", tensor=name)
+        self._joined[name] = keys
+        self._specs[name] = TensorSpec(name, (sum(p.shape[0] for p in parts), *rest), dtype)
 
     def _norm_style(self) -> str:
         """The layer spec whose norm keys this checkpoint uses (dense models: one set).
@@ -336,6 +405,11 @@ class McoreDistReader:
         return self._dropped
 
     def read(self, name: str) -> torch.Tensor:
+        if name in self._joined:
+            tensors = self._dcp.index.tensors
+            return torch.cat([self._dcp.read_region(k, (0,) * len(tensors[k].shape),
+                                                    tensors[k].shape)
+                              for k in self._joined[name]], dim=0)
         try:
             fqn, index = self._natives[name]
         except KeyError:
@@ -403,6 +477,8 @@ class McoreDistWriter:
         self._objects: list[str] = []
         self._globals: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._data: DcpDataFile | None = None
+        # native -> [(sub-key, first row, rows)] of the tensors megatron-core stores split
+        self._split: dict[str, list[tuple[str, int, int]]] = {}
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
@@ -447,7 +523,12 @@ class McoreDistWriter:
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         copies = self._norm_copies()
         self._specs = {s.name: s for s in specs}
+        self._split = self._split_keys(specs)
         for s in specs:
+            if s.name in self._split:
+                for key, _, rows in self._split[s.name]:
+                    self._globals[key] = ((rows, *s.shape[1:]), s.dtype)
+                continue
             for name in (s.name, *copies.get(s.name, ())):
                 key, index, sizes = self._locate(name)
                 shape = (*sizes, *s.shape)
@@ -461,6 +542,27 @@ class McoreDistWriter:
         # torch DCP names data files __<rank>_<i>.distcp; each process appends to its own.
         self.directory.mkdir(parents=True, exist_ok=True)
         self._data = DcpDataFile(self.directory, f"__{self.options.rank}_0.distcp")
+
+    def _split_keys(self, specs: Sequence[TensorSpec]) -> dict[str, list[tuple[str, int, int]]]:
+        """The sub-keys, first rows and row counts of the natives stored split
+        (:data:`SPLIT_KEYS`), from their bindings' TP blocks."""
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        split = [s for s in specs if _split_native(s.name)]
+        if not split:
+            return out
+        table = build_table(self.naming, self.config, self.params)
+        schema = self.config.schema()
+        for s in split:
+            subs = _split_native(s.name) or ()
+            b = table.by_native[s.name]
+            blocks = b.transform.tp_blocks({r: schema[b.ir[r]] for r in b.transform.roles})
+            if len(blocks) != len(subs) or sum(blocks) != s.shape[0]:
+                raise InternalError(f"{s.name}: blocks {blocks} do not match the sub-keys "
+                                    f"{subs} of {s.shape[0]} rows")
+            starts = itertools.accumulate(blocks, initial=0)
+            out[s.name] = [(f"{s.name}.{sub}", start, rows)
+                           for sub, start, rows in zip(subs, starts, blocks, strict=False)]
+        return out
 
     def _extra_state_objects(self, names: Sequence[str]) -> list[str]:
         """The ``_extra_state`` objects a GPTModel of this spec requests, named as
@@ -495,6 +597,10 @@ class McoreDistWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._data is None:
             raise InternalError("mcore-dist writer used before begin()")
+        if name in self._split:
+            for key, start, rows in self._split[name]:
+                self._data.add_tensor(key, (0,) * tensor.dim(), tensor[start:start + rows])
+            return
         for key, offsets, prepended in self._where[name]:
             self._data.add_tensor(key, offsets, tensor[(None,) * prepended])
 
@@ -505,7 +611,16 @@ class McoreDistWriter:
         QKV or fc1 goes from the HF parts to the file without being built."""
         if self._data is None:
             raise InternalError("mcore-dist writer used before begin()")
-        spec, where = self._specs[name], self._where[name]
+        spec = self._specs[name]
+        if name in self._split:
+            row = math.prod(spec.shape[1:]) * spec.dtype.itemsize
+            split = self._split[name]
+            cuts = [(start + rows) * row for _, start, rows in split]
+            for (key, _, rows), pieces in zip(split, _split_slabs(slabs, cuts), strict=True):
+                self._data.add_tensor_slabs(key, (0,) * len(spec.shape),
+                                            (rows, *spec.shape[1:]), spec.dtype, pieces)
+            return
+        where = self._where[name]
         if len(where) > 1:
             slabs = list(slabs)  # a norm written under two keys (small)
         for key, offsets, prepended in where:
@@ -524,6 +639,11 @@ class McoreDistWriter:
         come (a GPU rank's host pieces, :class:`ckpt_ir.manager.staging.HostStream`)."""
         if self._data is None:
             raise InternalError("mcore-dist writer used before begin()")
+        if name in self._split:
+            # A TP shard of a split tensor is [q_t; k_t; ...]: a box in every sub-key.
+            raise IncompatibleLayoutError(f"{name} is stored as sub-keys by megatron-core; "
+                                          "writing it shard by shard from live ranks is not "
+                                          "supported")
         where = self._where[name]
         if len(where) > 1:
             # A norm written under two keys (small); pieces may be reused buffers.

@@ -566,7 +566,8 @@ class PerRankReader:
         partition = binding.partition if binding is not None else Partition.REPLICATED
         blocks = None
         if binding is not None and partition is Partition.BLOCKS:
-            blocks = tuple(schema[binding.ir[r]][0] for r in binding.transform.roles)
+            blocks = binding.transform.tp_blocks(
+                {r: schema[binding.ir[r]] for r in binding.transform.roles})
         shapes, dtypes = set(), set()
         for t in range(tp):
             shard_value = self._state[RankKey(t, p, e)][v].get(key)
@@ -859,7 +860,8 @@ class PerRankWriter:
         binding = self._table.by_native[name]
         blocks = None
         if binding.partition is Partition.BLOCKS:
-            blocks = tuple(self._schema[binding.ir[r]][0] for r in binding.transform.roles)
+            blocks = binding.transform.tp_blocks(
+                {r: self._schema[binding.ir[r]] for r in binding.transform.roles})
         pieces = shard(tensor, binding.partition, self.layout.tp, blocks=blocks)
         for key, v, local in targets:
             f = self._files[key]

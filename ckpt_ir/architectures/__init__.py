@@ -17,6 +17,7 @@ from ckpt_ir.architectures.dsa import DEEPSEEK_V32, GLM_MOE_DSA
 from ckpt_ir.architectures.glm4_moe import GLM4_MOE, GLM4_MOE_LITE
 from ckpt_ir.architectures.gpt_oss import GPT_OSS
 from ckpt_ir.architectures.mixtral import MIXTRAL
+from ckpt_ir.architectures.qwen3_next import QWEN3_NEXT
 from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
 from ckpt_ir.architectures.seed_oss import SEED_OSS
@@ -38,7 +39,7 @@ def _registry(*records: Architecture) -> Mapping[str, Architecture]:
 REGISTRY: Mapping[str, Architecture] = _registry(
     LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS,
     GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA,
-    GPT_OSS)
+    GPT_OSS, QWEN3_NEXT)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 

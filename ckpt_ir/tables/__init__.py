@@ -100,4 +100,5 @@ def drop_absent_mtp(config: ModelConfig, naming: str, params: NativeParams,
 
 def _is_later_layer(name: str, num_layers: int) -> bool:
     m = re.match(r"^model\.layers\.(\d+)\.", name)
-    return m is not None and int(m.group(1)) >= num_layers
+    # qwen3_next keeps its MTP layer under its own prefix, ``mtp.``.
+    return (m is not None and int(m.group(1)) >= num_layers) or name.startswith("mtp.")

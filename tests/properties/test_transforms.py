@@ -315,3 +315,90 @@ def test_merge_lora_is_one_way():
     op = MergeLora(Identity(), ((TENSOR, 1.0),))
     with pytest.raises(InternalError, match="cannot be split back"):
         op.inverse(torch.zeros(2, 2))
+
+
+# -- qwen3_next (Gated DeltaNet, gated attention, zero-centred out_norm) ---------------------
+
+@given(st.data())
+def test_group_gdn_in_proj_round_trips_and_shards_by_key_head(data):
+    from ckpt_ir.transforms import GroupGDNInProj
+
+    nk, dk = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    r, dv = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    rest = data.draw(st.tuples(st.integers(1, 5)))
+    dtype = data.draw(dtypes())
+    op = GroupGDNInProj(nk, dk, r, dv)
+    parts = {"qkvz": data.draw(tensors((nk * (2 * dk + 2 * r * dv), *rest), dtype)),
+             "ba": data.draw(tensors((2 * nk * r, *rest), dtype))}
+    _check_round_trip(op, parts)
+    # A TP rank's BLOCKS shard is the regrouping of its own key heads' HF rows: the
+    # per-rank layout needs no other rule.
+    tp = data.draw(st.sampled_from([t for t in (1, 2, 4) if nk % t == 0]))
+    native = op.apply(parts)
+    blocks = op.tp_blocks({r_: tuple(t.shape) for r_, t in parts.items()})
+    local = GroupGDNInProj(nk // tp, dk, r, dv)
+    qkvz_t = parts["qkvz"].tensor_split(tp, dim=0)
+    ba_t = parts["ba"].tensor_split(tp, dim=0)
+    for t, piece in enumerate(shard(native, Partition.BLOCKS, tp, blocks=blocks)):
+        assert bits_equal(piece, local.apply({"qkvz": qkvz_t[t], "ba": ba_t[t]}))
+
+
+@given(st.data())
+def test_interleave_gated_qkv_round_trips(data):
+    from ckpt_ir.transforms import InterleaveGatedQKV
+
+    groups, per_group, head_dim = (data.draw(st.integers(1, 3)) for _ in range(3))
+    rest = data.draw(st.sampled_from([(), (3,)]))
+    dtype = data.draw(dtypes())
+    parts = {
+        "q": data.draw(tensors((2 * groups * per_group * head_dim, *rest), dtype)),
+        "k": data.draw(tensors((groups * head_dim, *rest), dtype)),
+        "v": data.draw(tensors((groups * head_dim, *rest), dtype)),
+    }
+    _check_round_trip(InterleaveGatedQKV(groups, per_group, head_dim), parts)
+
+
+def test_interleave_gated_qkv_layout_puts_the_gates_after_the_group_queries():
+    from ckpt_ir.transforms import InterleaveGatedQKV
+
+    # 1 group, 2 heads, head_dim 1: HF q_proj rows q0 g0 q1 g1 -> Megatron q0 q1 g0 g1 k v.
+    q = torch.tensor([[0.0], [100.0], [1.0], [101.0]])
+    native = InterleaveGatedQKV(1, 2, 1).apply({"q": q, "k": torch.tensor([[10.0]]),
+                                                "v": torch.tensor([[20.0]])})
+    assert native.reshape(-1).tolist() == [0.0, 1.0, 100.0, 101.0, 10.0, 20.0]
+
+
+@given(st.data())
+def test_row_blocks_is_the_identity_with_tp_blocks(data):
+    from ckpt_ir.transforms import RowBlocks
+
+    blocks = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
+    op = RowBlocks(tuple(blocks))
+    t = data.draw(tensors((sum(blocks), 1, 2)))
+    _check_round_trip(op, {TENSOR: t})
+    assert op.tp_blocks({TENSOR: tuple(t.shape)}) == tuple(blocks)
+
+
+@given(st.data())
+def test_zero_centre_round_trips_where_w_minus_one_is_exact(data):
+    from ckpt_ir.transforms import ZeroCentre
+
+    dtype = data.draw(dtypes())
+    n = data.draw(st.integers(1, 16))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    # Sterbenz: w - 1 is exact for 0.5 <= w <= 2, in every float dtype.
+    w = (torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+         * 1.5 + 0.5).to(dtype)
+    _check_round_trip(ZeroCentre(), {TENSOR: w})
+    assert torch.equal(ZeroCentre().apply({TENSOR: w}).double(), w.double() - 1)
+
+
+def test_zero_centre_refuses_to_round_a_weight():
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.transforms import ZeroCentre
+
+    # bf16 0.302734375 = 155 * 2^-9: w - 1 = -0.697265625 needs 2^-9, bf16 has 2^-8 there.
+    w = torch.tensor([1.0, 0.302734375], dtype=torch.bfloat16)
+    with pytest.raises(FormatError, match=r"1 norm weight\(s\) .* --dtype fp32"):
+        ZeroCentre().apply({TENSOR: w})
+    assert ZeroCentre().apply({TENSOR: w.float()}).tolist() == pytest.approx([0.0, -0.697265625])

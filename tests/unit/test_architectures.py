@@ -25,6 +25,7 @@ from ckpt_ir.tables.lora import LORA_ROWS, row_style
 from tests.unit.test_glm import TINY as GLM_TINY
 from tests.unit.test_gpt_oss import TINY as GPT_OSS_TINY
 from tests.unit.test_moe import TINY
+from tests.unit.test_qwen3_next import TINY as QWEN3_NEXT_TINY
 
 DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 40, "vocab_size": 50,
@@ -33,7 +34,7 @@ DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
 
 
 def _tiny(name: str) -> dict:
-    tiny = {**TINY, **GLM_TINY, "gpt_oss": GPT_OSS_TINY}
+    tiny = {**TINY, **GLM_TINY, "gpt_oss": GPT_OSS_TINY, "qwen3_next": QWEN3_NEXT_TINY}
     return dict(tiny[name]) if name in tiny else {**DENSE, "model_type": name}
 
 
@@ -41,7 +42,8 @@ def test_the_registry_is_the_one_list_of_architectures():
     assert ARCHITECTURES == tuple(REGISTRY) == tuple(TABLES)
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
                                   "qwen3_moe", "deepseek_v3", "seed_oss", "glm4_moe",
-                                  "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "gpt_oss"}
+                                  "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "gpt_oss",
+                                  "qwen3_next"}
     for name, record in REGISTRY.items():
         assert record.name == name
         assert "mcore" in record.tables
