@@ -197,8 +197,15 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         **rope_extra,
     }
     spec = {"normalization": "RMSNorm", "qk_layernorm": cfg.has_qk_norm}
+    record = lookup(cfg.architecture)
+    activation = record.megatron_activation if record is not None else "silu"
+    if record is not None and record.megatron_extra is not None:
+        # The family's own fields (partial rotary, zero-centred norms, windows) and notes.
+        extra = record.megatron_extra(cfg, notes)
+        tc.update(extra.get("transformer_config", {}))
+        gpt.update(extra.get("gpt_model", {}))
     if not (cfg.is_moe or cfg.has_mla):
-        return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes))
+        return MegatronModelArgs(tc, gpt, spec, activation=activation, notes=tuple(notes))
     if cfg.is_moe:
         tc.update(_moe_args(cfg, notes))
         spec["num_experts"] = cfg.num_experts
@@ -372,6 +379,10 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     eps = _get(args, "norm_epsilon", "layernorm_epsilon")
     positions = _get(args, "max_position_embeddings", "seq_length", "max_sequence_length")
     record = lookup(arch)
+    if record is not None and not record.megatron_args_suffice:
+        raise MissingConfigError(
+            f"{arch}'s forward depends on HF config fields no Megatron argument holds; "
+            "pass the model's HF config (--hf-config DIR)")
     out = {
         "architectures": [record.causal_lm_class if record is not None else arch],
         "model_type": arch,

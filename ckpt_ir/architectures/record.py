@@ -77,6 +77,10 @@ class MegatronMoe:
         return [i for i, v in enumerate(self.pattern) if not v]
 
 
+# (ModelConfig, notes to append to) -> {"transformer_config" | "gpt_model": extra fields}.
+MegatronExtra = Callable[["ModelConfig", list[str]], dict[str, dict[str, Any]]]
+
+
 # (Megatron arguments, their MoE part) -> the HF config's MoE fields.
 HfFromMegatron = Callable[[Mapping[str, Any], MegatronMoe], dict[str, Any]]
 
@@ -124,6 +128,26 @@ class Architecture:
     # ones too; lower precedence is tried first, () matches anything (the fallback). None:
     # never guessed (to Megatron, mistral is llama).
     megatron_guess: tuple[int, tuple[str, ...]] | None = None
+    # The gated MLP's activation: the HF config fields that name it (the first present wins;
+    # Gemma spells it hidden_activation), the values the family's rows stand for (the first is
+    # transformers' default), and megatron-core's name for it (MegatronModelArgs.activation).
+    activation_fields: tuple[str, ...] = ("hidden_act",)
+    activations: tuple[str, ...] = ("silu", "swish")
+    megatron_activation: str = "silu"
+    # Family fields of megatron_args beyond the shared ones (rotary_percent, zero-centred
+    # norms, sliding windows) and notes on what megatron-core cannot express.
+    megatron_extra: MegatronExtra | None = None
+    # Megatron arguments alone describe the model. False for families whose forward depends on
+    # HF fields no Megatron argument holds (Gemma's softcaps, embedding scale, dual RoPE
+    # bases): hf_config_from_megatron then asks for the HF config rather than guess.
+    megatron_args_suffice: bool = True
+
+    def activation(self, hf: Mapping[str, Any]) -> tuple[str, Any]:
+        """(the field, its value) of the config's MLP activation."""
+        for name in self.activation_fields:
+            if hf.get(name) is not None:
+                return name, hf[name]
+        return self.activation_fields[0], self.activations[0]
 
     @property
     def is_moe(self) -> bool:

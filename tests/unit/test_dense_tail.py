@@ -1,0 +1,246 @@
+"""The dense long tail (issue #16): phi3, olmo2, gemma2, gemma3_text.
+
+- The published configs (numbers from /work/shared/reference/architectures-wave2.md sections
+  6.1, 7.1, 7.2; no hub access here) read, count the published parameters, and plan
+  (``--dry-run``) without weights.
+- Every Megatron name, shape, transform and TP partition of one layer is pinned: megatron-core
+  0.16.1 cannot build OLMo 2 or Gemma on CPU (reference section 10), so this table is the
+  check that ckpt-ir's names are the ones Megatron-Bridge uses (Gemma) or documents (OLMo 2's
+  Gemma-named post-norms, the phi3 QKV interleave).
+- ``megatron_args`` carries what megatron-core can express and names what it cannot.
+- Bad input: a fused ``qkv_proj`` whose rows do not split by the head counts is refused in
+  one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ckpt_ir
+from ckpt_ir.errors import FormatError
+from ckpt_ir.ir import ModelConfig
+from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
+from ckpt_ir.tables import build_table
+
+GIB = 2**30
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _longrope(pairs: int, short: list[float], long: list[float]) -> dict:
+    assert len(short) == len(long) == pairs
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+            "long_factor": long}
+
+
+# microsoft/Phi-3.5-mini-instruct (reference 7.1): MHA 32:32, d 128, untied, LongRoPE with 48
+# factors per list (short 1.0 .. 2.84 there; the values here are placeholders of that range,
+# UNCONFIRMED: no tensor depends on them).
+PHI3_5_MINI = {
+    "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+    "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+    "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_dropout": 0.0,
+    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "bos_token_id": 1, "eos_token_id": 32000,
+    "pad_token_id": 32000, "sliding_window": 262144, "dtype": "bfloat16",
+    "rope_parameters": _longrope(48, [1.0 + 1.84 * i / 47 for i in range(48)],
+                                 [1.0 + 0.5 * i for i in range(48)]),
+}
+# microsoft/Phi-4-mini-instruct (reference 7.1): GQA 24:8, d 128, partial rotary 0.75 (96
+# rotary dims, 48 factors; the short ones all 1.0), tied.
+PHI4_MINI = {
+    **PHI3_5_MINI, "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
+    "tie_word_embeddings": True, "bos_token_id": 199999, "eos_token_id": 199999,
+    "pad_token_id": 199999, "sliding_window": None,
+    "rope_parameters": {**_longrope(48, [1.0] * 48, [1.0 + 0.6 * i for i in range(48)]),
+                        "partial_rotary_factor": 0.75},
+}
+# allenai/OLMo-2-1124-7B (reference 7.2).
+OLMO2_7B = {
+    "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 100352,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "attention_bias": False, "attention_dropout": 0.0, "pad_token_id": 100277,
+    "eos_token_id": 100257, "dtype": "float32",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+}
+
+# name -> (config, published parameter count, tensors per layer in Megatron, other tensors)
+PUBLISHED = {
+    "Phi-3.5-mini": (PHI3_5_MINI, 3_821_079_552, 6, 3),
+    "Phi-4-mini": (PHI4_MINI, 3_836_021_760, 6, 2),
+    "OLMo-2-7B": (OLMO2_7B, 7_298_617_344, 8, 3),
+}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_the_published_config_counts_the_published_parameters(name):
+    config, params, _, _ = PUBLISHED[name]
+    schema = ModelConfig.from_hf(config).schema()
+    assert sum(_numel(s) for s in schema.values()) == params
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_the_published_config_plans_without_weights(name, tmp_path):
+    config, params, per_layer, other = PUBLISHED[name]
+    src = _write(tmp_path, config)
+    report = ckpt_ir.convert(src, tmp_path / "out", to="mcore-dist", dry_run=True)
+    assert report.architecture == config["model_type"]
+    assert report.tensors_written == config["num_hidden_layers"] * per_layer + other
+    width = 4 if config["dtype"] == "float32" else 2
+    assert width * params <= report.bytes_written < width * params + GIB
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_dry_run_plans_phi4_mini_at_tp2_pp2(tmp_path):
+    src = _write(tmp_path, PHI4_MINI)
+    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", str(src),
+                        str(tmp_path / "out"), "--to", "megatron-legacy", "--tp", "2", "--pp",
+                        "2", "--dry-run", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["dry_run"] is True and plan["architecture"] == "phi3"
+    assert not (tmp_path / "out").exists()
+
+
+def _layer0(config: dict) -> dict[str, tuple[dict[str, str], str, str, tuple[int, ...]]]:
+    """native -> (IR parts, transform, TP partition, native shape) of layer 0 and the rest."""
+    cfg = ModelConfig.from_hf(config)
+    schema = cfg.schema()
+    out = {}
+    for b in build_table("mcore", cfg).bindings:
+        if b.layer in (None, 0):
+            shape = b.transform.shapes({r: schema[n] for r, n in b.ir.items()})
+            out[b.native] = (dict(b.ir), b.transform.describe(), b.partition.value, shape)
+    return out
+
+
+L0, H0 = "decoder.layers.0.", "model.layers.0."
+
+
+def test_phi3_rows_split_the_fused_qkv_then_interleave_and_keep_gate_up():
+    rows = _layer0(PHI4_MINI)
+    assert rows == {
+        "embedding.word_embeddings.weight": (
+            {"tensor": "model.embed_tokens.weight"}, "PadRows(200064 -> 200064)", "vocab",
+            (200064, 3072)),
+        L0 + "self_attention.linear_qkv.layer_norm_weight": (
+            {"tensor": H0 + "input_layernorm.weight"}, "Identity", "replicated", (3072,)),
+        # [nh*d + 2*G*d, H] = [(24 + 16) * 128, 3072], 8 groups of 3 q heads.
+        L0 + "self_attention.linear_qkv.weight": (
+            {"tensor": H0 + "self_attn.qkv_proj.weight"},
+            "InterleaveFusedQKV(groups=8, heads/group=3, head_dim=128)", "qkv", (5120, 3072)),
+        L0 + "self_attention.linear_proj.weight": (
+            {"tensor": H0 + "self_attn.o_proj.weight"}, "Identity", "row", (3072, 3072)),
+        L0 + "mlp.linear_fc1.layer_norm_weight": (
+            {"tensor": H0 + "post_attention_layernorm.weight"}, "Identity", "replicated",
+            (3072,)),
+        # Already [gate; up]: the identity globally, [gate_t; up_t] per TP rank.
+        L0 + "mlp.linear_fc1.weight": (
+            {"tensor": H0 + "mlp.gate_up_proj.weight"}, "Identity", "swiglu", (16384, 3072)),
+        L0 + "mlp.linear_fc2.weight": (
+            {"tensor": H0 + "mlp.down_proj.weight"}, "Identity", "row", (3072, 8192)),
+        "decoder.final_layernorm.weight": (
+            {"tensor": "model.norm.weight"}, "Identity", "replicated", (3072,)),
+    }
+
+
+def test_olmo2_rows_are_post_norms_and_full_width_qk_norms():
+    # OLMo-2-32B's GQA (40:8) makes q_norm and k_norm differ in width.
+    config = {**OLMO2_7B, "hidden_size": 5120, "num_attention_heads": 40,
+              "num_key_value_heads": 8, "intermediate_size": 27648, "num_hidden_layers": 64}
+    rows = _layer0(config)
+    assert rows == {
+        "embedding.word_embeddings.weight": (
+            {"tensor": "model.embed_tokens.weight"}, "PadRows(100352 -> 100352)", "vocab",
+            (100352, 5120)),
+        L0 + "self_attention.linear_qkv.weight": (
+            {"q": H0 + "self_attn.q_proj.weight", "k": H0 + "self_attn.k_proj.weight",
+             "v": H0 + "self_attn.v_proj.weight"},
+            "InterleaveQKV(groups=8, heads/group=5, head_dim=128)", "qkv", (7168, 5120)),
+        L0 + "self_attention.q_layernorm.weight": (
+            {"tensor": H0 + "self_attn.q_norm.weight"}, "Identity", "replicated", (5120,)),
+        L0 + "self_attention.k_layernorm.weight": (
+            {"tensor": H0 + "self_attn.k_norm.weight"}, "Identity", "replicated", (1024,)),
+        L0 + "self_attention.linear_proj.weight": (
+            {"tensor": H0 + "self_attn.o_proj.weight"}, "Identity", "row", (5120, 5120)),
+        L0 + "self_attention.linear_proj.post_layernorm.weight": (
+            {"tensor": H0 + "post_attention_layernorm.weight"}, "Identity", "replicated",
+            (5120,)),
+        L0 + "mlp.linear_fc1.weight": (
+            {"gate": H0 + "mlp.gate_proj.weight", "up": H0 + "mlp.up_proj.weight"},
+            "ConcatGateUp", "swiglu", (55296, 5120)),
+        L0 + "mlp.linear_fc2.weight": (
+            {"tensor": H0 + "mlp.down_proj.weight"}, "Identity", "row", (5120, 27648)),
+        L0 + "mlp.linear_fc2.post_layernorm.weight": (
+            {"tensor": H0 + "post_feedforward_layernorm.weight"}, "Identity", "replicated",
+            (5120,)),
+        "decoder.final_layernorm.weight": (
+            {"tensor": "model.norm.weight"}, "Identity", "replicated", (5120,)),
+        "output_layer.weight": (
+            {"tensor": "lm_head.weight"}, "PadRows(100352 -> 100352)", "vocab", (100352, 5120)),
+    }
+    # No input or pre-MLP norm in any spelling.
+    assert not any("layer_norm_weight" in n or "input_layernorm" in n or "pre_mlp" in n
+                   for n in rows)
+
+
+def test_phi3_megatron_args_carry_partial_rotary_and_name_longrope():
+    args = megatron_args(PHI4_MINI)
+    assert args.gpt_model["rotary_percent"] == 0.75
+    assert args.transformer_config["num_query_groups"] == 8
+    assert args.gpt_model["share_embeddings_and_output_weights"] is True
+    assert any("LongRoPE" in n and "carried" in n for n in args.notes)
+    assert megatron_args(PHI3_5_MINI).gpt_model["rotary_percent"] == 1.0
+
+
+def test_olmo2_megatron_args_say_megatron_core_cannot_build_it():
+    args = megatron_args(OLMO2_7B)
+    assert any("olmo2: megatron-core 0.16.1 cannot build" in n for n in args.notes)
+    # Named, the arguments describe the model; bare, qk_layernorm reads as qwen3.
+    plain = {**args.transformer_config, **args.gpt_model}
+    back = hf_config_from_megatron(plain, architecture="olmo2", tied=False)
+    assert ModelConfig.from_hf(back).schema() == ModelConfig.from_hf(OLMO2_7B).schema()
+    assert hf_config_from_megatron(plain, tied=False)["model_type"] == "qwen3"
+
+
+def test_an_activation_the_family_does_not_have_is_refused_by_name():
+    with pytest.raises(FormatError, match="hidden_act 'gelu' is not supported for phi3"):
+        ModelConfig.from_hf({**PHI4_MINI, "hidden_act": "gelu"})
+
+
+def test_a_qkv_proj_that_does_not_split_by_the_head_counts_exits_2_in_one_line(tmp_path):
+    from tests.clients import dense_tail_models
+
+    hf = dense_tail_models.make_model("phi3", tmp_path, num_hidden_layers=1)
+    config = json.loads((hf / "config.json").read_text())
+    # The tensors hold (4 + 2*2) heads of 16 rows; the config now says 4 + 2*1.
+    (hf / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))
+    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", str(hf),
+                        str(tmp_path / "out"), "--to", "mcore-dist"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "model.layers.0.self_attn.qkv_proj.weight has shape [128, 64], but the config " \
+           "implies [96, 64]" in r.stderr
+    assert not (tmp_path / "out").exists()
