@@ -15,8 +15,9 @@ vocabulary 301) with every structural flag of the real model kept:
 - ``gemma2``: Gemma-2-9B: ``head_dim`` 24 != hidden / heads, GQA, ``query_pre_attn_scalar``
   != head_dim (Gemma-2-27B), attention and final softcapping, sliding window 4 (shorter than
   the 7-token test input, so it masks) on alternating layers, tied, gelu_pytorch_tanh.
-- ``gemma3_text``: Gemma-3-4B's text model: q/k norms, 5 sliding : 1 full shrunk to 2 : 1 over
-  3 layers, dual RoPE bases with a linear factor on the global layers, sliding window 4, tied.
+- ``gemma3_text``: Gemma-3-4B's text model: q/k norms, 5 sliding : 1 full shrunk to every
+  third layer global over 4 layers, dual RoPE bases with a linear factor on the global layers,
+  sliding window 4, tied.
 
 Parameters are redrawn by ``hf_models.randomize_`` (norm weights ~ 1 + N(0, 0.3): a Gemma
 ``(1 + w)`` norm loaded as ``w`` or ``w + 1`` changes the logits).
@@ -66,9 +67,10 @@ TAIL: dict[str, tuple[str, dict[str, Any]]] = {
         "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "gemma3_text": ("Gemma3TextConfig", {
-        "num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 24,
+        "num_hidden_layers": 4, "num_key_value_heads": 2, "head_dim": 24,
         "query_pre_attn_scalar": 24, "sliding_window": 4,
-        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention",
+                        "sliding_attention"],
         "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
         "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import ckpt_ir
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
 from ckpt_ir.tables import build_table
@@ -71,11 +71,40 @@ OLMO2_7B = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
 }
 
+# google/gemma-2-9b (reference 6.1): head_dim 256 != 3584 / 16, softcaps, alternating
+# sliding window, tied.
+GEMMA2_9B = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+    "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+    "vocab_size": 256000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0, "rope_theta": 10000.0, "attention_bias": False,
+    "attention_dropout": 0.0, "tie_word_embeddings": True, "pad_token_id": 0,
+    "eos_token_id": 1, "bos_token_id": 2, "dtype": "float32",
+}
+# google/gemma-3-1b-pt (reference 6.1), as the hub writes it (transformers 4.x fields: global
+# rope_theta, rope_local_base_freq, sliding_window_pattern 6): MQA, q/k norms, tied.
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+    "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0, "rope_scaling": None, "attn_logit_softcapping": None,
+    "final_logit_softcapping": None, "attention_bias": False, "tie_word_embeddings": True,
+    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "dtype": "bfloat16",
+}
+
 # name -> (config, published parameter count, tensors per layer in Megatron, other tensors)
 PUBLISHED = {
     "Phi-3.5-mini": (PHI3_5_MINI, 3_821_079_552, 6, 3),
     "Phi-4-mini": (PHI4_MINI, 3_836_021_760, 6, 2),
     "OLMo-2-7B": (OLMO2_7B, 7_298_617_344, 8, 3),
+    "Gemma-2-9B": (GEMMA2_9B, 9_241_705_984, 8, 2),
+    "Gemma-3-1B": (GEMMA3_1B, 999_885_952, 10, 2),
 }
 
 
@@ -244,3 +273,94 @@ def test_a_qkv_proj_that_does_not_split_by_the_head_counts_exits_2_in_one_line(t
     assert "model.layers.0.self_attn.qkv_proj.weight has shape [128, 64], but the config " \
            "implies [96, 64]" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gemma_rows_are_megatron_bridges_four_norms_copied():
+    rows = _layer0(GEMMA3_1B)
+    norm = ("Identity", "replicated", (1152,))
+    assert rows == {
+        "embedding.word_embeddings.weight": (
+            {"tensor": "model.embed_tokens.weight"}, "PadRows(262144 -> 262144)", "vocab",
+            (262144, 1152)),
+        L0 + "self_attention.linear_qkv.layer_norm_weight": (
+            {"tensor": H0 + "input_layernorm.weight"}, *norm),
+        L0 + "self_attention.linear_qkv.weight": (
+            {"q": H0 + "self_attn.q_proj.weight", "k": H0 + "self_attn.k_proj.weight",
+             "v": H0 + "self_attn.v_proj.weight"},
+            "InterleaveQKV(groups=1, heads/group=4, head_dim=256)", "qkv", (1536, 1152)),
+        L0 + "self_attention.q_layernorm.weight": (
+            {"tensor": H0 + "self_attn.q_norm.weight"}, "Identity", "replicated", (256,)),
+        L0 + "self_attention.k_layernorm.weight": (
+            {"tensor": H0 + "self_attn.k_norm.weight"}, "Identity", "replicated", (256,)),
+        L0 + "self_attention.linear_proj.weight": (
+            {"tensor": H0 + "self_attn.o_proj.weight"}, "Identity", "row", (1152, 1024)),
+        L0 + "self_attention.linear_proj.post_layernorm.weight": (
+            {"tensor": H0 + "post_attention_layernorm.weight"}, *norm),
+        L0 + "mlp.linear_fc1.layer_norm_weight": (
+            {"tensor": H0 + "pre_feedforward_layernorm.weight"}, *norm),
+        L0 + "mlp.linear_fc1.weight": (
+            {"gate": H0 + "mlp.gate_proj.weight", "up": H0 + "mlp.up_proj.weight"},
+            "ConcatGateUp", "swiglu", (13824, 1152)),
+        L0 + "mlp.linear_fc2.weight": (
+            {"tensor": H0 + "mlp.down_proj.weight"}, "Identity", "row", (1152, 6912)),
+        L0 + "mlp.linear_fc2.post_layernorm.weight": (
+            {"tensor": H0 + "post_feedforward_layernorm.weight"}, *norm),
+        "decoder.final_layernorm.weight": ({"tensor": "model.norm.weight"}, *norm),
+    }
+    # Gemma 2 is the same rows without the q/k norms; both tied (no output layer).
+    gemma2 = _layer0(GEMMA2_9B)
+    assert {n for n in rows if "q_layernorm" not in n and "k_layernorm" not in n} == set(gemma2)
+
+
+def test_gemma_local_spec_names_its_input_and_pre_mlp_norms():
+    from ckpt_ir.tables import NativeParams
+
+    cfg = ModelConfig.from_hf(GEMMA2_9B)
+    names = set(build_table("mcore", cfg, NativeParams(norm_style="local")).by_native)
+    assert {L0 + "input_layernorm.weight", L0 + "pre_mlp_layernorm.weight"} <= names
+    assert L0 + "mlp.linear_fc1.layer_norm_weight" not in names
+
+
+def test_gemma2_megatron_args_carry_what_megatron_core_has_and_name_the_rest():
+    args = megatron_args(GEMMA2_9B)
+    tc, gpt = args.transformer_config, args.gpt_model
+    assert args.activation == "fast_gelu"
+    assert tc["layernorm_zero_centered_gamma"] is True  # (1 + w) weights copied
+    assert tc["softmax_scale"] == 256 ** -0.5
+    assert tc["window_size"] == (4095, 0)
+    assert tc["window_attn_skip_freq"] == [1, 0] * 21  # layer 0 sliding, alternating
+    assert gpt["share_embeddings_and_output_weights"] is True
+    note = next(n for n in args.notes if n.startswith("gemma2: megatron-core 0.16.1 cannot"))
+    assert "logit softcapping (attention 50.0, final 30.0)" in note
+    assert "sqrt(hidden_size) embedding scale" in note
+
+
+def test_gemma3_megatron_args_take_the_global_rope_base_and_the_five_to_one_pattern():
+    args = megatron_args(GEMMA3_1B)
+    assert args.gpt_model["rotary_base"] == 1e6
+    assert args.transformer_config["window_size"] == (511, 0)
+    assert args.transformer_config["window_attn_skip_freq"] == ([1] * 5 + [0]) * 4 + [1, 1]
+    assert any("local RoPE base 10000.0" in n for n in args.notes)
+    # transformers 5's spelling: rope_parameters per layer type, a linear factor (4B+).
+    five = {**GEMMA3_1B, "layer_types": ["sliding_attention"] * 25 + ["full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+    args = megatron_args(five)
+    assert args.gpt_model["rotary_base"] == 1e6
+    assert args.gpt_model["seq_len_interpolation_factor"] == 8.0
+    assert args.transformer_config["window_attn_skip_freq"] == [1] * 25 + [0]
+
+
+@pytest.mark.parametrize("config", [GEMMA2_9B, GEMMA3_1B])
+def test_gemma_from_megatron_arguments_alone_asks_for_the_hf_config(config):
+    args = megatron_args(config)
+    with pytest.raises(MissingConfigError, match="pass the model's HF config"):
+        hf_config_from_megatron({**args.transformer_config, **args.gpt_model},
+                                architecture=config["model_type"], tied=True)
+
+
+def test_gemma_refuses_an_activation_it_does_not_have():
+    with pytest.raises(FormatError, match="hidden_activation 'silu' is not supported for gemma2 "
+                                          "\\(gelu_pytorch_tanh only\\)"):
+        ModelConfig.from_hf({**GEMMA2_9B, "hidden_activation": "silu"})
