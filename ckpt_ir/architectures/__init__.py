@@ -14,6 +14,7 @@ from typing import Any
 from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3
 from ckpt_ir.architectures.dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from ckpt_ir.architectures.gemma import GEMMA2, GEMMA3_TEXT
+from ckpt_ir.architectures.ministral3 import MINISTRAL3
 from ckpt_ir.architectures.mixtral import MIXTRAL
 from ckpt_ir.architectures.olmo2 import OLMO2
 from ckpt_ir.architectures.phi3 import PHI3
@@ -37,7 +38,7 @@ def _registry(*records: Architecture) -> Mapping[str, Architecture]:
 
 REGISTRY: Mapping[str, Architecture] = _registry(
     LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS,
-    PHI3, OLMO2, GEMMA2, GEMMA3_TEXT)
+    PHI3, OLMO2, GEMMA2, GEMMA3_TEXT, MINISTRAL3)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 

@@ -1,4 +1,5 @@
-"""Tiny random models of the dense long tail (issue #16): phi3, olmo2, gemma2, gemma3_text.
+"""Tiny random models of the dense long tail (issue #16): phi3, olmo2, gemma2, gemma3_text,
+ministral3.
 
 Each is its published config shrunk to the sizes of ``hf_models`` (hidden 64, 4 heads,
 vocabulary 301) with every structural flag of the real model kept:
@@ -15,6 +16,8 @@ vocabulary 301) with every structural flag of the real model kept:
 - ``gemma2``: Gemma-2-9B: ``head_dim`` 24 != hidden / heads, GQA, ``query_pre_attn_scalar``
   != head_dim (Gemma-2-27B), attention and final softcapping, sliding window 4 (shorter than
   the 7-token test input, so it masks) on alternating layers, tied, gelu_pytorch_tanh.
+- ``ministral3``: Ministral-3-3B's language model: GQA, ``head_dim`` 24 != hidden / heads,
+  YaRN (factor 16 over 16384 positions) with the Llama-4 query temperature, tied.
 - ``gemma3_text``: Gemma-3-4B's text model: q/k norms, 5 sliding : 1 full shrunk to every
   third layer global over 4 layers, dual RoPE bases with a linear factor on the global layers,
   sliding window 4, tied.
@@ -75,6 +78,12 @@ TAIL: dict[str, tuple[str, dict[str, Any]]] = {
         "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}),
+    "ministral3": ("Ministral3Config", {
+        "num_key_value_heads": 2, "head_dim": 24, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                            "original_max_position_embeddings": 16384, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                            "llama_4_scaling_beta": 0.1}}),
 }
 
 

@@ -1,10 +1,11 @@
-"""The dense long tail (phi3, olmo2, gemma2, gemma3_text) with transformers 5.23: round trips.
+"""The dense long tail (phi3, olmo2, gemma2, gemma3_text, ministral3) with transformers 5.23:
+round trips.
 
 Each family's tiny random model (``dense_tail_models``: a shrunk copy of its published config,
 every structural flag kept) goes HF -> ``mcore-dist`` -> HF and HF -> per-rank (``verl-legacy``
 with the TE spec, ``megatron-legacy`` with the local spec, both at TP=2 x PP=2, vocabulary
 padded to 384) -> HF. Every tensor comes back bit for bit, the config unchanged (LongRoPE
-factors, softcaps, RoPE bases, layer types included), no ``lm_head.weight`` appears for a tied
+factors, softcaps, RoPE bases, layer types, YaRN included), no ``lm_head.weight`` appears for a tied
 model, and the reloaded model's logits equal the source's exactly.
 
 megatron-core itself loads ckpt-ir's phi3 output in ``test_phi3_client.py``; it cannot build
@@ -27,7 +28,7 @@ from tests.fixtures import safetensors_bytes
 
 pytestmark = pytest.mark.clients
 
-FAMILIES = ("phi4_mini", "phi3_5_mini", "olmo2", "gemma2", "gemma3_text")
+FAMILIES = ("phi4_mini", "phi3_5_mini", "olmo2", "gemma2", "gemma3_text", "ministral3")
 ROUTES: dict[str, dict[str, Any]] = {
     "mcore-dist": {"to": "mcore-dist"},
     "verl-legacy-tp2-pp2": {"to": "verl-legacy", "layout": {"tp": 2, "pp": 2},

@@ -38,7 +38,8 @@ def test_the_registry_is_the_one_list_of_architectures():
     assert ARCHITECTURES == tuple(REGISTRY) == tuple(TABLES)
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
                                   "qwen3_moe", "deepseek_v3", "seed_oss",
-                                  "phi3", "olmo2", "gemma2", "gemma3_text"}
+                                  "phi3", "olmo2", "gemma2", "gemma3_text",
+                                  "ministral3"}
     for name, record in REGISTRY.items():
         assert record.name == name
         assert "mcore" in record.tables

@@ -97,6 +97,21 @@ GEMMA3_1B = {
     "final_logit_softcapping": None, "attention_bias": False, "tie_word_embeddings": True,
     "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "dtype": "bfloat16",
 }
+# mistralai/Ministral-3-3B-*-2512 (reference 7.4): the language model (``text_config`` of the
+# mistral3 checkpoint): GQA 32:8, head_dim 128, YaRN with the Llama-4 query temperature, tied.
+# 3.43e9 is the language model's count from these sizes (the published 3B adds the Pixtral
+# tower and projector, which ckpt-ir does not convert: docs/architecture.md).
+MINISTRAL3_3B = {
+    "architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", "hidden_act": "silu",
+    "hidden_size": 3072, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072,
+    "max_position_embeddings": 262144, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+    "sliding_window": None, "dtype": "bfloat16",
+    "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                        "original_max_position_embeddings": 16384, "beta_fast": 32.0,
+                        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                        "llama_4_scaling_beta": 0.1},
+}
 
 # name -> (config, published parameter count, tensors per layer in Megatron, other tensors)
 PUBLISHED = {
@@ -105,6 +120,7 @@ PUBLISHED = {
     "OLMo-2-7B": (OLMO2_7B, 7_298_617_344, 8, 3),
     "Gemma-2-9B": (GEMMA2_9B, 9_241_705_984, 8, 2),
     "Gemma-3-1B": (GEMMA3_1B, 999_885_952, 10, 2),
+    "Ministral-3-3B (language model)": (MINISTRAL3_3B, 3_429_006_336, 6, 2),
 }
 
 
@@ -364,3 +380,16 @@ def test_gemma_refuses_an_activation_it_does_not_have():
     with pytest.raises(FormatError, match="hidden_activation 'silu' is not supported for gemma2 "
                                           "\\(gelu_pytorch_tanh only\\)"):
         ModelConfig.from_hf({**GEMMA2_9B, "hidden_activation": "silu"})
+
+
+def test_ministral3_megatron_args_are_llamas_and_name_yarn_and_the_temperature():
+    args = megatron_args(MINISTRAL3_3B)
+    assert args.activation == "silu"
+    assert (args.transformer_config["kv_channels"], args.transformer_config["num_query_groups"]) \
+        == (128, 8)
+    assert args.gpt_model["rotary_base"] == 1e6
+    assert any("ministral3 YaRN (factor=16.0, original_max_position_embeddings=16384" in n
+               for n in args.notes)
+    assert any("llama_4_scaling_beta=0.1" in n for n in args.notes)
+    assert _layer0(MINISTRAL3_3B).keys() == _layer0({**MINISTRAL3_3B, "model_type": "llama"}
+                                                    ).keys()
