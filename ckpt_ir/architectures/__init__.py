@@ -71,10 +71,22 @@ def lookup(name: object) -> Architecture | None:
     return REGISTRY.get(name) if isinstance(name, str) else None
 
 
+# Checkpoints whose language model has a record but which hold more (a vision tower and its
+# projector): refused with what is supported instead (docs/architecture.md).
+UNSUPPORTED_HINTS: Mapping[str, str] = MappingProxyType({
+    "gemma3": "a vision-language checkpoint: its SigLIP tower and projector have no mapping "
+              "in ckpt-ir yet; the language model alone is supported as gemma3_text",
+    "mistral3": "a vision-language checkpoint: its Pixtral tower and projector have no "
+                "mapping in ckpt-ir yet; the language model alone is supported as ministral3",
+})
+
+
 def architecture(name: object) -> Architecture:
     """The record of ``name``; FormatError naming the supported ones otherwise."""
     record = lookup(name)
     if record is None:
+        hint = UNSUPPORTED_HINTS.get(name) if isinstance(name, str) else None
         raise FormatError(
-            f"unsupported architecture {name!r}; supported: {', '.join(ARCHITECTURES)}")
+            f"unsupported architecture {name!r}; supported: {', '.join(ARCHITECTURES)}"
+            + (f" ({hint})" if hint else ""))
     return record

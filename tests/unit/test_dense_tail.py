@@ -393,3 +393,21 @@ def test_ministral3_megatron_args_are_llamas_and_name_yarn_and_the_temperature()
     assert any("llama_4_scaling_beta=0.1" in n for n in args.notes)
     assert _layer0(MINISTRAL3_3B).keys() == _layer0({**MINISTRAL3_3B, "model_type": "llama"}
                                                     ).keys()
+
+
+@pytest.mark.parametrize(("model_type", "text"), [("gemma3", "gemma3_text"),
+                                                  ("mistral3", "ministral3")])
+def test_a_vision_language_checkpoint_is_refused_in_one_line_naming_its_text_model(
+        model_type, text, tmp_path):
+    # The published VL configs nest the language model under text_config.
+    config = {"model_type": model_type, "architectures": ["X"],
+              "text_config": {**MINISTRAL3_3B, "model_type": text}, "vision_config": {}}
+    src = _write(tmp_path, config)
+    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", str(src),
+                        str(tmp_path / "out"), "--to", "mcore-dist", "--dry-run"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert f"unsupported architecture '{model_type}'" in r.stderr
+    assert "vision-language checkpoint" in r.stderr
+    assert f"the language model alone is supported as {text}" in r.stderr
