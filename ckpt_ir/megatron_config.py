@@ -45,7 +45,11 @@ class MegatronModelArgs:
                          **args.gpt_model)
 
     ``activation_func`` is named in ``activation`` rather than passed as a callable so the
-    mapping stays JSON-serialisable; every supported architecture uses SiLU (SwiGLU).
+    mapping stays JSON-serialisable: ``"silu"`` (SwiGLU) for every family but Gemma's
+    ``"fast_gelu"`` (megatron-core's tanh GeLU, GeGLU; the record's ``megatron_activation``).
+    A family's own fields (its record's ``megatron_extra``: phi3's ``rotary_percent``, Gemma's
+    ``layernorm_zero_centered_gamma`` / ``window_size`` / ``softmax_scale``) are included, and
+    what megatron-core 0.16.1 cannot express is named in ``notes``.
 
     Mixture of experts and DeepSeek-V3 add three choices, each named here:
 
