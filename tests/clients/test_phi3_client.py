@@ -8,6 +8,9 @@ and reproduces transformers' fp32 logits (max abs diff <= 1e-5): ``mcore-dist`` 
 TP=2 (vocab padded to 384) through ``dist_checkpointing.load`` under ``raise_all``, and
 Megatron-LM rank files at TP=2 through ``load_state_dict(strict=True)``. A QKV split or
 interleave in the wrong order, or ``[gate; up]`` cut per rank the wrong way, changes them.
+The other direction: a GPTModel randomised by megatron-core at TP=2 and saved with
+``dist_checkpointing.save`` converts (with the HF config) to a ``Phi3ForCausalLM`` whose
+logits equal megatron's.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
                         "pad_vocab_to_multiple": PAD, "format": "megatron-legacy",
                         "ckpt": str(s.written["megatron-legacy-tp2"].value),
                         "out": str(root / "logits" / "megatron-legacy-tp2.pt")})
+    # The other direction: a GPTModel randomised by megatron-core at TP=2, saved by it.
+    jobs[2].append({**common, "command": "save-random", "tp": 2, "pad_vocab_to_multiple": PAD,
+                    "seed": 23, "out_dir": str(root / "saved"),
+                    "logits_out": str(root / "logits" / "saved.pt")})
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {n: pool.submit(attempt, lambda n=n: launch("batch", jobs[n], world_size=n,
                                                                 timeout=400))
@@ -117,3 +124,21 @@ def test_megatron_core_reproduces_transformers_logits(suite: Suite, key: str) ->
     assert suite.ref.std() > 0.1
     diff = (logits - suite.ref).abs().max().item()
     assert diff <= ATOL, f"{key}: max abs logit diff {diff:.3g} > {ATOL}"
+
+
+def test_a_megatron_saved_checkpoint_converts_to_phi3_with_megatrons_logits(
+        suite: Suite, tmp_path: Path) -> None:
+    suite.launches[2].get("the megatron-core launch on 2 ranks")
+    try:
+        expected = job_result(suite.root / "logits" / "saved.pt")
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+    report = ckpt_ir.convert(suite.root / "saved", tmp_path / "hf", to="hf",
+                             hf_config=suite.hf)
+    assert report.source_format == "mcore-dist" and report.architecture == "phi3"
+    names = set(safetensors_bytes(tmp_path / "hf"))
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names
+    logits = hf_models.hf_logits(tmp_path / "hf", suite.ids)
+    assert expected.std() > 0.1
+    diff = (logits - expected[..., :VOCAB]).abs().max().item()
+    assert diff <= ATOL, f"max abs logit diff {diff:.3g} > {ATOL}"

@@ -112,6 +112,15 @@ MINISTRAL3_3B = {
                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                         "llama_4_scaling_beta": 0.1},
 }
+# google/gemma-3-4b-pt's language model (its ``text_config``, reference 6.1): GQA 8:4, q/k
+# norms, a linear RoPE factor 8 on the global layers, sliding window 1024. 3.88e9 from these
+# sizes (the published 4.3B adds the SigLIP tower, which ckpt-ir does not convert).
+GEMMA3_4B = {
+    **GEMMA3_1B, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 262208,
+    "max_position_embeddings": 131072, "sliding_window": 1024,
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+}
 
 # name -> (config, published parameter count, tensors per layer in Megatron, other tensors)
 PUBLISHED = {
@@ -120,6 +129,7 @@ PUBLISHED = {
     "OLMo-2-7B": (OLMO2_7B, 7_298_617_344, 8, 3),
     "Gemma-2-9B": (GEMMA2_9B, 9_241_705_984, 8, 2),
     "Gemma-3-1B": (GEMMA3_1B, 999_885_952, 10, 2),
+    "Gemma-3-4B (language model)": (GEMMA3_4B, 3_880_263_168, 10, 2),
     "Ministral-3-3B (language model)": (MINISTRAL3_3B, 3_429_006_336, 6, 2),
 }
 
@@ -357,6 +367,8 @@ def test_gemma3_megatron_args_take_the_global_rope_base_and_the_five_to_one_patt
     assert args.transformer_config["window_size"] == (511, 0)
     assert args.transformer_config["window_attn_skip_freq"] == ([1] * 5 + [0]) * 4 + [1, 1]
     assert any("local RoPE base 10000.0" in n for n in args.notes)
+    # The hub's 4.x spelling of Gemma-3-4B: rope_scaling applies to the global layers.
+    assert megatron_args(GEMMA3_4B).gpt_model["seq_len_interpolation_factor"] == 8.0
     # transformers 5's spelling: rope_parameters per layer type, a linear factor (4B+).
     five = {**GEMMA3_1B, "layer_types": ["sliding_attention"] * 25 + ["full_attention"],
             "rope_parameters": {
