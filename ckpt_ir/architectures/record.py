@@ -115,19 +115,6 @@ class Architecture:
     # its own): an HF config built from Megatron arguments sets it from add_qkv_bias instead.
     attention_bias_is_qkv_bias: bool = False
     qk_norm: bool = False
-    # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
-    mla: bool = False
-    # Family checks of an MoE config, after the generic ones (raise FormatError).
-    check_moe: Callable[[ModelConfig], None] | None = None
-    # TransformerConfig fields of the family's router (HF -> megatron-core).
-    megatron_moe: MegatronFields | None = None
-    # Their inverse: the HF MoE fields from Megatron arguments.
-    hf_moe_from_megatron: HfFromMegatron | None = None
-    # Guessing the family from Megatron arguments that name none: (precedence, the arguments
-    # that must all be set and true). Families with experts compete among themselves, dense
-    # ones too; lower precedence is tried first, () matches anything (the fallback). None:
-    # never guessed (to Megatron, mistral is llama).
-    megatron_guess: tuple[int, tuple[str, ...]] | None = None
     # The gated MLP's activation: the HF config fields that name it (the first present wins;
     # Gemma spells it hidden_activation), the values the family's rows stand for (the first is
     # transformers' default), and megatron-core's name for it (MegatronModelArgs.activation).
@@ -142,13 +129,19 @@ class Architecture:
     # bases): hf_config_from_megatron then asks for the HF config rather than guess.
     megatron_args_suffice: bool = True
 
-    def activation(self, hf: Mapping[str, Any]) -> tuple[str, Any]:
-        """(the field, its value) of the config's MLP activation."""
-        for name in self.activation_fields:
-            if hf.get(name) is not None:
-                return name, hf[name]
-        return self.activation_fields[0], self.activations[0]
-
+    # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
+    mla: bool = False
+    # Family checks of an MoE config, after the generic ones (raise FormatError).
+    check_moe: Callable[[ModelConfig], None] | None = None
+    # TransformerConfig fields of the family's router (HF -> megatron-core).
+    megatron_moe: MegatronFields | None = None
+    # Their inverse: the HF MoE fields from Megatron arguments.
+    hf_moe_from_megatron: HfFromMegatron | None = None
+    # Guessing the family from Megatron arguments that name none: (precedence, the arguments
+    # that must all be set and true). Families with experts compete among themselves, dense
+    # ones too; lower precedence is tried first, () matches anything (the fallback). None:
+    # never guessed (to Megatron, mistral is llama).
+    megatron_guess: tuple[int, tuple[str, ...]] | None = None
     @property
     def is_moe(self) -> bool:
         return self.moe is not None
@@ -156,6 +149,13 @@ class Architecture:
     @property
     def causal_lm_class(self) -> str:
         return f"{self.hf_class}ForCausalLM"
+
+    def activation(self, hf: Mapping[str, Any]) -> tuple[str, Any]:
+        """(the field, its value) of the config's MLP activation."""
+        for name in self.activation_fields:
+            if hf.get(name) is not None:
+                return name, hf[name]
+        return self.activation_fields[0], self.activations[0]
 
 
 def hf_int(hf: Mapping[str, Any], *names: str, default: int | None = None) -> int:
