@@ -128,7 +128,6 @@ class Architecture:
     # HF fields no Megatron argument holds (Gemma's softcaps, embedding scale, dual RoPE
     # bases): hf_config_from_megatron then asks for the HF config rather than guess.
     megatron_args_suffice: bool = True
-
     # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
     mla: bool = False
     # Family checks of an MoE config, after the generic ones (raise FormatError).
@@ -142,6 +141,7 @@ class Architecture:
     # ones too; lower precedence is tried first, () matches anything (the fallback). None:
     # never guessed (to Megatron, mistral is llama).
     megatron_guess: tuple[int, tuple[str, ...]] | None = None
+
     @property
     def is_moe(self) -> bool:
         return self.moe is not None
