@@ -38,16 +38,17 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @st.composite
-def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
-    """Small HF config dicts for llama / mistral / qwen2 / qwen3 / seed_oss and the dense
-    long tail (:data:`DENSE_TAIL`).
+def dense_configs(draw: st.DrawFn, *, max_layers: int = 3,
+                  archs: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "seed_oss")
+                  ) -> dict[str, Any]:
+    """Small HF config dicts for llama / mistral / qwen2 / qwen3 / seed_oss, or ``archs``
+    among those and the dense long tail (:data:`DENSE_TAIL`).
 
     KV groups are drawn first and heads as a multiple (MHA, GQA and MQA all occur), head_dim
     independently of hidden/heads, odd vocab sizes, tied and untied embeddings; seed_oss with
     and without its q/k/v biases (``attention_bias``) and with its non-zero dropouts.
     """
-    arch = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "seed_oss",
-                                 *DENSE_TAIL]))
+    arch = draw(st.sampled_from(archs))
     kv_heads = draw(st.sampled_from([1, 2, 4]))
     heads = kv_heads * draw(st.sampled_from([1, 2, 3]))
     head_dim = draw(st.sampled_from([4, 8, 12]))
