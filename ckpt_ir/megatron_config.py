@@ -220,7 +220,7 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         tc.update(_mla_args(cfg, theta, notes))
         spec.update(multi_latent_attention=True, qk_layernorm=True)
         notes[:] = [n for n in notes if "yarn" not in n]
-    return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes),
+    return MegatronModelArgs(tc, gpt, spec, activation=activation, notes=tuple(notes),
                              config_class="MLATransformerConfig" if cfg.has_mla
                              else "TransformerConfig",
                              decoder_block_spec=not cfg.has_uniform_layers,
