@@ -16,9 +16,10 @@ norms ``q_layernorm`` / ``k_layernorm``.
 
 ``(1 + w)`` norms: every Gemma RMSNorm computes ``x_hat * (1 + w)`` and stores the zero-centred
 ``w``. The weights are **copied**, never offset: Megatron-Bridge's providers set
-``layernorm_zero_centered_gamma=True`` (TransformerEngine's norms then apply ``1 + w``; the local
-spec's ``WrappedTorchNorm`` refuses the flag), and ``megatron_args`` sets it too. (NeMo 1.0 added 1 during conversion instead; a converter that
-did so would also round ``1 + w`` in bf16.) A bit-exact round trip needs the copy.
+``layernorm_zero_centered_gamma=True`` (TransformerEngine's norms then apply ``1 + w``; the
+local spec's ``WrappedTorchNorm`` refuses the flag), and ``megatron_args`` sets it too. (NeMo
+1.0 added 1 during conversion instead; a converter that did so would also round ``1 + w`` in
+bf16.) A bit-exact round trip needs the copy.
 
 What megatron-core 0.16.1 cannot express is carried in the HF config every format keeps and
 named in ``megatron_args``' notes: attention and final logit softcapping (Gemma 2), the
