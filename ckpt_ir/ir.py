@@ -242,9 +242,10 @@ class ModelConfig:
                               "supported: Megatron's add_qkv_bias covers q/k/v only")
         if hf.get("mlp_bias"):
             raise FormatError(f"{self.architecture} with mlp_bias=True is not supported")
-        act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise FormatError(f"hidden_act {act!r} is not supported (SwiGLU/silu only)")
+        field_name, act = record.activation(hf)
+        if act not in record.activations:
+            raise FormatError(f"{field_name} {act!r} is not supported for {self.architecture} "
+                              f"({'/'.join(record.activations)} only)")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                      "head_dim", "intermediate_size", "vocab_size"):
             if getattr(self, name) <= 0:

@@ -45,9 +45,14 @@ class MegatronModelArgs:
                          **args.gpt_model)
 
     ``activation_func`` is named in ``activation`` rather than passed as a callable so the
-    mapping stays JSON-serialisable: ``"silu"`` (SwiGLU) for every architecture but gpt-oss,
-    whose ``"quick_gelu"`` is ``megatron.core.fusions.fused_bias_geglu.quick_gelu`` (clamped
-    by ``activation_func_clamp_value``, offset by ``glu_linear_offset``).
+    mapping stays JSON-serialisable: ``"silu"`` (SwiGLU) for most families; the record's
+    ``megatron_activation`` otherwise (Gemma's ``"fast_gelu"``: megatron-core's tanh GeLU,
+    GeGLU), or what its ``megatron_extra`` says (gpt-oss's ``"quick_gelu"``:
+    ``megatron.core.fusions.fused_bias_geglu.quick_gelu``, clamped by
+    ``activation_func_clamp_value``, offset by ``glu_linear_offset``). A family's own fields
+    (its record's ``megatron_extra``: gpt-oss's biases and sinks, phi3's ``rotary_percent``,
+    Gemma's ``layernorm_zero_centered_gamma`` / ``window_size`` / ``softmax_scale``) are
+    included, and what megatron-core 0.16.1 cannot express is named in ``notes``.
 
     ``config_attributes`` (gpt-oss's YaRN ``yarn_*``) are read by megatron-core with getattr
     but are not TransformerConfig fields: set each on the config object
@@ -228,14 +233,16 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         tc.update(_mla_args(cfg, theta, notes))
         spec.update(multi_latent_attention=True, qk_layernorm=True)
         notes[:] = [n for n in notes if "yarn" not in n]
-    # A family beyond the shared settings (gpt-oss): its record's own, applied last.
+    # A family beyond the shared settings (gpt-oss, phi3, Gemma): its record's own fields and
+    # notes, applied last.
     extra = record.megatron_extra(cfg, notes) \
         if record is not None and record.megatron_extra is not None else None
     if extra is not None:
         tc.update(extra.transformer_config)
         gpt.update(extra.gpt_model)
-    return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes),
-                             activation=(extra.activation or "silu") if extra else "silu",
+    activation = (extra.activation if extra is not None else None) or \
+        (record.megatron_activation if record is not None else "silu")
+    return MegatronModelArgs(tc, gpt, spec, activation=activation, notes=tuple(notes),
                              config_class="MLATransformerConfig" if cfg.has_mla
                              else "TransformerConfig",
                              decoder_block_spec=not cfg.has_uniform_layers,
@@ -401,6 +408,10 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     eps = _get(args, "norm_epsilon", "layernorm_epsilon")
     positions = _get(args, "max_position_embeddings", "seq_length", "max_sequence_length")
     record = lookup(arch)
+    if record is not None and not record.megatron_args_suffice:
+        raise MissingConfigError(
+            f"{arch}'s forward depends on HF config fields no Megatron argument holds; "
+            "pass the model's HF config (--hf-config DIR)")
     rope: dict[str, Any] = {"rope_type": "default",
                             **({"rope_theta": float(theta)} if theta is not None else {})}
     rotary = _get(args, "rotary_percent")

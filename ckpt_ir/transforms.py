@@ -38,6 +38,7 @@ __all__ = [
     "GroupGDNInProj",
     "Identity",
     "InterleaveExperts",
+    "InterleaveFusedQKV",
     "InterleaveGatedQKV",
     "InterleaveQKV",
     "MergeLora",
@@ -941,3 +942,70 @@ class ZeroCentre(Transform):
 
     def describe(self) -> str:
         return "ZeroCentre(w - 1)"
+
+
+@dataclass(frozen=True, slots=True)
+class InterleaveFusedQKV(Transform):
+    """An HF fused ``qkv_proj`` (Phi-3: plain ``[Q_all; K_all; V_all]`` rows) <-> Megatron's
+    group-interleaved ``linear_qkv``: split the rows by the head counts, then
+    :class:`InterleaveQKV`.
+
+    ::
+
+        HF   rows 0 .. G*n*d-1            q (all query heads, head-major)
+             rows G*n*d .. G*(n+1)*d-1     k
+             rows G*(n+1)*d .. end         v
+        Megatron, per group g:  q heads g*n .. (g+1)*n-1 | k head g | v head g
+
+    One IR tensor in, one native tensor out, so the HF checkpoint's own name stays the IR
+    name. Not the identity unless ``G = n = 1``. ``slabs`` and ``inverse_rows`` yield views.
+    """
+
+    num_groups: int
+    heads_per_group: int
+    head_dim: int
+    roles = (TENSOR,)
+
+    @property
+    def _inner(self) -> InterleaveQKV:
+        return InterleaveQKV(self.num_groups, self.heads_per_group, self.head_dim)
+
+    @property
+    def _rows(self) -> tuple[int, int, int]:
+        kv = self.num_groups * self.head_dim
+        return (kv * self.heads_per_group, kv, kv)
+
+    def _split(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        if fused.shape[0] != sum(self._rows):
+            raise InternalError(f"fused qkv_proj has {fused.shape[0]} rows, expected "
+                                f"{sum(self._rows)} ({'+'.join(map(str, self._rows))})")
+        q, k, v = fused.split(self._rows, dim=0)
+        return {"q": q, "k": k, "v": v}
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self._inner.apply(self._split(parts[TENSOR]))
+
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        yield from self._inner.slabs(self._split(parts[TENSOR]))
+
+    def copies_in_slabs(self) -> bool:
+        return False
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = self._inner.inverse(native)
+        return {TENSOR: torch.cat((parts["q"], parts["k"], parts["v"]), dim=0)}
+
+    def inverse_rows(self, native: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        # [Q_all; K_all; V_all] is the q blocks of every group, then the k blocks, then the v
+        # blocks: views of the fused tensor, joined only by whoever needs one tensor.
+        rows = self._inner.inverse_rows(native)
+        return {TENSOR: (*rows["q"], *rows["k"], *rows["v"])}
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        return tuple(parts[TENSOR])
+
+    def describe(self) -> str:
+        return (f"InterleaveFusedQKV(groups={self.num_groups}, "
+                f"heads/group={self.heads_per_group}, head_dim={self.head_dim})")
+
+

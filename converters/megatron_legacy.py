@@ -37,7 +37,12 @@ from ckpt_ir.converters.per_rank import PerRankReader, PerRankWriter, RankKey
 from ckpt_ir.detect import TRACKER
 from ckpt_ir.durable import write_synced
 from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError
-from ckpt_ir.megatron_config import hf_config_from_megatron, missing_fields, plain_arguments
+from ckpt_ir.megatron_config import (
+    hf_config_from_megatron,
+    megatron_args,
+    missing_fields,
+    plain_arguments,
+)
 
 __all__ = ["HF_DIR", "TRACKER", "MegatronLegacyReader", "MegatronLegacyWriter",
            "megatron_lm_args"]
@@ -177,7 +182,8 @@ def megatron_lm_args(writer: PerRankWriter, dtype: torch.dtype | None) -> argpar
         position_embedding_type="rope",
         add_position_embedding=False,
         rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rotary_percent=1.0,
+        # The family's (phi3: partial_rotary_factor), as megatron_args gives GPTModel.
+        rotary_percent=float(megatron_args(cfg).gpt_model.get("rotary_percent", 1.0)),
         normalization="RMSNorm",
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         swiglu=True,

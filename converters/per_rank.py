@@ -458,6 +458,11 @@ class PerRankReader:
                 if k.endswith(suffix):
                     self.norm_style = style
                     return
+        # Layers without an input norm (OLMo 2's post-norm layers) name no norm that tells the
+        # spec; TE's attention has an _extra_state of its own that the local spec's lacks.
+        extra = {k.rsplit(".", 2)[-2] for k in keys if k.endswith("._extra_state")}
+        if "linear_qkv" in extra and "core_attention" not in extra:
+            self.norm_style = "local"
 
     def _find_config(self, explicit: str | os.PathLike | None, candidates: Sequence[Path],
                      first: Any) -> tuple[str, dict[str, Any]]:

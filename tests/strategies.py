@@ -38,14 +38,17 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @st.composite
-def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
-    """Small HF config dicts for llama / mistral / qwen2 / qwen3 / seed_oss.
+def dense_configs(draw: st.DrawFn, *, max_layers: int = 3,
+                  archs: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "seed_oss")
+                  ) -> dict[str, Any]:
+    """Small HF config dicts for llama / mistral / qwen2 / qwen3 / seed_oss, or ``archs``
+    among those and the dense long tail (:data:`DENSE_TAIL`).
 
     KV groups are drawn first and heads as a multiple (MHA, GQA and MQA all occur), head_dim
     independently of hidden/heads, odd vocab sizes, tied and untied embeddings; seed_oss with
     and without its q/k/v biases (``attention_bias``) and with its non-zero dropouts.
     """
-    arch = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "seed_oss"]))
+    arch = draw(st.sampled_from(archs))
     kv_heads = draw(st.sampled_from([1, 2, 4]))
     heads = kv_heads * draw(st.sampled_from([1, 2, 3]))
     head_dim = draw(st.sampled_from([4, 8, 12]))
@@ -54,7 +57,7 @@ def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
         "model_type": arch,
         "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                           "seed_oss": "SeedOssForCausalLM"}[arch]],
+                           "seed_oss": "SeedOssForCausalLM"}.get(arch, "")],
         "num_hidden_layers": draw(st.integers(1, max_layers)),
         "hidden_size": hidden,
         "num_attention_heads": heads,
@@ -69,7 +72,21 @@ def dense_configs(draw: st.DrawFn, *, max_layers: int = 3) -> dict[str, Any]:
         **({"attention_bias": draw(st.booleans()), "attention_out_bias": False,
             "mlp_bias": False, "attention_dropout": 0.1, "residual_dropout": 0.1}
            if arch == "seed_oss" else {}),
+        **DENSE_TAIL.get(arch, {}),
     }
+
+
+# The dense long tail (issue #16): model_type -> the fields that differ from llama's here
+# (phi3's fused qkv_proj / gate_up_proj, olmo2's post-norms and full-width q/k norms, Gemma's
+# four norms and GeGLU, ministral3's llama rows).
+DENSE_TAIL: dict[str, dict[str, Any]] = {
+    "phi3": {"architectures": ["Phi3ForCausalLM"]},
+    "olmo2": {"architectures": ["Olmo2ForCausalLM"]},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "hidden_act": "gelu_pytorch_tanh"},
+    "gemma3_text": {"architectures": ["Gemma3ForCausalLM"],
+                    "hidden_activation": "gelu_pytorch_tanh", "hidden_act": None},
+    "ministral3": {"architectures": ["Ministral3ForCausalLM"]},
+}
 
 
 def pipeline_splits(num_layers: int, *, max_pp: int = 4, max_vpp: int = 3

@@ -14,9 +14,13 @@ from typing import Any
 from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3
 from ckpt_ir.architectures.dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from ckpt_ir.architectures.dsa import DEEPSEEK_V32, GLM_MOE_DSA
+from ckpt_ir.architectures.gemma import GEMMA2, GEMMA3_TEXT
 from ckpt_ir.architectures.glm4_moe import GLM4_MOE, GLM4_MOE_LITE
 from ckpt_ir.architectures.gpt_oss import GPT_OSS
+from ckpt_ir.architectures.ministral3 import MINISTRAL3
 from ckpt_ir.architectures.mixtral import MIXTRAL
+from ckpt_ir.architectures.olmo2 import OLMO2
+from ckpt_ir.architectures.phi3 import PHI3
 from ckpt_ir.architectures.qwen3_next import QWEN3_NEXT
 from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
@@ -39,7 +43,8 @@ def _registry(*records: Architecture) -> Mapping[str, Architecture]:
 REGISTRY: Mapping[str, Architecture] = _registry(
     LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS,
     GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA,
-    GPT_OSS, QWEN3_NEXT)
+    GPT_OSS, QWEN3_NEXT,
+    PHI3, OLMO2, GEMMA2, GEMMA3_TEXT, MINISTRAL3)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 
@@ -72,10 +77,22 @@ def lookup(name: object) -> Architecture | None:
     return REGISTRY.get(name) if isinstance(name, str) else None
 
 
+# Checkpoints whose language model has a record but which hold more (a vision tower and its
+# projector): refused with what is supported instead (docs/architecture.md).
+UNSUPPORTED_HINTS: Mapping[str, str] = MappingProxyType({
+    "gemma3": "a vision-language checkpoint: its SigLIP tower and projector have no mapping "
+              "in ckpt-ir yet; the language model alone is supported as gemma3_text",
+    "mistral3": "a vision-language checkpoint: its Pixtral tower and projector have no "
+                "mapping in ckpt-ir yet; the language model alone is supported as ministral3",
+})
+
+
 def architecture(name: object) -> Architecture:
     """The record of ``name``; FormatError naming the supported ones otherwise."""
     record = lookup(name)
     if record is None:
+        hint = UNSUPPORTED_HINTS.get(name) if isinstance(name, str) else None
         raise FormatError(
-            f"unsupported architecture {name!r}; supported: {', '.join(ARCHITECTURES)}")
+            f"unsupported architecture {name!r}; supported: {', '.join(ARCHITECTURES)}"
+            + (f" ({hint})" if hint else ""))
     return record

@@ -88,7 +88,8 @@ HfFromMegatron = Callable[[Mapping[str, Any], MegatronMoe], dict[str, Any]]
 class MegatronExtra:
     """A family's Megatron-Core settings beyond what every supported model shares (SwiGLU with
     SiLU, no linear biases besides q/k/v, plain rope): gpt-oss's biases, attention sinks,
-    sliding window, clamped activation and YaRN. ``megatron_args`` applies them last."""
+    sliding window, clamped activation and YaRN; phi3's partial rotary; Gemma's zero-centred
+    norms, windows and softmax scale. ``megatron_args`` applies them last."""
 
     # TransformerConfig fields, overriding the shared ones (``add_bias_linear``).
     transformer_config: Mapping[str, Any] = field(default_factory=dict)
@@ -97,7 +98,8 @@ class MegatronExtra:
     # Attributes megatron-core reads with getattr from the config but TransformerConfig does
     # not declare (``yarn_*``): set them on the config object before building the GPTModel.
     config_attributes: Mapping[str, Any] = field(default_factory=dict)
-    # The activation function's name, when not SiLU (megatron-core's ``quick_gelu``).
+    # The activation function's name when it depends on the config (gpt-oss's clamped
+    # ``quick_gelu``); None: the record's ``megatron_activation``.
     activation: str | None = None
 
 
@@ -136,6 +138,16 @@ class Architecture:
     attention_bias_is_qkv_bias: bool = False
     # Per-head q/k RMSNorm: always (qwen3), or as the config says (glm4_moe's use_qk_norm).
     qk_norm: bool | Callable[[Mapping[str, Any]], bool] = False
+    # The gated MLP's activation: the HF config fields that name it (the first present wins;
+    # Gemma spells it hidden_activation), the values the family's rows stand for (the first is
+    # transformers' default), and megatron-core's name for it (MegatronModelArgs.activation).
+    activation_fields: tuple[str, ...] = ("hidden_act",)
+    activations: tuple[str, ...] = ("silu", "swish")
+    megatron_activation: str = "silu"
+    # Megatron arguments alone describe the model. False for families whose forward depends on
+    # HF fields no Megatron argument holds (Gemma's softcaps, embedding scale, dual RoPE
+    # bases): hf_config_from_megatron then asks for the HF config rather than guess.
+    megatron_args_suffice: bool = True
     # Multi-latent attention: the kv_lora_rank / qk_*_head_dim / v_head_dim fields are required.
     mla: bool = False
     # Family checks of an MoE config, after the generic ones (raise FormatError).
@@ -169,6 +181,13 @@ class Architecture:
     @property
     def causal_lm_class(self) -> str:
         return f"{self.hf_class}ForCausalLM"
+
+    def activation(self, hf: Mapping[str, Any]) -> tuple[str, Any]:
+        """(the field, its value) of the config's MLP activation."""
+        for name in self.activation_fields:
+            if hf.get(name) is not None:
+                return name, hf[name]
+        return self.activation_fields[0], self.activations[0]
 
 
 def hf_int(hf: Mapping[str, Any], *names: str, default: int | None = None) -> int:

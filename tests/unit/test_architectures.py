@@ -16,7 +16,7 @@ from ckpt_ir.architectures import (
     architecture,
     guess_from_megatron,
 )
-from ckpt_ir.errors import FormatError, InternalError
+from ckpt_ir.errors import FormatError, InternalError, MissingConfigError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
 from ckpt_ir.table_engine import Row, one
@@ -43,7 +43,8 @@ def test_the_registry_is_the_one_list_of_architectures():
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
                                   "qwen3_moe", "deepseek_v3", "seed_oss", "glm4_moe",
                                   "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "gpt_oss",
-                                  "qwen3_next"}
+                                  "qwen3_next", "phi3", "olmo2", "gemma2",
+                                  "gemma3_text", "ministral3"}
     for name, record in REGISTRY.items():
         assert record.name == name
         assert "mcore" in record.tables
@@ -73,6 +74,12 @@ def test_each_record_reads_its_config_and_names_its_class(name):
                                                         "ForTokenClassification"]
     # Megatron arguments and back: the record's class name, its MoE fields, the same model.
     args = megatron_args(cfg)
+    if not record.megatron_args_suffice:
+        # Gemma: softcaps, embedding scale, local RoPE base live in the HF config only.
+        with pytest.raises(MissingConfigError, match="pass the model's HF config"):
+            hf_config_from_megatron({**args.transformer_config, **args.gpt_model},
+                                    architecture=name, tied=cfg.tie_word_embeddings)
+        return
     back = hf_config_from_megatron({**args.transformer_config, **args.gpt_model,
                                     **args.config_attributes},
                                    architecture=name, tied=cfg.tie_word_embeddings)
