@@ -8,6 +8,7 @@ every reader shares (:func:`find_config_dir`) lives here too: it is the same kin
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +18,8 @@ from ckpt_ir.safety.files import read_bytes
 
 __all__ = ["ADAPTER_DIR", "dist_has_adapter", "dist_key_kinds", "find_config_dir",
            "has_mlm_rank_files", "has_rank_dirs", "has_verl_adapter_files", "is_dist_dir",
-           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir"]
+           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir", "verl_fsdp_layout",
+           "verl_fsdp_world_sizes"]
 
 RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -166,3 +168,40 @@ def find_config_dir(candidates: Iterable[Path]) -> Path | None:
         if c.is_dir() and (c / "config.json").is_file():
             return c
     return None
+
+
+_VERL_FSDP_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$", re.ASCII)
+
+
+def verl_fsdp_world_sizes(p: Path) -> list[int]:
+    """The world sizes named by verl / SkyRL FSDP model files
+    (``model_world_size_{W}_rank_{r}.pt``) in ``p``; empty when there are none."""
+    try:
+        names = [c.name for c in p.iterdir()] if p.is_dir() else []
+    except OSError:
+        return []
+    return sorted({int(m.group(1)) for n in names if (m := _VERL_FSDP_FILE.match(n))})
+
+
+def verl_fsdp_layout(p: Path) -> str | None:
+    """``inspect``'s line for a verl FSDP role directory: model files (and, when present,
+    ``fsdp_config.json``'s FSDP version and world size); None when there are no model files."""
+    sizes = verl_fsdp_world_sizes(p)
+    if not sizes:
+        return None
+    text = f"verl FSDP per-rank files (world size {', '.join(map(str, sizes))}"
+    config = p / "fsdp_config.json"
+    if config.is_file():
+        try:
+            raw = read_bytes(config, "fsdp_config.json", limit=1 << 16)
+            data = json.loads(raw)
+            if isinstance(data, dict):
+                if "FSDP_version" in data:
+                    text += f", FSDP{data['FSDP_version']}"
+                elif "fsdp_strategy" in data:
+                    text += f", SkyRL {data['fsdp_strategy']}"
+        except (CheckpointError, ValueError):
+            text += ", unreadable fsdp_config.json"
+    if (p / "lora_train_meta.json").is_file():
+        text += ", LoRA"
+    return text + ")"
