@@ -17,6 +17,9 @@ The test process never initialises ``torch.distributed``; :func:`launch` starts
     it with FSDP2 at this world size and calls verl's ``load_checkpoint(ckpt)`` with
     ``load_contents=['model']``; rank 0 saves the full state dict (``get_model_state_dict``,
     ``full_state_dict=True``) to ``out`` as safetensors.
+``batch``
+    A list of ``{"command": ..., **args}`` run in one process start (the ranks' imports cost
+    more than a tiny model's save).
 
 The platform shim (tests only, never in ``ckpt_ir``): verl's package ``__init__`` and
 ``verl.utils.checkpoint``'s ``__init__`` import Ray (the trainer's single controller), which a
@@ -206,7 +209,13 @@ def _load(job: dict[str, Any]) -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, job["out"])
 
 
-_COMMANDS = {"save": _save, "load": _load}
+def _batch(jobs: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        _COMMANDS[job["command"]](job)
+        torch.distributed.barrier()
+
+
+_COMMANDS = {"save": _save, "load": _load, "batch": _batch}
 
 
 def main(argv: list[str]) -> None:
