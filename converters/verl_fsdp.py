@@ -201,6 +201,7 @@ class VerlFsdpReader:
         self.mesh_names: tuple[str, ...] = ()
         self.mesh_shape: tuple[int, ...] = (self.world_size,)
         self._index(first)
+        self._check_shards()
         check_layer_count(self.config, len(self._specs), self._config_dir / "config.json")
         self.params = NativeParams()
         if any(n.endswith(".mlp.experts.gate_up_proj") for n in self._specs):
@@ -381,6 +382,24 @@ class VerlFsdpReader:
                                          f"{value.shape}", path=where, tensor=key)
         return pieces
 
+    def _check_shards(self) -> None:
+        """Every needed rank file holds each DTensor with rank 0's global shape and dtype and
+        a local shard of the size the ``torch.chunk`` rule gives: checked on the pickles
+        alone, before a byte of tensor data is read."""
+        for name, (key, pieces) in self._pieces.items():
+            if name in self._plain:
+                continue
+            spec = self._specs[name]
+            for piece in pieces:
+                local = self._local(piece.rank, key, spec)
+                if tuple(local.shape) != piece.size:
+                    raise CorruptCheckpointError(
+                        f"the shards of {key} do not tile it: rank {piece.rank} holds "
+                        f"{tuple(local.shape)}, the torch.chunk rule gives {piece.size} for "
+                        f"{spec.shape} on mesh {self.mesh_shape}",
+                        path=self._files[piece.rank], tensor=key)
+        self._touched.clear()
+
     # ---- Reader protocol ----
 
     def tensors(self) -> Mapping[str, TensorSpec]:
@@ -401,12 +420,6 @@ class VerlFsdpReader:
         out = torch.empty(spec.shape, dtype=spec.dtype)
         for piece in pieces:
             local = self._local(piece.rank, key, spec)
-            if tuple(local.shape) != piece.size:
-                raise CorruptCheckpointError(
-                    f"the shards of {name} do not tile it: rank {piece.rank} holds "
-                    f"{tuple(local.shape)}, the torch.chunk rule gives {piece.size} for "
-                    f"{spec.shape} on mesh {self.mesh_shape}", path=self._files[piece.rank],
-                    tensor=name)
             if local.numel():
                 out[tuple(slice(s, s + n) for s, n in zip(piece.start, piece.size,
                                                           strict=True))] = local

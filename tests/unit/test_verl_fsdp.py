@@ -1,0 +1,227 @@
+"""``verl-fsdp`` without verl: DTensor admission in the restricted unpickler, the reader's
+refusals of bad input (library and CLI: one line, exit 2, nothing written), detection, and
+the writer's files as torch itself loads them.
+
+Files are built by ckpt-ir's writer (checked against verl's real manager in
+``tests/clients/test_verl_fsdp_client.py``), or by its DTensor archive writer from DTensors
+built without a process group (``torch.save`` refuses those in torch 2.13: "invalid python
+storage"), for other meshes and for shards that do not tile.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+import ckpt_ir
+from ckpt_ir.converters.verl_fsdp import _DTensorRef, _DTensorZipWriter, chunk_box
+from ckpt_ir.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckpt_ir.safety.unpickler import load_pickle, load_torch
+from ckpt_ir.safety.unpickler.dtensor import DTensorRecord
+from tests.fixtures import TINY_LLAMA, load_hf_tensors, write_hf
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _mesh(world: int, rank: int, shape: tuple[int, ...] = (), names=("fsdp",)) -> DeviceMesh:
+    ranks = torch.arange(world).reshape(shape or (world,))
+    return DeviceMesh("cpu", ranks, mesh_dim_names=names, _init_backend=False, _rank=rank)
+
+
+def _dtensor(full: torch.Tensor, world: int, rank: int, rows: int | None = None) -> DTensor:
+    start, n = chunk_box(full.shape[0], world, rank)
+    local = full[start:start + (n if rows is None else rows)]
+    return DTensor.from_local(local, _mesh(world, rank), [Shard(0)], run_check=False,
+                              shape=full.shape, stride=full.stride())
+
+
+def _save(state: dict, path: Path) -> None:
+    """``torch.save`` of ``state`` as FSDP writes it: DTensors pickled by torch's rebuild."""
+    archive = _DTensorZipWriter(path)
+    out = OrderedDict()
+    for name, value in state.items():
+        if isinstance(value, DTensor):
+            local = value.to_local()
+            out[name] = _DTensorRef(archive.add_tensor(local), value._spec, tuple(value.shape),
+                                    tuple(value.stride()), value.dtype)
+        else:
+            out[name] = archive.add_tensor(value)
+    archive.close(out)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    write_hf(path, dtype=torch.float32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def written(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vf") / "actor"
+    ckpt_ir.convert(hf_dir, out, "verl-fsdp", fsdp_world_size=3)
+    return out
+
+
+# ---- the restricted unpickler admits DTensors as data, and nothing more ----
+
+
+def test_dtensor_file_loads_as_records_without_torch_distributed_objects(tmp_path):
+    full = torch.randn(7, 4)
+    rep = DTensor.from_local(full[4:7], _mesh(4, 3, (2, 2), ("ddp", "fsdp")),
+                             [Replicate(), Shard(0)], run_check=False, shape=full.shape,
+                             stride=full.stride())
+    _save({"w": _dtensor(full, 3, 2), "h": rep, "b": torch.ones(1)}, tmp_path / "m.pt")
+    obj = load_torch(tmp_path / "m.pt")
+    w, h = obj["w"], obj["h"]
+    assert isinstance(w, DTensorRecord) and w.shape == (7, 4) and w.dtype == torch.float32
+    assert torch.equal(w.local, full[6:7])  # torch.chunk: 3, 3, 1 rows
+    assert [type(p).__name__ for p in w.spec.placements] == ["Shard"]
+    assert w.spec.placements[0].dim == 0
+    assert h.spec.mesh._mesh_dim_names == ("ddp", "fsdp")
+    assert [type(p).__name__ for p in h.spec.placements] == ["Replicate", "Shard"]
+    assert type(obj["b"]) is torch.Tensor
+
+
+def _patched_pickle(tmp_path: Path, old: bytes, new: bytes) -> Path:
+    """A DTensor file whose data.pkl has ``old`` replaced by ``new`` (same length)."""
+    assert len(old) == len(new)
+    src = tmp_path / "src.pt"
+    _save({"w": _dtensor(torch.randn(4, 2), 2, 0)}, src)
+    out = tmp_path / "patched.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            zout.writestr(item, data)
+    return out
+
+
+def test_a_dtensor_pickle_naming_a_class_outside_the_admitted_ones_is_refused(tmp_path):
+    # placement_types.Shard -> placement_types.Sh0rd (same length): not admitted.
+    path = _patched_pickle(tmp_path, b"placement_types\nShard", b"placement_types\nSh0rd")
+    with pytest.raises(UnsafeCheckpointError, match=r"placement_types\.Sh0rd"):
+        load_torch(path)
+
+
+class _Call:
+    """Pickles as a call of torch's wrapper-subclass rebuild on its own."""
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_wrapper_subclass, (1,))
+
+
+def test_wrapper_subclass_rebuild_is_only_admitted_inside_a_dtensor():
+    with pytest.raises(CorruptCheckpointError, match="outside _rebuild_from_type_v2"):
+        load_pickle(pickle.dumps(_Call(), protocol=2))
+
+
+# ---- reading: bad input is refused before anything is written ----
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckpt_ir", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def _bad_copy(written: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / "bad"
+    shutil.copytree(written, bad)
+    return bad
+
+
+def _refusals(written: Path, tmp_path: Path):
+    bad = _bad_copy(written, tmp_path / "missing")
+    (bad / "model_world_size_3_rank_1.pt").unlink()
+    yield bad, "model_world_size_3_rank_1.pt is missing"
+    bad = _bad_copy(written, tmp_path / "other")
+    shutil.copy(bad / "model_world_size_3_rank_0.pt", bad / "model_world_size_2_rank_0.pt")
+    yield bad, "is from world size 2 but fsdp_config.json says world_size 3"
+    bad = _bad_copy(written, tmp_path / "config")
+    (bad / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 4}))
+    yield bad, "model_world_size_3_rank_0.pt is from world size 3"
+    bad = _bad_copy(written, tmp_path / "tile")
+    # Rank 1 holds one row too few of the embedding: the shards no longer tile it.
+    state = torch.load(bad / "model_world_size_3_rank_1.pt", weights_only=True)
+    full = torch.zeros(state["model.embed_tokens.weight"].shape)
+    state["model.embed_tokens.weight"] = _dtensor(full, 3, 1, rows=32)
+    (bad / "model_world_size_3_rank_1.pt").unlink()
+    _save(state, bad / "model_world_size_3_rank_1.pt")
+    yield bad, "do not tile"
+    bad = _bad_copy(written, tmp_path / "unsafe")
+    target = bad / "model_world_size_3_rank_2.pt"
+    target.write_bytes(_patched_pickle(tmp_path, b"placement_types\nShard",
+                                       b"placement_types\nSh0rd").read_bytes())
+    yield bad, "not on the allow-list"
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(written, tmp_path):
+    for bad, message in _refusals(written, tmp_path):
+        dst = tmp_path / f"out-{bad.parent.name}"
+        run = _cli("convert", str(bad), str(dst), "--to", "hf", "--no-progress")
+        assert run.returncode == 2, (bad, run.stderr)
+        lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and message in lines[0], (message, run.stderr)
+        assert not dst.exists()
+        assert list(dst.parent.glob(f".{dst.name}*")) == []
+
+
+# ---- writing ----
+
+
+def test_written_files_hold_fsdp2_dtensors_torch_loads(written, hf_dir):
+    want = load_hf_tensors(hf_dir)
+    assert json.loads((written / "fsdp_config.json").read_text()) == {"FSDP_version": 2,
+                                                                       "world_size": 3}
+    for rank in range(3):
+        state = torch.load(written / f"model_world_size_3_rank_{rank}.pt", weights_only=True)
+        assert sorted(state) == sorted(want)
+        for name, tensor in want.items():
+            dt = state[name]
+            assert isinstance(dt, DTensor) and dt.placements == (Shard(0),)
+            assert dt.device_mesh.mesh_dim_names == ("fsdp",)
+            start, n = chunk_box(tensor.shape[0], 3, rank)
+            assert dt.shape == tensor.shape
+            assert torch.equal(dt.to_local(), tensor[start:start + n])
+
+
+def test_round_trip_and_reshard(written, hf_dir, tmp_path):
+    ckpt_ir.convert(written, tmp_path / "w2", "verl-fsdp", fsdp_world_size=2)
+    ckpt_ir.convert(tmp_path / "w2", tmp_path / "hf", "hf")
+    want, got = load_hf_tensors(hf_dir), load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_world_size_option_is_checked(hf_dir, tmp_path):
+    run = _cli("convert", str(hf_dir), str(tmp_path / "x"), "--to", "hf", "--world-size", "2")
+    assert run.returncode == 2 and "--world-size applies to --to verl-fsdp" in run.stderr
+    run = _cli("convert", str(hf_dir), str(tmp_path / "x"), "--to", "verl-fsdp",
+               "--world-size", "0")
+    assert run.returncode == 2 and "positive integer" in run.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_inspect_explains_a_verl_fsdp_role(written):
+    run = _cli("inspect", str(written))
+    assert run.returncode == 0, run.stderr
+    assert "verl-fsdp (verl FSDP per-rank files (world size 3, FSDP2))" in run.stdout
+    assert "mesh: 3 (fsdp)" in run.stdout and "lora: no" in run.stdout
+    assert "dtype: float32" in run.stdout
+
+
+def test_tiny_llama_fixture_is_what_the_tests_assume():
+    assert TINY_LLAMA["vocab_size"] % 3  # uneven last shard at W=3
