@@ -31,11 +31,13 @@ def test_every_list_derives_from_the_registry() -> None:
     ids = [s.id for s in REGISTRY]
     assert len(ids) == len(set(ids))
     # The values the CLI and the messages have always shown, now computed from the specs.
-    assert FORMAT_NAMES == ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy")
-    assert WRITABLE_FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "hf-peft")
+    assert FORMAT_NAMES == ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy",
+                            "verl-fsdp")
+    assert WRITABLE_FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "verl-fsdp",
+                                "hf-peft")
     assert PER_RANK_FORMATS == ("verl-legacy", "megatron-legacy")
     assert ADAPTER_FORMATS == ("hf-peft", "mcore-dist", "verl-legacy")
-    assert FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy")
+    assert FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "verl-fsdp")
     assert set(FORMAT_NAMES) == {s.id for s in REGISTRY if s.supported}
 
 
