@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from ckpt_ir.safety.files import read_bytes
 
 __all__ = ["ADAPTER_DIR", "dist_has_adapter", "dist_key_kinds", "find_config_dir",
            "has_mlm_rank_files", "has_rank_dirs", "has_verl_adapter_files", "is_dist_dir",
-           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir", "verl_fsdp_layout",
-           "verl_fsdp_world_sizes"]
+           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir", "verl_fsdp_key_kinds",
+           "verl_fsdp_layout", "verl_fsdp_world_sizes"]
 
 RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -205,3 +206,30 @@ def verl_fsdp_layout(p: Path) -> str | None:
     if (p / "lora_train_meta.json").is_file():
         text += ", LoRA"
     return text + ")"
+
+
+def verl_fsdp_key_kinds(p: Path) -> tuple[bool, bool]:
+    """``(model, adapter)``: whether a verl FSDP role directory's rank-0 model file holds base
+    model weights and PEFT LoRA tensors, from the key names in its ``data.pkl`` (stored, not
+    compressed: read as bytes, nothing unpickled). A LoRA save has ``.base_layer.`` and
+    ``.lora_A.`` names; ``save_lora_only`` only the latter; a plain save neither."""
+    sizes = verl_fsdp_world_sizes(p)
+    if not sizes:
+        return False, False
+    path = p / f"model_world_size_{sizes[-1]}_rank_0.pt"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+            if len(names) != 1 or names[0].file_size > 1 << 28:
+                return True, False
+            raw = z.read(names[0])
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return True, False  # the model reader says what is wrong with it
+    adapter = b".lora_A." in raw
+    if not adapter:
+        return True, False
+    # Keys other than LoRA ones (the base model's) appear as "base_model.model.<name>" strings
+    # that name no lora_ tensor.
+    model = any(b"lora_" not in key and b".adapter_" not in key
+                for key in re.findall(rb"base_model\.model\.[\w.]+", raw))
+    return model, adapter

@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir.adapters import AdapterConfig
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
@@ -70,8 +71,8 @@ from ckpt_ir.safety.unpickler.dtensor import (
 )
 from ckpt_ir.tables import NativeParams, drop_absent_mtp
 
-__all__ = ["FSDP_CONFIG", "HF_DIR", "LORA_META", "MODEL_FILE", "VerlFsdpReader",
-           "VerlFsdpWriter", "model_file_name", "scan_model_files"]
+__all__ = ["FSDP_CONFIG", "HF_DIR", "LORA_META", "MODEL_FILE", "VerlFsdpAdapterReader",
+           "VerlFsdpReader", "VerlFsdpWriter", "model_file_name", "scan_model_files"]
 
 MODEL_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$", re.ASCII)
 """A model file: ``model_world_size_{W}_rank_{r}.pt`` (verl since #222, SkyRL)."""
@@ -86,6 +87,8 @@ _NOT_WEIGHTS = (
      "LR scheduler and RNG state (not converted)"),
 )
 _PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)\.([A-Za-z0-9_]+)\.weight$")
+"""PEFT's ``<module>.lora_A.<adapter name>.weight`` (verl trains one adapter, ``default``)."""
 _BUFFER_SUFFIXES = (".e_score_correction_bias",)
 """IR tensors that are module *buffers* in transformers (FSDP never shards them): written as
 plain tensors, as ``state_dict()`` holds them."""
@@ -180,9 +183,12 @@ class VerlFsdpReader:
 
     format: ClassVar[str] = "verl-fsdp"
     naming: ClassVar[str] = "hf"
+    # The adapter reader (VerlFsdpAdapterReader) reads the LoRA tensors instead of the model.
+    _ADAPTER: ClassVar[bool] = False
 
     def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
-                 trust_pickles: bool = False, config_candidates: Sequence[Path] = ()) -> None:
+                 trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
+                 base_config: ModelConfig | None = None) -> None:
         self.path = Path(path)
         self._trust = trust_pickles
         self._dropped: dict[str, str] = {}
@@ -193,8 +199,12 @@ class VerlFsdpReader:
         self.world_size, self._files, self.fsdp_config = self._rank_files()
         first = self._state(0)
         self.lora = any(k.startswith(_PEFT_PREFIX) for k in first)
-        self._config_dir = self._find_config(hf_config, config_candidates)
-        self.config = ModelConfig.from_hf(load_hf_config(self._config_dir))
+        if base_config is not None:
+            self._config_dir: Path | None = None
+            self.config = base_config
+        else:
+            self._config_dir = self._find_config(hf_config, config_candidates)
+            self.config = ModelConfig.from_hf(load_hf_config(self._config_dir))
         self._specs: dict[str, TensorSpec] = {}
         self._pieces: dict[str, tuple[str, list[_Piece]]] = {}  # name -> (file key, pieces)
         self._plain: set[str] = set()
@@ -202,8 +212,11 @@ class VerlFsdpReader:
         self.mesh_shape: tuple[int, ...] = (self.world_size,)
         self._index(first)
         self._check_shards()
-        check_layer_count(self.config, len(self._specs), self._config_dir / "config.json")
         self.params = NativeParams()
+        if self._ADAPTER:
+            return
+        check_layer_count(self.config, len(self._specs), self.path / FSDP_CONFIG
+                          if self._config_dir is None else self._config_dir / "config.json")
         if any(n.endswith(".mlp.experts.gate_up_proj") for n in self._specs):
             # transformers 5 holds experts fused in memory, and FSDP saves the live module.
             self.params = NativeParams(hf_experts="fused")
@@ -290,14 +303,19 @@ class VerlFsdpReader:
     # ---- index ----
 
     def _name(self, key: str) -> str | None:
-        """The HF name of a state-dict key; None for LoRA adapter tensors (listed)."""
+        """The HF name of a state-dict key; None for what the other reader reads: LoRA
+        tensors (model reader) or base weights (adapter reader)."""
         if not self.lora:
-            return key
+            return None if self._ADAPTER else key
         if not key.startswith(_PEFT_PREFIX):
             raise CorruptCheckpointError(f"{key!r} lacks the PEFT prefix the other keys have",
                                          path=self._files[0], tensor=key)
         name = key[len(_PEFT_PREFIX):]
-        if ".lora_" in name or ".adapter_" in name:
+        m = _LORA_KEY.match(name)
+        if self._ADAPTER:
+            # PEFT's names without the adapter name: module.lora_A.weight.
+            return f"{m.group(1)}.{m.group(2)}.weight" if m else None
+        if m or ".lora_" in name or ".adapter_" in name:
             return None
         return name.replace(".base_layer.", ".")
 
@@ -317,6 +335,13 @@ class VerlFsdpReader:
                 self._plain.add(name)
             else:
                 self._dropped[key] = f"not a tensor ({type(value).__name__})"
+        if self._ADAPTER:
+            if not self._specs:
+                raise FormatError(f"{self.path} holds no LoRA adapter tensors", path=self.path)
+            if adapters:
+                self._dropped[f"{adapters} base model tensors"] = (
+                    "base weights, not the adapter: convert / merge-adapter read them")
+            return
         if adapters:
             if not self._specs:
                 raise FormatError(
@@ -440,7 +465,7 @@ class VerlFsdpReader:
         return value.local
 
     def source_files(self) -> SourceFiles:
-        return carried_source_files([self._config_dir])
+        return carried_source_files([self._config_dir] if self._config_dir else [])
 
     def describe(self) -> dict[str, Any]:
         version = (self.fsdp_config or {}).get("FSDP_version")
@@ -456,7 +481,7 @@ class VerlFsdpReader:
             "rank_files_read": sorted({p.rank for _, ps in self._pieces.values() for p in ps}),
             "dtype": ", ".join(dtypes),
             "lora": self._lora_text(),
-            "config_from": str(self._config_dir),
+            "config_from": str(self._config_dir or "the base model"),
             **({"notes": list(self._notes)} if self._notes else {}),
         }
 
@@ -487,6 +512,58 @@ class VerlFsdpReader:
                 buffer.close()
             except BufferError:
                 pass  # a returned tensor still uses it; unmapped when that tensor dies
+
+
+class VerlFsdpAdapterReader(VerlFsdpReader):
+    """The PEFT LoRA adapter of a verl FSDP save (full or ``save_lora_only``), as HF PEFT
+    tensors (``model.layers.0.self_attn.q_proj.lora_A.weight``, IR names of the adapter
+    schema), assembled from their FSDP shards like the model's. Rank and alpha come from
+    ``lora_train_meta.json`` (verl writes it since #5326), the targeted modules from the keys.
+    """
+
+    _ADAPTER: ClassVar[bool] = True
+
+    def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
+                 trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
+                 lora_alpha: float | None = None, base_config: ModelConfig | None = None,
+                 peft_export: Path | None = None) -> None:
+        del peft_export  # only torch_dist adapters have an HF PEFT export beside them
+        super().__init__(path, hf_config=hf_config, trust_pickles=trust_pickles,
+                         config_candidates=config_candidates, base_config=base_config)
+        meta = self._lora_meta()
+        ranks = {s.shape[0] for n, s in self._specs.items() if n.endswith(".lora_A.weight")}
+        r = meta.get("r") if isinstance(meta.get("r"), int) else None
+        if r is None:
+            if len(ranks) != 1:
+                raise MissingConfigError(f"{self.path} has no {LORA_META} and its lora_A "
+                                         f"tensors have ranks {sorted(ranks)}", path=self.path)
+            r = ranks.pop()
+        alpha = meta.get("lora_alpha")
+        if lora_alpha is not None:
+            alpha = lora_alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise MissingConfigError(
+                f"{self.path} has no {LORA_META} saying lora_alpha; pass --lora-alpha (the "
+                "training's lora_alpha)", path=self.path)
+        leaves = sorted({n.removesuffix(".lora_A.weight").rsplit(".", 1)[-1]
+                         for n in self._specs if n.endswith(".lora_A.weight")})
+        self.adapter = AdapterConfig.create(self.config, r=r, lora_alpha=alpha, leaves=leaves)
+
+    def _lora_meta(self) -> dict[str, Any]:
+        path = self.path / LORA_META
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{LORA_META} is not valid JSON: {e}",
+                                         path=path) from e
+        if not isinstance(data, dict):
+            raise CorruptCheckpointError(f"{LORA_META} is not a JSON object", path=path)
+        return data
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "adapter": self.adapter.summary()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ the last shards are short) is saved by verl's manager, wrapped as verl's FSDP en
 * FSDP2 at W=2 (fp32), FSDP1 with a device mesh at W=2, a PEFT LoRA model at W=2 (full save
   and ``save_lora_only``), FSDP2 at W=3 in bf16, HSDP 2x2 (4 processes, mesh ``("ddp",
   "fsdp")``). Each converts to HF bit for bit (fp32 stays fp32, bf16 stays bf16; the LoRA
-  save's base weights), with the optimizer / extra-state files listed as not converted; the
-  LoRA-only save is refused in one line.
+  save's base weights), with the optimizer / extra-state files listed as not converted.
+* Both LoRA saves give the PEFT adapter bit for bit (``extract-adapter``), and
+  ``merge-adapter`` of the full save equals PEFT's ``merge_and_unload()`` bit for bit; the
+  LoRA-only save is an adapter, not a model (``convert --to hf`` says so in one line).
 * ckpt-ir's ``verl-fsdp`` output at W=3 is loaded by verl's ``load_checkpoint`` at W=3 into an
   FSDP2 model with other random weights, and the gathered state dict equals the HF weights.
 
@@ -31,7 +33,7 @@ from ckpt_ir.detect import resolve
 from ckpt_ir.errors import FormatError
 from ckpt_ir.orchestration import open_reader
 from tests.clients import hf_models
-from tests.clients.verl_fsdp_harness import launch
+from tests.clients.verl_fsdp_harness import _model, launch
 
 pytestmark = [pytest.mark.clients, pytest.mark.slow]
 
@@ -113,8 +115,38 @@ def test_lora_save_base_weights_convert_bit_exact(saves, tmp_path):
     assert meta == {"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM"}
 
 
-def test_lora_only_save_is_refused_in_one_line(saves, tmp_path):
-    with pytest.raises(FormatError, match="only LoRA adapter tensors"):
+def _peft_reference(hf: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The PEFT model the harness saved (same seeds): its adapter tensors (PEFT's file names)
+    and ``merge_and_unload()``'s weights."""
+    model = _model({"hf_dir": str(hf), "dtype": "float32", "lora": LORA})
+    adapter = {k.replace(".default", ""): v.detach().clone()
+               for k, v in model.state_dict().items() if "lora_" in k}
+    merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    return adapter, merged
+
+
+@pytest.mark.parametrize("save", ["lora_w2", "lora_only_w2"])
+def test_lora_adapter_extracts_bit_exact(saves, tmp_path, save):
+    adapter, _ = _peft_reference(saves["hf"])
+    ckpt_ir.extract_adapter(saves[save], tmp_path / "peft")
+    got = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(adapter)
+    assert all(torch.equal(got[k], adapter[k]) for k in adapter)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_lora_save_merges_like_peft(saves, tmp_path):
+    _, merged = _peft_reference(saves["hf"])
+    ckpt_ir.merge_adapter(saves["lora_w2"], saves["lora_w2"], tmp_path / "merged")
+    got = _hf(tmp_path / "merged")
+    assert sorted(got) == sorted(merged)
+    assert all(torch.equal(got[k], merged[k]) for k in merged)
+
+
+def test_lora_only_save_is_an_adapter_not_a_model(saves, tmp_path):
+    with pytest.raises(FormatError, match="holds a LoRA adapter"):
         ckpt_ir.convert(saves["lora_only_w2"], tmp_path / "hf", "hf")
     assert not (tmp_path / "hf").exists()
 
