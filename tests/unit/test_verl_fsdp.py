@@ -166,6 +166,20 @@ def _refusals(written: Path, tmp_path: Path):
     target.write_bytes(_patched_pickle(tmp_path, b"placement_types\nShard",
                                        b"placement_types\nSh0rd").read_bytes())
     yield bad, "not on the allow-list"
+    bad = _bad_copy(written, tmp_path / "sharded")
+    # FSDP1 without a device mesh pickles ShardedTensors; the first GLOBAL is refused.
+    _replace_data_pkl(bad / "model_world_size_3_rank_0.pt",
+                      b"\x80\x02ctorch.distributed._shard.sharded_tensor.api\nShardedTensor"
+                      b"\nq\x00.")
+    yield bad, "holds FSDP1 ShardedTensors"
+
+
+def _replace_data_pkl(path: Path, payload: bytes) -> None:
+    with zipfile.ZipFile(path) as zin:
+        records = [(item, zin.read(item)) for item in zin.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for item, data in records:
+            zout.writestr(item, payload if item.filename.endswith("/data.pkl") else data)
 
 
 def test_bad_input_is_one_line_exit_2_and_nothing_written(written, tmp_path):
@@ -204,6 +218,25 @@ def test_round_trip_and_reshard(written, hf_dir, tmp_path):
     want, got = load_hf_tensors(hf_dir), load_hf_tensors(tmp_path / "hf")
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_skyrl_variant_reads(written, hf_dir, tmp_path):
+    """SkyRL writes the same file names through fsspec (zip folder ``archive/``) and
+    ``fsdp_config.json`` = ``{"fsdp_strategy": ..., "world_size": W}`` (fsdp-dcp-formats.md
+    §3.7)."""
+    role = tmp_path / "global_step_1" / "policy"
+    shutil.copytree(written, role)
+    for f in role.glob("model_world_size_*.pt"):
+        with zipfile.ZipFile(f) as zin:
+            records = [(i.filename.split("/", 1)[1], zin.read(i)) for i in zin.infolist()]
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zout:
+            for name, data in records:
+                zout.writestr(f"archive/{name}", data)
+    (role / "fsdp_config.json").write_text(json.dumps({"fsdp_strategy": "fsdp2",
+                                                       "world_size": 3}))
+    ckpt_ir.convert(role, tmp_path / "hf", "hf")
+    want, got = load_hf_tensors(hf_dir), load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_world_size_option_is_checked(hf_dir, tmp_path):
