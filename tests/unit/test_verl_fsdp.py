@@ -239,6 +239,33 @@ def test_skyrl_variant_reads(written, hf_dir, tmp_path):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_fsdp_plus_tp_2d_mesh_reads(hf_dir, tmp_path):
+    """A 2x2 ``("dp", "tp")`` mesh with ``(Shard(0), Shard(1))`` placements (FSDP + TP, which
+    verl's merger refuses), vectors ``(Shard(0), Replicate())``: assembled bit for bit."""
+    want = load_hf_tensors(hf_dir)
+    role = tmp_path / "actor"
+    role.mkdir()
+    shutil.copytree(hf_dir, role / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    (role / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 4}))
+    for rank in range(4):
+        mesh = _mesh(4, rank, (2, 2), ("dp", "tp"))
+        dp, tp = divmod(rank, 2)
+        state = {}
+        for name, full in want.items():
+            r0, nr = chunk_box(full.shape[0], 2, dp)
+            local = full[r0:r0 + nr]
+            placements = [Shard(0), Replicate()]
+            if full.dim() == 2:
+                c0, nc = chunk_box(full.shape[1], 2, tp)
+                local, placements = local[:, c0:c0 + nc].contiguous(), [Shard(0), Shard(1)]
+            state[name] = DTensor.from_local(local, mesh, placements, run_check=False,
+                                             shape=full.shape, stride=full.stride())
+        _save(state, role / f"model_world_size_4_rank_{rank}.pt")
+    ckpt_ir.convert(role, tmp_path / "hf", "hf")
+    got = load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_world_size_option_is_checked(hf_dir, tmp_path):
     run = _cli("convert", str(hf_dir), str(tmp_path / "x"), "--to", "hf", "--world-size", "2")
     assert run.returncode == 2 and "--world-size applies to --to verl-fsdp" in run.stderr
