@@ -10,11 +10,12 @@ storage"), for other meshes and for shards that do not tile.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pickle
 import shutil
 import subprocess
-import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -25,13 +26,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import ckpt_ir
+from ckpt_ir.cli import main
 from ckpt_ir.converters.verl_fsdp import _DTensorRef, _DTensorZipWriter, chunk_box
 from ckpt_ir.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ckpt_ir.safety.unpickler import load_pickle, load_torch
 from ckpt_ir.safety.unpickler.dtensor import DTensorRecord
 from tests.fixtures import TINY_LLAMA, load_hf_tensors, write_hf
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _mesh(world: int, rank: int, shape: tuple[int, ...] = (), names=("fsdp",)) -> DeviceMesh:
@@ -133,8 +133,12 @@ def test_wrapper_subclass_rebuild_is_only_admitted_inside_a_dtensor():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckpt_ir", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    """``ckpt-ir ARGS`` in this process (the CLI's own ``main``: exit status and streams as
+    the command gives them, without a Python start-up per case)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _bad_copy(written: Path, tmp_path: Path) -> Path:
