@@ -27,7 +27,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import ckpt_ir
 from ckpt_ir.cli import main
-from ckpt_ir.converters.verl_fsdp import _DTensorRef, _DTensorZipWriter, chunk_box
+from ckpt_ir.converters.verl_fsdp import (
+    VerlFsdpReader,
+    _DTensorRef,
+    _DTensorZipWriter,
+    chunk_box,
+)
 from ckpt_ir.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ckpt_ir.safety.unpickler import load_pickle, load_torch
 from ckpt_ir.safety.unpickler.dtensor import DTensorRecord
@@ -268,6 +273,25 @@ def test_fsdp_plus_tp_2d_mesh_reads(hf_dir, tmp_path):
     ckpt_ir.convert(role, tmp_path / "hf", "hf")
     got = load_hf_tensors(tmp_path / "hf")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_one_gpu_save_of_plain_tensors_reads(hf_dir, tmp_path):
+    """Single-GPU verl saves before FSDP2 held plain tensors (verl #903), and no
+    ``fsdp_config.json`` before 2025-06-25: W comes from the file name, with a note."""
+    want = load_hf_tensors(hf_dir)
+    role = tmp_path / "actor"
+    shutil.copytree(hf_dir, role / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(OrderedDict(want), role / "model_world_size_1_rank_0.pt")
+    ckpt_ir.convert(role, tmp_path / "hf", "hf")
+    got = load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    reader = VerlFsdpReader(role)
+    try:
+        info = reader.describe()
+    finally:
+        reader.close()
+    assert info["world_size"] == 1 and info["mesh"] == "1 (no DTensors (plain))"
+    assert any("no fsdp_config.json" in n for n in info["notes"])
 
 
 def test_world_size_option_is_checked(hf_dir, tmp_path):
