@@ -12,7 +12,8 @@ the last shards are short) is saved by verl's manager, wrapped as verl's FSDP en
   ``merge-adapter`` of the full save equals PEFT's ``merge_and_unload()`` bit for bit; the
   LoRA-only save is an adapter, not a model (``convert --to hf`` says so in one line).
 * ckpt-ir's ``verl-fsdp`` output at W=3 is loaded by verl's ``load_checkpoint`` at W=3 into an
-  FSDP2 model with other random weights, and the gathered state dict equals the HF weights.
+  FSDP2 model with other random weights, and the gathered state dict equals the HF weights;
+  likewise for a model with tied embeddings (qwen2).
 
 Three process launches (W=2, W=3, W=4) carry all of it: the ranks' imports cost more than the
 saves.
@@ -59,10 +60,17 @@ def saves(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt_ir.convert(hf, written, "verl-fsdp", fsdp_world_size=3)
     out["written_w3"] = written
     out["loaded_w3"] = base / "loaded_w3.safetensors"
+    # Tied embeddings (qwen2): FSDP2 saves lm_head.weight as its own DTensor over the
+    # embedding's storage, and verl loads strictly.
+    tied = hf_models.make_hf_model("qwen2", base, seed=4)
+    ckpt_ir.convert(tied, base / "tied" / "actor", "verl-fsdp", fsdp_world_size=3)
+    out["tied_hf"], out["tied_loaded_w3"] = tied, base / "tied_loaded_w3.safetensors"
     launch("batch", [
         {"command": "save", **common, "dtype": "bfloat16", "out": str(out["bf16_w3"]),
          "mode": "fsdp2"},
         {"command": "load", **common, "ckpt": str(written), "out": str(out["loaded_w3"])},
+        {"command": "load", "hf_dir": str(tied), "dtype": "float32",
+         "ckpt": str(base / "tied" / "actor"), "out": str(out["tied_loaded_w3"])},
     ], world_size=3)
     launch("save", {**common, "out": str(out["hsdp_w4"]), "mode": "hsdp"}, world_size=4)
     out["hf"] = hf
@@ -158,6 +166,14 @@ def test_verl_loads_ckpt_ir_written_w3(saves):
     assert (written / "huggingface" / "config.json").is_file()
     loaded = load_file(saves["loaded_w3"])
     _assert_bit_identical(loaded, _hf(saves["hf"]), torch.float32)
+
+
+def test_verl_loads_ckpt_ir_written_tied_embeddings_w3(saves):
+    loaded = load_file(saves["tied_loaded_w3"])
+    want = _hf(saves["tied_hf"])
+    assert sorted(loaded) == sorted([*want, "lm_head.weight"])
+    assert all(torch.equal(loaded[k], want[k]) for k in want)
+    assert torch.equal(loaded["lm_head.weight"], want["model.embed_tokens.weight"])
 
 
 def test_run_root_with_tracker_resolves_to_the_tracked_role(saves, tmp_path):
