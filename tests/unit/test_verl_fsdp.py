@@ -33,6 +33,7 @@ from ckpt_ir.converters.verl_fsdp import (
     _DTensorZipWriter,
     chunk_box,
 )
+from ckpt_ir.detect import resolve
 from ckpt_ir.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ckpt_ir.safety.unpickler import load_pickle, load_torch
 from ckpt_ir.safety.unpickler.dtensor import DTensorRecord
@@ -301,6 +302,18 @@ def test_world_size_option_is_checked(hf_dir, tmp_path):
                "--world-size", "0")
     assert run.returncode == 2 and "positive integer" in run.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_run_and_step_directories_resolve_through_the_tracker(written, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(written, run / "global_step_5" / "actor")
+    shutil.copytree(written, run / "global_step_9" / "actor")  # newer, not in the tracker
+    (run / "latest_checkpointed_iteration.txt").write_text("5")
+    got = resolve(run)
+    assert (got.format, got.path, got.step) == ("verl-fsdp", run / "global_step_5" / "actor", 5)
+    assert any("global_step_9 is newer than the tracker" in n for n in got.notes)
+    step = resolve(run / "global_step_9")
+    assert (step.format, step.path) == ("verl-fsdp", run / "global_step_9" / "actor")
 
 
 def test_inspect_explains_a_verl_fsdp_role(written):
