@@ -53,6 +53,7 @@ from ckpt_ir.converters.storage.hf_files import (
 from ckpt_ir.converters.storage.torch_zip import TensorRef, TorchZipWriter, _Pickler
 from ckpt_ir.durable import write_json
 from ckpt_ir.errors import (
+    CheckpointError,
     CorruptCheckpointError,
     FormatError,
     InternalError,
@@ -60,6 +61,7 @@ from ckpt_ir.errors import (
     UnsafeCheckpointError,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
+from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch, load_torch_buffer, map_file
 from ckpt_ir.safety.unpickler.dtensor import (
     DeviceMesh,
@@ -119,8 +121,9 @@ def read_fsdp_config(directory: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        # Regular files of bounded size only (docs/safety.md), like every small file read.
+        data = json.loads(read_text(path, FSDP_CONFIG))
+    except ValueError as e:
         raise CorruptCheckpointError(f"{FSDP_CONFIG} is not valid JSON: {e}", path=path) from e
     world = data.get("world_size") if isinstance(data, dict) else None
     if type(world) is not int or world < 1:
@@ -491,10 +494,10 @@ class VerlFsdpReader:
         meta = self.path / LORA_META
         if meta.is_file():
             try:
-                data = json.loads(meta.read_text())
+                data = json.loads(read_text(meta, LORA_META))
                 return f"yes (r={data.get('r')}, lora_alpha={data.get('lora_alpha')})"
-            except (OSError, ValueError):
-                pass
+            except (CheckpointError, ValueError, AttributeError):
+                pass  # the adapter reader reports a bad lora_train_meta.json
         return "yes"
 
     def release(self) -> None:
@@ -554,8 +557,8 @@ class VerlFsdpAdapterReader(VerlFsdpReader):
         if not path.is_file():
             return {}
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            data = json.loads(read_text(path, LORA_META))
+        except ValueError as e:
             raise CorruptCheckpointError(f"{LORA_META} is not valid JSON: {e}",
                                          path=path) from e
         if not isinstance(data, dict):
