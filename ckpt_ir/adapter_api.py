@@ -41,6 +41,7 @@ from ckpt_ir.formats import (
     ADAPTER_FORMATS,
     adapter_reader_class,
     adapter_writer_class,
+    spec,
     writer_class,
 )
 from ckpt_ir.ir import Checkpoint, dtype_name, parse_dtype
@@ -263,9 +264,11 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                                            ("source_ep", source_ep)) if value is not None]
     if model_only:
         raise FormatError(f"{', '.join(model_only)} do(es) not apply to LoRA adapters")
-    if to not in ADAPTER_FORMATS:
+    # Formats that only read adapters (verl-fsdp) are not destinations.
+    writable = tuple(f for f in ADAPTER_FORMATS if spec(f).adapter_writer)
+    if to not in writable:
         raise FormatError(f"{src} holds a LoRA adapter, which converts to "
-                          f"{', '.join(ADAPTER_FORMATS)}, not {to!r}; merge-adapter writes a "
+                          f"{', '.join(writable)}, not {to!r}; merge-adapter writes a "
                           "base model with the adapter merged in")
     if lora_style is not None and lora_style not in LORA_STYLES:
         raise FormatError(f"lora_style must be one of {', '.join(LORA_STYLES)}, not "

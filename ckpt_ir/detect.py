@@ -572,7 +572,9 @@ def _adapter_hit(spec: FormatSpec, d: Path, p: Path, given: Path, notes: list[st
         if export is not None:
             layout = f"verl LoRA tree ({rel}, HF PEFT export {_rel(export, given)})"
     else:
-        layout = f"verl adapter files ({d.name}/)"
+        # The format's own words where its probe has them (verl FSDP LoRA model files).
+        layout = (spec.probe(d) if spec.probe is not None else None) or \
+            f"verl adapter files ({d.name}/)"
     return Resolved(spec.id, d, given, layout, tuple(notes), step, cfgs, peft_export=export)
 
 

@@ -29,6 +29,8 @@ from ckpt_ir.probes import (
     is_hf_dir,
     is_peft_dir,
     is_plain_dcp_dir,
+    verl_fsdp_key_kinds,
+    verl_fsdp_layout,
 )
 
 __all__ = ["ADAPTER_FORMATS", "FORMATS", "FORMAT_NAMES", "PER_RANK_FORMATS", "REGISTRY",
@@ -143,6 +145,10 @@ REGISTRY: tuple[FormatSpec, ...] = (
                "MegatronLegacyWriter", per_rank=True,
                probe=_per_rank_layout("megatron-legacy", megatron_lm=True),
                describe=_describe_rank_dirs),
+    FormatSpec("verl-fsdp", "ckpt_ir.converters.verl_fsdp", "VerlFsdpReader", "VerlFsdpWriter",
+               adapter_module="ckpt_ir.converters.verl_fsdp",
+               adapter_reader="VerlFsdpAdapterReader", probe=verl_fsdp_layout,
+               adapter_probe=lambda p: verl_fsdp_key_kinds(p)[1], describe=verl_fsdp_layout),
 )
 
 _BY_ID = {s.id: s for s in REGISTRY}

@@ -93,6 +93,9 @@ class WriteOptions:
     verl_tree: VerlTree | None = None
     # Adapter writers (hf-peft, mcore-dist and verl-legacy adapters).
     adapter: AdapterTarget | None = None
+    # verl-fsdp writer: how many model_world_size_W_rank_r.pt files (the FSDP world size of
+    # the job that will load them); None: 1.
+    fsdp_world_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.mcore_spec not in MCORE_SPECS:
@@ -104,6 +107,10 @@ class WriteOptions:
         if self.mcore_experts is not None and self.mcore_experts not in EXPERT_LAYOUTS:
             raise FormatError(f"mcore_experts must be one of {', '.join(EXPERT_LAYOUTS)}, not "
                               f"{self.mcore_experts!r}")
+        if self.fsdp_world_size is not None and (type(self.fsdp_world_size) is not int
+                                                 or self.fsdp_world_size < 1):
+            raise FormatError(f"world size must be a positive integer, not "
+                              f"{self.fsdp_world_size!r}")
         if self.layout is not None and not isinstance(self.layout, ParallelLayout):
             raise InternalError(f"layout option is a {type(self.layout).__name__}, not a "
                                 "ParallelLayout")

@@ -27,6 +27,7 @@ from ckpt_ir.formats import PER_RANK_FORMATS, adapter_reader_class, reader_class
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.options import WriteOptions
 from ckpt_ir.planner import DestView, Plan, SourceView, make_plan
+from ckpt_ir.probes import verl_fsdp_key_kinds
 
 __all__ = ["LayoutRequest", "Report", "Source", "adapter_source", "carried_notes", "is_checkpoint",
            "open_adapter_reader", "open_reader", "parse_size", "plan_conversion",
@@ -96,6 +97,10 @@ def _adapter_only(src: str | os.PathLike, resolved: Resolved) -> Resolved | None
     if resolved.format == "mcore-dist":
         model, adapter = dist_key_kinds(resolved.path)
         if adapter and not model:
+            return resolve_adapter(src)
+    if resolved.format == "verl-fsdp":
+        model, adapter = verl_fsdp_key_kinds(resolved.path)
+        if adapter and not model:  # checkpoint.save_lora_only
             return resolve_adapter(src)
     return None
 

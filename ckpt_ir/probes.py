@@ -8,7 +8,9 @@ every reader shares (:func:`find_config_dir`) lives here too: it is the same kin
 
 from __future__ import annotations
 
+import json
 import re
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from ckpt_ir.safety.files import read_bytes
 
 __all__ = ["ADAPTER_DIR", "dist_has_adapter", "dist_key_kinds", "find_config_dir",
            "has_mlm_rank_files", "has_rank_dirs", "has_verl_adapter_files", "is_dist_dir",
-           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir"]
+           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir", "verl_fsdp_key_kinds",
+           "verl_fsdp_layout", "verl_fsdp_world_sizes"]
 
 RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -166,3 +169,67 @@ def find_config_dir(candidates: Iterable[Path]) -> Path | None:
         if c.is_dir() and (c / "config.json").is_file():
             return c
     return None
+
+
+_VERL_FSDP_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$", re.ASCII)
+
+
+def verl_fsdp_world_sizes(p: Path) -> list[int]:
+    """The world sizes named by verl / SkyRL FSDP model files
+    (``model_world_size_{W}_rank_{r}.pt``) in ``p``; empty when there are none."""
+    try:
+        names = [c.name for c in p.iterdir()] if p.is_dir() else []
+    except OSError:
+        return []
+    return sorted({int(m.group(1)) for n in names if (m := _VERL_FSDP_FILE.match(n))})
+
+
+def verl_fsdp_layout(p: Path) -> str | None:
+    """``inspect``'s line for a verl FSDP role directory: model files (and, when present,
+    ``fsdp_config.json``'s FSDP version and world size); None when there are no model files."""
+    sizes = verl_fsdp_world_sizes(p)
+    if not sizes:
+        return None
+    text = f"verl FSDP per-rank files (world size {', '.join(map(str, sizes))}"
+    config = p / "fsdp_config.json"
+    if config.is_file():
+        try:
+            raw = read_bytes(config, "fsdp_config.json", limit=1 << 16)
+            data = json.loads(raw)
+            if isinstance(data, dict):
+                if "FSDP_version" in data:
+                    text += f", FSDP{data['FSDP_version']}"
+                elif "fsdp_strategy" in data:
+                    text += f", SkyRL {data['fsdp_strategy']}"
+        except (CheckpointError, ValueError):
+            text += ", unreadable fsdp_config.json"
+    if (p / "lora_train_meta.json").is_file():
+        text += ", LoRA"
+    return text + ")"
+
+
+def verl_fsdp_key_kinds(p: Path) -> tuple[bool, bool]:
+    """``(model, adapter)``: whether a verl FSDP role directory's rank-0 model file holds base
+    model weights and PEFT LoRA tensors, from the key names in its ``data.pkl`` (stored, not
+    compressed: read as bytes, nothing unpickled). A LoRA save has ``.base_layer.`` and
+    ``.lora_A.`` names; ``save_lora_only`` only the latter; a plain save neither."""
+    sizes = verl_fsdp_world_sizes(p)
+    if not sizes:
+        return False, False
+    path = p / f"model_world_size_{sizes[-1]}_rank_0.pt"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+            if len(names) != 1 or names[0].file_size > 1 << 28:
+                return True, False
+            raw = z.read(names[0])
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return True, False  # the model reader says what is wrong with it
+    adapter = b".lora_A." in raw
+    if not adapter:
+        return True, False
+    # Keys other than LoRA ones (the base model's) appear as "base_model.model.<name>" strings
+    # that name no lora_ tensor.
+    model = any(b"lora_" not in key and b".adapter_" not in key
+                for key in re.findall(rb"base_model\.model\.[\w.]+", raw))
+    return model, adapter

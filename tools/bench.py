@@ -3,6 +3,7 @@
     python tools/bench.py --gib 2 --runs 5            # hf <-> mcore-dist on a 2 GiB Llama
     python tools/bench.py --gib 8 --runs 1 --no-naive # memory figure for a larger model
     python tools/bench.py ... --write-docs            # put the table into docs/performance.md
+    python tools/bench.py --mode verl-fsdp --gib 2    # verl FSDP (W=4) -> hf vs verl's merger
 
 For each direction (hf -> mcore-dist, mcore-dist -> hf) it runs, alternating A B C D A B C D so
 machine drift hits every method alike:
@@ -226,6 +227,17 @@ def startup_overhead(env: dict[str, str], *tiny: Path) -> list[list[float]]:
 
 
 def main() -> int:
+    if "--mode" in sys.argv:
+        # --mode verl-fsdp: tools/bench_verl_fsdp.py (its own options).
+        i = sys.argv.index("--mode")
+        mode, rest = sys.argv[i + 1:i + 2], sys.argv[1:i] + sys.argv[i + 2:]
+        if mode == ["verl-fsdp"]:
+            from tools.bench_verl_fsdp import main as verl_fsdp_main
+
+            return verl_fsdp_main(rest)
+        if mode != ["formats"]:
+            sys.exit("tools/bench.py: --mode is formats (default) or verl-fsdp")
+        sys.argv[1:] = rest
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gib", type=float, default=2.0)

@@ -32,5 +32,10 @@ else
 fi
 step "installing ckpt-ir and its test dependencies (pinned by constraints.txt)"
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+# verl's FSDP checkpoint manager for the verl-fsdp client tests, without verl's requirements
+# (Ray, vLLM, a CUDA stack): --no-deps, each package pinned by constraints.txt.
+step "installing verl 0.9.1 and the few modules its checkpoint manager imports (--no-deps)"
+"$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt verl omegaconf \
+  antlr4-python3-runtime tensordict pyvers cloudpickle orjson importlib_metadata zipp
 echo "$want" > "$stamp"
 step "done"

@@ -17,6 +17,7 @@ from ckpt_ir.commands import (
     print_dropped,
 )
 from ckpt_ir.commands.extract_adapter import add_lora_options, lora_options, show_adapter
+from ckpt_ir.errors import FormatError
 from ckpt_ir.formats import FORMAT_NAMES, WRITABLE_FORMATS
 
 NAME = "convert"
@@ -52,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --to mcore-dist: write DST as a verl 0.9.1 role directory "
                         "(global_step_N/actor): model/dist_ckpt, model/huggingface config and "
                         "tokenizer, transformer_config.json, ckpt_contents.json")
+    p.add_argument("--world-size", type=int, metavar="N", dest="fsdp_world_size",
+                   help="with --to verl-fsdp: write N model_world_size_N_rank_R.pt files, for "
+                        "an FSDP job of N ranks (default 1)")
     add_run_options(p)
     add_layout_options(p, what="layout of a per-rank destination (verl-legacy, megatron-legacy)")
     add_lora_options(p)
@@ -80,7 +84,11 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    extra = {"verl_tree": True} if args.verl_tree else {}
+    extra: dict[str, Any] = {"verl_tree": True} if args.verl_tree else {}
+    if args.fsdp_world_size is not None:
+        if args.to != "verl-fsdp":
+            raise FormatError(f"--world-size applies to --to verl-fsdp, not {args.to}")
+        extra["fsdp_world_size"] = args.fsdp_world_size
     return convert_with_progress(args, to=args.to, source_format=args.source_format,
                                  max_shard_size=args.max_shard_size, hf_experts=args.hf_experts,
                                  mcore_experts=args.mcore_experts, **extra,

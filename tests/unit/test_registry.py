@@ -31,11 +31,13 @@ def test_every_list_derives_from_the_registry() -> None:
     ids = [s.id for s in REGISTRY]
     assert len(ids) == len(set(ids))
     # The values the CLI and the messages have always shown, now computed from the specs.
-    assert FORMAT_NAMES == ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy")
-    assert WRITABLE_FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "hf-peft")
+    assert FORMAT_NAMES == ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy",
+                            "verl-fsdp")
+    assert WRITABLE_FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "verl-fsdp",
+                                "hf-peft")
     assert PER_RANK_FORMATS == ("verl-legacy", "megatron-legacy")
-    assert ADAPTER_FORMATS == ("hf-peft", "mcore-dist", "verl-legacy")
-    assert FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy")
+    assert ADAPTER_FORMATS == ("hf-peft", "mcore-dist", "verl-legacy", "verl-fsdp")
+    assert FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "verl-fsdp")
     assert set(FORMAT_NAMES) == {s.id for s in REGISTRY if s.supported}
 
 
@@ -67,7 +69,11 @@ def test_model_classes_named_by_the_specs_exist(name: str) -> None:
 @pytest.mark.parametrize("name", ADAPTER_FORMATS)
 def test_adapter_classes_named_by_the_specs_exist(name: str) -> None:
     assert adapter_reader_class(name).__name__ == spec(name).adapter_reader
-    assert adapter_writer_class(name).__name__ == spec(name).adapter_writer
+    if spec(name).adapter_writer is None:  # verl-fsdp: adapters are read, not written
+        with pytest.raises(FormatError, match="cannot hold LoRA adapters"):
+            adapter_writer_class(name)
+    else:
+        assert adapter_writer_class(name).__name__ == spec(name).adapter_writer
 
 
 def test_the_registry_refuses_what_it_cannot_do() -> None:

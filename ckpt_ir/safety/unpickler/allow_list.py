@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ckpt_ir import dcp_types
+from ckpt_ir.safety.unpickler import dtensor
 from ckpt_ir.safety.unpickler.stand_ins import StandIn, _StandInMeta
 
 _MAX_TENSOR_DIMS = 64
@@ -52,6 +53,7 @@ class _Rule:
     obj: Any
     call: Callable[..., Any] | None = None  # REDUCE/INST/OBJ run this instead of obj(*args)
     new: Callable[[], Any] | None = None  # NEWOBJ with no arguments runs this
+    new_args: Callable[..., Any] | None = None  # NEWOBJ with arguments runs this (checks them)
 
 
 def _function(safe: Callable[..., Any]) -> _Rule:
@@ -456,11 +458,43 @@ _TENSOR_REBUILDERS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _rebuild_from_type_v2(*args: Any) -> torch.Tensor:
+def _rebuild_wrapper_subclass(*args: Any) -> Any:
+    # Only meaningful inside _rebuild_from_type_v2 (a DTensor), where it is never called.
+    raise pickle.UnpicklingError("_rebuild_wrapper_subclass outside _rebuild_from_type_v2")
+
+
+def _rebuild_dtensor(func_args: Any, state: Any) -> dtensor.DTensorRecord:
+    """A pickled DTensor as data: wrapper arguments ``(DTensor, dtype, size, stride,
+    storage_offset, layout, device, requires_grad)`` and state ``(None, {"_local_tensor",
+    "_spec"})`` (torch 2.13, fsdp-dcp-formats.md §2.2)."""
+    _check(isinstance(func_args, tuple) and len(func_args) == 8
+           and func_args[0] is dtensor.DTensorRecord, "invalid DTensor wrapper arguments")
+    _, dtype, size, stride, _offset, _layout, _device, _grad = func_args
+    _check(isinstance(dtype, torch.dtype), "DTensor dtype is not a torch.dtype")
+    size = _int_tuple(size, "DTensor size")
+    stride = _int_tuple(stride, "DTensor stride")
+    _check(len(size) == len(stride), "DTensor size and stride differ in length")
+    if isinstance(state, tuple):
+        _check(len(state) == 2 and state[0] in (None, {}), "invalid DTensor state")
+        state = state[1]
+    _check(isinstance(state, dict) and set(state) == {"_local_tensor", "_spec"},
+           "DTensor state must hold exactly _local_tensor and _spec")
+    local, spec = state["_local_tensor"], state["_spec"]
+    _check(type(local) is torch.Tensor, "DTensor _local_tensor is not a plain tensor")
+    _check(type(spec) is dtensor.DTensorSpec, "DTensor _spec is not a DTensorSpec")
+    _check(local.dtype == dtype, "DTensor local tensor dtype differs from its global dtype")
+    return dtensor.DTensorRecord(size, stride, dtype, local, spec)
+
+
+def _rebuild_from_type_v2(*args: Any) -> Any:
     # How torch saves a tensor that carries Python attributes: (func, type, args, state).
     _argc("_rebuild_from_type_v2", args, 4, 4)
     func, new_type, func_args, state = args
     rule = _rule_for(func)
+    if rule is not None and rule.call is _rebuild_wrapper_subclass:
+        _check(new_type is dtensor.DTensorRecord,
+               "_rebuild_wrapper_subclass for a type other than DTensor")
+        return _rebuild_dtensor(func_args, state)
     if rule is None or rule.call is None or rule.call not in _TENSOR_REBUILDERS.values():
         raise pickle.UnpicklingError(
             "_rebuild_from_type_v2 with a function that is not a tensor rebuilder")
@@ -594,6 +628,13 @@ def _table() -> dict[tuple[str, str], _Rule]:
         rules[("builtins", ref.__name__)] = _Rule(ref)
     for name, fn in _TENSOR_REBUILDERS.items():
         rules[("torch._utils", name)] = _function(fn)
+    # FSDP's DTensors (verl-fsdp), as plain-data mirrors: ckpt_ir.safety.unpickler.dtensor.
+    rules[("torch._utils", "_rebuild_wrapper_subclass")] = _function(_rebuild_wrapper_subclass)
+    rules[dtensor.DTENSOR_TYPE] = _Rule(dtensor.DTensorRecord)
+    for cls, (module, name) in dtensor.DTENSOR_CLASSES.items():
+        rules[(module, name)] = plain(cls)
+    for cls, (module, name) in dtensor.DTENSOR_TUPLES.items():
+        rules[(module, name)] = _Rule(cls, new_args=lambda *a, c=cls: dtensor.make_tuple(c, a))
     for name, value in vars(torch).items():
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             rules[("torch", name)] = _Rule(value)
@@ -663,4 +704,5 @@ def _dict_state_types() -> tuple[type, ...]:
     """Classes whose BUILD state is applied as a plain ``__dict__`` update (no setattr)."""
     return (argparse.Namespace, OrderedDict, *(
         cls for cls in dcp_types.DCP_CLASSES
-        if not issubclass(cls, Enum) and cls is not dcp_types.TensorProperties))
+        if not issubclass(cls, Enum) and cls is not dcp_types.TensorProperties),
+        *dtensor.DTENSOR_CLASSES)

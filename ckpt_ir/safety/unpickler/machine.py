@@ -118,6 +118,8 @@ class RestrictedUnpickler(pickle._Unpickler):
             _check(kwargs is None or isinstance(kwargs, dict), "NEWOBJ_EX kwargs not a dict")
             return cls(*args, **(kwargs or {}))
         rule = _rule_for(cls)
+        if rule is not None and rule.new_args is not None and not kwargs:
+            return rule.new_args(*args)  # named tuples (DTensor's TensorMeta): checked fields
         if rule is None or rule.new is None or args or kwargs:
             raise self._refuse_call(cls)
         return rule.new()
