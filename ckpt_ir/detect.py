@@ -23,7 +23,10 @@ One walk (:func:`_walk`) serves models (:func:`resolve`) and adapters
 (:func:`resolve_adapter`); at each directory it asks the probes of the format registry
 (:mod:`ckpt_ir.formats`), whose evidence lives in :mod:`ckpt_ir.probes`. A plain PyTorch DCP
 directory (``.metadata`` without ``metadata.json`` or Megatron parameter names) is told
-apart from a torch_dist one and refused as not supported yet.
+apart from a torch_dist one and read as ``torch-dcp``; DCP trainers' trees are walked too:
+torchtitan's ``step-N/``, verl's torchtitan engine (``global_step_N/step-N/``), NeMo-RL's
+``step_N/policy/weights/[model/]``. A Megatron-FSDP ``fsdp_dtensor`` directory
+(``model.module.`` keys) is refused as not supported yet.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ definition: the manager and the megatron-legacy writer import it, and read it wi
 MANIFEST = "ckpt_contents.json"
 _ITER = re.compile(r"^iter_(\d+)$", re.ASCII)
 _STEP = re.compile(r"^global_step_(\d+)$", re.ASCII)
+# DCP trainers' step folders: torchtitan's step-N (also inside verl's torchtitan engine's
+# global_step_N/), NeMo-RL's step_N (tmp_step_N while incomplete, never matched).
+_DCP_STEP = re.compile(r"^step[-_](\d+)$", re.ASCII)
+# Directories that hold a DCP trainer's model below a step: NeMo-RL's policy/weights/ (v1) and
+# policy/weights/model/ (v2), torchtitan's sharded/ (HF safetensors before consolidation).
+_DCP_INNER = ("policy", "weights", "model", "sharded")
 
 
 @dataclass(frozen=True)
@@ -255,8 +264,9 @@ def _is_v2_role(role: Path) -> bool:
 
 
 def _dist_incomplete(d: Path) -> bool:
+    # A plain DCP directory has no metadata.json: its .metadata (written last) is its mark.
     return d.is_dir() and ((d / ".metadata").is_file() or any(d.glob("*.distcp"))) \
-        and not (d / "metadata.json").is_file()
+        and not (d / "metadata.json").is_file() and not is_plain_dcp_dir(d)
 
 
 def _v2_without_manifest(role: Path, base: Path) -> tuple[str, str]:
@@ -431,7 +441,9 @@ def _walk(given: Path, visited: list[Path], notes: list[str], find: Finder, *,
     only a completed save is taken when there is no tracker; adapters take the newest step
     and stop where the tracker leads nowhere (their rules, kept as they were)."""
     p, step = given, None
-    for _ in range(4):  # run dir -> step dir -> role dir -> inner dir, at most
+    # run dir -> step dir -> role dir -> inner dir(s), at most (NeMo-RL's run / step_N /
+    # policy / weights / model is the deepest)
+    for _ in range(6):
         visited.append(p)
         hit = find(p, given, notes, step)
         if hit is not None:
@@ -476,6 +488,10 @@ def _walk(given: Path, visited: list[Path], notes: list[str], find: Finder, *,
                              "(point at the role directory to choose)")
             p = p / roles[0]
             continue
+        inner = next((p / d for d in _DCP_INNER if _leads_to_dcp(p / d)), None)
+        if inner is not None:
+            p = inner
+            continue
         break
     return None
 
@@ -513,9 +529,23 @@ def _resolve(given: Path, visited: list[Path]) -> Resolved:
 
 
 def _steps(p: Path) -> list[tuple[int, Path]]:
+    steps = sorted(((int(m.group(1)), c) for c in p.iterdir()
+                    if (m := _ITER.match(c.name) or _STEP.match(c.name)) and c.is_dir()),
+                   key=lambda t: t[0])
+    if steps:
+        return steps
     return sorted(((int(m.group(1)), c) for c in p.iterdir()
-                   if (m := _ITER.match(c.name) or _STEP.match(c.name)) and c.is_dir()),
-                  key=lambda t: t[0])
+                   if (m := _DCP_STEP.match(c.name)) and c.is_dir()), key=lambda t: t[0])
+
+
+def _leads_to_dcp(d: Path) -> bool:
+    """Whether ``d`` (one of :data:`_DCP_INNER`) holds, or holds a directory of
+    :data:`_DCP_INNER` that holds, DCP files or torch's sharded safetensors (names only)."""
+    for c in (d, *(d / n for n in _DCP_INNER)):
+        if c.is_dir() and ((c / ".metadata").is_file() or any(c.glob("*.distcp"))
+                           or any(c.glob("shard-*-model-*-of-*.safetensors"))):
+            return True
+    return False
 
 
 def detect(src: str | Path) -> str:

@@ -93,6 +93,9 @@ class WriteOptions:
     verl_tree: VerlTree | None = None
     # Adapter writers (hf-peft, mcore-dist and verl-legacy adapters).
     adapter: AdapterTarget | None = None
+    # torch-dcp writer: torchtitan's checkpointer layout (step-0/ with torchtitan FQNs)
+    # instead of a DCP directory of HF names.
+    torchtitan: bool = False
 
     def __post_init__(self) -> None:
         if self.mcore_spec not in MCORE_SPECS:

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --to mcore-dist: write DST as a verl 0.9.1 role directory "
                         "(global_step_N/actor): model/dist_ckpt, model/huggingface config and "
                         "tokenizer, transformer_config.json, ckpt_contents.json")
+    p.add_argument("--torchtitan", action="store_true",
+                   help="with --to torch-dcp: write DST as a torchtitan checkpoint folder "
+                        "(step-0/ with torchtitan's model FQNs; llama3, qwen3, qwen3 MoE)")
     add_run_options(p)
     add_layout_options(p, what="layout of a per-rank destination (verl-legacy, megatron-legacy)")
     add_lora_options(p)
@@ -67,6 +70,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     extra = {"verl_tree": True} if args.verl_tree else {}
+    if args.torchtitan:
+        extra["torchtitan"] = True
     return convert_with_progress(args, to=args.to, source_format=args.source_format,
                                  max_shard_size=args.max_shard_size, hf_experts=args.hf_experts,
                                  mcore_experts=args.mcore_experts, **extra,
