@@ -135,7 +135,9 @@ REGISTRY: tuple[FormatSpec, ...] = (
                probe=_mcore_layout, describe=_describe_dist,
                adapter_probe=lambda p: is_dist_dir(p) and dist_has_adapter(p)),
     FormatSpec("torch-dcp", "ckpt_ir.converters.torch_dcp", "TorchDcpReader", "TorchDcpWriter",
-               probe=lambda p: "plain torch DCP directory" if is_plain_dcp_dir(p) else None,
+               probe=lambda p: "plain torch DCP directory (.metadata, no metadata.json, no "
+                               "Megatron-Core or Megatron-FSDP keys)"
+               if is_plain_dcp_dir(p) else None,
                describe=lambda p: "plain PyTorch DCP checkpoint (FSDP2 dcp.save, torchtitan, "
                                   "NeMo-RL)" if is_plain_dcp_dir(p) else None),
     FormatSpec("verl-legacy", "ckpt_ir.converters.verl_legacy", "VerlLegacyReader",

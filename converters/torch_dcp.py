@@ -45,6 +45,7 @@ import torch
 
 from ckpt_ir.architectures.torchtitan import ERA_KEY_RENAMES, ERA_RENAMES
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.hf import FUSED_EXPERTS_SUFFIX
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
@@ -118,6 +119,10 @@ class TorchDcpReader:
         self._notes: list[str] = []
         self.naming, self.prefix = self._choose_keys()
         self._collect()
+        # A live transformers 5 MoE model holds its experts fused (gate_up_proj / down_proj),
+        # so FSDP2 saves them that way: the hf naming's fused variant, recognised by name.
+        if self.naming == "hf" and any(n.endswith(FUSED_EXPERTS_SUFFIX) for n in self._specs):
+            self.params = NativeParams(hf_experts="fused")
         check_layer_count(self.config, len(self._specs), self._config_dir / "config.json")
         self.config = drop_absent_mtp(self.config, self.naming, self.params, self._specs)
 
