@@ -274,9 +274,13 @@ class TorchDcpWriter:
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
+        """HF names with MoE experts per expert (as transformers saves them) or fused
+        (``hf_experts="fused"``: what a live transformers 5 model, so ``dcp.load`` into it,
+        asks for); torchtitan's names with ``torchtitan``."""
         if options.torchtitan:
             build_table("torchtitan", config)  # refuses an architecture torchtitan lacks
-        return NativeParams()
+            return NativeParams()
+        return NativeParams(hf_experts=options.hf_experts)
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         for s in specs:

@@ -4,15 +4,17 @@ and loading DCP checkpoints, run as separate processes (one per rank).
 ``python -m tests.clients.dcp_jobs <command> <json args>`` with ``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR`` / ``MASTER_PORT`` set; :func:`launch` starts the ranks and waits for them.
 
-* ``save``: every rank builds the HF model saved at ``args["hf"]`` (transformers), shards each
+Each command runs its ``args["models"]`` jobs in turn (one process start for all of them).
+
+* ``save``: every rank builds the HF model saved at ``job["hf"]`` (transformers), shards each
   decoder layer and the root with ``fully_shard``, and saves it three ways: ``plain/``
   (``dcp.save(get_model_state_dict(model))``), ``nested/`` (``{"model", "optimizer",
   "train_state"}``, the optimizer state made by one AdamW step at lr 0, which leaves the
   weights as they were) and ``hf_sharded/`` (``HuggingFaceStorageWriter``,
   ``save_distributed=True``, consolidation off).
 * ``load``: every rank builds the model from its config with other random weights, shards it,
-  ``dcp.load``s ``args["ckpt"]`` into its shards and ``set_model_state_dict``s them; rank 0
-  writes the gathered full state dict to ``args["out"]`` (safetensors) for the test to compare.
+  ``dcp.load``s ``job["ckpt"]`` into its shards and ``set_model_state_dict``s them; rank 0
+  writes the gathered full state dict to ``job["out"]`` (safetensors) for the test to compare.
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ def _sharded_model(config_or_path: str, *, pretrained: bool, seed: int = 0):
 
 
 def save(args: dict[str, Any]) -> None:
+    for job in args["models"]:
+        _save_one(job)
+
+
+def _save_one(args: dict[str, Any]) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -110,6 +117,11 @@ def save(args: dict[str, Any]) -> None:
 
 
 def load(args: dict[str, Any]) -> None:
+    for job in args["models"]:
+        _load_one(job)
+
+
+def _load_one(args: dict[str, Any]) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
