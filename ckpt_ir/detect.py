@@ -538,14 +538,16 @@ def _steps(p: Path) -> list[tuple[int, Path]]:
                    if (m := _DCP_STEP.match(c.name)) and c.is_dir()), key=lambda t: t[0])
 
 
-def _leads_to_dcp(d: Path) -> bool:
-    """Whether ``d`` (one of :data:`_DCP_INNER`) holds, or holds a directory of
-    :data:`_DCP_INNER` that holds, DCP files or torch's sharded safetensors (names only)."""
-    for c in (d, *(d / n for n in _DCP_INNER)):
-        if c.is_dir() and ((c / ".metadata").is_file() or any(c.glob("*.distcp"))
-                           or any(c.glob("shard-*-model-*-of-*.safetensors"))):
-            return True
-    return False
+def _leads_to_dcp(d: Path, depth: int = 2) -> bool:
+    """Whether ``d`` (one of :data:`_DCP_INNER`) holds DCP files or torch's sharded
+    safetensors, or leads to them through at most ``depth`` more such directories
+    (``policy/weights/model/``); names only."""
+    if not d.is_dir():
+        return False
+    if (d / ".metadata").is_file() or any(d.glob("*.distcp")) \
+            or any(d.glob("shard-*-model-*-of-*.safetensors")):
+        return True
+    return depth > 0 and any(_leads_to_dcp(d / n, depth - 1) for n in _DCP_INNER)
 
 
 def detect(src: str | Path) -> str:
