@@ -264,9 +264,8 @@ def _is_v2_role(role: Path) -> bool:
 
 
 def _dist_incomplete(d: Path) -> bool:
-    # A plain DCP directory has no metadata.json: its .metadata (written last) is its mark.
     return d.is_dir() and ((d / ".metadata").is_file() or any(d.glob("*.distcp"))) \
-        and not (d / "metadata.json").is_file() and not is_plain_dcp_dir(d)
+        and not (d / "metadata.json").is_file()
 
 
 def _v2_without_manifest(role: Path, base: Path) -> tuple[str, str]:
@@ -308,7 +307,9 @@ def save_state(p: Path) -> tuple[str, str]:
             unconfirmed = unconfirmed or why
             continue
         for d in (role / "dist_ckpt", role):
-            if _dist_incomplete(d):
+            # A DCP trainer's step directory (torchtitan's step-N) is plain DCP, without
+            # metadata.json: its .metadata, written last, is its completion mark.
+            if _dist_incomplete(d) and not (d == role and is_plain_dcp_dir(d)):
                 return "incomplete", \
                     f"{_has_no(d, p, 'metadata.json')} (torch_dist writes it last)"
     return ("unconfirmed", unconfirmed) if unconfirmed else ("complete", "")
