@@ -70,6 +70,12 @@ def test_torchtitan_output_has_torchtitans_keys_and_rope_order(tmp_path: Path) -
         assert bits_equal(got[f"layers.0.attention.qkv_linear.{key}.weight"], permuted)
     assert bits_equal(got["layers.0.attention.qkv_linear.wv.weight"],
                       want["model.layers.0.self_attn.v_proj.weight"])
+    # torch's own reader takes it too (what torchtitan's dcp.load goes through).
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(tmp_path / "tt" / "step-0", tmp_path / "tt.pt")
+    loaded = torch.load(tmp_path / "tt.pt", weights_only=True)
+    assert loaded.keys() == got.keys()
+    assert all(bits_equal(loaded[k], got[k]) for k in got)
 
 
 def test_torchtitan_moe_experts_are_stacked(tmp_path: Path) -> None:
