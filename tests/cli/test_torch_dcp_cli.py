@@ -233,3 +233,20 @@ def test_chunks_of_two_ranks_are_assembled_and_whole_ones_are_views(tmp_path: Pa
         t = r.index.tensors["model.embed_tokens.weight"]
         assert len(t.chunks) == 1
         assert r.locate(r.read_region(t.fqn, (0, 0), t.shape)) is not None
+
+
+def test_torchrun_writes_one_data_file_per_process(tmp_path: Path) -> None:
+    """``torchrun -m ckpt_ir convert --to torch-dcp``: each process appends the tensors it owns
+    to its own ``__R_0.distcp``; rank 0 commits ``.metadata``; the same tensors as one process."""
+    write_hf(tmp_path / "hf", TINY_LLAMA, dtype=torch.bfloat16)
+    ckpt_ir.convert(tmp_path / "hf", tmp_path / "single", to="torch-dcp")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", "-m", "ckpt_ir", "convert", str(tmp_path / "hf"),
+                          str(tmp_path / "multi"), "--to", "torch-dcp", "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "config.json"} <= {
+        p.name for p in (tmp_path / "multi").iterdir()}
+    a, b = load_dcp_tensors(tmp_path / "single"), load_dcp_tensors(tmp_path / "multi")
+    assert a.keys() == b.keys() and all(bits_equal(a[k], b[k]) for k in a)
