@@ -250,3 +250,60 @@ def test_torchrun_writes_one_data_file_per_process(tmp_path: Path) -> None:
         p.name for p in (tmp_path / "multi").iterdir()}
     a, b = load_dcp_tensors(tmp_path / "single"), load_dcp_tensors(tmp_path / "multi")
     assert a.keys() == b.keys() and all(bits_equal(a[k], b[k]) for k in a)
+
+
+def _hf_sharded(d: Path, want: dict[str, torch.Tensor], world: int) -> None:
+    """What ``HuggingFaceStorageWriter(save_distributed=True)`` writes for ``world`` FSDP2
+    ranks: per rank, its ``torch.chunk`` row box of every tensor with ``DCP_SHARDING_INFO``
+    (empty boxes as shape [0]), in ``shard-RRRRR-model-00001-of-00001.safetensors``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    for rank in range(world):
+        tensors, info = {}, {}
+        for name, t in want.items():
+            boxes = t.chunk(world)
+            start = sum(b.shape[0] for b in boxes[:rank])
+            box = boxes[rank] if rank < len(boxes) else t.new_empty(0)
+            tensors[name] = box.contiguous() if box.numel() else t.new_empty(0)
+            info[name] = {"saved_offsets": [start, *[0] * (t.dim() - 1)]}
+        save_file(tensors, d / f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors",
+                  metadata={"DCP_SHARDING_INFO": json.dumps(info), "DCP_VERSION": "1.0",
+                            "format": "pt"})
+
+
+def test_torch_hf_shards_in_a_torchtitan_step_are_found_and_consolidated(tmp_path: Path) -> None:
+    # Integer tensors too (torch's own consolidator raises on them), and 3 ranks for 2-row
+    # tensors (an empty box).
+    cfg = {**TINY_LLAMA, "num_hidden_layers": 1}
+    want = write_hf(tmp_path / "hf", cfg, dtype=torch.float16)
+    sharded = tmp_path / "dump" / "checkpoint" / "step-5" / "sharded"
+    _hf_sharded(sharded, want, world=3)
+    found = resolve(tmp_path / "dump" / "checkpoint")
+    assert (found.format, found.path) == ("hf", sharded)
+    ckpt_ir.convert(tmp_path / "dump" / "checkpoint", tmp_path / "back", to="hf",
+                    hf_config=tmp_path / "hf")
+    _assert_same_hf(tmp_path / "back", want)
+
+
+def test_a_stale_or_missing_hf_shard_is_one_line_exit_2(tmp_path: Path) -> None:
+    want = write_hf(tmp_path / "hf", TINY_LLAMA, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    _hf_sharded(sharded, want, world=2)
+    shutil.copy(tmp_path / "hf" / "config.json", sharded / "config.json")
+    # A shard of an earlier 3-rank save left in the folder: its boxes overlap.
+    _hf_sharded(tmp_path / "old", want, world=3)
+    stale = sharded / "shard-00003-model-00001-of-00001.safetensors"
+    shutil.copy(tmp_path / "old" / stale.name, stale)
+    _one_line_exit_2(sharded, tmp_path / "out", "overlap")
+    # The last rank's shard missing: no box says the tensors went on (torch's consolidator
+    # would write them cut short); the config's shapes do, and the plan refuses them all.
+    stale.unlink()
+    (sharded / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    run = cli("convert", sharded, tmp_path / "out2", "--to", "hf", "--no-progress")
+    assert run.returncode == 2, run.stderr
+    assert "model.embed_tokens.weight has shape [49, 32], but the config implies [97, 32]" \
+        in run.stderr
+    assert not (tmp_path / "out2").exists()
