@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 import ckpt_ir
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
 from ckpt_ir.detect import resolve
+from ckpt_ir.errors import FormatError
 from tests.fixtures import TINY_LLAMA, load_dcp_tensors, load_hf_tensors, tree_bytes, write_hf
 from tests.strategies import bits_equal
 
@@ -207,8 +208,8 @@ def test_torchtitan_needs_a_family_torchtitan_has(tmp_path: Path) -> None:
     line, = run.stderr.strip().splitlines()
     assert "torchtitan" in line and "mistral" in line
     assert not (tmp_path / "out").exists()
-    run = cli("convert", tmp_path / "hf", tmp_path / "out", "--to", "hf", "--torchtitan")
-    assert run.returncode == 2 and "writes torch-dcp, not hf" in run.stderr
+    with pytest.raises(FormatError, match="writes torch-dcp, not hf"):
+        ckpt_ir.convert(tmp_path / "hf", tmp_path / "out", to="hf", torchtitan=True)
 
 
 def test_chunks_of_two_ranks_are_assembled_and_whole_ones_are_views(tmp_path: Path) -> None:
