@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
 from ckpt_ir.formats import FORMAT_NAMES, REGISTRY, FormatSpec
+from ckpt_ir.formats import spec as format_spec
 from ckpt_ir.probes import (  # noqa: F401  (re-exported: the old home of these helpers)
     ADAPTER_DIR,
     RANK_DIR,
@@ -49,6 +50,7 @@ from ckpt_ir.probes import (  # noqa: F401  (re-exported: the old home of these 
     has_rank_dirs,
     has_verl_adapter_files,
     is_dist_dir,
+    is_fsdp_dtensor_dir,
     is_hf_dir,
     is_peft_dir,
     is_plain_dcp_dir,
@@ -160,6 +162,11 @@ def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resol
         (p / "model" / "dist_ckpt", "verl v2 (model/dist_ckpt)"),
         (p / "dist_ckpt", "verl v1 (dist_ckpt)"),
     )
+    for d, _ in layouts:
+        if is_fsdp_dtensor_dir(d):
+            # verl's use_megatron_fsdp writes Megatron-FSDP's DCP where torch_dist would go.
+            raise FormatError(f"{given} holds {format_spec('megatron-fsdp').unsupported} "
+                              f"({_rel(d, given) or d.name + '/'})", path=given)
     for d, layout in layouts:
         if is_dist_dir(d) and _dist_has_model(d):
             return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)

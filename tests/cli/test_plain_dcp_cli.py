@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_ir.detect import describe_entry, resolve
+from ckpt_ir.errors import FormatError
 from ckpt_ir.probes import is_dist_dir, is_plain_dcp_dir
 from tests.fixtures import tree_bytes
 
@@ -153,3 +154,19 @@ def test_an_fsdp_dtensor_directory_is_refused_with_exit_2(tmp_path: Path) -> Non
     assert run.returncode == 2, run.stderr
     line, = run.stderr.strip().splitlines()
     assert "Megatron-FSDP fsdp_dtensor checkpoint" in line and "not supported yet" in line
+
+
+def test_verls_megatron_fsdp_tree_is_refused_not_misread(tmp_path: Path) -> None:
+    """verl's use_megatron_fsdp puts the fsdp_dtensor DCP in model/dist_ckpt/, where torch_dist
+    would be: the run is refused by evidence, naming the directory."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    d = run / "global_step_4" / "actor" / "model" / "dist_ckpt"
+    dcp.save({"model.module.decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(8, 2)},
+             checkpoint_id=str(d), no_dist=True)
+    (run / "latest_checkpointed_iteration.txt").write_text("4")
+    with pytest.raises(FormatError, match=r"Megatron-FSDP fsdp_dtensor .* not supported yet "
+                                          r"\(global_step_4/actor/model/dist_ckpt/\)"):
+        resolve(run)
