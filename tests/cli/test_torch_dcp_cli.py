@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 
 import ckpt_ir
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
+from ckpt_ir.converters.torch_dcp import TorchDcpReader
 from ckpt_ir.detect import resolve
 from ckpt_ir.errors import FormatError
 from tests.fixtures import TINY_LLAMA, load_dcp_tensors, load_hf_tensors, tree_bytes, write_hf
@@ -229,6 +230,17 @@ def test_chunks_of_two_ranks_are_assembled_and_whole_ones_are_views(tmp_path: Pa
     write_metadata(d, records, {n: (tuple(t.shape), t.dtype) for n, t in want.items()})
     ckpt_ir.convert(d, tmp_path / "back", to="hf", hf_config=tmp_path / "hf")
     _assert_same_hf(tmp_path / "back", want)
+    # The executor streams such a tensor as its chunks (RowsReader): views of the data files,
+    # each a range the writer can copy_file_range, never an assembled copy.
+    reader = TorchDcpReader(d, hf_config=tmp_path / "hf")
+    try:
+        rows = reader.read_rows("model.embed_tokens.weight")
+        assert rows is not None and [r.shape[0] for r in rows] == [49, 48]
+        assert all(reader.locate(r) is not None for r in rows)
+        assert bits_equal(torch.cat(rows), want["model.embed_tokens.weight"])
+        assert reader.read_rows("model.norm.weight") is not None
+    finally:
+        reader.close()
     ckpt_ir.convert(tmp_path / "hf", tmp_path / "whole", to="torch-dcp")
     with DcpReader(tmp_path / "whole") as r:
         t = r.index.tensors["model.embed_tokens.weight"]
