@@ -84,8 +84,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             progress: Callable[[int, int], None] | None = None,
             layout: LayoutRequest = None, source_ep: int | None = None,
             hf_experts: str = "per-expert", mcore_experts: str | None = None,
-            verl_tree: bool = False, fsdp_world_size: int | None = None, workers: int = 1,
-            **options: Any) -> Report:
+            verl_tree: bool = False, torchtitan: bool = False,
+            fsdp_world_size: int | None = None, workers: int = 1, **options: Any) -> Report:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     The plan is built and validated from metadata first; then tensors stream through, one
@@ -106,6 +106,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     (``global_step_N/actor``) that verl's ``load_checkpoint`` and model merger open:
     ``model/dist_ckpt``, ``model/huggingface`` (config, tokenizer), ``transformer_config.json``
     and ``ckpt_contents.json``.
+    ``torchtitan`` (``torch-dcp`` only): ``dst`` becomes a torchtitan checkpoint folder whose
+    ``step-0/`` holds the model under torchtitan's FQNs (llama3, qwen3, qwen3 MoE), what
+    torchtitan's checkpointer loads as a model-only seed checkpoint.
     ``fsdp_world_size`` (``verl-fsdp`` only): the number of per-rank model files, the world size
     of the FSDP job that loads them (default 1).
     ``workers``: processes that write the destination on this machine (this one and
@@ -137,13 +140,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         step = re.fullmatch(r"global_step_(\d+)", Path(dst).absolute().parent.name)
         tree = VerlTree(role=Path(dst).name if Path(dst).name in ("actor", "critic") else "actor",
                         step=int(step.group(1)) if step else None)
+    if torchtitan and to != "torch-dcp":
+        raise FormatError(f"torchtitan (--torchtitan) writes torch-dcp, not {to}")
     started = time.perf_counter()
     wopts = WriteOptions(
         dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
         pad_vocab_to_multiple=pad_vocab_to_multiple,
         max_shard_bytes=parse_size(max_shard_size),
         trust_pickles=trust_pickles, mcore_spec=mcore_spec, hf_experts=hf_experts,
-        mcore_experts=mcore_experts, verl_tree=tree, fsdp_world_size=fsdp_world_size,
+        mcore_experts=mcore_experts, verl_tree=tree, torchtitan=torchtitan,
+        fsdp_world_size=fsdp_world_size,
     )
     reader, resolved = open_reader(src, source_format, hf_config=hf_config,
                                    trust_pickles=trust_pickles, source_ep=source_ep,

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ckpt_ir.layout import ParallelLayout
 
 __all__ = ["AlphaSourceReader", "FileSlabWriter", "LayoutReader", "LocatingReader",
-           "MaybeEmptyReader", "PartitionedWriter", "SlabWriter"]
+           "MaybeEmptyReader", "PartitionedWriter", "RowsReader", "SlabWriter"]
 
 
 @runtime_checkable
@@ -48,6 +48,15 @@ class LocatingReader(Protocol):
     and offset a tensor's bytes start at (None when it is not such a view)."""
 
     def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None: ...
+
+
+@runtime_checkable
+class RowsReader(Protocol):
+    """A reader that can hand a tensor over as row blocks that, joined along dim 0, are the
+    tensor (each a view of the file holding it): a DCP tensor stored as FSDP2's row chunks
+    streams chunk by chunk instead of being assembled. None: read it whole."""
+
+    def read_rows(self, name: str) -> tuple[torch.Tensor, ...] | None: ...
 
 
 @runtime_checkable

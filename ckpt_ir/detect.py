@@ -23,7 +23,10 @@ One walk (:func:`_walk`) serves models (:func:`resolve`) and adapters
 (:func:`resolve_adapter`); at each directory it asks the probes of the format registry
 (:mod:`ckpt_ir.formats`), whose evidence lives in :mod:`ckpt_ir.probes`. A plain PyTorch DCP
 directory (``.metadata`` without ``metadata.json`` or Megatron parameter names) is told
-apart from a torch_dist one and refused as not supported yet.
+apart from a torch_dist one and read as ``torch-dcp``; DCP trainers' trees are walked too:
+torchtitan's ``step-N/``, verl's torchtitan engine (``global_step_N/step-N/``), NeMo-RL's
+``step_N/policy/weights/[model/]``. A Megatron-FSDP ``fsdp_dtensor`` directory
+(``model.module.`` keys) is refused as not supported yet.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
 from ckpt_ir.formats import FORMAT_NAMES, REGISTRY, FormatSpec
+from ckpt_ir.formats import spec as format_spec
 from ckpt_ir.probes import (  # noqa: F401  (re-exported: the old home of these helpers)
     ADAPTER_DIR,
     RANK_DIR,
@@ -46,6 +50,7 @@ from ckpt_ir.probes import (  # noqa: F401  (re-exported: the old home of these 
     has_rank_dirs,
     has_verl_adapter_files,
     is_dist_dir,
+    is_fsdp_dtensor_dir,
     is_hf_dir,
     is_peft_dir,
     is_plain_dcp_dir,
@@ -62,6 +67,12 @@ definition: the manager and the megatron-legacy writer import it, and read it wi
 MANIFEST = "ckpt_contents.json"
 _ITER = re.compile(r"^iter_(\d+)$", re.ASCII)
 _STEP = re.compile(r"^global_step_(\d+)$", re.ASCII)
+# DCP trainers' step folders: torchtitan's step-N (also inside verl's torchtitan engine's
+# global_step_N/), NeMo-RL's step_N (tmp_step_N while incomplete, never matched).
+_DCP_STEP = re.compile(r"^step[-_](\d+)$", re.ASCII)
+# Directories that hold a DCP trainer's model below a step: NeMo-RL's policy/weights/ (v1) and
+# policy/weights/model/ (v2), torchtitan's sharded/ (HF safetensors before consolidation).
+_DCP_INNER = ("policy", "weights", "model", "sharded")
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,11 @@ def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resol
         (p / "model" / "dist_ckpt", "verl v2 (model/dist_ckpt)"),
         (p / "dist_ckpt", "verl v1 (dist_ckpt)"),
     )
+    for d, _ in layouts:
+        if is_fsdp_dtensor_dir(d):
+            # verl's use_megatron_fsdp writes Megatron-FSDP's DCP where torch_dist would go.
+            raise FormatError(f"{given} holds {format_spec('megatron-fsdp').unsupported} "
+                              f"({_rel(d, given) or d.name + '/'})", path=given)
     for d, layout in layouts:
         if is_dist_dir(d) and _dist_has_model(d):
             return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)
@@ -298,7 +314,9 @@ def save_state(p: Path) -> tuple[str, str]:
             unconfirmed = unconfirmed or why
             continue
         for d in (role / "dist_ckpt", role):
-            if _dist_incomplete(d):
+            # A DCP trainer's step directory (torchtitan's step-N) is plain DCP, without
+            # metadata.json: its .metadata, written last, is its completion mark.
+            if _dist_incomplete(d) and not (d == role and is_plain_dcp_dir(d)):
                 return "incomplete", \
                     f"{_has_no(d, p, 'metadata.json')} (torch_dist writes it last)"
     return ("unconfirmed", unconfirmed) if unconfirmed else ("complete", "")
@@ -431,7 +449,9 @@ def _walk(given: Path, visited: list[Path], notes: list[str], find: Finder, *,
     only a completed save is taken when there is no tracker; adapters take the newest step
     and stop where the tracker leads nowhere (their rules, kept as they were)."""
     p, step = given, None
-    for _ in range(4):  # run dir -> step dir -> role dir -> inner dir, at most
+    # run dir -> step dir -> role dir -> inner dir(s), at most (NeMo-RL's run / step_N /
+    # policy / weights / model is the deepest)
+    for _ in range(6):
         visited.append(p)
         hit = find(p, given, notes, step)
         if hit is not None:
@@ -476,6 +496,10 @@ def _walk(given: Path, visited: list[Path], notes: list[str], find: Finder, *,
                              "(point at the role directory to choose)")
             p = p / roles[0]
             continue
+        inner = next((p / d for d in _DCP_INNER if _leads_to_dcp(p / d)), None)
+        if inner is not None:
+            p = inner
+            continue
         break
     return None
 
@@ -513,9 +537,25 @@ def _resolve(given: Path, visited: list[Path]) -> Resolved:
 
 
 def _steps(p: Path) -> list[tuple[int, Path]]:
+    steps = sorted(((int(m.group(1)), c) for c in p.iterdir()
+                    if (m := _ITER.match(c.name) or _STEP.match(c.name)) and c.is_dir()),
+                   key=lambda t: t[0])
+    if steps:
+        return steps
     return sorted(((int(m.group(1)), c) for c in p.iterdir()
-                   if (m := _ITER.match(c.name) or _STEP.match(c.name)) and c.is_dir()),
-                  key=lambda t: t[0])
+                   if (m := _DCP_STEP.match(c.name)) and c.is_dir()), key=lambda t: t[0])
+
+
+def _leads_to_dcp(d: Path, depth: int = 2) -> bool:
+    """Whether ``d`` (one of :data:`_DCP_INNER`) holds DCP files or torch's sharded
+    safetensors, or leads to them through at most ``depth`` more such directories
+    (``policy/weights/model/``); names only."""
+    if not d.is_dir():
+        return False
+    if (d / ".metadata").is_file() or any(d.glob("*.distcp")) \
+            or any(d.glob("shard-*-model-*-of-*.safetensors")):
+        return True
+    return depth > 0 and any(_leads_to_dcp(d / n, depth - 1) for n in _DCP_INNER)
 
 
 def detect(src: str | Path) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ckpt_ir.capabilities import FileSlabWriter, LocatingReader, SlabWriter
+from ckpt_ir.capabilities import FileSlabWriter, LocatingReader, RowsReader, SlabWriter
 from ckpt_ir.durable import fsync_dir
 from ckpt_ir.errors import (
     CheckpointError,
@@ -33,7 +33,7 @@ from ckpt_ir.ir import TensorSpec
 from ckpt_ir.planner import Plan, Unit
 from ckpt_ir.safety.files import open_fd
 from ckpt_ir.slabs import FileSlab
-from ckpt_ir.transforms import join_rows, rows_shape
+from ckpt_ir.transforms import TENSOR, Identity, join_rows, rows_shape
 
 __all__ = ["TEMP_MARKER", "atomic_directory", "committed", "destination_path", "execute",
            "fsync_dir", "remove_entry", "write_checkpoint"]
@@ -77,6 +77,13 @@ def _run_unit(unit: Unit, reader, writer, specs: dict[str, TensorSpec], write_sl
     # fused QKV), joined only for a target that needs the whole tensor.
     ir: dict[str, tuple[torch.Tensor, ...]] = {}
     for b in unit.sources:
+        # A source stored as row chunks (FSDP2's DCP) goes on as those chunks when nothing
+        # transforms it: no assembled copy, and each chunk can be a FileSlab.
+        rows = reader.read_rows(b.native) if isinstance(reader, RowsReader) \
+            and isinstance(b.transform, Identity) else None
+        if rows is not None:
+            ir[b.ir[TENSOR]] = rows
+            continue
         native = reader.read(b.native)
         for role, rows in b.transform.inverse_rows(native).items():
             ir[b.ir[role]] = rows

@@ -25,7 +25,9 @@ from ckpt_ir.probes import (
     has_mlm_rank_files,
     has_rank_dirs,
     has_verl_adapter_files,
+    is_dcp_sharded_safetensors_dir,
     is_dist_dir,
+    is_fsdp_dtensor_dir,
     is_hf_dir,
     is_peft_dir,
     is_plain_dcp_dir,
@@ -83,7 +85,13 @@ def _mcore_layout(p: Path) -> str | None:
 
 def _hf_layout(p: Path) -> str | None:
     # An adapter directory with base weights beside it is an adapter (hf-peft's probe).
-    return "hf model directory" if is_hf_dir(p) and not is_peft_dir(p) else None
+    if is_hf_dir(p) and not is_peft_dir(p):
+        return "hf model directory"
+    # torch's HuggingFaceStorageWriter(save_distributed=True): per-rank boxes of HF tensors,
+    # read as hf by consolidating them (the config may have to come from --hf-config).
+    if is_dcp_sharded_safetensors_dir(p):
+        return "torch HF sharded safetensors (DCP_SHARDING_INFO)"
+    return None
 
 
 def _per_rank_layout(name: str, megatron_lm: bool) -> Probe:
@@ -128,14 +136,12 @@ REGISTRY: tuple[FormatSpec, ...] = (
                adapter_reader="McoreDistAdapterReader", adapter_writer="McoreDistAdapterWriter",
                probe=_mcore_layout, describe=_describe_dist,
                adapter_probe=lambda p: is_dist_dir(p) and dist_has_adapter(p)),
-    FormatSpec("torch-dcp",
-               probe=lambda p: "plain torch DCP directory" if is_plain_dcp_dir(p) else None,
-               describe=lambda p: "plain PyTorch DCP checkpoint (FSDP2, torchtitan): not "
-                                  "supported yet" if is_plain_dcp_dir(p) else None,
-               unsupported="a plain PyTorch DCP checkpoint (torch.distributed.checkpoint: FSDP2 "
-                           "dcp.save, torchtitan), not a Megatron-Core torch_dist one (no "
-                           "metadata.json, no Megatron parameter names); reading plain DCP "
-                           "checkpoints is not supported yet"),
+    FormatSpec("torch-dcp", "ckpt_ir.converters.torch_dcp", "TorchDcpReader", "TorchDcpWriter",
+               probe=lambda p: "plain torch DCP directory (.metadata, no metadata.json, no "
+                               "Megatron-Core or Megatron-FSDP keys)"
+               if is_plain_dcp_dir(p) else None,
+               describe=lambda p: "plain PyTorch DCP checkpoint (FSDP2 dcp.save, torchtitan, "
+                                  "NeMo-RL)" if is_plain_dcp_dir(p) else None),
     FormatSpec("verl-legacy", "ckpt_ir.converters.verl_legacy", "VerlLegacyReader",
                "VerlLegacyWriter", adapter_module="ckpt_ir.converters.verl_adapter",
                adapter_reader="VerlAdapterReader", adapter_writer="VerlAdapterWriter",
@@ -149,6 +155,14 @@ REGISTRY: tuple[FormatSpec, ...] = (
                adapter_module="ckpt_ir.converters.verl_fsdp",
                adapter_reader="VerlFsdpAdapterReader", probe=verl_fsdp_layout,
                adapter_probe=lambda p: verl_fsdp_key_kinds(p)[1], describe=verl_fsdp_layout),
+    FormatSpec("megatron-fsdp",
+               probe=lambda p: "Megatron-FSDP fsdp_dtensor" if is_fsdp_dtensor_dir(p) else None,
+               describe=lambda p: "Megatron-FSDP fsdp_dtensor checkpoint (model.module. keys): "
+                                  "not supported yet" if is_fsdp_dtensor_dir(p) else None,
+               unsupported="a Megatron-FSDP fsdp_dtensor checkpoint (DCP files without "
+                           "metadata.json, Megatron-Core keys under model.module.), not a "
+                           "torch_dist or plain DCP one; reading fsdp_dtensor checkpoints is "
+                           "not supported yet"),
 )
 
 _BY_ID = {s.id: s for s in REGISTRY}

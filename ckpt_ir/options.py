@@ -93,6 +93,9 @@ class WriteOptions:
     verl_tree: VerlTree | None = None
     # Adapter writers (hf-peft, mcore-dist and verl-legacy adapters).
     adapter: AdapterTarget | None = None
+    # torch-dcp writer: torchtitan's checkpointer layout (step-0/ with torchtitan FQNs)
+    # instead of a DCP directory of HF names.
+    torchtitan: bool = False
     # verl-fsdp writer: how many model_world_size_W_rank_r.pt files (the FSDP world size of
     # the job that will load them); None: 1.
     fsdp_world_size: int | None = None

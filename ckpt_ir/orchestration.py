@@ -253,7 +253,11 @@ def target_layout(reader, to: str, layout: LayoutRequest) -> ParallelLayout | No
 def plan_conversion(reader, to: str, options: WriteOptions) -> tuple[Plan, type]:
     """The validated plan for converting what ``reader`` holds into format ``to``."""
     writer_cls = writer_class(to)
-    dest = DestView(to, writer_cls.naming, writer_cls.params_for(reader.config, options))
+    # A writer whose naming depends on its options (torch-dcp: HF names or torchtitan's)
+    # says which through naming_for.
+    naming_for = getattr(writer_cls, "naming_for", None)
+    naming = naming_for(options) if naming_for is not None else writer_cls.naming
+    dest = DestView(to, naming, writer_cls.params_for(reader.config, options))
     plan = make_plan(SourceView.of(reader), dest, reader.config, dtype=options.dtype,
                      streams=issubclass(writer_cls, SlabWriter))
     return plan, writer_cls

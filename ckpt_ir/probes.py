@@ -18,9 +18,10 @@ from ckpt_ir.errors import CheckpointError
 from ckpt_ir.safety.files import read_bytes
 
 __all__ = ["ADAPTER_DIR", "dist_has_adapter", "dist_key_kinds", "find_config_dir",
-           "has_mlm_rank_files", "has_rank_dirs", "has_verl_adapter_files", "is_dist_dir",
-           "is_hf_dir", "is_peft_dir", "is_plain_dcp_dir", "verl_fsdp_key_kinds",
-           "verl_fsdp_layout", "verl_fsdp_world_sizes"]
+           "has_mlm_rank_files", "has_rank_dirs", "has_verl_adapter_files",
+           "is_dcp_sharded_safetensors_dir", "is_dist_dir", "is_fsdp_dtensor_dir", "is_hf_dir",
+           "is_peft_dir", "is_plain_dcp_dir", "verl_fsdp_key_kinds", "verl_fsdp_layout",
+           "verl_fsdp_world_sizes"]
 
 RANK_DIR = re.compile(r"^mp_rank_\d{2}(_\d{3})?(_\d{3})?$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -128,11 +129,55 @@ def is_dist_dir(p: Path) -> bool:
 
 def is_plain_dcp_dir(p: Path) -> bool:
     """A plain PyTorch DCP checkpoint (``torch.distributed.checkpoint.save``: FSDP2,
-    torchtitan): ``.metadata`` without ``metadata.json`` and without Megatron parameter names.
-    Model keys like ``model.layers.0.self_attn.q_proj.weight`` or ``layers.0.attention.wq``
-    are not Megatron-Core's, so no torch_dist table maps them."""
+    torchtitan): ``.metadata`` without ``metadata.json``, without Megatron parameter names and
+    without Megatron-FSDP's ``model.module.`` keys. Model keys like
+    ``model.layers.0.self_attn.q_proj.weight`` or ``layers.0.attention.wq`` are not
+    Megatron-Core's, so no torch_dist table maps them."""
     return p.is_dir() and (p / ".metadata").is_file() \
-        and not (p / "metadata.json").is_file() and not _megatron_keys(p)
+        and not (p / "metadata.json").is_file() and not _megatron_keys(p) \
+        and not is_fsdp_dtensor_dir(p)
+
+
+# Megatron-FSDP's fsdp_dtensor checkpoints key the model as `model.module.<mcore name>` (and
+# its optimizer state as `optimizer.state.module.`): DDP-style wrapping that no HF or
+# torchtitan model state dict has.
+_FSDP_DTENSOR_KEYS = (b"model.module.decoder.", b"model.module.embedding.",
+                      b"optimizer.state.module.")
+
+
+def is_fsdp_dtensor_dir(p: Path) -> bool:
+    """A Megatron-FSDP ``fsdp_dtensor`` checkpoint: DCP files (``.metadata``) without
+    ``metadata.json``, whose keys are Megatron-Core names under ``model.module.`` (bytes
+    peeked, nothing unpickled)."""
+    if not (p.is_dir() and (p / ".metadata").is_file()) or (p / "metadata.json").is_file():
+        return False
+    raw = _metadata_bytes(p)
+    return raw is not None and any(k in raw for k in _FSDP_DTENSOR_KEYS)
+
+
+_SHARDING_INFO = b"DCP_SHARDING_INFO"
+_MAX_PEEK = 1 << 20
+
+
+def is_dcp_sharded_safetensors_dir(p: Path) -> bool:
+    """Safetensors files written by torch's ``HuggingFaceStorageWriter(save_distributed=
+    True)``: the first ``*.safetensors`` file's header (at most 1 MiB peeked) carries
+    ``DCP_SHARDING_INFO`` in its ``__metadata__``."""
+    try:
+        files = sorted(c for c in p.glob("*.safetensors") if c.is_file())
+    except OSError:
+        return False
+    if not files:
+        return False
+    try:
+        with open(files[0], "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            return _SHARDING_INFO in f.read(min(n, _MAX_PEEK))
+    except OSError:
+        return False
 
 
 def has_rank_dirs(p: Path) -> bool:

@@ -19,7 +19,7 @@ A row may *stack* a placeholder that only its IR patterns use (``stack="expert"`
 tensor then holds that tensor of every expert (transformers 5's fused ``mlp.experts.gate_up_proj``);
 its roles are ``<role>[<index>]``.
 
-Four namings exist:
+Five namings exist:
 
 * ``"hf"``: Hugging Face transformers names; the IR names *are* HF names, so this table is
   the identity over :meth:`ModelConfig.schema`, except where an architecture registers ``hf``
@@ -35,6 +35,9 @@ Four namings exist:
   (:mod:`ckpt_ir.tables.lora`), configured by ``NativeParams.lora``. An adapter targets some
   modules only, so its rows are *partial*: a binding keeps the roles whose IR tensor the
   adapter holds, and its transform is configured from those concrete names.
+* ``"torchtitan"``: torchtitan's model FQNs (``tok_embeddings.weight``,
+  ``layers.{layer}.attention.qkv_linear.wq.weight``, stacked routed experts), the keys of its
+  ``step-N/`` DCP checkpoints (:mod:`ckpt_ir.architectures.torchtitan`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ __all__ = [
     "one",
 ]
 
-NAMINGS = ("hf", "mcore", "verl-native", "mcore-lora")
+NAMINGS = ("hf", "mcore", "verl-native", "mcore-lora", "torchtitan")
 
 PIPELINE_TAIL = ("decoder.final", "output_layer", "model.norm", "lm_head", "score.", "mtp.")
 """Name prefixes of the non-layer tensors that follow the layers: the last pipeline stage holds

@@ -44,6 +44,7 @@ __all__ = [
     "MergeLora",
     "PadRows",
     "RankColumns",
+    "RopeInterleave",
     "RowBlocks",
     "StackExperts",
     "StackRanks",
@@ -1009,3 +1010,45 @@ class InterleaveFusedQKV(Transform):
                 f"heads/group={self.heads_per_group}, head_dim={self.head_dim})")
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class RopeInterleave(Transform):
+    """Rows of a q or k projection from HF's half-split RoPE order to Meta's interleaved one.
+
+    HF Llama rotates dimension ``i`` of a head with ``i + head_dim/2`` (``rotate_half``);
+    Meta's original code, and torchtitan's llama3, rotate the pairs ``(2i, 2i+1)``. torchtitan's
+    ``Llama3StateDictAdapter`` converts with ``_reverse_permute`` (HF -> torchtitan, ``apply``
+    here) and ``_permute`` (torchtitan -> HF, ``inverse``)::
+
+        apply:   w.view(heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+        inverse: w.view(heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    A pure row permutation: bits are kept, only rows move.
+    """
+
+    heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        if self.heads < 1 or self.head_dim < 2 or self.head_dim % 2:
+            raise InternalError(f"RoPE interleaving needs an even head_dim: {self}")
+
+    def _permute(self, t: torch.Tensor, split: tuple[int, int]) -> torch.Tensor:
+        rows = self.heads * self.head_dim
+        if t.dim() < 1 or t.shape[0] != rows:
+            raise InternalError(f"RoPE rows: shape {tuple(t.shape)}, expected {rows} rows")
+        rest = tuple(t.shape[1:])
+        return t.reshape(self.heads, *split, *rest).transpose(1, 2).reshape(rows, *rest)
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self._permute(parts[TENSOR], (2, self.head_dim // 2))
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {TENSOR: self._permute(native, (self.head_dim // 2, 2))}
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        return tuple(parts[TENSOR])
+
+    def describe(self) -> str:
+        return f"RopeInterleave({self.heads} heads of {self.head_dim})"

@@ -4,7 +4,7 @@ Required: :class:`Reader` and :class:`Writer` (:class:`DistributedWriter` for wr
 processes share). Optional capabilities, tested with ``isinstance`` by the core, are declared in
 :mod:`ckpt_ir.capabilities` and re-exported here: :class:`SlabWriter`, :class:`FileSlabWriter`,
 :class:`LocatingReader`, :class:`LayoutReader`, :class:`MaybeEmptyReader`,
-:class:`PartitionedWriter`, :class:`AlphaSourceReader`. Writers take one typed
+:class:`PartitionedWriter`, :class:`AlphaSourceReader`, :class:`RowsReader`. Writers take one typed
 :class:`~ckpt_ir.options.WriteOptions`.
 
 A reader exposes *native* tensors (the format's own names, with the unsharded layout of its
@@ -28,6 +28,7 @@ from ckpt_ir.capabilities import (
     LocatingReader,
     MaybeEmptyReader,
     PartitionedWriter,
+    RowsReader,
     SlabWriter,
 )
 from ckpt_ir.converters.storage.hf_files import SourceFiles
@@ -37,7 +38,7 @@ from ckpt_ir.tables import NativeParams
 
 __all__ = ["AdapterTarget", "AlphaSourceReader", "DistributedWriter", "FileSlabWriter",
            "LayoutReader", "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "Reader",
-           "SlabWriter", "SourceFiles", "VerlTree", "WriteOptions", "Writer"]
+           "RowsReader", "SlabWriter", "SourceFiles", "VerlTree", "WriteOptions", "Writer"]
 
 
 @runtime_checkable

@@ -1,7 +1,9 @@
 """``hf``: a Hugging Face transformers model directory.
 
 Reads ``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors`` with
-``model.safetensors.index.json``, or ``pytorch_model*.bin`` (through the restricted unpickler).
+``model.safetensors.index.json``, ``pytorch_model*.bin`` (through the restricted unpickler), or
+the per-rank shards torch's ``HuggingFaceStorageWriter`` writes before consolidation
+(``DCP_SHARDING_INFO``; :mod:`~ckpt_ir.converters.storage.dcp_safetensors`).
 Mixture-of-experts experts may be per expert (what transformers saves) or fused (transformers
 5's ``mlp.experts.gate_up_proj`` / ``down_proj``), an ``hf`` naming variant recognised from the
 names and written with the ``hf_experts="fused"`` option.
@@ -23,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
+from ckpt_ir.converters.storage.dcp_safetensors import ShardedSafetensors
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
     check_layer_count,
@@ -36,6 +39,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
 from ckpt_ir.durable import write_json
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
+from ckpt_ir.probes import is_dcp_sharded_safetensors_dir
 from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
@@ -97,6 +101,7 @@ class HfReader:
         self._where: dict[str, str] = {}
         self._open: dict[str, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
+        self._sharded: ShardedSafetensors | None = None
         self._trust = trust_pickles
         self.has_data = True
         self._kind = self._scan()
@@ -118,6 +123,10 @@ class HfReader:
         elif (p / BIN_INDEX).is_file() or (p / "pytorch_model.bin").is_file():
             self._scan_bin()
             return "pytorch_model.bin"
+        elif is_dcp_sharded_safetensors_dir(p):
+            self._sharded = ShardedSafetensors(p)
+            self._specs.update(self._sharded.specs)
+            return "torch HF sharded safetensors (DCP_SHARDING_INFO), consolidated on read"
         else:
             self._scan_config_only()
             return "config only"
@@ -180,6 +189,8 @@ class HfReader:
                               "plan it", path=self.path)
         if name in self._bin:
             return self._bin[name]
+        if self._sharded is not None:
+            return self._sharded.read(name)
         file = self._where.get(name)
         if file is None:
             raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name)
@@ -192,7 +203,8 @@ class HfReader:
         return carried_source_files((self.path, self._config_dir))
 
     def describe(self) -> dict[str, Any]:
-        files = sorted(set(self._where.values()))
+        files = self._sharded.files if self._sharded is not None \
+            else sorted(set(self._where.values()))
         return {"weights": self._kind, "files": files, "config_from": str(self._config_dir)}
 
     def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
@@ -202,16 +214,20 @@ class HfReader:
             offset = handle.locate(tensor)
             if offset is not None:
                 return Path(handle.path), offset
-        return None
+        return self._sharded.locate(tensor) if self._sharded is not None else None
 
     def release(self) -> None:
         for f in self._open.values():
             f.release()
+        if self._sharded is not None:
+            self._sharded.release()
 
     def close(self) -> None:
         for f in self._open.values():
             f.close()
         self._open.clear()
+        if self._sharded is not None:
+            self._sharded.close()
         self._bin.clear()
 
 

@@ -4,6 +4,7 @@
     python tools/bench.py --gib 8 --runs 1 --no-naive # memory figure for a larger model
     python tools/bench.py ... --write-docs            # put the table into docs/performance.md
     python tools/bench.py --mode verl-fsdp --gib 2    # verl FSDP (W=4) -> hf vs verl's merger
+    python tools/bench.py dcp --size 2G --runs 3      # FSDP2 DCP (W=4) -> hf (tools/bench_dcp.py)
 
 For each direction (hf -> mcore-dist, mcore-dist -> hf) it runs, alternating A B C D A B C D so
 machine drift hits every method alike:
@@ -227,6 +228,10 @@ def startup_overhead(env: dict[str, str], *tiny: Path) -> list[list[float]]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["dcp"]:
+        from tools.bench_dcp import main as dcp_main
+
+        return dcp_main(sys.argv[2:])
     if "--mode" in sys.argv:
         # --mode verl-fsdp: tools/bench_verl_fsdp.py (its own options).
         i = sys.argv.index("--mode")

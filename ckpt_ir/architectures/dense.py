@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.architectures.record import Architecture
+from ckpt_ir.architectures.torchtitan import TORCHTITAN_LLAMA3_ROWS, TORCHTITAN_QWEN3_ROWS
 from ckpt_ir.errors import PlanError
 from ckpt_ir.layout import Partition
 from ckpt_ir.table_engine import NativeParams, Row, one
@@ -152,10 +153,12 @@ def _qwen2_qkv_bias(hf: Mapping[str, Any]) -> bool:
     return True
 
 
-LLAMA = Architecture("llama", "Llama", _DENSE, megatron_guess=(2, ()))
+LLAMA = Architecture("llama", "Llama", {**_DENSE, "torchtitan": TORCHTITAN_LLAMA3_ROWS},
+                     megatron_guess=(2, ()))
 MISTRAL = Architecture("mistral", "Mistral", _DENSE)
 QWEN2 = Architecture("qwen2", "Qwen2", _DENSE, qkv_bias=_qwen2_qkv_bias,
                      attention_bias_refused=False, spells_attention_bias=False,
                      megatron_guess=(1, ("add_qkv_bias",)))
-QWEN3 = Architecture("qwen3", "Qwen3", {"mcore": DENSE_MCORE_ROWS}, qk_norm=True,
+QWEN3 = Architecture("qwen3", "Qwen3", {"mcore": DENSE_MCORE_ROWS,
+                                        "torchtitan": TORCHTITAN_QWEN3_ROWS}, qk_norm=True,
                      megatron_guess=(0, ("qk_layernorm",)))

@@ -20,6 +20,7 @@ from ckpt_ir.architectures.record import (
     hf_int_list,
     megatron_arg,
 )
+from ckpt_ir.architectures.torchtitan import TORCHTITAN_QWEN3_MOE_ROWS
 from ckpt_ir.errors import FormatError
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ QWEN2_MOE = Architecture(
 
 QWEN3_MOE = Architecture(
     "qwen3_moe", "Qwen3Moe",
-    {"mcore": moe_mcore_rows(QWEN3_MOE_NAMES), "hf": fused_hf_rows(QWEN3_MOE_NAMES)},
+    {"mcore": moe_mcore_rows(QWEN3_MOE_NAMES), "hf": fused_hf_rows(QWEN3_MOE_NAMES),
+     "torchtitan": TORCHTITAN_QWEN3_MOE_ROWS},
     moe=QWEN3_MOE_NAMES, hf_fields=_hf_fields, qk_norm=True, megatron_moe=_router,
     hf_moe_from_megatron=_qwen3_moe_from_megatron, megatron_guess=(2, ("qk_layernorm",)))

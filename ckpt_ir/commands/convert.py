@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --to mcore-dist: write DST as a verl 0.9.1 role directory "
                         "(global_step_N/actor): model/dist_ckpt, model/huggingface config and "
                         "tokenizer, transformer_config.json, ckpt_contents.json")
+    p.add_argument("--torchtitan", action="store_true",
+                   help="with --to torch-dcp: write DST as a torchtitan checkpoint folder "
+                        "(step-0/ with torchtitan's model FQNs; llama3, qwen3, qwen3 MoE)")
     p.add_argument("--world-size", type=int, metavar="N", dest="fsdp_world_size",
                    help="with --to verl-fsdp: write N model_world_size_N_rank_R.pt files, for "
                         "an FSDP job of N ranks (default 1)")
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.to != "verl-fsdp":
             raise FormatError(f"--world-size applies to --to verl-fsdp, not {args.to}")
         extra["fsdp_world_size"] = args.fsdp_world_size
+    if args.torchtitan:
+        extra["torchtitan"] = True
     return convert_with_progress(args, to=args.to, source_format=args.source_format,
                                  max_shard_size=args.max_shard_size, hf_experts=args.hf_experts,
                                  mcore_experts=args.mcore_experts, **extra,

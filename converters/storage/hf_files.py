@@ -44,7 +44,8 @@ def load_hf_config(directory: Path) -> dict[str, Any]:
     """Parse ``config.json``; a missing or malformed file is a typed error."""
     path = directory / "config.json"
     if not path.is_file():
-        raise MissingConfigError(f"no config.json in {directory}", path=directory)
+        raise MissingConfigError(f"no config.json in {directory}; pass --hf-config DIR (the "
+                                 "model's config.json)", path=directory)
     text = read_text(path, "config.json")
     try:
         data = json.loads(text, parse_constant=_not_json, parse_float=_finite)

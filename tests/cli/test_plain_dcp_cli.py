@@ -1,12 +1,14 @@
-"""A plain PyTorch DCP checkpoint is told apart from a Megatron-Core torch_dist one (issue #13).
+"""A plain PyTorch DCP checkpoint is told apart from a Megatron-Core torch_dist one (issue #13)
+and from Megatron-FSDP's fsdp_dtensor (issue #14).
 
-Both are ``torch.distributed.checkpoint`` directories with a ``.metadata`` file; megatron-core
-adds ``metadata.json`` (``sharded_backend``) and names its parameters ``decoder.layers...``.
-The checkpoints here are written by torch itself: FSDP2 (``fully_shard`` on a one-rank gloo
-group, CPU) saving an HF-named model with ``dcp.save``, and ``dcp.save`` of a torchtitan-named
-state dict without any process group. ckpt-ir must call them plain DCP, "not supported yet",
-exit 2, and write nothing; before the registry it called them mcore-dist and failed in the
-llama mcore table.
+All are ``torch.distributed.checkpoint`` directories with a ``.metadata`` file; megatron-core
+adds ``metadata.json`` (``sharded_backend``) and names its parameters ``decoder.layers...``;
+Megatron-FSDP puts those names under ``model.module.``. The checkpoints here are written by
+torch itself: FSDP2 (``fully_shard`` on a one-rank gloo group, CPU) saving an HF-named model
+with ``dcp.save``, and ``dcp.save`` of a torchtitan-named state dict without any process group.
+ckpt-ir reads them as ``torch-dcp`` (before the registry it called them mcore-dist and failed in
+the llama mcore table); without a model config they are refused in one line, exit 2, nothing
+written. Conversions of real FSDP2 saves: tests/clients/test_torch_dcp_client.py.
 """
 
 from __future__ import annotations
@@ -106,15 +108,13 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def test_plain_dcp_is_not_mistaken_for_torch_dist(plain_dcp: dict[str, Path], kind: str) -> None:
     d = plain_dcp[kind]
     assert is_plain_dcp_dir(d) and not is_dist_dir(d)
-    with pytest.raises(FormatError, match=r"plain PyTorch DCP checkpoint .* not supported yet"):
-        resolve(d)
-    assert describe_entry(d) == "plain PyTorch DCP checkpoint (FSDP2, torchtitan): not " \
-                                "supported yet"
+    assert resolve(d).format == "torch-dcp"
+    assert describe_entry(d) == "plain PyTorch DCP checkpoint (FSDP2 dcp.save, torchtitan, NeMo-RL)"
 
 
 @pytest.mark.parametrize("kind", ["fsdp2", "torchtitan"])
-def test_inspect_and_convert_refuse_plain_dcp_with_exit_2(plain_dcp: dict[str, Path],
-                                                          kind: str, tmp_path: Path) -> None:
+def test_plain_dcp_without_a_config_is_one_line_exit_2(plain_dcp: dict[str, Path], kind: str,
+                                                       tmp_path: Path) -> None:
     d = plain_dcp[kind]
     before = tree_bytes(d)
     for args in (("inspect", d), ("convert", d, tmp_path / "out", "--to", "hf", "--no-progress")):
@@ -122,19 +122,51 @@ def test_inspect_and_convert_refuse_plain_dcp_with_exit_2(plain_dcp: dict[str, P
         assert run.returncode == 2, (args, run.stderr)
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1, run.stderr
-        assert "plain PyTorch DCP checkpoint" in lines[0] and "not supported yet" in lines[0]
+        assert "DCP checkpoint without a model config" in lines[0] and "--hf-config" in lines[0]
         assert "mcore" not in lines[0]
     assert not (tmp_path / "out").exists()
     assert tree_bytes(d) == before
 
 
-def test_plain_dcp_inside_a_run_directory_is_refused_too(plain_dcp: dict[str, Path],
-                                                         tmp_path: Path) -> None:
+def test_plain_dcp_inside_a_run_directory_is_found(plain_dcp: dict[str, Path],
+                                                   tmp_path: Path) -> None:
     # The walk reaches it through a tracker and a step directory, as it would a torch_dist one.
     run = tmp_path / "run"
     step = run / "iter_0000005"
     step.parent.mkdir()
     os.symlink(plain_dcp["fsdp2"], step)
     (run / "latest_checkpointed_iteration.txt").write_text("5")
-    with pytest.raises(FormatError, match="iter_0000005 holds a plain PyTorch DCP checkpoint"):
+    found = resolve(run)
+    assert (found.format, found.path, found.step) == ("torch-dcp", step, 5)
+
+
+def test_an_fsdp_dtensor_directory_is_refused_with_exit_2(tmp_path: Path) -> None:
+    """Megatron-FSDP's keys (model.module.<Megatron-Core name>) in DCP files without
+    metadata.json: neither torch_dist nor a plain DCP of HF names; refused, not misread."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    d = tmp_path / "fsdp_dtensor"
+    dcp.save({"model.module.embedding.word_embeddings.weight": torch.zeros(4, 2),
+              "model.module.decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(8, 2)},
+             checkpoint_id=str(d), no_dist=True)
+    run = cli("inspect", d)
+    assert run.returncode == 2, run.stderr
+    line, = run.stderr.strip().splitlines()
+    assert "Megatron-FSDP fsdp_dtensor checkpoint" in line and "not supported yet" in line
+
+
+def test_verls_megatron_fsdp_tree_is_refused_not_misread(tmp_path: Path) -> None:
+    """verl's use_megatron_fsdp puts the fsdp_dtensor DCP in model/dist_ckpt/, where torch_dist
+    would be: the run is refused by evidence, naming the directory."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    d = run / "global_step_4" / "actor" / "model" / "dist_ckpt"
+    dcp.save({"model.module.decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(8, 2)},
+             checkpoint_id=str(d), no_dist=True)
+    (run / "latest_checkpointed_iteration.txt").write_text("4")
+    with pytest.raises(FormatError, match=r"Megatron-FSDP fsdp_dtensor .* not supported yet "
+                                          r"\(global_step_4/actor/model/dist_ckpt/\)"):
         resolve(run)

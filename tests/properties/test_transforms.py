@@ -16,6 +16,7 @@ from ckpt_ir.transforms import (
     Identity,
     InterleaveQKV,
     PadRows,
+    RopeInterleave,
     StackExperts,
     join_rows,
     rows_shape,
@@ -130,6 +131,20 @@ def test_pad_rows_round_trips(data):
     assert native.shape[0] == padded
     assert not native[rows:].any()
     _check_round_trip(op, {TENSOR: t})
+
+
+@given(st.data())
+def test_rope_interleave_round_trips_and_matches_torchtitans_permutation(data):
+    heads = data.draw(st.integers(1, 4))
+    head_dim = 2 * data.draw(st.integers(1, 6))
+    cols = data.draw(st.integers(1, 5))
+    t = data.draw(tensors((heads * head_dim, cols)))
+    op = RopeInterleave(heads, head_dim)
+    _check_round_trip(op, {TENSOR: t})
+    # torchtitan's Llama3StateDictAdapter._reverse_permute (HF -> torchtitan), written out.
+    rows = heads * head_dim
+    want = t.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    assert bits_equal(op.apply({TENSOR: t}), want)
 
 
 @given(st.data())

@@ -23,7 +23,7 @@ from ckpt_ir.formats import (
     spec,
     writer_class,
 )
-from ckpt_ir.probes import find_config_dir, is_dist_dir, is_plain_dcp_dir
+from ckpt_ir.probes import find_config_dir, is_dist_dir, is_fsdp_dtensor_dir, is_plain_dcp_dir
 from tests.fixtures import write_hf
 
 
@@ -31,13 +31,14 @@ def test_every_list_derives_from_the_registry() -> None:
     ids = [s.id for s in REGISTRY]
     assert len(ids) == len(set(ids))
     # The values the CLI and the messages have always shown, now computed from the specs.
-    assert FORMAT_NAMES == ("hf", "hf-peft", "mcore-dist", "verl-legacy", "megatron-legacy",
-                            "verl-fsdp")
-    assert WRITABLE_FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "verl-fsdp",
-                                "hf-peft")
+    assert FORMAT_NAMES == ("hf", "hf-peft", "mcore-dist", "torch-dcp", "verl-legacy",
+                            "megatron-legacy", "verl-fsdp")
+    assert WRITABLE_FORMATS == ("hf", "mcore-dist", "torch-dcp", "verl-legacy",
+                                "megatron-legacy", "verl-fsdp", "hf-peft")
     assert PER_RANK_FORMATS == ("verl-legacy", "megatron-legacy")
     assert ADAPTER_FORMATS == ("hf-peft", "mcore-dist", "verl-legacy", "verl-fsdp")
-    assert FORMATS == ("hf", "mcore-dist", "verl-legacy", "megatron-legacy", "verl-fsdp")
+    assert FORMATS == ("hf", "mcore-dist", "torch-dcp", "verl-legacy", "megatron-legacy",
+                       "verl-fsdp")
     assert set(FORMAT_NAMES) == {s.id for s in REGISTRY if s.supported}
 
 
@@ -79,8 +80,8 @@ def test_adapter_classes_named_by_the_specs_exist(name: str) -> None:
 def test_the_registry_refuses_what_it_cannot_do() -> None:
     with pytest.raises(FormatError, match="holds a LoRA adapter, not a model"):
         reader_class("hf-peft")
-    with pytest.raises(FormatError, match=r"plain PyTorch DCP .* not supported yet"):
-        reader_class("torch-dcp")
+    with pytest.raises(FormatError, match=r"Megatron-FSDP fsdp_dtensor .* not supported yet"):
+        reader_class("megatron-fsdp")
     with pytest.raises(FormatError, match="cannot hold LoRA adapters"):
         adapter_writer_class("megatron-legacy")
     with pytest.raises(FormatError, match=r"unknown format 'zarr'; expected one of hf, "):
@@ -109,6 +110,14 @@ def test_torch_dist_and_plain_dcp_are_told_apart_by_evidence(tmp_path: Path) -> 
     (tmp_path / "fsdp2" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     assert is_dist_dir(tmp_path / "fsdp2") and not is_plain_dcp_dir(tmp_path / "fsdp2")
     assert resolve(tmp_path / "mcore").format == "mcore-dist"
+    assert resolve(tmp_path / "titan").format == "torch-dcp"
+    # Megatron-FSDP's fsdp_dtensor: DCP files, no metadata.json, model.module.<mcore> keys.
+    fsdp = _metadata(tmp_path / "fsdp_dtensor", "model.module.decoder.layers.0.mlp."
+                     "linear_fc1.weight", "model.module.embedding.word_embeddings.weight")
+    assert is_fsdp_dtensor_dir(fsdp) and not is_plain_dcp_dir(fsdp) and not is_dist_dir(fsdp)
+    with pytest.raises(FormatError, match=r"holds a Megatron-FSDP fsdp_dtensor checkpoint .* "
+                                          r"not supported yet"):
+        resolve(fsdp)
 
 
 def test_probe_order_keeps_an_adapter_with_base_weights_an_adapter(tmp_path: Path) -> None:

@@ -148,10 +148,14 @@ class DcpDataFile:
 
 
 def write_metadata(directory: str | os.PathLike[str], records: Iterable[DcpRecord],
-                   tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+                   tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], *,
+                   flat_planner_data: bool = False) -> None:
     """Commit a DCP checkpoint: build torch's ``Metadata`` and write ``.metadata`` atomically.
 
     ``tensors`` gives each tensor's global shape and dtype; its chunks come from ``records``.
+    ``flat_planner_data``: record every key as a one-element path, as torch's
+    ``DefaultSavePlanner`` does for a flat state dict (``dcp_to_torch_save`` unflattens with
+    it); megatron-core writes None there.
     Written last (temp file, fsync, ``os.replace``), so a directory with ``.metadata`` is
     complete.
 
@@ -211,7 +215,7 @@ def write_metadata(directory: str | os.PathLike[str], records: Iterable[DcpRecor
 
     metadata = Metadata(
         state_dict_metadata=entries,
-        planner_data=None,
+        planner_data={fqn: (fqn,) for fqn in entries} if flat_planner_data else None,
         storage_data=storage,
         storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
         version=_DCP_VERSION,
