@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir.architectures import lookup
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
@@ -105,6 +106,11 @@ class HfReader:
         # another hf naming variant, recognised by its names.
         if any(n.endswith(FUSED_EXPERTS_SUFFIX) for n in self._specs):
             self.params = NativeParams(hf_experts="fused")
+        # Families whose fused experts come in two orientations say which one these are.
+        record = lookup(self.config.architecture)
+        if record is not None and record.hf_expert_layout is not None and self.has_data:
+            self.params = NativeParams(hf_experts=record.hf_expert_layout(
+                self.config, {n: s.shape for n, s in self._specs.items()}))
         self.config = drop_absent_mtp(self.config, self.naming, self.params, self._specs)
 
     def _scan(self) -> str:

@@ -124,6 +124,16 @@ class Architecture:
     # ones too; lower precedence is tried first, () matches anything (the fallback). None:
     # never guessed (to Megatron, mistral is llama).
     megatron_guess: tuple[int, tuple[str, ...]] | None = None
+    # A vision-language model's language-model config as a flat HF text config (its
+    # ``text_config`` with the top-level fields that override it): what the LM fields, the
+    # generic checks and the Megatron mapping read. None: the config is the LM's.
+    text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    # Megatron module prefix of the language model in the model's own names
+    # (Megatron-Bridge's VL models: ``language_model.``); "" for a GPTModel.
+    mcore_prefix: str = ""
+    # Which ``hf`` expert layout (``NativeParams.hf_experts``) a file's tensor shapes show, for
+    # families whose fused experts come in more than one orientation (qwen3_vl_moe).
+    hf_expert_layout: Callable[[ModelConfig, Mapping[str, Shape]], str] | None = None
 
     @property
     def is_moe(self) -> bool:
