@@ -45,6 +45,7 @@ from ckpt_ir.architectures.schema import decoder_schema
 from ckpt_ir.architectures.vision import (
     HubStackExperts,
     InterleaveHeads,
+    ModelPart,
     lm_prefix_rows,
     prefixed,
     text_config_of,
@@ -301,19 +302,54 @@ def hf_expert_layout(config: ModelConfig, shapes: Mapping[str, Shape]) -> str:
     return "fused" if int(version.split(".")[0]) >= 5 else "fused-hub"
 
 
+def _parts(config: ModelConfig) -> list[ModelPart]:
+    """The language model, the vision tower, its merger and deepstack mergers."""
+    v = vision_sizes(config)
+    q25 = config.architecture == "qwen2_5_vl"
+    tower, native = ("visual.", "visual.") if q25 else ("model.visual.", V)
+    vc = vision_config_of(config.hf)
+    attention = (f", window {vc.get('window_size')} px, full attention in blocks "
+                 f"{vc.get('fullatt_block_indexes')}" if q25 else "")
+    out = [
+        ModelPart("language model", "model.", LM,
+                  f"{config.num_layers} layers ({'qwen2' if q25 else 'qwen3'} "
+                  f"{'MoE ' if config.is_moe else ''}rows), mrope"),
+        ModelPart("vision tower", tower + "blocks.",
+                  native + ("blocks." if q25 else "decoder.layers."),
+                  f"{v.depth} blocks, hidden {v.hidden}, {v.heads} heads, ffn {v.ffn}, patch "
+                  f"{v.temporal}x{v.patch}x{v.patch} from {v.channels} channels{attention}"
+                  + ("; transformers' module, replicated" if q25 else
+                     "; QKV interleaved per head, split over TP")),
+        ModelPart("patch merger", tower + "merger.", native + "merger.",
+                  f"{v.merge}x{v.merge} patches ({v.merged}) -> {v.out}"),
+    ]
+    out.append(ModelPart("patch embedding", tower + "patch_embed.", native + "patch_embed.",
+                         f"Conv3d {'without' if q25 else 'with'} bias, replicated"))
+    if not q25:
+        out.append(ModelPart("position embedding", tower + "pos_embed.", native + "pos_embed.",
+                             f"{v.positions} x {v.hidden}, bilinearly interpolated, replicated"))
+    if v.deepstack:
+        taps = vision_config_of(config.hf).get("deepstack_visual_indexes")
+        out.append(ModelPart("deepstack mergers", tower + "deepstack_merger_list.",
+                             V + "decoder.deepstack_merger_list.",
+                             f"{v.deepstack}, after vision blocks {taps}, added to the "
+                             f"language model after its layers 0..{v.deepstack - 1}"))
+    return out
+
+
 QWEN2_5_VL = Architecture(
     "qwen2_5_vl", "Qwen2_5_VL",
     {"mcore": (*QWEN2_5_VL_TOWER_ROWS, *prefixed(DENSE_MCORE_ROWS, LM))},
     schema=_qwen2_5_vl_schema, hf_fields=_qwen2_5_vl_fields, qkv_bias=_qwen2_qkv_bias,
     attention_bias_refused=False, spells_attention_bias=False, text_config=text_config_of,
-    mcore_prefix=LM)
+    mcore_prefix=LM, parts=_parts)
 
 QWEN3_VL = Architecture(
     "qwen3_vl", "Qwen3VL",
     {"mcore": (*QWEN3_VL_TOWER_ROWS, *prefixed(DENSE_MCORE_ROWS, LM)),
      "hf": lm_prefix_rows("model.language_model.")},
     schema=_qwen3_vl_schema, hf_fields=_qwen3_vl_fields, qk_norm=True,
-    text_config=text_config_of, mcore_prefix=LM)
+    text_config=text_config_of, mcore_prefix=LM, parts=_parts)
 
 QWEN3_VL_MOE = Architecture(
     "qwen3_vl_moe", "Qwen3VLMoe",
@@ -321,4 +357,4 @@ QWEN3_VL_MOE = Architecture(
      "hf": (*lm_prefix_rows("model.language_model."), *_MOE_HF_ROWS)},
     moe=QWEN3_MOE_NAMES, schema=_qwen3_vl_schema, hf_fields=_qwen3_vl_moe_fields, qk_norm=True,
     megatron_moe=_router, text_config=text_config_of, mcore_prefix=LM,
-    hf_expert_layout=hf_expert_layout)
+    hf_expert_layout=hf_expert_layout, parts=_parts)

@@ -134,6 +134,9 @@ class Architecture:
     # Which ``hf`` expert layout (``NativeParams.hf_experts``) a file's tensor shapes show, for
     # families whose fused experts come in more than one orientation (qwen3_vl_moe).
     hf_expert_layout: Callable[[ModelConfig, Mapping[str, Shape]], str] | None = None
+    # The parts of a multi-part model (a VL model's vision tower, merger, deepstack mergers)
+    # for ``inspect``: :class:`ckpt_ir.architectures.vision.ModelPart` each.
+    parts: Callable[[ModelConfig], list[Any]] | None = None
 
     @property
     def is_moe(self) -> bool:

@@ -43,13 +43,18 @@ __all__ = [
 
 
 def text_config_of(hf: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A VL config's ``text_config`` with the top-level ``tie_word_embeddings``.
+    """A VL config's ``text_config`` (or, in the hub's flat layout, its top level) with the
+    top-level ``tie_word_embeddings``.
 
     Megatron-Bridge reads ``tie_word_embeddings`` from the top level: transformers gives
     ``text_config`` a default of its own that is wrong for untied models (architectures-wave2
     §3.1, §3.6). A missing or non-object ``text_config`` is a malformed config (ValueError).
     """
     text = hf.get("text_config")
+    if text is None:
+        # The hub's flat layout (Qwen2.5-VL's published configs): the text fields at the top
+        # level, as transformers reads them when text_config is absent.
+        text = {k: v for k, v in hf.items() if k != "vision_config"}
     if not isinstance(text, Mapping):
         raise ValueError("text_config must be an object (a vision-language config)")
     out = dict(text)
@@ -63,6 +68,29 @@ def vision_config_of(hf: Mapping[str, Any]) -> Mapping[str, Any]:
     if not isinstance(vision, Mapping):
         raise ValueError("vision_config must be an object (a vision-language config)")
     return vision
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPart:
+    """One part of a VL model as ``inspect`` names it: its IR tensors (names starting with
+    ``ir``), where Megatron keeps them (``megatron``) and its sizes (``detail``)."""
+
+    name: str
+    ir: str
+    megatron: str
+    detail: str
+
+
+def part_tensors(parts: Iterable[ModelPart], names: Iterable[str]) -> dict[str, list[str]]:
+    """IR tensor names by part, each in the part with the longest matching prefix (the
+    language model's ``model.`` holds ``model.visual.`` only when no tower part claims it)."""
+    ordered = sorted(parts, key=lambda p: len(p.ir), reverse=True)
+    out: dict[str, list[str]] = {p.name: [] for p in parts}
+    for n in names:
+        part = next((p for p in ordered if n.startswith(p.ir)), None)
+        if part is not None:
+            out[part.name].append(n)
+    return out
 
 
 def prefixed(rows: Iterable[Row], native: str) -> tuple[Row, ...]:
