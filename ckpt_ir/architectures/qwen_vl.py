@@ -313,27 +313,30 @@ def _parts(config: ModelConfig) -> list[ModelPart]:
     out = [
         ModelPart("language model", "model.", LM,
                   f"{config.num_layers} layers ({'qwen2' if q25 else 'qwen3'} "
-                  f"{'MoE ' if config.is_moe else ''}rows), mrope"),
+                  f"{'MoE ' if config.is_moe else ''}rows), mrope", tower=False),
         ModelPart("vision tower", tower + "blocks.",
                   native + ("blocks." if q25 else "decoder.layers."),
                   f"{v.depth} blocks, hidden {v.hidden}, {v.heads} heads, ffn {v.ffn}, patch "
-                  f"{v.temporal}x{v.patch}x{v.patch} from {v.channels} channels{attention}"
-                  + ("; transformers' module, replicated" if q25 else
-                     "; QKV interleaved per head, split over TP")),
+                  f"{v.temporal}x{v.patch}x{v.patch} from {v.channels} channels{attention}",
+                  note="transformers' module, replicated over TP" if q25 else
+                  "QKV interleaved per head, linear layers split over TP"),
         ModelPart("patch merger", tower + "merger.", native + "merger.",
-                  f"{v.merge}x{v.merge} patches ({v.merged}) -> {v.out}"),
+                  f"{v.merge}x{v.merge} patches ({v.merged}) -> {v.out}",
+                  note="replicated over TP" if q25 else "fc1 split by rows, fc2 by columns"),
     ]
     out.append(ModelPart("patch embedding", tower + "patch_embed.", native + "patch_embed.",
-                         f"Conv3d {'without' if q25 else 'with'} bias, replicated"))
+                         f"Conv3d {'without' if q25 else 'with'} bias", note="replicated"))
     if not q25:
         out.append(ModelPart("position embedding", tower + "pos_embed.", native + "pos_embed.",
-                             f"{v.positions} x {v.hidden}, bilinearly interpolated, replicated"))
+                             f"{v.positions} x {v.hidden}, bilinearly interpolated",
+                             note="replicated"))
     if v.deepstack:
         taps = vision_config_of(config.hf).get("deepstack_visual_indexes")
         out.append(ModelPart("deepstack mergers", tower + "deepstack_merger_list.",
                              V + "decoder.deepstack_merger_list.",
                              f"{v.deepstack}, after vision blocks {taps}, added to the "
-                             f"language model after its layers 0..{v.deepstack - 1}"))
+                             f"language model after its layers 0..{v.deepstack - 1}",
+                             note="fc1 split by rows, fc2 by columns"))
     return out
 
 

@@ -29,7 +29,7 @@ from ckpt_ir.table_engine import Row, one
 from ckpt_ir.transforms import TENSOR, StackExperts, Transform
 
 if TYPE_CHECKING:
-    from ckpt_ir.ir import Shape
+    from ckpt_ir.ir import ModelConfig, Shape
 
 __all__ = [
     "LM_LAYER_SUFFIXES",
@@ -79,6 +79,11 @@ class ModelPart:
     ir: str
     megatron: str
     detail: str
+    # A vision part: a source tensor under its prefixes that the table does not map means the
+    # config's sizes are not the part's (the language model's stray tensors are the planner's).
+    tower: bool = True
+    # How Megatron holds it (replicated, split over TP), for inspect.
+    note: str = ""
 
 
 def part_tensors(parts: Iterable[ModelPart], names: Iterable[str]) -> dict[str, list[str]]:
@@ -91,6 +96,42 @@ def part_tensors(parts: Iterable[ModelPart], names: Iterable[str]) -> dict[str, 
         if part is not None:
             out[part.name].append(n)
     return out
+
+
+def part_problem(config: ModelConfig, parts: Iterable[ModelPart], schema: Mapping[str, Shape],
+                 natives: Mapping[str, tuple[str, Shape]], held: Mapping[str, Shape]
+                 ) -> str | None:
+    """One line on the first part of a multi-part model that a checkpoint lacks entirely, or
+    whose tensors disagree with the config's sizes (a VL checkpoint without its vision tower;
+    a ``vision_config`` that is not the tower's); None when every part is whole.
+
+    ``natives``: IR name -> (the source's name for it, the shape the config implies there);
+    ``held``: the source's tensors and their shapes. The planner then lists every problem;
+    this names the cause once.
+    """
+    parts = list(parts)
+    by_part = part_tensors(parts, schema)
+    mapped = {native for native, _ in natives.values()}
+    for part in parts:
+        names = [n for n in by_part[part.name] if n in natives]
+        if not names:
+            continue
+        present = [natives[n] for n in names if natives[n][0] in held]
+        if not present:
+            return (f"the {config.architecture} checkpoint has no {part.name}: none of its "
+                    f"{len(names)} {part.ir}* tensors is there")
+        for native, expected in present:
+            if tuple(held[native]) != tuple(expected):
+                return (f"the config disagrees with the checkpoint's {part.name}: {native} is "
+                        f"{list(held[native])}, the config implies {list(expected)} "
+                        f"({part.detail})")
+        for native in held:
+            if part.tower and native not in mapped and native.startswith((part.ir,
+                                                                           part.megatron)):
+                return (f"the config disagrees with the checkpoint's {part.name}: it holds "
+                        f"{native}, which the config's {part.name} ({part.detail}) does not "
+                        "have")
+    return None
 
 
 def prefixed(rows: Iterable[Row], native: str) -> tuple[Row, ...]:

@@ -86,7 +86,7 @@ def _parts(cfg: Any, specs: Any) -> list[dict[str, Any]]:
     parts = record.parts(cfg)
     held = part_tensors(parts, specs)
     return [{"part": p.name, "ir": p.ir + "*", "megatron": p.megatron + "*",
-             "detail": p.detail, "tensors": len(held[p.name]),
+             "detail": p.detail, "megatron_note": p.note, "tensors": len(held[p.name]),
              "bytes": sum(specs[n].nbytes for n in held[p.name])} for p in parts]
 
 
@@ -115,8 +115,9 @@ def show(info: dict[str, Any]) -> None:
     if info.get("parts"):
         print("  parts:")
         for p in info["parts"]:
+            note = f"; {p['megatron_note']}" if p["megatron_note"] else ""
             print(f"    {p['part']}: {p['ir']} -> Megatron {p['megatron']} ({p['tensors']} "
-                  f"tensors, {human_bytes(p['bytes'])}): {p['detail']}")
+                  f"tensors, {human_bytes(p['bytes'])}): {p['detail']}{note}")
     if "adapter" in info:
         show_adapter_facts(info["adapter"])
     for k, v in info["details"].items():
