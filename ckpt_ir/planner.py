@@ -35,7 +35,7 @@ DROPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$"),
      "an MTP layer's copy of the shared embedding / output head"),
 )
-_TIED_COPIES = ("lm_head.weight", "output_layer.weight")
+_TIED_COPIES = ("lm_head.weight", "output_layer.weight", "language_model.output_layer.weight")
 
 
 @dataclass(frozen=True, slots=True)

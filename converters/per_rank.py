@@ -573,7 +573,8 @@ class PerRankReader:
         if not isinstance(value, torch.Tensor):
             self._dropped[name] = f"non-tensor entry ({type(value).__name__})"
             return
-        if name in _TIED_COPIES and self.config.shares_output_with_embedding:
+        if name.removeprefix(lm_prefix(self.config)) in _TIED_COPIES and \
+                self.config.shares_output_with_embedding:
             self._dropped[name] = ("tied to the input embedding: the last pipeline stage's copy "
                                    "of it")
             return
