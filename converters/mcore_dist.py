@@ -323,8 +323,13 @@ class McoreDistReader:
         embedding once, with no ``output_layer.weight``. Values recorded nowhere (a rotary base
         or a sequence length in ``transformer_config.json``) are refused, not guessed.
         """
-        fields = plain_arguments(fields)  # vocab_size may be anything before this
         tensors = self._dcp.index.tensors
+        if any(k.startswith(("language_model.", "vision_model.", "visual.")) for k in tensors):
+            # Megatron-Bridge's VL models: the arguments describe the language model only.
+            raise MissingConfigError(
+                f"{self.path} holds a vision-language model, whose vision tower {where.name} "
+                "does not describe; pass --hf-config DIR (the model's config.json)", path=where)
+        fields = plain_arguments(fields)  # vocab_size may be anything before this
         # Only a checkpoint with the embedding says anything by lacking an output layer (an
         # adapter-only one lacks both).
         tied = "output_layer.weight" not in tensors \
