@@ -345,14 +345,16 @@ QWEN2_5_VL = Architecture(
     {"mcore": (*QWEN2_5_VL_TOWER_ROWS, *prefixed(DENSE_MCORE_ROWS, LM))},
     schema=_qwen2_5_vl_schema, hf_fields=_qwen2_5_vl_fields, qkv_bias=_qwen2_qkv_bias,
     attention_bias_refused=False, spells_attention_bias=False, text_config=text_config_of,
-    mcore_prefix=LM, parts=_parts)
+    mcore_prefix=LM, parts=_parts,
+    hf_module_prefix="model.language_model.")
 
 QWEN3_VL = Architecture(
     "qwen3_vl", "Qwen3VL",
     {"mcore": (*QWEN3_VL_TOWER_ROWS, *prefixed(DENSE_MCORE_ROWS, LM)),
      "hf": lm_prefix_rows("model.language_model.")},
     schema=_qwen3_vl_schema, hf_fields=_qwen3_vl_fields, qk_norm=True,
-    text_config=text_config_of, mcore_prefix=LM, parts=_parts)
+    text_config=text_config_of, mcore_prefix=LM, parts=_parts,
+    hf_module_prefix="model.language_model.")
 
 QWEN3_VL_MOE = Architecture(
     "qwen3_vl_moe", "Qwen3VLMoe",
@@ -360,4 +362,5 @@ QWEN3_VL_MOE = Architecture(
      "hf": (*lm_prefix_rows("model.language_model."), *_MOE_HF_ROWS)},
     moe=QWEN3_MOE_NAMES, schema=_qwen3_vl_schema, hf_fields=_qwen3_vl_moe_fields, qk_norm=True,
     megatron_moe=_router, text_config=text_config_of, mcore_prefix=LM,
-    hf_expert_layout=hf_expert_layout, parts=_parts)
+    hf_expert_layout=hf_expert_layout, parts=_parts,
+    hf_module_prefix="model.language_model.")

@@ -137,6 +137,9 @@ class Architecture:
     # The parts of a multi-part model (a VL model's vision tower, merger, deepstack mergers)
     # for ``inspect``: :class:`ckpt_ir.architectures.vision.ModelPart` each.
     parts: Callable[[ModelConfig], list[Any]] | None = None
+    # Where transformers' module tree holds the language model in memory, in place of the
+    # IR's ``model.`` (a VL model's ``model.language_model.``): the names PEFT adapters use.
+    hf_module_prefix: str = ""
 
     @property
     def is_moe(self) -> bool:

@@ -134,6 +134,30 @@ def part_problem(config: ModelConfig, parts: Iterable[ModelPart], schema: Mappin
     return None
 
 
+def peft_name(config: ModelConfig, name: str) -> str:
+    """IR name -> the name of the same module / tensor in transformers' module tree, which
+    PEFT adapters use (a VL model's ``model.language_model.layers.…`` for ``model.layers.…``;
+    transformers 5 holds Qwen2.5-VL that way too, though it saves the legacy names)."""
+    from ckpt_ir.architectures import lookup
+
+    record = lookup(config.architecture)
+    prefix = record.hf_module_prefix if record is not None else ""
+    if prefix and name.startswith("model.") and not name.startswith(prefix):
+        return prefix + name.removeprefix("model.")
+    return name
+
+
+def ir_name_of_peft(config: ModelConfig, name: str) -> str:
+    """The inverse of :func:`peft_name`."""
+    from ckpt_ir.architectures import lookup
+
+    record = lookup(config.architecture)
+    prefix = record.hf_module_prefix if record is not None else ""
+    if prefix and name.startswith(prefix):
+        return "model." + name.removeprefix(prefix)
+    return name
+
+
 def prefixed(rows: Iterable[Row], native: str) -> tuple[Row, ...]:
     """``rows`` with ``native`` before each native name (a module prefix, ``language_model.``)."""
     return tuple(replace(r, native=native + r.native) for r in rows)
