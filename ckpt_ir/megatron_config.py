@@ -206,6 +206,9 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         "share_embeddings_and_output_weights": cfg.tie_word_embeddings,
         **rope_extra,
     }
+    if "mrope_section" in gpt:
+        # A TransformerConfig field in megatron-core (GPTModel reads config.mrope_section).
+        tc["mrope_section"] = gpt.pop("mrope_section")
     spec = {"normalization": "RMSNorm", "qk_layernorm": cfg.has_qk_norm}
     if not (cfg.is_moe or cfg.has_mla):
         return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes))

@@ -161,11 +161,11 @@ def test_the_published_configs_plan_without_weights(tmp_path, config, tensors):
 def test_megatron_args_carry_mrope():
     q25 = megatron_args(QWEN2_5_VL_72B)
     assert q25.gpt_model["position_embedding_type"] == "mrope"
-    assert q25.gpt_model["mrope_section"] == [16, 24, 24]
+    assert q25.transformer_config["mrope_section"] == [16, 24, 24]  # TransformerConfig's
     assert q25.transformer_config["add_qkv_bias"] is True
     assert q25.gpt_model["rotary_base"] == 1e6
     q3 = megatron_args(QWEN3_VL_30B_A3B)
-    assert q3.gpt_model["mrope_section"] == [24, 20, 20]
+    assert q3.transformer_config["mrope_section"] == [24, 20, 20]
     assert q3.transformer_config["num_moe_experts"] == 128
     assert q3.transformer_config["qk_layernorm"] is True
     assert any("mrope_interleaved" in n for n in q3.notes)
