@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,11 +28,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt_ir
+from ckpt_ir.cli import main
 from ckpt_ir.converters.storage.dcp_files import DcpReader
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.safety.unpickler import load_torch
 from tests.clients import qwen_vl_models as vl
 from tests.clients.mcore_harness import job_result, launch
+
+pytestmark = pytest.mark.clients
 
 MODELS = {"qwen2_5_vl": ("qwen2_5_vl", False), "qwen3_vl": ("qwen3_vl", False),
           "qwen3_vl-tied": ("qwen3_vl", True), "qwen3_vl_moe": ("qwen3_vl_moe", False)}
@@ -168,22 +169,25 @@ def test_hub_oriented_moe_experts_read_like_transformers_5s(suite, tmp_path):
     _assert_same_files(suite.src["qwen3_vl_moe"], tmp_path / "hf")
 
 
-def _cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckpt_ir", *map(str, args)],
-                          capture_output=True, text=True)
+def _cli(capsys, *args: object) -> tuple[int, str, str]:
+    """``ckpt-ir ARGS`` in this process: exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("key", ["qwen2_5_vl", "qwen3_vl"])
-def test_a_checkpoint_without_its_vision_tower_is_one_line(suite, key, tmp_path):
+def test_a_checkpoint_without_its_vision_tower_is_one_line(suite, key, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(suite.src[key], bad)
     tensors = load_file(bad / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if "visual." not in k},
               bad / "model.safetensors", metadata={"format": "pt"})
-    r = _cli("convert", bad, tmp_path / "out", "--to", "mcore-dist")
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1
-    assert f"the {MODELS[key][0]} checkpoint has no vision tower" in r.stderr, r.stderr
+    code, _, err = _cli(capsys, "convert", bad, tmp_path / "out", "--to", "mcore-dist")
+    assert code == 2
+    assert err.count("\n") == 1
+    assert f"the {MODELS[key][0]} checkpoint has no vision tower" in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -193,23 +197,23 @@ def test_a_checkpoint_without_its_vision_tower_is_one_line(suite, key, tmp_path)
      "weight is [32], the config implies [48]"),
     ({"depth": 2}, "it holds model.visual.blocks.2."),
 ])
-def test_a_vision_config_that_disagrees_with_the_tensors_is_one_line(suite, tmp_path, change,
-                                                                     message):
+def test_a_vision_config_that_disagrees_with_the_tensors_is_one_line(suite, tmp_path, capsys,
+                                                                     change, message):
     bad = tmp_path / "bad"
     shutil.copytree(suite.src["qwen3_vl"], bad)
     config = json.loads((bad / "config.json").read_text())
     config["vision_config"].update(change)
     (bad / "config.json").write_text(json.dumps(config))
-    r = _cli("convert", bad, tmp_path / "out", "--to", "mcore-dist")
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    code, _, err = _cli(capsys, "convert", bad, tmp_path / "out", "--to", "mcore-dist")
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
 
 
-def test_inspect_names_the_vision_parts(suite, tmp_path):
+def test_inspect_names_the_vision_parts(suite, tmp_path, capsys):
     ckpt_ir.convert(suite.src["qwen3_vl_moe"], tmp_path / "dist", to="mcore-dist")
-    r = _cli("inspect", tmp_path / "dist", "--json")
-    assert r.returncode == 0, r.stderr
-    parts = {p["part"]: p for p in json.loads(r.stdout)["parts"]}
+    code, out, err = _cli(capsys, "inspect", tmp_path / "dist", "--json")
+    assert code == 0, err
+    parts = {p["part"]: p for p in json.loads(out)["parts"]}
     assert set(parts) == {"language model", "vision tower", "patch merger", "patch embedding",
                           "position embedding", "deepstack mergers"}
     assert parts["vision tower"]["megatron"] == "vision_model.decoder.layers.*"
@@ -256,3 +260,15 @@ def test_megatron_core_runs_the_qwen2_5_vl_language_model(suite, tmp_path):
     for name in ("text", "image"):
         diff = (got[name] - want[name]).abs().max().item()
         assert diff <= 1e-5, f"{name}: megatron-core vs transformers logits differ by {diff:.3g}"
+
+
+def test_a_vl_torch_dist_without_its_hf_config_asks_for_it(suite, tmp_path, capsys):
+    """Megatron arguments describe no vision tower: refused in one line, not guessed."""
+    dist = tmp_path / "dist"
+    ckpt_ir.convert(suite.src["qwen3_vl"], dist, to="mcore-dist")
+    shutil.rmtree(dist / "hf_config")
+    (dist / "run_config.yaml").write_text("model:\n  num_layers: 4\n  hidden_size: 64\n")
+    code, _, err = _cli(capsys, "convert", dist, tmp_path / "out", "--to", "hf")
+    assert code == 2
+    assert err.count("\n") == 1 and "holds a vision-language model" in err \
+        and "pass --hf-config DIR" in err, err

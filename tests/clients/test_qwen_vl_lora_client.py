@@ -28,6 +28,8 @@ import ckpt_ir
 from tests.clients import qwen_vl_models as vl
 from tests.tolerances import assert_merged_close
 
+pytestmark = pytest.mark.clients
+
 ARCHS = ("qwen2_5_vl", "qwen3_vl")
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 R, ALPHA = 4, 8

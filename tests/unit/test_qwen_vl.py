@@ -6,14 +6,13 @@ line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ckpt_ir.architectures.vision import HubStackExperts, InterleaveHeads
+from ckpt_ir.cli import main
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.layout import Partition
@@ -144,13 +143,13 @@ def test_the_30b_a3b_config_reads_as_qwen3_moe_with_deepstack():
     # vision block 12; patch 2, pos 1, merger 6, 3 deepstack x 6; head 3.
     (QWEN3_VL_30B_A3B, 48 * (1 + 1 + 2 + 1 + 1 + 1 + 256) + 27 * 12 + 3 + 6 + 18 + 3),
 ])
-def test_the_published_configs_plan_without_weights(tmp_path, config, tensors):
+def test_the_published_configs_plan_without_weights(tmp_path, capsys, config, tensors):
     src = _write(tmp_path, config["model_type"], config)
-    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", str(src),
-                        str(tmp_path / "out"), "--to", "mcore-dist", "--dry-run", "--json"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    plan = json.loads(r.stdout)
+    code = main(["convert", str(src), str(tmp_path / "out"), "--to", "mcore-dist", "--dry-run",
+                 "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    plan = json.loads(out.out)
     assert plan["architecture"] == config["model_type"]
     assert plan["tensors_written"] == tensors
     total = sum(_numel(s) for s in ModelConfig.from_hf(config).schema().values())
@@ -312,10 +311,9 @@ def test_the_expert_orientation_is_read_from_the_shapes_or_the_transformers_vers
     ({"vision_config": "none"}, "vision_config must be an object"),
     ({"text_config": [1]}, "text_config must be an object"),
 ])
-def test_a_malformed_vl_config_is_refused_in_one_line(tmp_path, change, message):
+def test_a_malformed_vl_config_is_refused_in_one_line(tmp_path, capsys, change, message):
     src = _write(tmp_path, "q", {**QWEN3_VL_30B_A3B, **change})
-    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", str(src),
-                        str(tmp_path / "out"), "--to", "mcore-dist", "--dry-run"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    code = main(["convert", str(src), str(tmp_path / "out"), "--to", "mcore-dist", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
