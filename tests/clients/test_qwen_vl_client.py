@@ -20,6 +20,7 @@ image + text. It builds neither tower, nor Qwen3-VL's interleaved mrope (archite
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -272,3 +273,22 @@ def test_a_vl_torch_dist_without_its_hf_config_asks_for_it(suite, tmp_path, caps
     assert code == 2
     assert err.count("\n") == 1 and "holds a vision-language model" in err \
         and "pass --hf-config DIR" in err, err
+
+
+def test_qwen3_vl_moe_experts_split_over_expert_ranks(suite, tmp_path):
+    """EP=2, PP=2: each expert rank holds half the experts; the tower stays on stage 0."""
+    ranks, back = tmp_path / "ranks", tmp_path / "hf"
+    ckpt_ir.convert(suite.src["qwen3_vl_moe"], ranks, to="verl-legacy",
+                    layout=ParallelLayout(tp=1, pp=2, ep=2))
+    ckpt_ir.convert(ranks, back, to="hf")
+    _assert_same_files(suite.src["qwen3_vl_moe"], back)
+    files = {p.parent.name: _model_state(p) for p in ranks.rglob("mp_rank_*/*.pt")}
+    assert sorted(files) == ["mp_rank_00_000_000", "mp_rank_00_000_001",
+                             "mp_rank_00_001_000", "mp_rank_00_001_001"]
+    for name, sd in files.items():
+        stage = name.split("_")[3]  # mp_rank_TT_PPP_EEE
+        assert any(k.startswith("vision_model.") for k in sd) == (stage == "000"), name
+        # TE grouped experts (linear_fc1.weight{k}, local k): 4 experts over 2 expert ranks.
+        local = [k for k in sd if re.fullmatch(
+            r"language_model\.decoder\.layers\.0\.mlp\.experts\.linear_fc1\.weight\d+", k)]
+        assert len(local) == 2, (name, local)
