@@ -115,6 +115,9 @@ class ModelConfig:
     # ``{deepstack}`` axes); 0 for a text-only model.
     vision_blocks: int = 0
     deepstack_mergers: int = 0
+    # The heads of a vision tower whose attention Megatron splits over TP (Qwen3-VL's vision
+    # block); 0: none, or a tower replicated on every rank (Qwen2.5-VL's).
+    vision_split_heads: int = 0
 
     @property
     def text_hf(self) -> Mapping[str, Any]:

@@ -111,7 +111,9 @@ def _tower_fields(hf: Mapping[str, Any], *, deepstack: bool) -> dict[str, Any]:
         raise FormatError(f"vision_config.out_hidden_size={v.out} is not the language model's "
                           f"hidden_size={hf_int(text, 'hidden_size')}: the merger would not "
                           "feed it")
-    return {"vision_blocks": v.depth, "deepstack_mergers": v.deepstack}
+    # Qwen3-VL's Megatron vision block is split over TP by heads (Qwen2.5-VL's is replicated).
+    return {"vision_blocks": v.depth, "deepstack_mergers": v.deepstack,
+            "vision_split_heads": v.heads if deepstack else 0}
 
 
 def _qwen2_5_vl_fields(hf: Mapping[str, Any], layers: int) -> dict[str, Any]:

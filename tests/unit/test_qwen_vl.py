@@ -317,3 +317,19 @@ def test_a_malformed_vl_config_is_refused_in_one_line(tmp_path, capsys, change, 
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_tp_that_does_not_divide_the_split_vision_heads_is_refused(tmp_path):
+    from ckpt_ir.errors import IncompatibleLayoutError
+    from ckpt_ir.layout import ParallelLayout
+
+    # The language model (32 heads, 4 KV groups, FFN 6144, experts of 768) splits over TP=32;
+    # the vision tower's 16 heads do not.
+    q3 = ModelConfig.from_hf(QWEN3_VL_30B_A3B)
+    assert q3.vision_split_heads == 16
+    ParallelLayout(tp=8).check_model(q3)
+    with pytest.raises(IncompatibleLayoutError,
+                       match="TP=32 does not divide the vision tower's 16 attention heads"):
+        ParallelLayout(tp=32).check_model(q3, padded_vocab_size=151936 + 32 * 2)
+    # Qwen2.5-VL's tower is replicated: no constraint from its heads.
+    assert ModelConfig.from_hf(QWEN2_5_VL_72B).vision_split_heads == 0
