@@ -36,6 +36,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
+from ckpt_ir.architectures.vision import peft_name
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
 from ckpt_ir.ir import ModelConfig, Shape
 
@@ -422,6 +423,11 @@ class AdapterConfig:
         pattern (adapters on some sites only, e.g. an MoE model's experts but not its shared
         expert)."""
         targets: list[str] | str = leaves if isinstance(leaves, str) else sorted(set(leaves))
+        lm = peft_name(base, "model.layers.")
+        if isinstance(targets, list) and lm != "model.layers.":
+            # A VL model: leaf names alone would also adapt the vision tower's modules of the
+            # same name (Qwen2.5-VL's gate_proj / up_proj / down_proj); only the LM's.
+            targets = rf"{re.escape(lm)}\d+\..*\.({'|'.join(targets)})"
         peft = {
             "peft_type": "LORA", "auto_mapping": None,
             "base_model_name_or_path": base_model_name_or_path, "bias": "none",
@@ -439,7 +445,7 @@ class AdapterConfig:
             if self._targets(other):
                 raise FormatError(f"adapter_config.json targets {other}: {reason}", path=path)
         for t in self.target_parameters:
-            if not any(p == t or p.endswith(f".{t}") for p in self.parameter_groups()):
+            if not any(self._targets_parameter(p) for p in self.parameter_groups()):
                 raise FormatError(f"adapter_config.json target_parameters {t!r} match no fused "
                                   f"expert parameter of this {self.base.architecture} model",
                                   path=path)
@@ -451,7 +457,9 @@ class AdapterConfig:
     # -- queries ----------------------------------------------------------------------------------
 
     def _targets(self, module: str) -> bool:
-        """PEFT's ``check_target_module_exists`` for list and regex ``target_modules``."""
+        """PEFT's ``check_target_module_exists`` for list and regex ``target_modules`` (on the
+        module's name in transformers' tree: a VL model's ``model.language_model.…``)."""
+        module = peft_name(self.base, module)
         t = self.target_modules
         if isinstance(t, str):
             if t == "all-linear":
@@ -461,6 +469,7 @@ class AdapterConfig:
 
     def _targets_parameter(self, key: str) -> bool:
         """PEFT's match of ``target_parameters`` against a parameter's full name."""
+        key = peft_name(self.base, key)
         return any(key == t or key.endswith(f".{t}") for t in self.target_parameters)
 
     def parameter_of(self, m: LoraModule) -> str | None:
@@ -500,7 +509,7 @@ class AdapterConfig:
         expert adapted through its fused parameter, the parameter's."""
         m = self._targeted.get(module)
         param = self.parameter_of(m) if m is not None else None
-        return param if param is not None else module
+        return peft_name(self.base, param if param is not None else module)
 
     def modules(self) -> tuple[str, ...]:
         """Targeted module names (``model.layers.{l}.self_attn.q_proj``,

@@ -114,6 +114,22 @@ class ModelConfig:
     # Hybrid stacks (qwen3_next): the decoder layers whose attention is linear (Gated
     # DeltaNet); the others use full attention. Empty: every layer is full attention.
     linear_attention_layers: tuple[int, ...] = ()
+    # A vision tower's blocks and deepstack mergers (the table engine's ``{block}`` and
+    # ``{deepstack}`` axes); 0 for a text-only model.
+    vision_blocks: int = 0
+    deepstack_mergers: int = 0
+    # The heads of a vision tower whose attention Megatron splits over TP (Qwen3-VL's vision
+    # block); 0: none, or a tower replicated on every rank (Qwen2.5-VL's).
+    vision_split_heads: int = 0
+
+    @property
+    def text_hf(self) -> Mapping[str, Any]:
+        """The language model's HF config: ``hf`` itself, or a VL model's flattened
+        ``text_config`` (the record's ``text_config``)."""
+        record = lookup(self.architecture)
+        if record is None or record.text_config is None:
+            return self.hf
+        return record.text_config(self.hf)
 
     @property
     def heads_per_group(self) -> int:
@@ -206,11 +222,13 @@ class ModelConfig:
         hf = dict(hf)
         record = architecture(hf.get("model_type"))
         try:
-            layers = _layer_count(hf)
-            hidden = _int(hf, "hidden_size")
-            heads = _int(hf, "num_attention_heads")
-            kv_heads = _int(hf, "num_key_value_heads", default=0) or heads
-            head_dim = _int(hf, "head_dim", default=0) or hidden // heads
+            # A VL model's sizes are its language model's (``text_config``).
+            lm = record.text_config(hf) if record.text_config else hf
+            layers = _layer_count(lm)
+            hidden = _int(lm, "hidden_size")
+            heads = _int(lm, "num_attention_heads")
+            kv_heads = _int(lm, "num_key_value_heads", default=0) or heads
+            head_dim = _int(lm, "head_dim", default=0) or hidden // heads
             moe = record.hf_fields(hf, layers) if record.hf_fields else {}
             cfg = cls(
                 architecture=record.name,
@@ -219,23 +237,24 @@ class ModelConfig:
                 num_attention_heads=heads,
                 num_key_value_heads=kv_heads,
                 head_dim=head_dim,
-                intermediate_size=_int(hf, "intermediate_size"),
-                vocab_size=_int(hf, "vocab_size"),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                intermediate_size=_int(lm, "intermediate_size"),
+                vocab_size=_int(lm, "vocab_size"),
+                tie_word_embeddings=bool(lm.get("tie_word_embeddings", False)),
                 has_qkv_bias=record.qkv_bias(hf),
                 has_qk_norm=record.has_qk_norm(hf),
                 hf=MappingProxyType(hf),
                 **moe,
                 **_head_fields(hf),
             )
-        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as e:
+            # AttributeError: a VL config whose text_config / vision_config is not an object.
             # ArithmeticError: hidden // 0 heads, int(inf) from a hostile config.
             raise FormatError(f"HF config is missing or has a malformed field: {e}") from e
         cfg._check_supported()
         return cfg
 
     def _check_supported(self) -> None:
-        hf = self.hf
+        hf = self.text_hf
         record = architecture(self.architecture)
         if hf.get("attention_bias") and record.attention_bias_refused:
             raise FormatError(f"{self.architecture} with attention_bias=True (o_proj bias) is not "

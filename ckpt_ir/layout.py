@@ -329,6 +329,10 @@ class ParallelLayout:
             problems.append(f"TP={tp} does not divide the fused QKV rows")
         if config.intermediate_size % tp:
             problems.append(f"TP={tp} does not divide the FFN size {config.intermediate_size}")
+        if config.vision_split_heads % tp:
+            # Qwen3-VL's Megatron vision block splits its QKV by heads, like the LM's.
+            problems.append(f"TP={tp} does not divide the vision tower's "
+                            f"{config.vision_split_heads} attention heads")
         vocab = padded_vocab_size or config.vocab_size
         if vocab % tp:
             problems.append(f"TP={tp} does not divide the vocabulary ({vocab} rows); pad it "

@@ -99,6 +99,16 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any], list[str]]:
         or "default"
     extra: dict[str, Any] = {}
     notes: list[str] = []
+    section = params.get("mrope_section", scaling.get("mrope_section"))
+    if section is not None:
+        # Qwen VL's multimodal rope (rope_scaling {"type": "mrope"} before transformers 5):
+        # frequency pairs in sections fed by temporal / height / width position ids.
+        extra = {"position_embedding_type": "mrope", "mrope_section": list(section)}
+        if params.get("mrope_interleaved", scaling.get("mrope_interleaved")):
+            notes.append("mrope_interleaved=true (Qwen3-VL): megatron-core 0.16.1's mrope is "
+                         "contiguous sections only; Megatron-Bridge's Qwen3VLModel has its own")
+        if rope_type in ("mrope", "default"):
+            return float(theta), extra, notes
     if rope_type == "llama3":
         factor = params.get("factor", scaling.get("factor"))
         extra = {"rope_scaling": True, "rope_scaling_factor": float(factor)}
@@ -150,7 +160,7 @@ def _moe_args(cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
 
 def _mla_args(cfg: ModelConfig, theta: float, notes: list[str]) -> dict[str, Any]:
     """MLATransformerConfig fields of DeepSeek's multi-latent attention (and its rope)."""
-    hf = cfg.hf
+    hf = cfg.text_hf  # a VL model's: its language model's
     tc: dict[str, Any] = {
         "multi_latent_attention": True,
         "q_lora_rank": cfg.q_lora_rank or None,
@@ -185,7 +195,7 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
                   pad_vocab_to_multiple: int | None = None) -> MegatronModelArgs:
     """Megatron-Core ``TransformerConfig`` / ``GPTModel`` / layer-spec kwargs for an HF config."""
     cfg = hf_config if isinstance(hf_config, ModelConfig) else ModelConfig.from_hf(hf_config)
-    hf = cfg.hf
+    hf = cfg.text_hf  # a VL model's: its language model's
     theta, rope_extra, notes = _rope(hf)
     tc = {
         "num_layers": cfg.num_layers,
@@ -221,6 +231,9 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         "share_embeddings_and_output_weights": cfg.tie_word_embeddings,
         **rope_extra,
     }
+    if "mrope_section" in gpt:
+        # A TransformerConfig field in megatron-core (GPTModel reads config.mrope_section).
+        tc["mrope_section"] = gpt.pop("mrope_section")
     spec = {"normalization": "RMSNorm", "qk_layernorm": cfg.has_qk_norm}
     record = lookup(cfg.architecture)
     if cfg.is_moe:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ckpt_ir.architectures import lookup
+from ckpt_ir.architectures.vision import part_problem
 from ckpt_ir.errors import PlanError
 from ckpt_ir.ir import ModelConfig, Shape, TensorSpec, dtype_name
 from ckpt_ir.tables import Binding, NativeParams, Table, build_table
@@ -33,7 +35,7 @@ DROPPABLE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$"),
      "an MTP layer's copy of the shared embedding / output head"),
 )
-_TIED_COPIES = ("lm_head.weight", "output_layer.weight")
+_TIED_COPIES = ("lm_head.weight", "output_layer.weight", "language_model.output_layer.weight")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,21 @@ def ir_view(source: SourceView) -> DestView:
     return DestView(IR_VIEW_FORMAT, "hf", source.params)
 
 
+def _check_parts(config: ModelConfig, src: Table, tensors: Mapping[str, TensorSpec],
+                 schema: Mapping[str, Shape]) -> None:
+    """A multi-part model (a VL model) whose checkpoint lacks a part, or whose config's sizes
+    are not the part's: one line naming the part (PlanError), before the per-tensor list."""
+    record = lookup(config.architecture)
+    if record is None or record.parts is None:
+        return
+    natives = {ir: (b.native, _shape_of(b, schema)) for ir, (b, _) in src.by_ir.items()
+               if ir in schema and len(b.ir) == 1}
+    problem = part_problem(config, record.parts(config), schema, natives,
+                           {n: s.shape for n, s in tensors.items()})
+    if problem is not None:
+        raise PlanError([problem])
+
+
 def make_plan(source: SourceView, dest: DestView, config: ModelConfig, *,
               dtype: torch.dtype | None = None, schema: Mapping[str, Shape] | None = None,
               streams: bool = False, notes: tuple[str, ...] = ()) -> Plan:
@@ -190,6 +207,7 @@ def make_plan(source: SourceView, dest: DestView, config: ModelConfig, *,
     dst: Table = dest.table or build_table(dest.naming, config, dest.params, schema=schema)
     problems: list[str] = []
     dropped: dict[str, str] = dict(source.dropped)
+    _check_parts(config, src, source_tensors, schema)
 
     # 1. Every source tensor is mapped (with the shape the config implies) or dropped.
     for name, spec in source_tensors.items():

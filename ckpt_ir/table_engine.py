@@ -14,6 +14,10 @@ both directions resolve alike:
 * ``{expert}``: routed experts ``0 .. num_experts-1`` (only inside a layer);
 * ``{mtp}`` / ``{mtp_layer}``: multi-token-prediction layer ``k`` and its HF layer index
   ``num_layers + k`` (megatron-core ``mtp.layers.{mtp}`` <-> HF ``model.layers.{mtp_layer}``).
+* ``{block}`` / ``{deepstack}``: blocks ``0 .. vision_blocks-1`` of a vision tower and its
+  deepstack mergers ``0 .. deepstack_mergers-1`` (Qwen VL). Their bindings belong to no decoder
+  layer: like the embedding they live on the first pipeline stage, where Megatron places the
+  vision model.
 
 A row may *stack* a placeholder that only its IR patterns use (``stack="expert"``): one native
 tensor then holds that tensor of every expert (transformers 5's fused ``mlp.experts.gate_up_proj``);
@@ -76,9 +80,13 @@ __all__ = [
 
 NAMINGS = ("hf", "mcore", "verl-native", "mcore-lora", "torchtitan")
 
-PIPELINE_TAIL = ("decoder.final", "output_layer", "model.norm", "lm_head", "score.", "mtp.")
+PIPELINE_TAIL = ("decoder.final", "output_layer", "model.norm", "lm_head", "score.", "mtp.",
+                 "language_model.decoder.final", "language_model.output_layer",
+                 "model.language_model.norm")
 """Name prefixes of the non-layer tensors that follow the layers: the last pipeline stage holds
-them (the others, the embedding, live on the first stage)."""
+them (the others, the embedding, live on the first stage). The ``language_model.`` names are
+a vision-language model's (Megatron-Bridge's ``Qwen3VLModel.language_model``, transformers'
+``model.language_model``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +151,10 @@ LAYER_FEATURES = ("moe_layer", "dense_layer", "linear_attention_layer", "full_at
 ``ModelConfig.is_linear_attention_layer``), not per model."""
 
 # Placeholder -> the axis it ranges over; {mtp} and {mtp_layer} name one axis two ways.
-_PLACEHOLDER_AXIS = {"layer": "layer", "expert": "expert", "mtp": "mtp", "mtp_layer": "mtp"}
+_PLACEHOLDER_AXIS = {"layer": "layer", "expert": "expert", "mtp": "mtp", "mtp_layer": "mtp",
+                     "block": "block", "deepstack": "deepstack"}
+# Axes of tensors outside the decoder layers (a vision tower): expanded like non-layer rows.
+_TOWER_AXES = frozenset({"block", "deepstack"})
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -246,7 +257,8 @@ class Table:
 
 def _axis_size(config: ModelConfig, axis: str) -> int:
     return {"layer": config.num_layers, "expert": config.num_experts,
-            "mtp": config.num_mtp_layers}[axis]
+            "mtp": config.num_mtp_layers, "block": config.vision_blocks,
+            "deepstack": config.deepstack_mergers}[axis]
 
 
 def _bindings(row: Row, transform: Transform | None, config: ModelConfig, params: NativeParams,
@@ -302,6 +314,16 @@ def _expand(rows: Iterable[Row], config: ModelConfig, params: NativeParams,
             per_layer.append((row, transform))
         elif "mtp" in axes:
             per_mtp.append((row, transform))
+        elif axes and axes <= _TOWER_AXES:
+            if transform is None or len(axes) != 1:
+                raise InternalError(f"row {row.native}: a tower row ranges over one axis and "
+                                    "is not partial")
+            (axis,) = axes
+            for i in range(_axis_size(config, axis)):
+                values = {name: i for name, a in _PLACEHOLDER_AXIS.items() if a == axis}
+                out.append(Binding(_fill(row.native, values), MappingProxyType(
+                    {role: _fill(p, values) for role, p in row.ir.items()}), transform,
+                    row.partition, None))
         elif axes:
             raise InternalError(f"row {row.native}: {{expert}} needs a layer placeholder")
         else:

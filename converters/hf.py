@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir.architectures import lookup
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.dcp_safetensors import ShardedSafetensors
 from ckpt_ir.converters.storage.hf_files import (
@@ -110,6 +111,11 @@ class HfReader:
         # another hf naming variant, recognised by its names.
         if any(n.endswith(FUSED_EXPERTS_SUFFIX) for n in self._specs):
             self.params = NativeParams(hf_experts="fused")
+        # Families whose fused experts come in two orientations say which one these are.
+        record = lookup(self.config.architecture)
+        if record is not None and record.hf_expert_layout is not None and self.has_data:
+            self.params = NativeParams(hf_experts=record.hf_expert_layout(
+                self.config, {n: s.shape for n, s in self._specs.items()}))
         self.config = drop_absent_mtp(self.config, self.naming, self.params, self._specs)
 
     def _scan(self) -> str:
@@ -151,12 +157,12 @@ class HfReader:
         plans and dry runs work; reading data does not."""
         name = self.config.hf.get("dtype") or self.config.hf.get("torch_dtype") or "bfloat16"
         dtype = parse_dtype(str(name))
-        # The hf table's names, not the IR's: they differ where transformers fuses tensors on
-        # disk (gpt-oss's experts).
+        # The names this family writes (the hf table: a VL model's model.language_model.*, its
+        # fused experts), shaped from the schema.
         schema = self.config.schema()
         for b in build_table("hf", self.config, self.params).bindings:
-            shape = tuple(b.transform.shapes({r: schema[n] for r, n in b.ir.items()}))
-            self._specs[b.native] = TensorSpec(b.native, shape, dtype)
+            shape = b.transform.shapes({role: schema[ir] for role, ir in b.ir.items()})
+            self._specs[b.native] = TensorSpec(b.native, tuple(shape), dtype)
         self.has_data = False
 
     def _scan_bin(self) -> None:

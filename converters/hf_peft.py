@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 
 from ckpt_ir.adapters import EXPERT_PARAMS, AdapterConfig, parameter_prefix
+from ckpt_ir.architectures.vision import ir_name_of_peft, peft_name
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
@@ -186,7 +187,8 @@ class HfPeftReader:
         for raw, (shape, dtype) in entries.items():
             # PEFT saves base_model.model.<module>; a name without it is left as it is, so the
             # plan reports it as unmapped instead of guessing.
-            name = raw[len(PREFIX):] if raw.startswith(PREFIX) else raw
+            name = ir_name_of_peft(self.config, raw[len(PREFIX):]) if raw.startswith(PREFIX) \
+                else raw
             if name in self._specs:
                 raise CorruptCheckpointError(f"tensor {name} appears twice", path=p, tensor=name)
             self._specs[name] = TensorSpec(name, shape, dtype)
@@ -344,8 +346,8 @@ class HfPeftWriter:
         files = [s for s in specs if s.name not in self._pack_of] + packed
         # Widest dtypes first keeps every tensor aligned for zero-copy reads.
         ordered = sorted(files, key=lambda s: -s.dtype.itemsize)
-        self._writer = SafetensorsWriter(self.directory / ADAPTER_SAFETENSORS,
-                                         [(PREFIX + s.name, s.dtype, s.shape) for s in ordered],
+        entries = [(PREFIX + peft_name(self.config, s.name), s.dtype, s.shape) for s in ordered]
+        self._writer = SafetensorsWriter(self.directory / ADAPTER_SAFETENSORS, entries,
                                          {"format": "pt"})
         self._pending = len(specs)
 
@@ -354,13 +356,14 @@ class HfPeftWriter:
             raise InternalError("hf-peft writer used before begin()")
         packed = self._pack_of.get(name)
         if packed is None:
-            self._writer.write(PREFIX + name, tensor)
+            self._writer.write(PREFIX + peft_name(self.config, name), tensor)
         else:
             # Held until every expert's piece is here (one layer's expert adapters, small).
             pieces = self._packs[packed]
             pieces[name] = tensor.detach().clone()
             if all(t is not None for t in pieces.values()):
-                self._writer.write(PREFIX + packed, self._pack(packed, pieces))
+                self._writer.write(PREFIX + peft_name(self.config, packed),
+                                   self._pack(packed, pieces))
                 del self._packs[packed]
         self._pending -= 1
 

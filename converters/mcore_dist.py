@@ -46,6 +46,7 @@ from ckpt_ir.adapters import (
     from_lora_layout_json,
     lora_layout_json,
 )
+from ckpt_ir.architectures import lookup
 from ckpt_ir.converters.base import SourceFiles, VerlTree, WriteOptions
 from ckpt_ir.converters.per_rank import EXTRA_STATE_MODULES as _SPEC_EXTRA_STATE
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
@@ -95,8 +96,13 @@ VERL_DIST_DIR = "model/dist_ckpt"
 VERL_HF_DIR = "model/huggingface"
 VERL_MANIFEST = "ckpt_contents.json"
 
-_STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
-_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# A VL model's blocks sit under a module prefix (Megatron-Bridge: the language model's
+# ``language_model.decoder.layers``, the vision tower's ``vision_model.decoder.layers``); each
+# stack is its own key.
+_STACK_PREFIX = r"((?:language_model\.|vision_model\.)?)decoder\.layers\."
+_STACKED = re.compile(rf"^{_STACK_PREFIX}(?!\d+\.)(.+)$")
+_PER_LAYER = re.compile(rf"^{_STACK_PREFIX}(\d+)\.(.+)$")
+_VISION_STACK = "vision_model."
 # Routed experts: ``.experts.experts.{e}.`` in a native name, ``.experts.experts.`` in a key.
 _EXPERTS = ".experts.experts."
 _EXPERT = re.compile(r"\.experts\.experts\.(\d+)\.")
@@ -174,7 +180,9 @@ def _native_name(key: str, axes: tuple[str, ...], index: tuple[int, ...]) -> str
     name = key
     for axis, i in zip(axes, index, strict=True):
         if axis == "layer":
-            name = f"decoder.layers.{i}.{name[len('decoder.layers.'):]}"
+            m = _STACKED.match(name)
+            assert m is not None  # a layer axis only on stacked keys
+            name = f"{m.group(1)}decoder.layers.{i}.{m.group(2)}"
         else:
             at = name.index(_EXPERTS) + len(_EXPERTS)
             name = f"{name[:at]}{i}.{name[at:]}"
@@ -255,7 +263,8 @@ class McoreDistReader:
         self._notes: list[str] = []
         self._config_source, hf = self._find_config(hf_config, config_candidates)
         self.config = ModelConfig.from_hf(hf)
-        head = self._specs.get("output_layer.weight")
+        lm = self.config_prefix
+        head = self._specs.get(lm + "output_layer.weight")
         if head is not None and len(head.shape) == 2 and head.shape[0] == 1 \
                 and self.config.vocab_size > 1 and not self.config.is_value_model:
             # verl's critic: megatron-core's output layer replaced by LinearForLastLayer(H, 1).
@@ -263,11 +272,11 @@ class McoreDistReader:
             self._notes.append("output_layer.weight has one row: a value head (verl critic), "
                                "read as score.weight of a token-classification model")
         check_layer_count(self.config, len(self._specs), self._config_source)
-        emb = self._specs.get("embedding.word_embeddings.weight")
+        emb = self._specs.get(lm + "embedding.word_embeddings.weight")
         padded = emb.shape[0] if emb is not None else None
         if padded is not None and padded < self.config.vocab_size:
             # Padding only adds rows; fewer means the config is not this model's.
-            raise PlanError([f"embedding.word_embeddings.weight has {padded} rows, fewer than "
+            raise PlanError([f"{lm}embedding.word_embeddings.weight has {padded} rows, fewer than "
                              f"the config's vocab_size {self.config.vocab_size}"],
                             path=self._config_source)
         self.config = drop_absent_mtp(self.config, self.naming, NativeParams(), self._specs)
@@ -290,6 +299,12 @@ class McoreDistReader:
                                          path=self.path / ".metadata", tensor=name)
         self._joined[name] = keys
         self._specs[name] = TensorSpec(name, (sum(p.shape[0] for p in parts), *rest), dtype)
+
+    @property
+    def config_prefix(self) -> str:
+        """The language model's module prefix in this model's names (a VL model's)."""
+        record = lookup(self.config.architecture)
+        return record.mcore_prefix if record is not None else ""
 
     def _norm_style(self) -> str:
         """The layer spec whose norm keys this checkpoint uses (dense models: one set).
@@ -377,8 +392,13 @@ class McoreDistReader:
         embedding once, with no ``output_layer.weight``. Values recorded nowhere (a rotary base
         or a sequence length in ``transformer_config.json``) are refused, not guessed.
         """
-        fields = plain_arguments(fields)  # vocab_size may be anything before this
         tensors = self._dcp.index.tensors
+        if any(k.startswith(("language_model.", "vision_model.", "visual.")) for k in tensors):
+            # Megatron-Bridge's VL models: the arguments describe the language model only.
+            raise MissingConfigError(
+                f"{self.path} holds a vision-language model, whose vision tower {where.name} "
+                "does not describe; pass --hf-config DIR (the model's config.json)", path=where)
+        fields = plain_arguments(fields)  # vocab_size may be anything before this
         # Only a checkpoint with the embedding says anything by lacking an output layer (an
         # adapter-only one lacks both).
         tied = "output_layer.weight" not in tensors \
@@ -496,9 +516,13 @@ class McoreDistWriter:
         layers are stacked, then expert) and the sizes of those axes."""
         key, index, sizes = name, (), ()
         m = _PER_LAYER.match(name)
-        if m and self.config.has_uniform_layers:
-            key, index, sizes = f"decoder.layers.{m.group(2)}", (int(m.group(1)),), \
-                (self.config.num_layers,)
+        if m and m.group(1) == _VISION_STACK:
+            # A vision tower's blocks are alike: always stacked, over its depth.
+            key, index, sizes = f"{m.group(1)}decoder.layers.{m.group(3)}", \
+                (int(m.group(2)),), (self.config.vision_blocks,)
+        elif m and self.config.has_uniform_layers:
+            key, index, sizes = f"{m.group(1)}decoder.layers.{m.group(3)}", \
+                (int(m.group(2)),), (self.config.num_layers,)
         e = _EXPERT.search(key)
         if e:
             key = key[:e.start()] + _EXPERTS + key[e.end():]

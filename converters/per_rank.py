@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir.architectures import lookup
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.expert_ranks import (
     global_expert_name,
@@ -229,7 +230,7 @@ def count_local_experts(chunks: Sequence[Mapping[str, Any]]) -> int | None:
         per_layer: dict[int, set[int]] = {}
         for key in chunk:
             found = local_expert_index(key)
-            split = _split_layer(key, "decoder.layers.")
+            split = _split_layer(key.removeprefix("language_model."), "decoder.layers.")
             if found is not None and split is not None:
                 per_layer.setdefault(split[0], set()).add(found)
         if per_layer:
@@ -262,6 +263,18 @@ def _linear_module(name: str) -> str | None:
     if param in ("weight", "bias") and (leaf.startswith("linear_") or leaf == "eh_proj"):
         return module
     return None
+
+
+def lm_prefix(config: ModelConfig) -> str:
+    """The language model's module prefix in Megatron names: a VL model's
+    (``language_model.``, its record's ``mcore_prefix``), "" for a GPTModel."""
+    record = lookup(config.architecture)
+    return record.mcore_prefix if record is not None else ""
+
+
+def layer_prefix(naming: str, config: ModelConfig) -> str:
+    """Where ``naming`` numbers the decoder layers of ``config``'s model."""
+    return (lm_prefix(config) if naming == "mcore" else "") + LAYER_PREFIX[naming]
 
 
 def _split_layer(name: str, prefix: str) -> tuple[int, str] | None:
@@ -363,7 +376,8 @@ class PerRankReader:
         token-classification model it is."""
         if self.config.is_value_model:
             return
-        head = OUTPUT_LAYER if self.naming == "mcore" else "lm_head.weight"
+        head = lm_prefix(self.config) + OUTPUT_LAYER if self.naming == "mcore" \
+            else "lm_head.weight"
         for chunk in self._state[RankKey(0, pp - 1, 0)]:
             value = chunk.get(head)
             if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == 1 \
@@ -440,7 +454,11 @@ class PerRankReader:
         keys = [k for c in chunks for k in c]
         if not keys:
             raise CorruptCheckpointError(f"{path} holds no model tensors", path=path)
-        if any(k.startswith(("language_model.", "module.language_model.")) for k in keys):
+        # A megatron-core VL model (Megatron-Bridge's Qwen-VL) also keeps its language model
+        # under language_model., with megatron-core's decoder.layers in every rank file; the
+        # legacy Megatron-LM model has language_model.encoder.
+        if any(k.startswith(("language_model.", "module.language_model.")) for k in keys) \
+                and not any(k.startswith("language_model.decoder.") for k in keys):
             raise FormatError(f"{path} holds a legacy (non-megatron-core) Megatron-LM model "
                               "(language_model.* keys); only megatron-core GPTModel checkpoints "
                               "are supported", path=path)
@@ -485,7 +503,7 @@ class PerRankReader:
                 f"rank files in {self.path} hold different numbers of virtual pipeline chunks "
                 f"({sorted(chunk_counts)})", path=self.path)
         vpp = chunk_counts.pop()
-        prefix = LAYER_PREFIX[self.naming]
+        prefix = layer_prefix(self.naming, self.config)
         # Layers per chunk, from TP rank 0; every other TP rank must agree.
         sizes: list[list[int]] = []
         for p in range(pp):
@@ -535,14 +553,14 @@ class PerRankReader:
                             f"chunk {v} (e.g. {odd})", path=self._files[RankKey(0, p, e)])
                     for key in keys:
                         self._index_key(key, p, v, tp, placement, provisional, schema, e, ep)
-        emb = self._specs.get(EMBEDDING if self.naming == "mcore" else
+        emb = self._specs.get(lm_prefix(self.config) + EMBEDDING if self.naming == "mcore" else
                               "model.embed_tokens.weight")
         self.params = NativeParams(padded_vocab_size=emb.shape[0] if emb is not None else None,
                                    norm_style=self.norm_style)
 
     def _index_key(self, key: str, p: int, v: int, tp: int, placement: Placement, table: Table,
                    schema: Mapping[str, tuple[int, ...]], e: int = 0, ep: int = 1) -> None:
-        prefix = LAYER_PREFIX[self.naming]
+        prefix = layer_prefix(self.naming, self.config)
         split = _split_layer(key, prefix)
         name = key if split is None else \
             f"{prefix}{placement.global_layer(p, v, split[0])}.{split[1]}"
@@ -560,7 +578,8 @@ class PerRankReader:
         if not isinstance(value, torch.Tensor):
             self._dropped[name] = f"non-tensor entry ({type(value).__name__})"
             return
-        if name in _TIED_COPIES and self.config.shares_output_with_embedding:
+        if name.removeprefix(lm_prefix(self.config)) in _TIED_COPIES and \
+                self.config.shares_output_with_embedding:
             self._dropped[name] = ("tied to the input embedding: the last pipeline stage's copy "
                                    "of it")
             return
@@ -746,7 +765,7 @@ class PerRankWriter:
 
     def _place(self, binding: Binding) -> tuple[int, int, str]:
         """(pipeline rank, chunk, local name) of one global native tensor."""
-        prefix = LAYER_PREFIX[self.naming]
+        prefix = layer_prefix(self.naming, self.config)
         if binding.layer is not None:
             p, v, local = self.placement.locate(binding.layer)
             split = _split_layer(binding.native, prefix)
@@ -783,12 +802,13 @@ class PerRankWriter:
                 ep_rank, local = local_expert_name(local, self.config.num_experts,
                                                    self.layout.ep, self.expert_layout)
             self._targets[spec.name] = self._add_targets(p, v, local, ep_rank=ep_rank)
-            if tied_copy and spec.name == EMBEDDING:
+            if tied_copy and spec.name == lm_prefix(self.config) + EMBEDDING:
                 # megatron-core keeps a synchronized copy of a tied embedding as the last
                 # stage's output layer when PP > 1; its state dict has it, so strict loads
                 # need it. Written when the embedding arrives, listed last in its chunk.
                 self._tied_targets = self._add_targets(self.layout.pp - 1, vpp - 1,
-                                                       OUTPUT_LAYER, listed=False)
+                                                       lm_prefix(self.config) + OUTPUT_LAYER,
+                                                       listed=False)
                 self._targets[spec.name] += self._tied_targets
         for key, v, local in self._tied_targets:
             self._files[key].order[v].append(local)
@@ -811,7 +831,7 @@ class PerRankWriter:
         if self.config.is_moe or self.config.has_mla:
             self._add_module_extra_state_keys()
             return
-        prefix = LAYER_PREFIX[self.naming]
+        prefix = layer_prefix(self.naming, self.config)
         modules = EXTRA_STATE_MODULES[self.spec]
         last = (self.layout.pp - 1, self.layout.vpp - 1)
         for key, f in self._files.items():
@@ -828,7 +848,7 @@ class PerRankWriter:
                     out[at:at] = [f"{prefix}{layer}.{m}._extra_state" for m in modules]
                 if (key.pp, v) == last and not self.config.is_value_model:
                     # verl's value head (LinearForLastLayer) is a torch Linear: no extra state.
-                    out.append("output_layer._extra_state")
+                    out.append(lm_prefix(self.config) + "output_layer._extra_state")
                 f.order[v] = out
 
     def _add_module_extra_state_keys(self) -> None:
@@ -852,7 +872,7 @@ class PerRankWriter:
                         out.append(module[: -len("linear_proj")] + "core_attention._extra_state")
                 if (key.pp, v) == last and not self.config.is_value_model:
                     # verl's value head (LinearForLastLayer) is a torch Linear: no extra state.
-                    out.append("output_layer._extra_state")
+                    out.append(lm_prefix(self.config) + "output_layer._extra_state")
                 f.order[v] = out
 
     # -- writing ------------------------------------------------------------------------------

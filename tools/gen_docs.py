@@ -39,6 +39,11 @@ def render() -> str:
         "of the hf naming that are not the identity: transformers 5's fused experts, written",
         "with `--hf-experts fused` and recognised on read. See docs/moe.md.",
         "",
+        "Vision-language families (docs/vision-language.md): `{block}` ranges over the vision",
+        "tower's blocks and `{deepstack}` over its deepstack mergers; those tensors belong to no",
+        "decoder layer (first pipeline stage). Their `(hf)` rows put the language model under",
+        "`model.language_model.`; the `mcore` rows put it under `language_model.`.",
+        "",
     ]
     seen: dict[int, str] = {}
     for arch, namings in TABLES.items():

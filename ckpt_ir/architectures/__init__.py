@@ -23,6 +23,7 @@ from ckpt_ir.architectures.olmo2 import OLMO2
 from ckpt_ir.architectures.phi3 import PHI3
 from ckpt_ir.architectures.qwen3_next import QWEN3_NEXT
 from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
+from ckpt_ir.architectures.qwen_vl import QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE
 from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
 from ckpt_ir.architectures.seed_oss import SEED_OSS
 from ckpt_ir.errors import FormatError
@@ -44,7 +45,8 @@ REGISTRY: Mapping[str, Architecture] = _registry(
     LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS,
     GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA,
     GPT_OSS, QWEN3_NEXT,
-    PHI3, OLMO2, GEMMA2, GEMMA3_TEXT, MINISTRAL3)
+    PHI3, OLMO2, GEMMA2, GEMMA3_TEXT, MINISTRAL3,
+    QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 

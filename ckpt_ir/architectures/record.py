@@ -170,6 +170,23 @@ class Architecture:
     # the config's own ``partial_rotary_factor`` (``rope_parameters`` first) wins.
     partial_rotary_default: float = 1.0
 
+    # A vision-language model's language-model config as a flat HF text config (its
+    # ``text_config`` with the top-level fields that override it): what the LM fields, the
+    # generic checks and the Megatron mapping read. None: the config is the LM's.
+    text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    # Megatron module prefix of the language model in the model's own names
+    # (Megatron-Bridge's VL models: ``language_model.``); "" for a GPTModel.
+    mcore_prefix: str = ""
+    # Which ``hf`` expert layout (``NativeParams.hf_experts``) a file's tensor shapes show, for
+    # families whose fused experts come in more than one orientation (qwen3_vl_moe).
+    hf_expert_layout: Callable[[ModelConfig, Mapping[str, Shape]], str] | None = None
+    # The parts of a multi-part model (a VL model's vision tower, merger, deepstack mergers)
+    # for ``inspect``: :class:`ckpt_ir.architectures.vision.ModelPart` each.
+    parts: Callable[[ModelConfig], list[Any]] | None = None
+    # Where transformers' module tree holds the language model in memory, in place of the
+    # IR's ``model.`` (a VL model's ``model.language_model.``): the names PEFT adapters use.
+    hf_module_prefix: str = ""
+
     def has_qk_norm(self, hf: Mapping[str, Any]) -> bool:
         """Whether the HF config ``hf`` of this family has the per-head q/k norms."""
         return self.qk_norm(hf) if callable(self.qk_norm) else self.qk_norm

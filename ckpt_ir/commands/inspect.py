@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               for s in plan.ir_specs.values()}),
             "dropped": dict(sorted(plan.dropped.items())),
             "details": reader.describe(),
+            "parts": _parts(cfg, plan.ir_specs),
         }
     finally:
         reader.close()
@@ -72,6 +73,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if beside is not None:
             info["adapter"] = beside
     return info
+
+
+def _parts(cfg: Any, specs: Any) -> list[dict[str, Any]]:
+    """A multi-part model's parts (a VL model's vision tower, merger...) with their tensors."""
+    from ckpt_ir.architectures import lookup
+    from ckpt_ir.architectures.vision import part_tensors
+
+    record = lookup(cfg.architecture)
+    if record is None or record.parts is None:
+        return []
+    parts = record.parts(cfg)
+    held = part_tensors(parts, specs)
+    return [{"part": p.name, "ir": p.ir + "*", "megatron": p.megatron + "*",
+             "detail": p.detail, "megatron_note": p.note, "tensors": len(held[p.name]),
+             "bytes": sum(specs[n].nbytes for n in held[p.name])} for p in parts]
 
 
 def show(info: dict[str, Any]) -> None:
@@ -96,6 +112,12 @@ def show(info: dict[str, Any]) -> None:
           f"vocab={c['vocab_size']} tied={c['tie_word_embeddings']}")
     print(f"  tensors: {info['ir_tensors']} logical, {human_bytes(info['ir_bytes'])}, "
           f"dtypes {', '.join(info['dtypes'])}")
+    if info.get("parts"):
+        print("  parts:")
+        for p in info["parts"]:
+            note = f"; {p['megatron_note']}" if p["megatron_note"] else ""
+            print(f"    {p['part']}: {p['ir']} -> Megatron {p['megatron']} ({p['tensors']} "
+                  f"tensors, {human_bytes(p['bytes'])}): {p['detail']}{note}")
     if "adapter" in info:
         show_adapter_facts(info["adapter"])
     for k, v in info["details"].items():

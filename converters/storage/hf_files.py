@@ -81,6 +81,10 @@ def check_layer_count(config: ModelConfig, num_tensors: int, path: str | Path) -
     if config.num_layers > num_tensors:
         raise PlanError([f"the model config declares {config.num_layers} layers but the "
                          f"checkpoint holds only {num_tensors} tensors"], path=path)
+    if config.vision_blocks > num_tensors:
+        # A VL config's vision_config.depth, bounded the same way.
+        raise PlanError([f"the model config declares {config.vision_blocks} vision blocks but "
+                         f"the checkpoint holds only {num_tensors} tensors"], path=path)
 
 
 def _tree_root(directory: Path) -> Path:

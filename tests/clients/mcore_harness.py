@@ -788,5 +788,19 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _vl_command(name: str) -> Any:
+    """A Qwen VL job (``tests/clients/qwen_vl_jobs.py``, imported when run)."""
+
+    def run(job: Mapping[str, Any], rank: int, world: int) -> None:
+        from tests.clients.qwen_vl_jobs import COMMANDS
+
+        COMMANDS[name](job, rank, world)
+
+    return run
+
+
+_COMMANDS.update({n: _vl_command(n) for n in ("vl-load-forward",)})
+
+
 if __name__ == "__main__":  # dist_checkpointing.save spawns processes that re-import __main__
     sys.exit(main(sys.argv[1:]))
