@@ -294,7 +294,8 @@ def test_shell_pipe_into_head_is_quiet(src: Path) -> None:
 @pytest.mark.parametrize("args,message", [
     (("convert", "a", "b", "--to", "bogus"),
      "ckpt-ir: error: argument --to: invalid choice: 'bogus' (choose from 'hf', 'mcore-dist', "
-     "'verl-legacy', 'megatron-legacy', 'hf-peft') (see ckpt-ir convert --help)"),
+     "'torch-dcp', 'verl-legacy', 'megatron-legacy', 'verl-fsdp', 'hf-peft') "
+     "(see ckpt-ir convert --help)"),
     (("convert", "a", "b"),
      "ckpt-ir: error: the following arguments are required: --to (see ckpt-ir convert --help)"),
     (("convert", "a", "b", "--to", "hf", "--tp", "x"),
