@@ -2,6 +2,7 @@
 
     python tools/scale_plan.py                 # print the table
     python tools/scale_plan.py --write-docs    # refresh the table in docs/scale.md
+    python tools/scale_plan.py --estimate      # the multi-node time model (docs/scale.md)
 
 For each model config (shapes only: a directory holding just config.json) it times
 ``ckpt_ir.convert(..., dry_run=True)`` in both directions' first leg (hf -> mcore-dist) and
@@ -100,21 +101,68 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The time model's inputs. Rates per process (one thread) measured on the 16-CPU H100 host
+# with ``python tools/bench_scale.py --rates``; start-up and plan times measured as stated in
+# docs/scale.md; the filesystem figures are assumptions a reader replaces with their own.
+GB = 1e9
+RATES = {"copy": 2.35 * GB, "dequant": 0.22 * GB}
+START_S = 1.5 + 3.0       # import torch and ckpt-ir, plan a 671B model (2.7 s measured)
+COMMIT_S = 8.0            # gather every rank's chunk records, pickle a 31k-entry .metadata, fsync
+NODE_BW = 5 * GB          # what one node reads plus writes on the shared filesystem
+FS_BW = 20 * GB           # the filesystem's aggregate bandwidth
+CASES = {
+    # name: (bytes read, bytes written, per-tensor CPU work in bytes of output, its rate)
+    "DeepSeek-V3 671B, FP8 -> bf16 mcore-dist": (0.69e12, 1271.5 * GIB, 1271.5 * GIB, "dequant"),
+    "Llama-3.1-405B, bf16 hf -> mcore-dist": (756.0 * GIB, 756.0 * GIB, 0, "copy"),
+}
+
+
+def estimate(shapes=((1, 1), (1, 16), (2, 16), (4, 16), (8, 16))) -> str:
+    """Expected wall time of M nodes x N processes: start-up, then the slower of the
+    filesystem (read + write bytes over min(aggregate, M x per-node bandwidth)) and the
+    per-tensor CPU work spread over M x N single-threaded processes, then the commit."""
+    lines = ["| conversion | " + " | ".join(f"{m} node x {n}" if m == 1 else f"{m} nodes x {n}"
+                                          for m, n in shapes) + " |",
+             "|" + " --- |" * (1 + len(shapes))]
+    for name, (read, written, cpu, rate) in CASES.items():
+        cells = []
+        for m, procs in shapes:
+            io = (read + written) / min(FS_BW, m * NODE_BW)
+            work = cpu / (m * procs * RATES[rate])
+            total = START_S + max(io, work) + COMMIT_S
+            bound = "CPU" if work > io else "I/O"
+            cells.append(f"{total:.0f} s ({bound}; {written / (m * procs) / GIB:.1f} GiB/rank)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the multi-node time model's table (docs/scale.md)")
     args = p.parse_args()
+    if args.estimate:
+        text = estimate()
+        print(text)
+        if args.write_docs:
+            _replace("estimate", text)
+        return 0
     rows = [r for name, cfg in MODELS.items() if (r := study(name, cfg)) is not None]
     text = table(rows)
     print(text)
     if args.write_docs:
-        path = REPO / "docs" / "scale.md"
-        doc = path.read_text()
-        doc = re.sub(r"<!-- scale:begin -->.*?<!-- scale:end -->",
-                     lambda _: f"<!-- scale:begin -->\n{text}\n<!-- scale:end -->", doc, flags=re.S)
-        path.write_text(doc)
-        print(f"updated {path}")
+        _replace("scale", text)
     return 0
+
+
+def _replace(tag: str, text: str) -> None:
+    path = REPO / "docs" / "scale.md"
+    doc = path.read_text()
+    doc = re.sub(rf"<!-- {tag}:begin -->.*?<!-- {tag}:end -->",
+                 lambda _: f"<!-- {tag}:begin -->\n{text}\n<!-- {tag}:end -->", doc, flags=re.S)
+    path.write_text(doc)
+    print(f"updated {path}")
 
 
 if __name__ == "__main__":
