@@ -117,3 +117,19 @@ def safetensors_bytes(directory: Path) -> dict[str, tuple[str, tuple[int, ...], 
                 out[name] = (str(t.dtype), tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
     return out
 
+
+def assert_same_tensors(source: Path, result: Path) -> None:
+    """The HF directories ``source`` and ``result`` hold the same tensor names, each with the
+    same dtype, shape and bytes (file packing and header order may differ)."""
+    a, b = safetensors_bytes(source), safetensors_bytes(result)
+    assert sorted(b) == sorted(a), f"names differ: {sorted(set(a) ^ set(b))}"
+    changed = [n for n in a if a[n] != b[n]]
+    assert not changed, f"tensors differ after the round trip: {changed}"
+
+
+def assert_same_hf(source: Path, result: Path) -> None:
+    """:func:`assert_same_tensors`, and the same ``config.json``."""
+    assert_same_tensors(source, result)
+    assert json.loads((result / "config.json").read_text()) == \
+        json.loads((source / "config.json").read_text())
+

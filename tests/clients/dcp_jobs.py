@@ -20,52 +20,19 @@ Each command runs its ``args["models"]`` jobs in turn (one process start for all
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def launch(command: str, args: dict[str, Any], *, world_size: int, timeout: float = 240.0
            ) -> None:
-    """Run ``command`` on ``world_size`` gloo ranks; AssertionError with the logs on failure."""
-    from tests.clients.mcore_harness import free_port
+    """Run ``command`` of this module on ``world_size`` gloo ranks (the shared launcher of
+    tests/clients/mcore_harness.py); HarnessError, an AssertionError, with the logs on failure."""
+    from tests.clients.mcore_harness import launch as launch_ranks
 
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="dcp-jobs-") as logdir:
-        procs: list[tuple[subprocess.Popen, Path]] = []
-        for rank in range(world_size):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1",  # the ranks share a couple of cores
-                   "PYTHONPATH": os.pathsep.join(
-                       p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-            log = Path(logdir) / f"rank{rank}.log"
-            with log.open("wb") as fh:
-                procs.append((subprocess.Popen(
-                    [sys.executable, "-m", "tests.clients.dcp_jobs", command, json.dumps(args)],
-                    cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT), log))
-        deadline = time.monotonic() + timeout
-        try:
-            # Poll all ranks: one that dies leaves the others blocked in a collective.
-            while any(p.poll() is None for p, _ in procs):
-                if time.monotonic() > deadline or any(p.poll() not in (None, 0)
-                                                      for p, _ in procs):
-                    break
-                time.sleep(0.2)
-        finally:
-            for p, _ in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        failed = [f"rank {r} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
-                  for r, (p, log) in enumerate(procs) if p.returncode != 0]
-        assert not failed, f"{command} failed:\n" + "\n".join(failed)
+    launch_ranks(command, args, world_size=world_size, timeout=timeout,
+                 module="tests.clients.dcp_jobs")
 
 
 def _sharded_model(config_or_path: str, *, pretrained: bool, seed: int = 0):

@@ -97,25 +97,30 @@ _PORT_TAKEN = ("address already in use", "eaddrinuse")
 
 
 def launch(command: str, args: Any, *, world_size: int, timeout: float = 240.0,
-           attempts: int = 3) -> None:
-    """Run ``command`` on ``world_size`` gloo ranks; raise :class:`HarnessError` on failure.
+           attempts: int = 3, module: str = "tests.clients.mcore_harness",
+           env: dict[str, str] | None = None) -> None:
+    """Run ``python -m module command args`` on ``world_size`` gloo ranks; raise
+    :class:`HarnessError` (with every rank's output tail) if one fails or the run hangs.
 
     The port from :func:`free_port` can be taken by someone else before rank 0 binds it; such a
-    launch is retried on a fresh port.
+    launch is retried on a fresh port. The other client harnesses (verl's FSDP manager, FSDP2
+    jobs) launch their ranks through this too, with their own ``module`` and ``env``.
     """
     for attempt in range(attempts):
         try:
-            _launch_once(command, args, world_size=world_size, timeout=timeout)
+            _launch_once(command, args, world_size=world_size, timeout=timeout, module=module,
+                         extra_env=env or {})
             return
         except HarnessError as e:
             if attempt + 1 == attempts or not any(m in str(e).lower() for m in _PORT_TAKEN):
                 raise
 
 
-def _launch_once(command: str, args: Any, *, world_size: int, timeout: float) -> None:
+def _launch_once(command: str, args: Any, *, world_size: int, timeout: float, module: str,
+                 extra_env: dict[str, str]) -> None:
     port = free_port()
     payload = json.dumps(args)
-    with tempfile.TemporaryDirectory(prefix="mcore-harness-") as logdir:
+    with tempfile.TemporaryDirectory(prefix="client-ranks-") as logdir:
         procs: list[tuple[subprocess.Popen, Path]] = []
         for rank in range(world_size):
             env = {
@@ -126,12 +131,13 @@ def _launch_once(command: str, args: Any, *, world_size: int, timeout: float) ->
                 "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join(
                     p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+                **extra_env,
             }
             err = Path(logdir) / f"rank{rank}.log"
             with err.open("wb") as fh:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "tests.clients.mcore_harness", command, payload],
-                    cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen([sys.executable, "-m", module, command, payload],
+                                        cwd=REPO_ROOT, env=env, stdout=fh,
+                                        stderr=subprocess.STDOUT)
             procs.append((proc, err))
         deadline = time.monotonic() + timeout
         failed: list[str] = []
@@ -153,7 +159,7 @@ def _launch_once(command: str, args: Any, *, world_size: int, timeout: float) ->
         if failed:
             tails = "\n".join(f"----- rank {r} output (tail) -----\n{_tail(log)}"
                               for r, (_, log) in enumerate(procs))
-            raise HarnessError(f"mcore_harness {command} (world_size={world_size}): "
+            raise HarnessError(f"{module} {command} (world_size={world_size}): "
                                f"{'; '.join(failed)}\n{tails}")
 
 

@@ -38,7 +38,13 @@ import torch
 import ckpt_ir
 from tests.clients import glm_models, hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt, load_dcp_tensors, safetensors_bytes
+from tests.fixtures import (
+    Outcome,
+    assert_same_tensors,
+    attempt,
+    load_dcp_tensors,
+    safetensors_bytes,
+)
 
 pytestmark = pytest.mark.clients
 
@@ -177,13 +183,6 @@ def _assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, what: str
     assert diff <= ATOL, f"{what}: max abs logit diff {diff:.3g} > {ATOL}"
 
 
-def _assert_same_files(source: Path, result: Path) -> None:
-    a, b = safetensors_bytes(source), safetensors_bytes(result)
-    assert sorted(b) == sorted(a), f"names differ: {sorted(set(a) ^ set(b))}"
-    changed = [n for n in a if a[n] != b[n]]
-    assert not changed, f"tensors differ after the round trip: {changed}"
-
-
 def test_the_tiny_models_have_each_familys_tensors(suite: Suite) -> None:
     shapes = {f: {n: s for n, (_, s, _) in safetensors_bytes(suite.hf[f]).items()}
               for f in FAMILIES}
@@ -213,7 +212,7 @@ def test_round_trip_to_hf_is_bit_identical(suite: Suite, family: str, write: str
     back = tmp_path / "hf"
     # Each output carries the HF config: nothing else is passed.
     ckpt_ir.convert(suite.get(family, write), back, to="hf")
-    _assert_same_files(suite.hf[family], back)
+    assert_same_tensors(suite.hf[family], back)
     # The config announces an MTP layer that transformers did not save: ckpt-ir trims the
     # count to what the files hold (ModelConfig.without_mtp), and says nothing else changed.
     expected = {**json.loads((suite.hf[family] / "config.json").read_text()),
@@ -230,7 +229,7 @@ def test_fused_hf_experts_read_like_per_expert_ones(suite: Suite, family: str,
     assert "model.layers.1.mlp.experts.gate_up_proj" in fused
     assert not any(".experts.0." in n for n in fused)
     ckpt_ir.convert(dist, tmp_path / "hf", to="hf")
-    _assert_same_files(suite.hf[family], tmp_path / "hf")
+    assert_same_tensors(suite.hf[family], tmp_path / "hf")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -39,7 +39,7 @@ import torch
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt, safetensors_bytes
+from tests.fixtures import Outcome, assert_same_hf, attempt
 
 pytestmark = pytest.mark.clients
 
@@ -218,10 +218,4 @@ def test_hf_mcore_dist_hf_round_trip_is_bit_identical(
     dist = suite.dist[arch, variant].get(f"ckpt_ir.convert({arch} -> mcore-dist, {variant})")
     back = tmp_path / "hf"
     ckpt_ir.convert(dist, back, to="hf")  # the HF config travels inside the dist directory
-    source, result = safetensors_bytes(suite.hf[arch]), safetensors_bytes(back)
-    assert sorted(result) == sorted(source)
-    changed = [n for n in source if result[n] != source[n]]
-    assert not changed, f"tensors differ after the round trip: {changed}"
-    src_cfg = json.loads((suite.hf[arch] / "config.json").read_text())
-    out_cfg = json.loads((back / "config.json").read_text())
-    assert out_cfg == src_cfg
+    assert_same_hf(suite.hf[arch], back)

@@ -37,7 +37,13 @@ import torch
 import ckpt_ir
 from tests.clients import hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt, load_dcp_tensors, safetensors_bytes
+from tests.fixtures import (
+    Outcome,
+    assert_same_tensors,
+    attempt,
+    load_dcp_tensors,
+    safetensors_bytes,
+)
 
 pytestmark = pytest.mark.clients
 
@@ -225,10 +231,7 @@ def test_hf_mcore_dist_hf_round_trip_is_bit_identical(suite: Suite, arch: str,
     dist = suite.dist[arch, "default"].get(f"ckpt_ir.convert({arch} -> mcore-dist)")
     back = tmp_path / "hf"
     ckpt_ir.convert(dist, back, to="hf")
-    source, result = safetensors_bytes(suite.hf[arch]), safetensors_bytes(back)
-    assert sorted(result) == sorted(source)
-    changed = [n for n in source if result[n] != source[n]]
-    assert not changed, f"tensors differ after the round trip: {changed}"
+    assert_same_tensors(suite.hf[arch], back)
 
 
 

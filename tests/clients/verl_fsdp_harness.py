@@ -32,22 +32,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tests.clients.mcore_harness import REPO_ROOT, HarnessError, free_port
+from tests.clients import mcore_harness
 
 __all__ = ["launch", "verl_importable"]
 
-_PORT_TAKEN = ("address already in use", "eaddrinuse")
 
 
 def verl_importable() -> bool:
@@ -56,56 +51,11 @@ def verl_importable() -> bool:
 
 
 def launch(command: str, args: Any, *, world_size: int, timeout: float = 240.0) -> None:
-    """Run ``command`` on ``world_size`` gloo ranks; raise HarnessError on failure (one retry
-    on a port someone else took first)."""
-    for attempt in range(2):
-        try:
-            _launch_once(command, args, world_size=world_size, timeout=timeout)
-            return
-        except HarnessError as e:
-            if attempt or not any(m in str(e).lower() for m in _PORT_TAKEN):
-                raise
-
-
-def _launch_once(command: str, args: Any, *, world_size: int, timeout: float) -> None:
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="verl-fsdp-harness-") as logdir:
-        procs = []
-        for rank in range(world_size):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                   "VERL_USE_EXTERNAL_PLUGINS": "none",
-                   "PYTHONPATH": os.pathsep.join(
-                       p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-            log = Path(logdir) / f"rank{rank}.log"
-            with log.open("wb") as fh:
-                procs.append((subprocess.Popen(
-                    [sys.executable, "-m", "tests.clients.verl_fsdp_harness", command,
-                     json.dumps(args)], cwd=REPO_ROOT, env=env, stdout=fh,
-                    stderr=subprocess.STDOUT), log))
-        deadline = time.monotonic() + timeout
-        failed: list[str] = []
-        try:
-            # Poll all ranks: one that dies leaves the others blocked in a collective.
-            while not failed and any(p.poll() is None for p, _ in procs):
-                failed = [f"rank {r} exited {p.returncode}"
-                          for r, (p, _) in enumerate(procs) if p.returncode not in (None, 0)]
-                if time.monotonic() > deadline:
-                    failed.append(f"timed out after {timeout:.0f}s")
-                time.sleep(0.05)
-            failed = failed or [f"rank {r} exited {p.returncode}"
-                                for r, (p, _) in enumerate(procs) if p.returncode != 0]
-        finally:
-            for proc, _ in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        if failed:
-            tails = "\n".join(f"----- rank {r} -----\n{log.read_text(errors='replace')[-3000:]}"
-                              for r, (_, log) in enumerate(procs))
-            raise HarnessError(f"verl_fsdp_harness {command} (world_size={world_size}): "
-                               f"{'; '.join(failed)}\n{tails}")
+    """Run ``command`` of this module on ``world_size`` gloo ranks (the shared launcher of
+    tests/clients/mcore_harness.py); raise HarnessError on failure."""
+    mcore_harness.launch(command, args, world_size=world_size, timeout=timeout, attempts=2,
+                         module="tests.clients.verl_fsdp_harness",
+                         env={"VERL_USE_EXTERNAL_PLUGINS": "none"})
 
 
 # --------------------------------------------------------------------------- worker side
