@@ -30,6 +30,7 @@ from ckpt_ir.orchestration import (
     parse_size,
     plan_conversion,
     progress_counter,
+    quantization_notes,
     resolve_source,
     source_layout,
     target_layout,
@@ -84,7 +85,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             progress: Callable[[int, int], None] | None = None,
             layout: LayoutRequest = None, source_ep: int | None = None,
             hf_experts: str = "per-expert", mcore_experts: str | None = None,
-            verl_tree: bool = False, **options: Any) -> Report:
+            verl_tree: bool = False, quantize: str | None = None,
+            **options: Any) -> Report:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     The plan is built and validated from metadata first; then tensors stream through, one
@@ -105,6 +107,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     (``global_step_N/actor``) that verl's ``load_checkpoint`` and model merger open:
     ``model/dist_ckpt``, ``model/huggingface`` (config, tokenizer), ``transformer_config.json``
     and ``ckpt_contents.json``.
+    ``quantize`` (``hf`` only): ``"fp8"`` re-quantizes linear weights to block FP8 e4m3 with
+    ``weight_scale_inv``, as DeepSeek / Qwen FP8 releases store them (docs/quantized.md).
     """
     if "from" in options:
         source_format = options.pop("from")
@@ -126,13 +130,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         step = re.fullmatch(r"global_step_(\d+)", Path(dst).absolute().parent.name)
         tree = VerlTree(role=Path(dst).name if Path(dst).name in ("actor", "critic") else "actor",
                         step=int(step.group(1)) if step else None)
+    if quantize is not None and to != "hf":
+        raise FormatError(f"quantize (--quantize) writes hf, not {to}")
     started = time.perf_counter()
     wopts = WriteOptions(
         dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
         pad_vocab_to_multiple=pad_vocab_to_multiple,
         max_shard_bytes=parse_size(max_shard_size),
         trust_pickles=trust_pickles, mcore_spec=mcore_spec, hf_experts=hf_experts,
-        mcore_experts=mcore_experts, verl_tree=tree,
+        mcore_experts=mcore_experts, verl_tree=tree, quantize=quantize,
     )
     reader, resolved = open_reader(src, source_format, hf_config=hf_config,
                                    trust_pickles=trust_pickles, source_ep=source_ep,
@@ -141,7 +147,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         dest_layout = target_layout(reader, to, layout)
         wopts = dataclasses.replace(wopts, layout=dest_layout, source_params=reader.params)
         plan, writer_cls = plan_conversion(reader, to, wopts)
-        notes = [*resolved.notes, *carried_notes(reader)]
+        notes = [*resolved.notes, *carried_notes(reader), *quantization_notes(reader, plan, wopts)]
         report = Report(
             source=str(src), destination=str(dst), source_format=reader.format, dest_format=to,
             source_layout=source_layout(reader, resolved), architecture=reader.config.architecture,

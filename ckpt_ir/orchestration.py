@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +28,12 @@ from ckpt_ir.formats import PER_RANK_FORMATS, adapter_reader_class, reader_class
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.options import WriteOptions
 from ckpt_ir.planner import DestView, Plan, SourceView, make_plan
+from ckpt_ir.quantization import is_fp8_linear, target_quantization
 
 __all__ = ["LayoutRequest", "Report", "Source", "adapter_source", "carried_notes", "is_checkpoint",
            "open_adapter_reader", "open_reader", "parse_size", "plan_conversion",
-           "progress_counter", "resolve_source", "source_layout", "target_layout"]
+           "progress_counter", "quantization_notes", "resolve_source", "source_layout",
+           "target_layout"]
 
 
 @dataclass
@@ -204,6 +207,30 @@ def carried_notes(reader) -> list[str]:
     (a symlink leading out of the checkpoint, not a regular file)."""
     skipped = reader.source_files().skipped
     return [f"not copied: {path}: {why}" for path, why in sorted(skipped.items())]
+
+
+def quantization_notes(reader, plan, options) -> list[str]:
+    """Report notes for quantized checkpoints: what a quantized source holds and becomes, what
+    ``--quantize`` writes, and the MTP copies of the embedding and head an hf destination
+    gets (docs/quantized.md)."""
+    notes: list[str] = []
+    described = getattr(reader, "quantization", None)
+    if described:
+        notes.append(described)
+    if options.quantize == "fp8":
+        quant = target_quantization(plan.config.hf)
+        fp8 = [s for s in plan.dest_specs
+               if s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant)]
+        notes.append(f"destination is {quant.describe()}: {len(fp8)} linear weights "
+                     "re-quantized (scale = block amax / 448), the rest as planned")
+    copies = [s.name for s in plan.dest_specs if _MTP_COPY.match(s.name)]
+    if copies:
+        notes.append(f"MTP layers get copies of the shared embedding / output head: "
+                     f"{', '.join(copies)}")
+    return notes
+
+
+_MTP_COPY = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 
 
 # ------------------------------------------------------------------------------------------------
