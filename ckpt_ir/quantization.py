@@ -167,7 +167,8 @@ def scale_to_float32(scale: torch.Tensor) -> torch.Tensor:
     """Scales as float32: uint8 / float8_e8m0fnu bytes are E8M0 exponents (``2**(b - 127)``);
     bf16 / fp16 / fp32 widen exactly."""
     if scale.dtype == torch.uint8:
-        return torch.ldexp(torch.ones((), dtype=torch.float32), scale.to(torch.int32) - 127)
+        return torch.ldexp(torch.ones(scale.shape, dtype=torch.float32),
+                           scale.to(torch.int32) - 127)
     if scale.dtype.is_floating_point:
         return scale.to(torch.float32)
     raise FormatError(f"an FP8 scale of dtype {scale.dtype} is not supported")
