@@ -21,10 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ckpt_ir.capabilities import LayoutReader, SlabWriter
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError
 from ckpt_ir.formats import PER_RANK_FORMATS, adapter_reader_class, reader_class, writer_class
+from ckpt_ir.ir import TensorSpec
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.options import WriteOptions
 from ckpt_ir.planner import DestView, Plan, SourceView, make_plan
@@ -278,6 +281,15 @@ def plan_conversion(reader, to: str, options: WriteOptions) -> tuple[Plan, type]
     dest = DestView(to, writer_cls.naming, writer_cls.params_for(reader.config, options))
     plan = make_plan(SourceView.of(reader), dest, reader.config, dtype=options.dtype,
                      streams=issubclass(writer_cls, SlabWriter))
+    if options.quantize == "fp8":
+        # The weights to re-quantize reach the writer in float32 (a widening, or the
+        # dequantized values as read): --dtype applies to the tensors that stay unquantized,
+        # and a block's amax and scale come from the values before any rounding.
+        quant = target_quantization(reader.config.hf)
+        plan = dataclasses.replace(plan, dest_specs=tuple(
+            TensorSpec(s.name, s.shape, torch.float32)
+            if s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant) else s
+            for s in plan.dest_specs))
     return plan, writer_cls
 
 
