@@ -70,7 +70,11 @@ def open(src: str | os.PathLike, format: str | None = None, *,
 
     def read(name: str) -> torch.Tensor:
         binding, role = table.by_ir[name]
-        return binding.transform.inverse(reader.read(binding.native))[role]
+        out = binding.transform.inverse(reader.read(binding.native))[role]
+        # In the dtype ``tensors`` lists: a dequantizing reader computes in float32 and leaves
+        # the one rounding to its consumer.
+        dtype = plan.ir_specs[name].dtype
+        return out if out.dtype == dtype else out.to(dtype)
 
     return Checkpoint(format=reader.format, path=str(resolved.path), config=reader.config,
                       tensors=plan.ir_specs, reader=read, close=reader.close,
