@@ -157,6 +157,9 @@ class DequantizedView:
         """One line for plans and ``inspect``: what the source holds and what it becomes."""
         if self.quant is None:
             return None
-        return (f"source is {self.quant.describe()}: {self.quantized} tensors dequantized "
-                "on read (float32 math, rounded once to the destination dtype; bfloat16 when "
-                "none is asked)")
+        how = ("(float32 math, rounded once to the destination dtype; bfloat16 when none is "
+               "asked)")
+        if not self.quantized:
+            # A config-only directory (--dry-run on a published config): no tensors to pair.
+            return f"source config declares {self.quant.describe()}: weights dequantized {how}"
+        return f"source is {self.quant.describe()}: {self.quantized} tensors dequantized {how}"

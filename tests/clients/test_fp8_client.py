@@ -171,3 +171,26 @@ def test_bad_fp8_input_is_one_line_exit_2_nothing_written(how: str, message: str
         assert line.startswith("ckpt-ir: error: ")
         assert re.search(message, line), line
     assert siblings(out) == [] and not out.exists()
+
+
+def test_cli_dry_run_says_fp8_and_quantize_is_hf_only(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]):
+    _, fp8 = write_fp8_release("qwen3", tmp_path)
+    capsys.readouterr()
+    code = main(["convert", str(fp8), str(tmp_path / "out"), "--to", "hf", "--quantize", "fp8",
+                 "--dry-run", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    notes = json.loads(out)["notes"]
+    assert any(n.startswith("source is block FP8 e4m3, 128x128 blocks, float32 scales: 14 ")
+               for n in notes)
+    assert any(n.startswith("destination is block FP8 e4m3, 128x128 blocks, float32 scales: "
+                            "14 linear weights") for n in notes)
+    # A published config alone (no weights) plans too, and says what it declares.
+    (fp8 / "model.safetensors").unlink()
+    report = ckpt_ir.convert(fp8, tmp_path / "out", "mcore-dist", dry_run=True)
+    assert any(n.startswith("source config declares block FP8") for n in report.notes)
+    code = main(["convert", str(fp8), str(tmp_path / "out"), "--to", "mcore-dist",
+                 "--quantize", "fp8", "--dry-run"])
+    [line] = capsys.readouterr().err.splitlines()
+    assert code == 2 and "quantize (--quantize) writes hf, not mcore-dist" in line
