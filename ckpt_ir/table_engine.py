@@ -371,6 +371,8 @@ def describe_rows(rows: Iterable[Row]) -> str:
         tname = tname.strip().splitlines()[0]
         if r.stack is not None:
             tname += f" (every `{{{r.stack}}}` in one tensor)"
+        if r.copy:
+            tname += " (a copy, written only)"
         lines.append(f"| `{r.native}` | {parts} | {tname} | "
                      f"{r.partition.value} | {', '.join(r.conditions)} |")
     return "\n".join(lines)

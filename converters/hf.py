@@ -38,6 +38,7 @@ from ckpt_ir.durable import write_json
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
 from ckpt_ir.quantization import (
+    DEQUANTIZED_FROM,
     FP8_DTYPE,
     Quantization,
     fp8_scale_grid,
@@ -404,6 +405,7 @@ class HfWriter:
         if dtype is not None:
             config["dtype"] = dtype_name(dtype)
         if self._quant is not None:
+            config.pop(DEQUANTIZED_FROM, None)
             config["quantization_config"] = self._quant.to_hf()
         write_json(self.directory / "config.json", config)
         for name, path in source.source_files().files.items():
