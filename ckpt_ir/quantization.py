@@ -27,6 +27,7 @@ Facts: /work/shared/reference/architectures-wave2.md §4.3, §9.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,11 @@ def parse_quantization(hf: Mapping[str, Any]) -> Quantization | None:
     skip = qc.get("modules_to_not_convert") or qc.get("ignored_layers") or ()
     if not (isinstance(skip, list | tuple) and all(isinstance(s, str) for s in skip)):
         raise FormatError("config.json: modules_to_not_convert must be a list of names")
+    # Each pattern is matched against every weight name: bounded, and a few wildcards at most
+    # (a pattern of many '*' would backtrack for ever).
+    if len(skip) > 4096 or any(len(s) > 512 or s.count("*") > 8 for s in skip):
+        raise FormatError("config.json: modules_to_not_convert holds more than 4096 patterns, "
+                          "one longer than 512 characters or with more than 8 '*'")
     return Quantization("fp8", (block[0], block[1]), scale_fmt == "ue8m0", tuple(skip),
                         dict(qc))
 
@@ -138,11 +144,16 @@ def target_quantization(hf: Mapping[str, Any]) -> Quantization:
     return Quantization("fp8")
 
 
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
 def _module_matches(module: str, pattern: str) -> bool:
-    """transformers' rule for ``modules_to_not_convert``: the pattern is a component-aligned
-    part of the module path (``lm_head`` matches ``lm_head``, ``mlp.gate`` matches
-    ``model.layers.3.mlp.gate``)."""
-    return f".{module}.".find(f".{pattern.strip('.')}.") >= 0
+    """transformers' ``should_convert_module`` rule for ``modules_to_not_convert``: the pattern
+    matches from the start of the module path up to a module boundary (``lm_head``,
+    ``model.layers.*.self_attn``), or is a suffix of it (``mlp.gate``). The config is untrusted,
+    so its only regex syntax honoured is ``*`` (what the releases use), never a full regex."""
+    rx = re.escape(pattern).replace(r"\*", ".*")
+    return re.match(rf"(?:{rx}){_BOUNDARY}", module) is not None or module.endswith(pattern)
 
 
 def is_fp8_linear(name: str, shape: tuple[int, ...], quant: Quantization) -> bool:

@@ -93,19 +93,25 @@ def test_parse_quantization_refuses_what_it_cannot_read_exactly():
             ({"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e5m2"}, "e5m2"),
             ({"quant_method": "fp8", "weight_block_size": [128, 128],
               "activation_scheme": "static"}, "static"),
-            ({"quant_method": "fp8", "weight_block_size": [128, 0]}, "weight_block_size")):
+            ({"quant_method": "fp8", "weight_block_size": [128, 0]}, "weight_block_size"),
+            ({"quant_method": "fp8", "weight_block_size": [128, 128],
+              "modules_to_not_convert": ["*" * 20]}, "more than 8 '\\*'")):
         with pytest.raises(FormatError, match=what):
             parse_quantization({"quantization_config": bad})
 
 
 def test_which_weights_a_writer_quantizes():
-    q = Quantization("fp8", not_converted=("model.layers.0.mlp",))
+    q = Quantization("fp8", not_converted=("model.layers.0.mlp", "model.layers.*.self_attn.q_a",
+                                           "o_proj"))
+    # transformers' rule: from the start to a module boundary ('*' any run), or a suffix.
     yes = ["model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+           "model.layers.1.self_attn.q_a_proj.weight", "model.layers.10.mlp.down_proj.weight",
            "model.layers.1.mlp.experts.3.down_proj.weight", "model.layers.1.mlp.gate_proj.weight"]
     no = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
           "model.layers.1.self_attn.kv_a_layernorm.weight", "model.layers.4.eh_proj.weight",
           "model.layers.4.shared_head.head.weight", "model.layers.0.mlp.down_proj.weight",
-          "model.layers.1.mlp.experts.gate_up_proj"]
+          "model.layers.1.mlp.experts.gate_up_proj", "model.layers.2.self_attn.q_a.weight",
+          "model.layers.1.self_attn.o_proj.weight"]
     assert all(is_fp8_linear(n, (256, 256), q) for n in yes)
     assert not any(is_fp8_linear(n, (256, 256), q) for n in no)
     assert not is_fp8_linear(yes[0], (256,), q)
