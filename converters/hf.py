@@ -295,8 +295,11 @@ class HfWriter:
         shards: list[list[TensorSpec]] = [[]]
         size = 0
         for s in specs:
-            # A tensor larger than the cap gets a shard of its own, as transformers does.
-            if shards[-1] and size + s.nbytes > cap:
+            # A tensor larger than the cap gets a shard of its own, as transformers does. An
+            # FP8 weight's scale stays in its shard: the weight's file is the one a process
+            # writing it owns (torchrun splits work by file).
+            scale = self._quant is not None and s.name.endswith(FP8_SCALE_SUFFIX)
+            if shards[-1] and size + s.nbytes > cap and not scale:
                 shards.append([])
                 size = 0
             shards[-1].append(s)

@@ -194,3 +194,21 @@ def test_cli_dry_run_says_fp8_and_quantize_is_hf_only(tmp_path: Path,
                  "--quantize", "fp8", "--dry-run"])
     [line] = capsys.readouterr().err.splitlines()
     assert code == 2 and "quantize (--quantize) writes hf, not mcore-dist" in line
+
+
+def test_quantized_export_in_small_shards_keeps_each_scale_with_its_weight(tmp_path: Path):
+    """Shards capped small: every weight_scale_inv lands in its weight's shard (a torchrun
+    export splits work by file), and the index lists both."""
+    _, fp8 = write_fp8_release("qwen3", tmp_path)
+    ckpt_ir.convert(fp8, tmp_path / "back", "hf", quantize="fp8", max_shard_size=40_000)
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    assert len(set(weight_map.values())) > 3
+    scales = [n for n in weight_map if n.endswith("_scale_inv")]
+    assert len(scales) == 14
+    assert all(weight_map[n] == weight_map[n.removesuffix("_scale_inv")] for n in scales)
+    back = {}
+    for file in set(weight_map.values()):
+        back.update(load_file(tmp_path / "back" / file))
+    raw = load_file(fp8 / "model.safetensors")
+    assert back.keys() == raw.keys()
