@@ -212,3 +212,16 @@ def test_quantized_export_in_small_shards_keeps_each_scale_with_its_weight(tmp_p
         back.update(load_file(tmp_path / "back" / file))
     raw = load_file(fp8 / "model.safetensors")
     assert back.keys() == raw.keys()
+
+
+def test_dtype_fp32_keeps_the_float32_product(tmp_path: Path):
+    """``--dtype fp32``: the reference formula's float32 product itself, no bf16 rounding."""
+    _, fp8 = write_fp8_release("qwen3", tmp_path)
+    ckpt_ir.convert(fp8, tmp_path / "fp32", "hf", dtype="fp32")
+    raw = load_file(fp8 / "model.safetensors")
+    out = load_file(tmp_path / "fp32" / "model.safetensors")
+    fp8_names = [n for n, t in raw.items() if t.dtype == FP8]
+    assert len(fp8_names) == 14
+    for name in fp8_names:
+        want = reference_dequant(raw[name], raw[name + "_scale_inv"])
+        assert out[name].dtype == torch.float32 and torch.equal(_bits(out[name]), _bits(want))
