@@ -141,6 +141,12 @@ class ModelConfig:
         return MOE_NAMES.get(self.architecture) if self.is_moe else None
 
     @property
+    def has_expert_biases(self) -> bool:
+        """Routed experts with linear biases (gpt-oss; the record's ``expert_biases``)."""
+        record = lookup(self.architecture)
+        return self.is_moe and record is not None and record.expert_biases
+
+    @property
     def has_uniform_layers(self) -> bool:
         """Dense, or every decoder layer routed: megatron-core then stacks layers in torch_dist.
 

@@ -346,6 +346,11 @@ class ParallelLayout:
                                ("shared-expert FFN size", config.shared_expert_intermediate_size)):
                 if rows % etp:
                     problems.append(f"expert TP={etp} does not divide the {what} {rows}")
+            if etp > 1 and config.has_expert_biases:
+                # A file megatron-core cannot build a model for is refused, not written.
+                problems.append(f"expert TP={etp}: {config.architecture}'s experts have biases, "
+                                "which megatron-core supports only with expert TP 1 (set "
+                                "etp=1; per-rank formats, whose expert TP is TP, need TP=1)")
         if problems:
             raise IncompatibleLayoutError("; ".join(problems))
         self.placement(config.num_layers)

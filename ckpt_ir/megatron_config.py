@@ -45,7 +45,13 @@ class MegatronModelArgs:
                          **args.gpt_model)
 
     ``activation_func`` is named in ``activation`` rather than passed as a callable so the
-    mapping stays JSON-serialisable; every supported architecture uses SiLU (SwiGLU).
+    mapping stays JSON-serialisable: ``"silu"`` (SwiGLU) for every architecture but gpt-oss,
+    whose ``"quick_gelu"`` is ``megatron.core.fusions.fused_bias_geglu.quick_gelu`` (clamped
+    by ``activation_func_clamp_value``, offset by ``glu_linear_offset``).
+
+    ``config_attributes`` (gpt-oss's YaRN ``yarn_*``) are read by megatron-core with getattr
+    but are not TransformerConfig fields: set each on the config object
+    (``setattr(config, k, v)``) before building the GPTModel.
 
     Mixture of experts and DeepSeek-V3 add three choices, each named here:
 
@@ -70,6 +76,7 @@ class MegatronModelArgs:
     config_class: str = "TransformerConfig"
     decoder_block_spec: bool = False
     mtp: bool = False
+    config_attributes: dict[str, Any] = field(default_factory=dict)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int | None) -> int:
@@ -197,8 +204,7 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         **rope_extra,
     }
     spec = {"normalization": "RMSNorm", "qk_layernorm": cfg.has_qk_norm}
-    if not (cfg.is_moe or cfg.has_mla):
-        return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes))
+    record = lookup(cfg.architecture)
     if cfg.is_moe:
         tc.update(_moe_args(cfg, notes))
         spec["num_experts"] = cfg.num_experts
@@ -209,11 +215,19 @@ def megatron_args(hf_config: Mapping[str, Any] | ModelConfig, *,
         tc.update(_mla_args(cfg, theta, notes))
         spec.update(multi_latent_attention=True, qk_layernorm=True)
         notes[:] = [n for n in notes if "yarn" not in n]
+    # A family beyond the shared settings (gpt-oss): its record's own, applied last.
+    extra = record.megatron_extra(cfg, notes) \
+        if record is not None and record.megatron_extra is not None else None
+    if extra is not None:
+        tc.update(extra.transformer_config)
+        gpt.update(extra.gpt_model)
     return MegatronModelArgs(tc, gpt, spec, notes=tuple(notes),
+                             activation=(extra.activation or "silu") if extra else "silu",
                              config_class="MLATransformerConfig" if cfg.has_mla
                              else "TransformerConfig",
                              decoder_block_spec=not cfg.has_uniform_layers,
-                             mtp=cfg.num_mtp_layers > 0)
+                             mtp=cfg.num_mtp_layers > 0,
+                             config_attributes=dict(extra.config_attributes) if extra else {})
 
 
 _SKIP = object()
@@ -360,11 +374,13 @@ def _hf_config_from_megatron(args: Mapping[str, Any], *, vocab_size: int | None,
     elif tied is None:
         raise MissingConfigError("Megatron arguments do not say whether the embeddings are "
                                  "tied to the output layer")
-    if _get(args, "add_bias_linear", default=False):
-        raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
     # TransformerConfig / Megatron-Bridge say num_moe_experts, Megatron-LM args num_experts.
     experts = int(_get(args, "num_moe_experts", "num_experts", default=0) or 0)
     arch = architecture or guess_from_megatron(args, moe=bool(experts))
+    if _get(args, "add_bias_linear", default=False) and not (
+            (bias_record := lookup(arch)) is not None and bias_record.expert_biases):
+        # Only a named family with linear biases (gpt_oss) has an HF equivalent.
+        raise FormatError("Megatron models with add_bias_linear=True have no HF equivalent here")
     norm = _get(args, "normalization", default="RMSNorm")
     if norm != "RMSNorm":
         raise FormatError(f"Megatron normalization {norm!r} is not supported (RMSNorm only)")

@@ -31,9 +31,9 @@ if TYPE_CHECKING:
     # Typing only: ir.py imports the architecture records, which are built from transforms.
     from ckpt_ir.ir import Shape
 
-__all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveQKV", "MergeLora",
-           "PadRows", "RankColumns", "StackExperts", "StackRanks", "Transform", "join_rows",
-           "lora_roles", "rows_shape", "same_bits"]
+__all__ = ["TENSOR", "ConcatGateUp", "ConcatQKV", "Identity", "InterleaveExperts",
+           "InterleaveQKV", "MergeLora", "PadRows", "RankColumns", "StackExperts", "StackRanks",
+           "Transform", "join_rows", "lora_roles", "rows_shape", "same_bits"]
 
 TENSOR = "tensor"
 """The role name of a transform with a single part."""
@@ -619,3 +619,78 @@ class StackExperts(Transform):
 
     def describe(self) -> str:
         return f"StackExperts({self.num_experts} experts of [{'; '.join(self.parts)}])"
+
+
+@dataclass(frozen=True, slots=True)
+class InterleaveExperts(Transform):
+    """The experts of one layer in one tensor with their parts interleaved row by row and,
+    for 2-D parts, stored input-major (gpt-oss's ``mlp.experts.gate_up_proj``).
+
+    Each expert's parts (``[out, in]``, as ``nn.Linear`` holds them) are interleaved on the
+    output axis, then transposed when ``input_major``; the experts are stacked on a new dim 0.
+    With ``parts=("gate", "up")`` that is gpt-oss's ``gate_up_proj`` ``[E, H, 2F]``, column
+    ``2j`` = gate row ``j``, ``2j + 1`` = up row ``j``; its bias ``gate_up_proj_bias``
+    ``[E, 2F]`` is the same interleave of 1-D parts (nothing to transpose). With one part,
+    ``down_proj`` ``[E, F, H]`` (each expert's ``[H, F]`` transposed). Roles are
+    ``<part>[<expert>]``, as for :class:`StackExperts`.
+
+    The orientation is fixed by the transform, never inferred from shapes: gpt-oss's
+    ``down_proj`` is square (F = H) in both releases, which is how Megatron-Bridge stored it
+    transposed without noticing (#3743).
+    """
+
+    num_experts: int
+    parts: tuple[str, ...] = (TENSOR,)
+    input_major: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or not self.parts or len(set(self.parts)) != len(self.parts):
+            raise InternalError(f"InterleaveExperts needs experts and distinct parts: {self}")
+
+    @property
+    def roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(f"{p}[{e}]" for e in range(self.num_experts) for p in self.parts)
+
+    def _expert(self, parts: Mapping[str, torch.Tensor], e: int) -> torch.Tensor:
+        pieces = [parts[f"{p}[{e}]"] for p in self.parts]
+        w = pieces[0] if len(pieces) == 1 else \
+            torch.stack(pieces, dim=1).reshape(-1, *pieces[0].shape[1:])
+        return w.t() if self.input_major and w.dim() == 2 else w
+
+    def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self._expert(parts, e) for e in range(self.num_experts)], dim=0)
+
+    def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        # Expert by expert: one expert's block is built at a time, never the whole stack.
+        for e in range(self.num_experts):
+            yield self._expert(parts, e).contiguous()
+
+    def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        if native.dim() not in (2, 3) or native.shape[0] != self.num_experts:
+            raise InternalError(f"interleaved experts have shape {tuple(native.shape)}, "
+                                f"expected {self.num_experts} experts on dim 0")
+        n = len(self.parts)
+        out: dict[str, torch.Tensor] = {}
+        for e in range(self.num_experts):
+            w = native[e].t() if self.input_major and native.dim() == 3 else native[e]
+            if w.shape[0] % n:
+                raise InternalError(f"{w.shape[0]} rows per expert do not split into "
+                                    f"{self.parts}")
+            for i, p in enumerate(self.parts):
+                # Every n-th row of a (transposed) block: copied, so each part is an ordinary
+                # row-major tensor for whatever consumes it (a safetensors writer, a byte
+                # view). ``contiguous()`` would keep a one-element part's stride.
+                out[f"{p}[{e}]"] = w[i::n].clone(memory_format=torch.contiguous_format)
+        return out
+
+    def shapes(self, parts: Mapping[str, Shape]) -> Shape:
+        first = parts[f"{self.parts[0]}[0]"]
+        rows = (first[0] * len(self.parts), *first[1:])
+        if self.input_major and len(rows) == 2:
+            rows = (rows[1], rows[0])
+        return (self.num_experts, *rows)
+
+    def describe(self) -> str:
+        layout = "input-major" if self.input_major else "output-major"
+        return (f"InterleaveExperts({self.num_experts} experts of "
+                f"[{'; '.join(self.parts)}] interleaved, {layout})")

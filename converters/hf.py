@@ -50,7 +50,7 @@ from ckpt_ir.quantization import (
 from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
-from ckpt_ir.tables import NativeParams, drop_absent_mtp
+from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
 
 __all__ = ["HfReader", "HfWriter", "is_hf_dir"]
 
@@ -158,8 +158,12 @@ class HfReader:
         plans and dry runs work; reading data does not."""
         name = self.config.hf.get("dtype") or self.config.hf.get("torch_dtype") or "bfloat16"
         dtype = parse_dtype(str(name))
-        for tensor, shape in self.config.schema().items():
-            self._specs[tensor] = TensorSpec(tensor, shape, dtype)
+        # The hf table's names, not the IR's: they differ where transformers fuses tensors on
+        # disk (gpt-oss's experts).
+        schema = self.config.schema()
+        for b in build_table("hf", self.config, self.params).bindings:
+            shape = tuple(b.transform.shapes({r: schema[n] for r, n in b.ir.items()}))
+            self._specs[b.native] = TensorSpec(b.native, shape, dtype)
         self.has_data = False
 
     def _scan_bin(self) -> None:

@@ -88,6 +88,12 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def _gate_up_interleaved(config: ModelConfig) -> bool:
+    """The model's fused gate_up_proj interleaves gate and up by output (gpt-oss)."""
+    names = config.moe_names
+    return bool(names is not None and names.gate_up_interleaved)
+
+
 class HfPeftReader:
     """Lazy reader of a PEFT LoRA adapter directory (IR names, zero-copy tensors)."""
 
@@ -214,7 +220,8 @@ class HfPeftReader:
                         (spec.shape[0] // len(leaves), rank)
                     name = f"{m.name}.{kind}.weight"
                     self._specs[name] = TensorSpec(name, shape, spec.dtype)
-                    self._packed[name] = (raw, kind, m.expert or 0, rank, part, len(leaves))
+                    self._packed[name] = (raw, kind, m.expert or 0, rank, part, len(leaves),
+                                          _gate_up_interleaved(self.config))
 
     def _read_raw(self, raw: str) -> torch.Tensor:
         if self._kind == ADAPTER_BIN:
@@ -234,14 +241,18 @@ class HfPeftReader:
     def read(self, name: str) -> torch.Tensor:
         packed = self._packed.get(name)
         if packed is not None:
-            raw, kind, expert, rank, part, parts = packed
+            raw, kind, expert, rank, part, parts, interleaved = packed
             t = self._read_raw(raw)
             if kind == "lora_A":
                 return t[expert * rank:(expert + 1) * rank]  # a view: contiguous rows
             rows = t.shape[0] // parts
             experts = t.shape[1] // rank
-            return t.reshape(t.shape[0], rank, experts)[part * rows:(part + 1) * rows, :,
-                                                        expert].contiguous()
+            # B's rows are the fused parameter's outputs: [gate; up], or gpt-oss's
+            # interleave (row 2j gate j, 2j + 1 up j).
+            picked = slice(part, None, parts) if interleaved else \
+                slice(part * rows, (part + 1) * rows)
+            return t.reshape(t.shape[0], rank, experts)[picked, :, expert].clone(
+                memory_format=torch.contiguous_format)
         raw = self._raw.get(name)
         if raw is None:
             raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name)
@@ -278,6 +289,14 @@ class HfPeftWriter:
     def __init__(self, directory: Path, config: ModelConfig, options: WriteOptions,
                  params: NativeParams | None = None) -> None:
         adapter = options.require_adapter("hf-peft").adapter
+        if _gate_up_interleaved(config) and not adapter.target_parameters and any(
+                adapter.module(m).site == "experts" for m in adapter.modules()):
+            # An adapter created from Megatron LoRA (no adapter_config.json carried) names
+            # experts as modules; gpt-oss has none, so peft could not load what would be written.
+            raise FormatError(f"a peft adapter of {config.architecture}'s experts must target "
+                              "their fused parameters (target_parameters gate_up_proj / "
+                              "down_proj); writing one from Megatron LoRA alone is not "
+                              "supported")
         self.directory = directory
         self.config = config
         self.options = options
@@ -360,7 +379,10 @@ class HfPeftWriter:
                         f"ParamWrapper ({packed.removesuffix('.lora_A.weight')}) cannot hold; "
                         "write the adapter without target_parameters")
             return torch.cat([group[0] for group in by_expert], dim=0)
-        columns = [torch.cat(group, dim=0) for group in by_expert]  # [out, r] per expert
+        # [out, r] per expert: [gate; up], or gpt-oss's row interleave of gate and up.
+        columns = [torch.stack(group, dim=1).reshape(-1, group[0].shape[1])
+                   if _gate_up_interleaved(self.config) and per > 1 else torch.cat(group, dim=0)
+                   for group in by_expert]
         return torch.stack(columns, dim=-1).reshape(columns[0].shape[0], -1)
 
     def finish(self, source: Any) -> None:

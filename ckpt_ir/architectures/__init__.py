@@ -13,6 +13,7 @@ from typing import Any
 
 from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3
 from ckpt_ir.architectures.dense import LLAMA, MISTRAL, QWEN2, QWEN3
+from ckpt_ir.architectures.gpt_oss import GPT_OSS
 from ckpt_ir.architectures.mixtral import MIXTRAL
 from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
@@ -33,7 +34,8 @@ def _registry(*records: Architecture) -> Mapping[str, Architecture]:
 
 
 REGISTRY: Mapping[str, Architecture] = _registry(
-    LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS)
+    LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3, SEED_OSS,
+    GPT_OSS)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 

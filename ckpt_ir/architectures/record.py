@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import reprlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.architectures.schema import decoder_schema
@@ -24,8 +24,8 @@ from ckpt_ir.table_engine import Row
 if TYPE_CHECKING:
     from ckpt_ir.ir import ModelConfig, Shape
 
-__all__ = ["MAX_LAYER_EXPERTS", "Architecture", "MegatronMoe", "MoeNames", "hf_int",
-           "hf_int_list", "megatron_arg"]
+__all__ = ["MAX_LAYER_EXPERTS", "Architecture", "MegatronExtra", "MegatronMoe", "MoeNames",
+           "hf_int", "hf_int_list", "megatron_arg"]
 
 MAX_LAYER_EXPERTS = 1 << 18
 """Refused above this many (layers + MTP layers) x experts: a hostile config, not a model."""
@@ -48,6 +48,9 @@ class MoeNames:
     shared: str | None = None        # prefix of the shared expert MLP (gate/up/down_proj)
     shared_gate: str | None = None   # [1, H] sigmoid gate on the shared expert (qwen2_moe)
     expert_bias: str | None = None   # [E] routing-only score correction (deepseek_v3)
+    # transformers' fused ``gate_up_proj`` interleaves gate and up (column 2j gate j, 2j + 1
+    # up j: gpt-oss) instead of stacking ``[gate; up]``; peft's ParamWrapper B rows follow.
+    gate_up_interleaved: bool = False
 
 
 def no_qkv_bias(hf: Mapping[str, Any]) -> bool:
@@ -79,6 +82,27 @@ class MegatronMoe:
 
 # (Megatron arguments, their MoE part) -> the HF config's MoE fields.
 HfFromMegatron = Callable[[Mapping[str, Any], MegatronMoe], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MegatronExtra:
+    """A family's Megatron-Core settings beyond what every supported model shares (SwiGLU with
+    SiLU, no linear biases besides q/k/v, plain rope): gpt-oss's biases, attention sinks,
+    sliding window, clamped activation and YaRN. ``megatron_args`` applies them last."""
+
+    # TransformerConfig fields, overriding the shared ones (``add_bias_linear``).
+    transformer_config: Mapping[str, Any] = field(default_factory=dict)
+    # GPTModel keyword arguments (``position_embedding_type``).
+    gpt_model: Mapping[str, Any] = field(default_factory=dict)
+    # Attributes megatron-core reads with getattr from the config but TransformerConfig does
+    # not declare (``yarn_*``): set them on the config object before building the GPTModel.
+    config_attributes: Mapping[str, Any] = field(default_factory=dict)
+    # The activation function's name, when not SiLU (megatron-core's ``quick_gelu``).
+    activation: str | None = None
+
+
+# (ModelConfig, notes to append to) -> the family's extra Megatron settings.
+MegatronExtraFields = Callable[["ModelConfig", list[str]], MegatronExtra]
 
 
 @dataclass(frozen=True)
@@ -124,6 +148,11 @@ class Architecture:
     # ones too; lower precedence is tried first, () matches anything (the fallback). None:
     # never guessed (to Megatron, mistral is llama).
     megatron_guess: tuple[int, tuple[str, ...]] | None = None
+    # Megatron-Core settings of a family beyond the shared ones (gpt-oss); None: none.
+    megatron_extra: MegatronExtraFields | None = None
+    # Routed experts carry linear biases (gpt-oss): megatron-core 0.16.1 builds such experts
+    # only with expert TP 1 ("Bias in Moe is only supported when ETP==1").
+    expert_biases: bool = False
 
     @property
     def is_moe(self) -> bool:

@@ -187,6 +187,17 @@ def install_cpu_shims() -> None:
         if not isinstance(mla.TELinear, type):
             mla.TELinear = mla.TEColumnParallelLinear = type("NoTransformerEngine", (), {})
     with contextlib.suppress(ImportError):
+        # Sliding-window layers (gpt-oss) build their mask with device="cuda" in
+        # megatron/core/transformer/utils.py; the same mask on the CPU.
+        from megatron.core.fusions import fused_softmax
+
+        def sliding_window_causal_mask(sq, skv, window_size):
+            allowed = torch.triu(torch.ones(sq, skv, dtype=torch.bool),
+                                 diagonal=skv - sq - window_size[0])
+            return ~torch.tril(allowed, diagonal=skv - sq + window_size[1])
+
+        fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask
+    with contextlib.suppress(ImportError):
         # 0.16.1 calls te_general_gemm in the MoE router whenever the name exists.
         from megatron.core.transformer.moe import moe_utils
 
@@ -267,12 +278,19 @@ def _with_mla_core_attention(spec):
     return spec
 
 
+def _activation(name: str):
+    """The activation function ``MegatronModelArgs.activation`` names."""
+    import torch.nn.functional as F
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    return {"silu": F.silu, "quick_gelu": quick_gelu}[name]
+
+
 def build_moe_gpt_model(args, tp: int, *, ep: int = 1, etp: int | None = None):
     """A MoE and/or MLA GPTModel from :class:`~ckpt_ir.megatron_config.MegatronModelArgs`:
     SequentialMLP experts (``moe_grouped_gemm=False``), no auxiliary loss, the decoder block
     spec when layers differ, the MTP block when there are MTP layers, and
     :class:`MlaCoreAttention` for MLA (CPU only)."""
-    import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
@@ -286,10 +304,13 @@ def build_moe_gpt_model(args, tp: int, *, ep: int = 1, etp: int | None = None):
            "expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp or tp} \
         if "num_moe_experts" in args.transformer_config else {}
     config = config_class(
-        **args.transformer_config, **moe, activation_func=F.silu, tensor_model_parallel_size=tp,
-        use_cpu_initialization=True, params_dtype=torch.float32,
+        **args.transformer_config, **moe, activation_func=_activation(args.activation),
+        tensor_model_parallel_size=tp, use_cpu_initialization=True, params_dtype=torch.float32,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    # Read with getattr by megatron-core, not TransformerConfig fields (gpt-oss's YaRN).
+    for name, value in args.config_attributes.items():
+        setattr(config, name, value)
     mla = args.config_class == "MLATransformerConfig"
     if args.decoder_block_spec:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,

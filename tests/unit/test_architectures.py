@@ -22,6 +22,7 @@ from ckpt_ir.megatron_config import hf_config_from_megatron, megatron_args
 from ckpt_ir.table_engine import Row, one
 from ckpt_ir.tables import NativeParams, build_table
 from ckpt_ir.tables.lora import LORA_ROWS, row_style
+from tests.unit.test_gpt_oss import TINY as GPT_OSS_TINY
 from tests.unit.test_moe import TINY
 
 DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
@@ -31,13 +32,14 @@ DENSE = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
 
 
 def _tiny(name: str) -> dict:
-    return dict(TINY[name]) if name in TINY else {**DENSE, "model_type": name}
+    tiny = {**TINY, "gpt_oss": GPT_OSS_TINY}
+    return dict(tiny[name]) if name in tiny else {**DENSE, "model_type": name}
 
 
 def test_the_registry_is_the_one_list_of_architectures():
     assert ARCHITECTURES == tuple(REGISTRY) == tuple(TABLES)
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-                                  "qwen3_moe", "deepseek_v3", "seed_oss"}
+                                  "qwen3_moe", "deepseek_v3", "seed_oss", "gpt_oss"}
     for name, record in REGISTRY.items():
         assert record.name == name
         assert "mcore" in record.tables
@@ -67,7 +69,8 @@ def test_each_record_reads_its_config_and_names_its_class(name):
                                                         "ForTokenClassification"]
     # Megatron arguments and back: the record's class name, its MoE fields, the same model.
     args = megatron_args(cfg)
-    back = hf_config_from_megatron({**args.transformer_config, **args.gpt_model},
+    back = hf_config_from_megatron({**args.transformer_config, **args.gpt_model,
+                                    **args.config_attributes},
                                    architecture=name, tied=cfg.tie_word_embeddings)
     assert back["architectures"] == [record.causal_lm_class]
     again = ModelConfig.from_hf(back)
