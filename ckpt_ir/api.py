@@ -30,6 +30,7 @@ from ckpt_ir.orchestration import (
     parse_size,
     plan_conversion,
     progress_counter,
+    quantization_notes,
     resolve_source,
     source_layout,
     target_layout,
@@ -69,7 +70,11 @@ def open(src: str | os.PathLike, format: str | None = None, *,
 
     def read(name: str) -> torch.Tensor:
         binding, role = table.by_ir[name]
-        return binding.transform.inverse(reader.read(binding.native))[role]
+        out = binding.transform.inverse(reader.read(binding.native))[role]
+        # In the dtype ``tensors`` lists: a dequantizing reader computes in float32 and leaves
+        # the one rounding to its consumer.
+        dtype = plan.ir_specs[name].dtype
+        return out if out.dtype == dtype else out.to(dtype)
 
     return Checkpoint(format=reader.format, path=str(resolved.path), config=reader.config,
                       tensors=plan.ir_specs, reader=read, close=reader.close,
@@ -85,7 +90,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             layout: LayoutRequest = None, source_ep: int | None = None,
             hf_experts: str = "per-expert", mcore_experts: str | None = None,
             verl_tree: bool = False, torchtitan: bool = False,
-            fsdp_world_size: int | None = None, workers: int = 1, **options: Any) -> Report:
+            fsdp_world_size: int | None = None, quantize: str | None = None,
+            workers: int = 1, **options: Any) -> Report:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     The plan is built and validated from metadata first; then tensors stream through, one
@@ -114,6 +120,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     ``workers``: processes that write the destination on this machine (this one and
     ``workers - 1`` forked after planning, see :mod:`ckpt_ir.workers`); under ``torchrun`` the
     ranks are the workers instead.
+    ``quantize`` (``hf`` only): ``"fp8"`` re-quantizes linear weights to block FP8 e4m3 with
+    ``weight_scale_inv``, as DeepSeek / Qwen FP8 releases store them (docs/quantized.md).
     """
     if "from" in options:
         source_format = options.pop("from")
@@ -142,6 +150,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                         step=int(step.group(1)) if step else None)
     if torchtitan and to != "torch-dcp":
         raise FormatError(f"torchtitan (--torchtitan) writes torch-dcp, not {to}")
+    if quantize is not None and to != "hf":
+        raise FormatError(f"quantize (--quantize) writes hf, not {to}")
     started = time.perf_counter()
     wopts = WriteOptions(
         dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
@@ -149,7 +159,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         max_shard_bytes=parse_size(max_shard_size),
         trust_pickles=trust_pickles, mcore_spec=mcore_spec, hf_experts=hf_experts,
         mcore_experts=mcore_experts, verl_tree=tree, torchtitan=torchtitan,
-        fsdp_world_size=fsdp_world_size,
+        fsdp_world_size=fsdp_world_size, quantize=quantize,
     )
     reader, resolved = open_reader(src, source_format, hf_config=hf_config,
                                    trust_pickles=trust_pickles, source_ep=source_ep,
@@ -158,7 +168,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         dest_layout = target_layout(reader, to, layout)
         wopts = dataclasses.replace(wopts, layout=dest_layout, source_params=reader.params)
         plan, writer_cls = plan_conversion(reader, to, wopts)
-        notes = [*resolved.notes, *carried_notes(reader)]
+        notes = [*resolved.notes, *carried_notes(reader), *quantization_notes(reader, plan, wopts)]
         report = Report(
             source=str(src), destination=str(dst), source_format=reader.format, dest_format=to,
             source_layout=source_layout(reader, resolved), architecture=reader.config.architecture,

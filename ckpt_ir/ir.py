@@ -24,6 +24,7 @@ from ckpt_ir.architectures import ARCHITECTURES, MOE_NAMES, architecture, lookup
 from ckpt_ir.architectures.record import MAX_LAYER_EXPERTS, MoeNames, hf_int
 from ckpt_ir.architectures.schema import decoder_schema
 from ckpt_ir.errors import FormatError
+from ckpt_ir.quantization import DEQUANTIZED_FROM
 
 # ARCHITECTURES, MOE_NAMES, MoeNames and MAX_LAYER_EXPERTS live with the architecture records
 # (ckpt_ir.architectures); they stay importable from here.
@@ -306,8 +307,15 @@ class ModelConfig:
         return (record.schema if record is not None else decoder_schema)(self)
 
     def to_hf_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, Any]:
-        """The HF config.json content, with ``dtype`` updated when the weights were cast."""
+        """The HF config.json content, with ``dtype`` updated when the weights were cast.
+
+        A source's ``quantization_config`` is renamed ``ckpt_ir_dequantized_from``: ckpt-ir
+        writes weights dequantized (a loader must not take them for FP8) unless a writer
+        re-quantizes them, and then it writes its own, in the format the source had."""
         out = dict(self.hf)
+        quant = out.pop("quantization_config", None)
+        if quant is not None:
+            out[DEQUANTIZED_FROM] = quant
         if dtype is not None:
             out["dtype"] = dtype_name(dtype)
             out.pop("torch_dtype", None)

@@ -19,8 +19,9 @@ from ckpt_ir.errors import FormatError, InternalError
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.tables import NativeParams
 
-__all__ = ["EXPERT_LAYOUTS", "HF_EXPERT_LAYOUTS", "MCORE_SPECS", "AdapterTarget", "ExpertLayout",
-           "HfExperts", "McoreSpec", "VerlTree", "WriteOptions"]
+__all__ = ["EXPERT_LAYOUTS", "HF_EXPERT_LAYOUTS", "MCORE_SPECS", "QUANTIZE_METHODS",
+           "AdapterTarget", "ExpertLayout", "HfExperts", "McoreSpec", "Quantize", "VerlTree",
+           "WriteOptions"]
 
 McoreSpec = Literal["te", "local", "any"]
 MCORE_SPECS: tuple[McoreSpec, ...] = ("te", "local", "any")
@@ -30,6 +31,10 @@ keeps the source's (per-rank) or writes both (torch_dist)."""
 HfExperts = Literal["per-expert", "fused"]
 HF_EXPERT_LAYOUTS: tuple[HfExperts, ...] = ("per-expert", "fused")
 """``hf_experts``: what transformers writes, or its in-memory stacked layout."""
+
+Quantize = Literal["fp8"]
+QUANTIZE_METHODS: tuple[Quantize, ...] = ("fp8",)
+"""``quantize``: what the hf writer re-quantizes to (block FP8 e4m3, the releases' format)."""
 
 ExpertLayout = Literal["sequential", "grouped"]
 EXPERT_LAYOUTS: tuple[ExpertLayout, ...] = ("sequential", "grouped")
@@ -99,8 +104,13 @@ class WriteOptions:
     # verl-fsdp writer: how many model_world_size_W_rank_r.pt files (the FSDP world size of
     # the job that will load them); None: 1.
     fsdp_world_size: int | None = None
+    # hf writer: "fp8" re-quantizes linear weights to block FP8 (docs/quantized.md).
+    quantize: Quantize | None = None
 
     def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise FormatError(f"quantize must be one of {', '.join(QUANTIZE_METHODS)}, not "
+                              f"{self.quantize!r}")
         if self.mcore_spec not in MCORE_SPECS:
             raise FormatError(f"mcore_spec must be one of {', '.join(MCORE_SPECS)}, not "
                               f"{self.mcore_spec!r}")

@@ -15,23 +15,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ckpt_ir.capabilities import LayoutReader, SlabWriter
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError
 from ckpt_ir.formats import PER_RANK_FORMATS, adapter_reader_class, reader_class, writer_class
+from ckpt_ir.ir import TensorSpec
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.options import WriteOptions
 from ckpt_ir.planner import DestView, Plan, SourceView, make_plan
 from ckpt_ir.probes import verl_fsdp_key_kinds
+from ckpt_ir.quantization import is_fp8_linear, target_quantization
 
 __all__ = ["LayoutRequest", "Report", "Source", "adapter_source", "carried_notes", "is_checkpoint",
            "open_adapter_reader", "open_reader", "parse_size", "plan_conversion",
-           "progress_counter", "resolve_source", "source_layout", "target_layout"]
+           "progress_counter", "quantization_notes", "resolve_source", "source_layout",
+           "target_layout"]
 
 
 @dataclass
@@ -211,6 +217,30 @@ def carried_notes(reader) -> list[str]:
     return [f"not copied: {path}: {why}" for path, why in sorted(skipped.items())]
 
 
+def quantization_notes(reader, plan, options) -> list[str]:
+    """Report notes for quantized checkpoints: what a quantized source holds and becomes, what
+    ``--quantize`` writes, and the MTP copies of the embedding and head an hf destination
+    gets (docs/quantized.md)."""
+    notes: list[str] = []
+    described = getattr(reader, "quantization", None)
+    if described:
+        notes.append(described)
+    if options.quantize == "fp8":
+        quant = target_quantization(plan.config.hf)
+        fp8 = [s for s in plan.dest_specs
+               if s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant)]
+        notes.append(f"destination is {quant.describe()}: {len(fp8)} linear weights "
+                     "re-quantized (scale = block amax / 448), the rest as planned")
+    copies = [s.name for s in plan.dest_specs if _MTP_COPY.match(s.name)]
+    if copies:
+        notes.append(f"MTP layers get copies of the shared embedding / output head: "
+                     f"{', '.join(copies)}")
+    return notes
+
+
+_MTP_COPY = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
+
+
 # ------------------------------------------------------------------------------------------------
 # The destination
 
@@ -260,6 +290,15 @@ def plan_conversion(reader, to: str, options: WriteOptions) -> tuple[Plan, type]
     dest = DestView(to, naming, writer_cls.params_for(reader.config, options))
     plan = make_plan(SourceView.of(reader), dest, reader.config, dtype=options.dtype,
                      streams=issubclass(writer_cls, SlabWriter))
+    if options.quantize == "fp8":
+        # The weights to re-quantize reach the writer in float32 (a widening, or the
+        # dequantized values as read): --dtype applies to the tensors that stay unquantized,
+        # and a block's amax and scale come from the values before any rounding.
+        quant = target_quantization(reader.config.hf)
+        plan = dataclasses.replace(plan, dest_specs=tuple(
+            TensorSpec(s.name, s.shape, torch.float32)
+            if s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant) else s
+            for s in plan.dest_specs))
     return plan, writer_cls
 
 

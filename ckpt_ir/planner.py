@@ -227,6 +227,11 @@ def make_plan(source: SourceView, dest: DestView, config: ModelConfig, *,
         if tuple(spec.shape) != expected:
             problems.append(f"source tensor {name} has shape {list(spec.shape)}, but the config "
                             f"implies {list(expected)}")
+        elif binding.copy:
+            # A second copy of a mapped IR tensor (DeepSeek's MTP embedding / head): the
+            # original is read; the table writes the copy back where the destination has one.
+            dropped[name] = next((why for pat, why in DROPPABLE if pat.search(name)),
+                                 f"a copy of {', '.join(binding.ir.values())}")
 
     # 2. Every IR tensor has a source, and gets the dtype of the native tensor it comes from.
     ir_specs: dict[str, TensorSpec] = {}

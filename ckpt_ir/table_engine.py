@@ -186,6 +186,9 @@ class Row:
     # Bind only the roles whose IR tensor the table's schema holds (none: no binding), with
     # ``transform`` a PartialFactory called per binding: LoRA adapters target some modules.
     partial: bool = False
+    # A second native tensor holding an IR tensor that another row already maps (an MTP
+    # layer's copy of the embedding): written like any row, never a reader's source for it.
+    copy: bool = False
 
     def __post_init__(self) -> None:
         for cond in self.conditions:
@@ -235,6 +238,7 @@ class Binding:
     partition: Partition
     layer: int | None
     expert: int | None = None  # global expert index of per-expert tensors (EP places them)
+    copy: bool = False  # Row.copy: not indexed in Table.by_ir
 
 
 class Table:
@@ -249,6 +253,8 @@ class Table:
             if b.native in self.by_native:
                 raise InternalError(f"{naming} table maps {b.native} twice")
             self.by_native[b.native] = b
+            if b.copy:
+                continue
             for role, ir_name in b.ir.items():
                 if ir_name in self.by_ir:
                     raise InternalError(f"{naming} table uses IR tensor {ir_name} twice")
@@ -294,7 +300,8 @@ def _bindings(row: Row, transform: Transform | None, config: ModelConfig, params
         if set(ir) != set(t.roles):
             raise InternalError(f"row {row.native}: roles do not match {t.describe()}")
         out.append(Binding(_fill(row.native, v), MappingProxyType(ir), t,
-                           row.partition, None if "mtp" in row.axes else layer, expert))
+                           row.partition, None if "mtp" in row.axes else layer, expert,
+                           row.copy))
     return out
 
 
@@ -331,7 +338,7 @@ def _expand(rows: Iterable[Row], config: ModelConfig, params: NativeParams,
                 raise InternalError(f"row {row.native}: roles do not match "
                                     f"{transform.describe() if transform else 'a partial row'}")
             out.append(Binding(row.native, MappingProxyType(dict(row.ir)), transform,
-                               row.partition, None))
+                               row.partition, None, copy=row.copy))
     # Layer-major order: the executor streams one layer's tensors at a time, and within a layer
     # one expert's (each expert is its own unit of work).
     layers = config.num_layers
@@ -394,6 +401,8 @@ def describe_rows(rows: Iterable[Row]) -> str:
         tname = tname.strip().splitlines()[0]
         if r.stack is not None:
             tname += f" (every `{{{r.stack}}}` in one tensor)"
+        if r.copy:
+            tname += " (a copy, written only)"
         lines.append(f"| `{r.native}` | {parts} | {tname} | "
                      f"{r.partition.value} | {', '.join(r.conditions)} |")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from ckpt_ir.converters.storage.hf_files import (
     check_layer_count,
     load_hf_config,
 )
+from ckpt_ir.converters.storage.quantized import FP8_SCALE_SUFFIX, DequantizedView
 from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsFile,
     SafetensorsWriter,
@@ -41,6 +42,16 @@ from ckpt_ir.durable import write_json
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
 from ckpt_ir.probes import is_dcp_sharded_safetensors_dir
+from ckpt_ir.quantization import (
+    DEQUANTIZED_FROM,
+    FP8_DTYPE,
+    Quantization,
+    fp8_scale_grid,
+    is_fp8_linear,
+    parse_quantization,
+    quantize_fp8,
+    target_quantization,
+)
 from ckpt_ir.safety.files import read_text
 from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
@@ -106,6 +117,11 @@ class HfReader:
         self._trust = trust_pickles
         self.has_data = True
         self._kind = self._scan()
+        # Quantized weights (block FP8, MXFP4) are presented dequantized: the scales are
+        # consumed here, so the tables and the planner see the model's own tensors.
+        self._view = DequantizedView(parse_quantization(self.config.hf), self._specs,
+                                     self._read_raw)
+        self._specs = dict(self._view.specs)
         check_layer_count(self.config, len(self._specs), self._config_dir / "config.json")
         # transformers 5 can hold experts fused (gate_up_proj / down_proj): the same IR under
         # another hf naming variant, recognised by its names.
@@ -189,7 +205,15 @@ class HfReader:
     def dropped(self) -> Mapping[str, str]:
         return {}
 
+    @property
+    def quantization(self) -> str | None:
+        """What a quantized source holds and becomes (plans and ``--dry-run`` print it)."""
+        return self._view.describe()
+
     def read(self, name: str) -> torch.Tensor:
+        return self._view.read(name)
+
+    def _read_raw(self, name: str) -> torch.Tensor:
         if not self.has_data:
             raise FormatError(f"{self.path} holds a config but no weights; only --dry-run can "
                               "plan it", path=self.path)
@@ -211,7 +235,10 @@ class HfReader:
     def describe(self) -> dict[str, Any]:
         files = self._sharded.files if self._sharded is not None \
             else sorted(set(self._where.values()))
-        return {"weights": self._kind, "files": files, "config_from": str(self._config_dir)}
+        out = {"weights": self._kind, "files": files, "config_from": str(self._config_dir)}
+        if self._view.quant is not None:
+            out["quantization"] = self._view.describe()
+        return out
 
     def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
         """The file and offset of ``tensor``'s bytes, if it is a zero-copy view of one of the
@@ -235,6 +262,18 @@ class HfReader:
         if self._sharded is not None:
             self._sharded.close()
         self._bin.clear()
+
+
+def _read_file_slab(slab: FileSlab) -> torch.Tensor:
+    """A FileSlab's bytes as a tensor (a writer that must compute on them, not copy them)."""
+    data = bytearray(slab.nbytes)
+    view, done = memoryview(data), 0
+    while done < slab.nbytes:
+        n = os.preadv(slab.fd, [view[done:]], slab.offset + done)
+        if n == 0:
+            raise InternalError("source file ended inside a located slab")
+        done += n
+    return torch.frombuffer(data, dtype=slab.dtype) if data else torch.empty(0, dtype=slab.dtype)
 
 
 def _shard_names(n: int) -> list[str]:
@@ -263,6 +302,12 @@ class HfWriter:
         self._names: list[str] = []
         self._dtypes: set[torch.dtype] = set()
         self._total = 0
+        # --quantize fp8: 2-D linear weights are written as block FP8 with their scales, in
+        # the source's block format when its config had one (the round trip keeps it).
+        self._quant: Quantization | None = None
+        self._fp8: set[str] = set()
+        if options.quantize == "fp8":
+            self._quant = target_quantization(config.hf)
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
@@ -270,12 +315,17 @@ class HfWriter:
         return NativeParams(hf_experts=options.hf_experts)
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
+        if self._quant is not None:
+            specs = self._quantized_specs(specs, self._quant)
         cap = self.options.max_shard_bytes
         shards: list[list[TensorSpec]] = [[]]
         size = 0
         for s in specs:
-            # A tensor larger than the cap gets a shard of its own, as transformers does.
-            if shards[-1] and size + s.nbytes > cap:
+            # A tensor larger than the cap gets a shard of its own, as transformers does. An
+            # FP8 weight's scale stays in its shard: the weight's file is the one a process
+            # writing it owns (torchrun splits work by file).
+            scale = self._quant is not None and s.name.endswith(FP8_SCALE_SUFFIX)
+            if shards[-1] and size + s.nbytes > cap and not scale:
                 shards.append([])
                 size = 0
             shards[-1].append(s)
@@ -289,18 +339,54 @@ class HfWriter:
             self._pending.append(len(shard))
             for s in shard:
                 self._shard_of[s.name] = i
-                self._dtypes.add(s.dtype)
+                # An FP8 export's dtype is that of its unquantized tensors (the releases say
+                # bfloat16), not its FP8 weights' or their scales'.
+                if s.name not in self._fp8 and not s.name.endswith(FP8_SCALE_SUFFIX):
+                    self._dtypes.add(s.dtype)
                 self._total += s.nbytes
 
+    def _quantized_specs(self, specs: Sequence[TensorSpec],
+                         quant: Quantization) -> list[TensorSpec]:
+        """Each weight the releases quantize as ``float8_e4m3fn`` followed by its float32
+        ``weight_scale_inv``; the rest as planned."""
+        out: list[TensorSpec] = []
+        for s in specs:
+            if not (s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant)):
+                out.append(s)
+                continue
+            self._fp8.add(s.name)
+            out.append(TensorSpec(s.name, s.shape, FP8_DTYPE))
+            grid = fp8_scale_grid(s.shape, quant.block)
+            out.append(TensorSpec(s.name + FP8_SCALE_SUFFIX, grid, torch.float32))
+        return out
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._fp8:
+            self._write_fp8(name, tensor)
+            return
         i, w = self._shard(name)
         w.write(name, tensor)
         self._written(i)
+
+    def _write_fp8(self, name: str, tensor: torch.Tensor) -> None:
+        assert self._quant is not None
+        q, scale = quantize_fp8(tensor, self._quant.block, ue8m0=self._quant.ue8m0)
+        for n, t in ((name, q), (name + FP8_SCALE_SUFFIX, scale)):
+            i, w = self._shard(n)
+            w.write(n, t)
+            self._written(i)
 
     accepts_file_slabs: ClassVar[bool] = True
 
     def write_slabs(self, name: str, slabs: Iterable[torch.Tensor | FileSlab]) -> None:
         """Write ``name`` from row-major pieces (fused experts, padded rows: never joined)."""
+        if name in self._fp8:
+            # Block amax spans rows of every slab: quantizing needs the whole weight, which
+            # is the one tensor this writer holds.
+            parts = [_read_file_slab(s) if isinstance(s, FileSlab) else s for s in slabs]
+            shape = next(sp for n, _, sp in self._entries[self._shard_of[name]] if n == name)
+            self._write_fp8(name, torch.cat([p.reshape(-1) for p in parts]).reshape(shape))
+            return
         i, w = self._shard(name)
         w.write_slabs(name, slabs)
         self._written(i)
@@ -342,11 +428,14 @@ class HfWriter:
                 "metadata": {"total_size": self._total},
                 "weight_map": {n: self._names[i] for n, i in sorted(self._shard_of.items())},
             })
-        dtype = self.options.dtype or (next(iter(self._dtypes)) if len(self._dtypes) == 1
-                                        else None)
+        dtypes = self._dtypes
+        dtype = self.options.dtype or (next(iter(dtypes)) if len(dtypes) == 1 else None)
         config = self.config.to_hf_dict(dtype=dtype)
         if dtype is not None:
             config["dtype"] = dtype_name(dtype)
+        if self._quant is not None:
+            config.pop(DEQUANTIZED_FROM, None)
+            config["quantization_config"] = self._quant.to_hf()
         write_json(self.directory / "config.json", config)
         for name, path in source.source_files().files.items():
             shutil.copyfile(path, self.directory / name)

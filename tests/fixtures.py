@@ -133,3 +133,19 @@ def assert_same_hf(source: Path, result: Path) -> None:
     assert json.loads((result / "config.json").read_text()) == \
         json.loads((source / "config.json").read_text())
 
+
+def with_mtp_copies(hf_config: dict[str, Any], state: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """``state`` as an hf destination writes it: each MTP layer the state holds also gets its
+    copies of the embedding and the untied head (``embed_tokens``, ``shared_head.head``), as
+    DeepSeek's releases store them."""
+    cfg = ModelConfig.from_hf(hf_config)
+    out = dict(state)
+    for k in range(cfg.num_mtp_layers):
+        p = f"model.layers.{cfg.num_layers + k}."
+        if not any(n.startswith(p) for n in state):
+            continue
+        out[p + "embed_tokens.weight"] = state["model.embed_tokens.weight"]
+        if "lm_head.weight" in state:
+            out[p + "shared_head.head.weight"] = state["lm_head.weight"]
+    return out

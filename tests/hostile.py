@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 import ckpt_ir
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
@@ -69,6 +70,26 @@ def _hf_bin(d: Path) -> None:
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(TINY_LLAMA))
     torch.save(random_state(TINY_LLAMA), d / "pytorch_model.bin")
+
+
+def _hf_fp8(d: Path) -> None:
+    """A block-FP8 release of the tiny llama (DeepSeek's layout: ``weight_scale_inv`` beside
+    each quantized linear weight, ``quantization_config`` in config.json)."""
+    from ckpt_ir.quantization import is_fp8_linear, parse_quantization, quantize_fp8
+
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+          "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
+    quant = parse_quantization({"quantization_config": qc})
+    assert quant is not None
+    state: dict[str, torch.Tensor] = {}
+    for name, t in random_state(TINY_LLAMA).items():
+        if is_fp8_linear(name, tuple(t.shape), quant):
+            state[name], state[name + "_scale_inv"] = quantize_fp8(t)
+        else:
+            state[name] = t
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({**TINY_LLAMA, "quantization_config": qc}))
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
 
 
 def _mcore_dist(d: Path) -> None:
@@ -194,6 +215,7 @@ SEEDS: dict[str, Callable[[Path], None]] = {
     "verl-adapter": _verl_adapter,
     "verl-v2": _verl_v2,
     "verl-dist-only": _verl_dist_only,
+    "hf-fp8": _hf_fp8,
 }
 VERL_ADAPTER = "adapter_checkpoint/mp_rank_01_adapter.pt"
 
@@ -262,6 +284,9 @@ UNTRUSTED: tuple[Untrusted, ...] = (
     Untrusted("adapter_model.safetensors", "hf-peft", "adapter_model.safetensors", "mcore-dist",
               model=False),
     Untrusted("verl-adapter.pt", "verl-adapter", VERL_ADAPTER, "hf-peft", "pickle", model=False),
+    # Block FP8: quantization_config's fields and the weight / scale pairs are untrusted too.
+    Untrusted("fp8-config.json", "hf-fp8", "config.json", "mcore-dist", "json"),
+    Untrusted("fp8-safetensors", "hf-fp8", "model.safetensors", "mcore-dist"),
 )
 
 

@@ -5,6 +5,7 @@
     python tools/bench.py ... --write-docs            # put the table into docs/performance.md
     python tools/bench.py --mode verl-fsdp --gib 2    # verl FSDP (W=4) -> hf vs verl's merger
     python tools/bench.py dcp --size 2G --runs 3      # FSDP2 DCP (W=4) -> hf (tools/bench_dcp.py)
+    python tools/bench.py --fp8 --gib 2 --runs 3      # block-FP8 hf -> bf16 hf (quantized.md)
 
 For each direction (hf -> mcore-dist, mcore-dist -> hf) it runs, alternating A B C D A B C D so
 machine drift hits every method alike:
@@ -250,7 +251,12 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / ".bench")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--fp8", action="store_true",
+                   help="dequantize a synthetic block-FP8 checkpoint of --gib GiB to bf16 hf, "
+                        "against a durable copy of the output's bytes")
     args = p.parse_args()
+    if args.fp8:
+        return fp8_bench(args)
 
     work = args.work / f"llama-{args.gib:g}gib"
     src = work / "hf"
@@ -324,6 +330,45 @@ def main() -> int:
     print(text)
     if args.write_docs:
         _write_docs(text, f"{args.gib:g}")
+    return 0
+
+
+def fp8_bench(args: argparse.Namespace) -> int:
+    """FP8 -> bf16 ``hf``: a fresh process's conversion (wall, CPU, peak RSS) against ``cp -r``
+    + ``sync`` of the bf16 output it writes (the floor: those bytes made durable)."""
+    from tools.make_synthetic_fp8 import write_fp8
+
+    work = args.work / f"llama-fp8-{args.gib:g}gib"
+    src = work / "fp8"
+    if not (src / "config.json").is_file():
+        _rm(work)
+        work.mkdir(parents=True)
+        # llama_config sizes bf16 weights; the FP8 linear weights take half of that.
+        write_fp8(src, llama_config(int(2 * args.gib * 2**30)))
+    env = child_env(work)
+    ref, out = work / "bf16", work / "out"
+    _rm(ref)
+    cold(src, ref, "hf", env)  # untimed: fills the byte-code cache, gives the copy's bytes
+    results: dict[str, list[float]] = {}
+    for _ in range(args.runs):
+        _rm(out)
+        results.setdefault("copy", []).append(durable_copy(ref, out))
+        _rm(out)
+        m = cold(src, out, "hf", env)
+        for k in ("wall", "cpu", "rss"):
+            results.setdefault(k, []).append(m[k])
+        _rm(out)
+        print({k: round(v[-1], 2) for k, v in results.items()}, flush=True)
+    size = sum(f.stat().st_size for f in src.iterdir())
+    out_size = sum(f.stat().st_size for f in ref.iterdir())
+    largest = max(math.prod(shape) for shape in _shapes(ref)) * 4  # float32 dequantized
+    med = statistics.median
+    print(f"block FP8 -> bf16 hf, {size / 2**30:.2f} GiB in, {out_size / 2**30:.2f} GiB out, "
+          f"{args.runs} runs (medians, min-max): durable copy of the output "
+          f"{_span(results['copy'])}; ckpt-ir cold {_span(results['wall'])} "
+          f"({med(results['wall']) / med(results['copy']):.2f}x the copy), CPU "
+          f"{_span(results['cpu'])}, peak RSS {_span(results['rss'], ' MiB', 1024, '.0f')} "
+          f"(largest tensor in float32: {largest / 2**20:.0f} MiB)")
     return 0
 
 

@@ -22,8 +22,11 @@ under TE.
 MTP layer ``k`` is HF layer ``num_layers + k`` and megatron-core ``mtp.layers.{k}``: ``enorm``,
 ``hnorm``, ``eh_proj`` (over ``[enorm(embedding); hnorm(hidden)]``), a full decoder layer under
 ``transformer_layer.`` and ``final_layernorm`` (HF ``shared_head.norm``). The HF copies
-``model.layers.{num_layers + k}.embed_tokens`` / ``shared_head.head`` are dropped on read:
-megatron-core shares the model's embedding and output layer.
+``model.layers.{num_layers + k}.embed_tokens`` / ``shared_head.head`` are not IR tensors:
+megatron-core shares the model's embedding and output layer. An hf destination writes them
+back as copies of ``model.embed_tokens`` / ``lm_head`` (the releases store them so, and
+inference engines that load MTP layers read them); an hf source's copies are checked for shape
+and not read (``MTP_HF_COPY_ROWS``).
 
 Facts: megatron-core 0.16.1 ``sharded_state_dict()`` of an MLA + MoE + MTP GPTModel built on
 this machine (docs/moe.md), /work/shared/reference/mcore-dist-and-bridge.md §2.8.
@@ -51,7 +54,7 @@ from ckpt_ir.table_engine import Row, one
 if TYPE_CHECKING:
     from ckpt_ir.ir import ModelConfig
 
-__all__ = ["DEEPSEEK_V3", "DEEPSEEK_V3_MCORE_ROWS"]
+__all__ = ["DEEPSEEK_V3", "DEEPSEEK_V3_MCORE_ROWS", "MTP_HF_COPY_ROWS"]
 
 NAMES = MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
                  "down_proj", shared="mlp.shared_experts.",
@@ -129,6 +132,18 @@ DEEPSEEK_V3_MCORE_ROWS: tuple[Row, ...] = (
         when="is_untied"),
     VALUE_HEAD_ROW,
 )
+
+
+MTP_HF_COPY_ROWS: tuple[Row, ...] = (
+    # hf variant rows replace the identity of the IR tensors they cover, so the embedding and
+    # the head keep their own binding, the one a reader reads.
+    Row("model.embed_tokens.weight", one("model.embed_tokens.weight")),
+    Row("lm_head.weight", one("lm_head.weight"), when="is_untied"),
+    Row(HM + "embed_tokens.weight", one("model.embed_tokens.weight"), copy=True),
+    Row(HM + "shared_head.head.weight", one("lm_head.weight"), when="is_untied", copy=True),
+)
+"""An MTP layer's copies of the embedding and the output head, in the ``hf`` naming (any
+family whose HF MTP layer is ``model.layers.{num_layers + k}`` with ``shared_head``)."""
 
 
 def _hf_fields(hf: Mapping[str, Any], layers: int) -> dict[str, Any]:
@@ -210,6 +225,6 @@ def _from_megatron(args: Mapping[str, Any], moe: MegatronMoe) -> dict[str, Any]:
 
 DEEPSEEK_V3 = Architecture(
     "deepseek_v3", "DeepseekV3",
-    {"mcore": DEEPSEEK_V3_MCORE_ROWS, "hf": fused_hf_rows(NAMES)},
+    {"mcore": DEEPSEEK_V3_MCORE_ROWS, "hf": (*fused_hf_rows(NAMES), *MTP_HF_COPY_ROWS)},
     moe=NAMES, hf_fields=_hf_fields, mla=True, check_moe=_check, megatron_moe=_router,
     hf_moe_from_megatron=_from_megatron, megatron_guess=(0, ("multi_latent_attention",)))

@@ -30,7 +30,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3
+from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3, MTP_HF_COPY_ROWS
 from ckpt_ir.architectures.dense import ATTENTION_ROWS, VALUE_HEAD_ROW, pad_vocab
 from ckpt_ir.architectures.moe import dense_mlp_rows, expert_fields, fused_hf_rows, moe_mlp_rows
 from ckpt_ir.architectures.record import (
@@ -232,7 +232,9 @@ def _attention_bias(hf: Mapping[str, Any]) -> bool:
 # No megatron_guess: bare Megatron arguments of a GLM model read as deepseek_v3 / qwen3_moe;
 # only a named architecture or an HF config makes them GLM.
 GLM4_MOE = Architecture(
-    "glm4_moe", "Glm4Moe", {"mcore": GLM4_MOE_MCORE_ROWS, "hf": fused_hf_rows(NAMES)},
+    "glm4_moe", "Glm4Moe",
+    # The hf rows write the MTP layer's embed / head copies back, as DeepSeek's do.
+    {"mcore": GLM4_MOE_MCORE_ROWS, "hf": (*fused_hf_rows(NAMES), *MTP_HF_COPY_ROWS)},
     moe=NAMES, hf_fields=_glm4_moe_fields, qkv_bias=_attention_bias,
     attention_bias_refused=False, attention_bias_is_qkv_bias=True, qk_norm=_use_qk_norm,
     check_moe=_check, megatron_moe=sigmoid_router(1, 1, 1.0),

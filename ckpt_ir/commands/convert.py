@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MoE experts in per-rank files: SequentialMLP local_experts.K names or "
                         "TEGroupedMLP weightK names (default: grouped for the TE spec, "
                         "sequential for the local spec)")
+    p.add_argument("--quantize", choices=("fp8",),
+                   help="with --to hf: write linear weights as block FP8 e4m3 with "
+                        "weight_scale_inv, as DeepSeek / Qwen FP8 releases do")
     p.add_argument("--verl-tree", action="store_true",
                    help="with --to mcore-dist: write DST as a verl 0.9.1 role directory "
                         "(global_step_N/actor): model/dist_ckpt, model/huggingface config and "
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         extra["fsdp_world_size"] = args.fsdp_world_size
     if args.torchtitan:
         extra["torchtitan"] = True
+    if args.quantize:
+        extra["quantize"] = args.quantize
     return convert_with_progress(args, to=args.to, source_format=args.source_format,
                                  max_shard_size=args.max_shard_size, hf_experts=args.hf_experts,
                                  mcore_experts=args.mcore_experts, **extra,
