@@ -1,7 +1,8 @@
 """Benchmark conversions spread over processes against one process and the copy floor.
 
     python tools/bench_scale.py --gib 8 --runs 3 --procs 1,2,4,8            # I/O-bound, both ways
-    python tools/bench_scale.py --gib 4 --src-dtype fp32 --cast bf16 --procs 1,2,4,8   # CPU-bound
+    python tools/bench_scale.py --gib 4 --src-dtype fp32 --cast bf16 --procs 1,2,4,8   # casts
+    python tools/bench_scale.py --gib 2 --src-dtype fp8 --procs 1,2 --directions hf->hf  # FP8
 
 Methods, alternated run by run (A B C ... A B C ...) so machine drift hits all alike, each a
 fresh command followed by ``sync`` inside the timed span (what a user waits for):
@@ -123,7 +124,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gib", type=float, default=2.0)
-    p.add_argument("--src-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--src-dtype", choices=("bf16", "fp32", "fp8"), default="bf16",
+                   help="fp8: a block-FP8 release layout (tools/make_synthetic_fp8.py), read "
+                        "dequantized: the CPU-bound case")
     p.add_argument("--cast", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--procs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     p.add_argument("--torchrun", type=lambda s: [int(x) for x in s.split(",") if x],
@@ -151,7 +154,13 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     hf = work / "hf"
-    total = write(hf, llama_config(int(args.gib * 2**30), dtype=args.src_dtype))
+    if args.src_dtype == "fp8":
+        from tools.make_synthetic_fp8 import write_fp8
+
+        # The bf16 layout's size in FP8 bytes: about half, as a release is.
+        total = write_fp8(hf, llama_config(int(args.gib * 2**30 * 2)))
+    else:
+        total = write(hf, llama_config(int(args.gib * 2**30), dtype=args.src_dtype))
     cpus = f"taskset {args.taskset} of {os.cpu_count()}" if args.taskset else os.cpu_count()
     machine = (f"{platform.node()}: {cpus} CPUs, {platform.machine()}, "
                f"Python {platform.python_version()}")
