@@ -460,7 +460,7 @@ class PerRankReader:
                             or not isinstance(value, torch.Tensor) or value.dim() != 2:
                         continue
                     width = value.shape[-1]
-                    if width < 1 or size % width or tp % (size // width):
+                    if not 0 < width <= size or size % width or tp % (size // width):
                         raise CorruptCheckpointError(
                             f"{key} is {width} columns wide, which no expert TP size dividing "
                             f"TP={tp} cuts the expert FFN size {size} into", path=self.path,
