@@ -12,6 +12,7 @@ Pure arithmetic, no communication:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -216,6 +217,19 @@ class ParallelLayout:
                   (("first", self.first_stage_layers), ("last", self.last_stage_layers)) if n]
         return text + (f" ({', '.join(uneven)})" if uneven else "")
 
+    @property
+    def expert_tp(self) -> int:
+        """The size routed experts are cut by: ``etp``, else ``tp`` (megatron-core's default)."""
+        return self.etp if self.etp is not None else self.tp
+
+    def for_model(self, config: ModelConfig) -> ParallelLayout:
+        """This layout with the expert TP ``config`` needs when none was asked for: 1 for
+        biased experts (gpt-oss), which megatron-core 0.16.1 builds only with expert TP 1,
+        so ``--tp 2`` alone gives a layout megatron-core can load."""
+        if self.etp is None and self.tp > 1 and config.has_expert_biases:
+            return dataclasses.replace(self, etp=1)
+        return self
+
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """Layers per pipeline stage; raises :class:`IncompatibleLayoutError` if they do not
         partition ``num_layers`` as megatron-core requires."""
@@ -356,7 +370,7 @@ class ParallelLayout:
             problems.append(f"EP={self.ep} does not divide the {experts} experts")
         if experts:
             # Experts (and a shared expert) are cut like a dense MLP, by the expert TP size.
-            etp = self.etp or tp
+            etp = self.expert_tp
             for what, rows in (("expert FFN size", config.moe_intermediate_size),
                                ("shared-expert FFN size", config.shared_expert_intermediate_size)):
                 if rows % etp:
@@ -365,7 +379,7 @@ class ParallelLayout:
                 # A file megatron-core cannot build a model for is refused, not written.
                 problems.append(f"expert TP={etp}: {config.architecture}'s experts have biases, "
                                 "which megatron-core supports only with expert TP 1 (set "
-                                "etp=1; per-rank formats, whose expert TP is TP, need TP=1)")
+                                "etp=1, --etp 1)")
         if problems:
             raise IncompatibleLayoutError("; ".join(problems))
         self.placement(config.num_layers)

@@ -153,6 +153,12 @@ class MegatronLegacyReader(PerRankReader):
         return (fields.get("pipeline_model_parallel_size"),
                 fields.get("expert_model_parallel_size"))
 
+    def _expert_tp_hint(self, first: Any) -> int | None:
+        fields = _args_fields(first.get("args")) if isinstance(first, Mapping) else None
+        etp = fields.get("expert_tensor_parallel_size") if fields else None
+        # Megatron-LM leaves it None until validate_args sets it to TP; only a number counts.
+        return etp if type(etp) is int else None
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["iteration"] = self._iteration
@@ -199,7 +205,7 @@ def megatron_lm_args(writer: PerRankWriter, dtype: torch.dtype | None) -> argpar
         decoder_first_pipeline_num_layers=layout.first_stage_layers,
         decoder_last_pipeline_num_layers=layout.last_stage_layers,
         expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp or layout.tp,
+        expert_tensor_parallel_size=layout.expert_tp,
         transformer_impl="transformer_engine" if params.norm_style == "te" else "local",
         params_dtype=dtype or torch.float32,
         bf16=dtype == torch.bfloat16,

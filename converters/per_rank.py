@@ -224,6 +224,19 @@ def read_layout_record(root: Path) -> tuple[int | None, int | None]:
     return sizes[0], sizes[1]
 
 
+def read_layout_record_etp(root: Path) -> int | None:
+    """The expert TP size in the layout record in ``root`` (None: no record, or one written
+    before ckpt-ir recorded it)."""
+    path = root / LAYOUT_RECORD
+    if not path.is_file():
+        return None
+    etp = read_json_file(path).get("etp")
+    if etp is not None and (type(etp) is not int or etp < 1):
+        raise CorruptCheckpointError(f"{LAYOUT_RECORD} needs a positive integer etp, has "
+                                     f"{etp!r}", path=path)
+    return etp
+
+
 def count_local_experts(chunks: Sequence[Mapping[str, Any]]) -> int | None:
     """Local experts of the first MoE layer in one rank file's chunks (None: no expert)."""
     for chunk in chunks:
@@ -242,14 +255,16 @@ def refuse_unsupported(fmt: str, config: ModelConfig, where: Path | None = None,
                        layout: ParallelLayout | None = None) -> None:
     """Refuse what these formats cannot hold as one file per (TP, PP, EP) rank.
 
-    With an expert TP size other than TP, megatron-core's expert ranks are not a product of
-    the dense ranks (TP=2, EP=2 on two GPUs leaves mp_rank_00_001 unwritten), so experts cut
-    by ETP have no file grid; expert TP must equal TP (megatron-core's default).
+    The files form a TP x PP x EP grid; routed experts in the file of TP rank ``t`` are expert
+    TP piece ``t % ETP`` (megatron-core's rank ``t`` has expert TP rank ``t % ETP`` when ETP
+    divides TP), so ETP=1 with TP=2 puts whole experts in both TP ranks' files. An ETP that
+    does not divide TP has no such grid.
     """
-    if layout is not None and config.is_moe and layout.etp not in (None, layout.tp):
+    if layout is not None and config.is_moe and layout.tp % layout.expert_tp:
         raise IncompatibleLayoutError(
-            f"{fmt} holds experts cut by the tensor-parallel size; expert TP={layout.etp} with "
-            f"TP={layout.tp} is not supported (convert to mcore-dist for any expert layout)")
+            f"{fmt} holds experts cut by an expert TP size that divides TP; expert "
+            f"TP={layout.etp} with TP={layout.tp} is not supported (convert to mcore-dist for "
+            "any expert layout)")
 
 
 def _linear_module(name: str) -> str | None:
@@ -302,6 +317,7 @@ class _Source:
     partition: Partition
     blocks: tuple[int, ...] | None
     ep: int = 0  # the expert-parallel rank whose files hold it (routed experts)
+    pieces: int = 1  # TP ranks 0..pieces-1 hold its pieces (TP, or ETP for routed experts)
 
 
 class PerRankReader:
@@ -368,7 +384,7 @@ class PerRankReader:
                 self._maps[key] = buffer
             self._state[key] = self._checked_chunks(obj, files[numbers])
         self._detect_value_head(pp)
-        self._build_index(tp, pp, ep)
+        self._build_index(tp, pp, ep, self._expert_tp(first, tp, pp))
 
     def _detect_value_head(self, pp: int) -> None:
         """A one-row output layer is verl's critic value head (``LinearForLastLayer(H, 1)``,
@@ -413,6 +429,44 @@ class PerRankReader:
     def _parallel_hints(self, first: Any) -> tuple[int | None, int | None]:
         """Saved pipeline / expert parallel sizes, when the files record them."""
         return None, None
+
+    def _expert_tp_hint(self, first: Any) -> int | None:
+        """The saved expert TP size, when the files record it."""
+        return None
+
+    def _expert_tp(self, first: Any, tp: int, pp: int) -> int:
+        """The expert TP size the routed experts are cut by: ckpt-ir's layout record, else
+        what the files record (Megatron-LM args), else the width of an expert's ``linear_fc2``
+        weight ([H, F / ETP]) in TP rank 0's file."""
+        if not self.config.is_moe or tp == 1:
+            return tp
+        etp = read_layout_record_etp(self.path)
+        if etp is None:
+            etp = self._expert_tp_hint(first)
+        if etp is None:
+            etp = self._expert_tp_from_shapes(tp, pp)
+        if etp < 1 or tp % etp:
+            raise CorruptCheckpointError(
+                f"{self.path}: expert TP={etp} does not divide TP={tp} (the rank files hold "
+                "experts cut by an expert TP size that divides TP)", path=self.path)
+        return etp
+
+    def _expert_tp_from_shapes(self, tp: int, pp: int) -> int:
+        size = self.config.moe_intermediate_size
+        for p in range(pp):
+            for chunk in self._state[RankKey(0, p, 0)]:
+                for key, value in chunk.items():
+                    if local_expert_index(key) is None or ".linear_fc2.weight" not in key \
+                            or not isinstance(value, torch.Tensor) or value.dim() != 2:
+                        continue
+                    width = value.shape[-1]
+                    if not 0 < width <= size or size % width or tp % (size // width):
+                        raise CorruptCheckpointError(
+                            f"{key} is {width} columns wide, which no expert TP size dividing "
+                            f"TP={tp} cuts the expert FFN size {size} into", path=self.path,
+                            tensor=key)
+                    return size // width
+        return tp
 
     # -- scanning -------------------------------------------------------------------------------
 
@@ -496,7 +550,7 @@ class PerRankReader:
             f"{self.path} carries no model config (no config.json beside the rank files); "
             "pass --hf-config DIR", path=self.path)
 
-    def _build_index(self, tp: int, pp: int, ep: int) -> None:
+    def _build_index(self, tp: int, pp: int, ep: int, etp: int) -> None:
         chunk_counts = {len(chunks) for chunks in self._state.values()}
         if len(chunk_counts) != 1:
             raise CorruptCheckpointError(
@@ -519,7 +573,8 @@ class PerRankReader:
                 row.append(len(layers))
             sizes.append(row)
         try:
-            self.layout = ParallelLayout.from_chunk_sizes(sizes, tp=tp, ep=ep)
+            self.layout = ParallelLayout.from_chunk_sizes(sizes, tp=tp, ep=ep,
+                                                          etp=None if etp == tp else etp)
         except IncompatibleLayoutError as e:
             raise CorruptCheckpointError(f"{self.path}: {e}", path=self.path) from e
         placement = self.layout.placement(sum(map(sum, sizes)))
@@ -605,8 +660,18 @@ class PerRankReader:
             raise CorruptCheckpointError(
                 f"TP ranks disagree on the shape or dtype of {key} in {where}: "
                 f"{sorted(shapes)} {sorted(map(str, dtypes))}", path=self.path, tensor=key)
-        shape = unshard_shape(shapes.pop(), partition, tp)
-        self._sources[name] = _Source(p, v, key, partition, blocks, e)
+        # Routed experts are cut by the expert TP size; TP ranks t and t + ETP hold one piece.
+        pieces = self.layout.expert_tp if expert is not None else tp
+        shape = unshard_shape(shapes.pop(), partition, pieces)
+        if pieces < tp and partition is not Partition.REPLICATED:
+            for t in range(pieces, tp):
+                if not torch.equal(self._state[RankKey(t, p, e)][v][key],
+                                   self._state[RankKey(t % pieces, p, e)][v][key]):
+                    raise CorruptCheckpointError(
+                        f"{key} of {where} differs between TP ranks {t % pieces} and {t}, "
+                        f"which hold the same expert TP piece (expert TP={pieces})",
+                        path=self._files[RankKey(t, p, e)], tensor=key)
+        self._sources[name] = _Source(p, v, key, partition, blocks, e, pieces)
         self._specs[name] = TensorSpec(name, shape, dtypes.pop())
 
     # -- Reader protocol ----------------------------------------------------------------------
@@ -621,8 +686,7 @@ class PerRankReader:
         source = self._sources.get(name)
         if source is None:
             raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name)
-        tp = self.layout.tp
-        keys = [RankKey(t, source.pp, source.ep) for t in range(tp)]
+        keys = [RankKey(t, source.pp, source.ep) for t in range(source.pieces)]
         self._touched.update(keys)
         pieces = [self._state[k][source.chunk][source.local] for k in keys]
         return unshard(pieces, source.partition, blocks=source.blocks)
@@ -716,7 +780,7 @@ class PerRankWriter:
         self.directory = Path(directory)
         self.config = config
         self.options = options
-        self.layout = options.parallel_layout
+        self.layout = options.parallel_layout.for_model(config)
         self.spec = spec_option(options)
         self.expert_layout = expert_layout_option(options, self.spec)
         # The params the plan was built with (params_for runs once per conversion).
@@ -733,7 +797,7 @@ class PerRankWriter:
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
         """Norm names of the chosen spec; vocab padded on request, else kept as the source
         had it (when this layout's TP divides it), else unpadded. Validates the layout."""
-        layout = options.parallel_layout
+        layout = options.parallel_layout.for_model(config)
         refuse_unsupported(cls.format, config, layout=layout)
         source = options.source_params
         if options.pad_vocab_to_multiple:
@@ -887,13 +951,15 @@ class PerRankWriter:
         if binding.partition is Partition.BLOCKS:
             blocks = binding.transform.tp_blocks(
                 {r: self._schema[binding.ir[r]] for r in binding.transform.roles})
-        pieces = shard(tensor, binding.partition, self.layout.tp, blocks=blocks)
+        # Routed experts are cut by the expert TP size; TP rank t holds piece t % ETP.
+        cut = self.layout.expert_tp if binding.expert is not None else self.layout.tp
+        pieces = shard(tensor, binding.partition, cut, blocks=blocks)
         for key, v, local in targets:
             f = self._files[key]
             if f.writer is None:
                 f.path.parent.mkdir(parents=True, exist_ok=True)
                 f.writer = TorchZipWriter(f.path)
-            f.refs[v][local] = f.writer.add_tensor(pieces[key.tp])
+            f.refs[v][local] = f.writer.add_tensor(pieces[key.tp % cut])
             f.pending -= 1
             if f.pending == 0:
                 self._close_file(key, f)
@@ -931,7 +997,7 @@ class PerRankWriter:
             return  # a dense model's mp_rank_TT_NNN is always TP, PP
         layout = self.layout
         record = {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "ep": layout.ep,
-                  "etp": layout.etp or layout.tp, "expert_layout": self.expert_layout}
+                  "etp": layout.expert_tp, "expert_layout": self.expert_layout}
         root = self._rank_root()
         root.mkdir(parents=True, exist_ok=True)
         with open(root / LAYOUT_RECORD, "w") as f:

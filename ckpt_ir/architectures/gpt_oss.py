@@ -38,8 +38,9 @@ What sets it apart, and where each piece lives:
 
 Parallel layouts: megatron-core 0.16.1 builds biased experts only with expert TP 1
 (``TransformerConfig`` asserts it), so layouts with expert TP > 1 are refused
-(``ModelConfig.has_expert_biases``); per-rank formats, whose expert TP is TP, take TP = 1 with
-any PP / EP, and mcore-dist (TP-invariant) loads at any TP with ``expert_tensor_parallel_size=1``.
+(``ModelConfig.has_expert_biases``); per-rank formats default to expert TP 1 for them
+(``ParallelLayout.for_model``: whole experts in every TP rank's file) at any TP / PP / EP, and
+mcore-dist (TP-invariant) loads at any TP with ``expert_tensor_parallel_size=1``.
 
 LoRA: peft adapts the experts through ``target_parameters`` on the fused parameters, as for the
 other families, but ``gate_up_proj``'s ParamWrapper B rows are interleaved like its outputs

@@ -46,7 +46,8 @@ def add_layout_options(p: argparse.ArgumentParser, *, what: str) -> None:
                    help="virtual pipeline chunks per pipeline rank (interleaved schedule)")
     g.add_argument("--ep", type=int, metavar="N", help="expert-parallel size (MoE models)")
     g.add_argument("--etp", type=int, metavar="N",
-                   help="expert tensor-parallel size (default: the TP size)")
+                   help="expert tensor-parallel size (default: the TP size; 1 for biased "
+                        "experts, gpt-oss)")
     g.add_argument("--first-stage-layers", type=int, metavar="N",
                    help="layers on the first pipeline stage (uneven pipeline)")
     g.add_argument("--last-stage-layers", type=int, metavar="N",

@@ -502,13 +502,14 @@ def build_gpt_chunks(job: Mapping[str, Any], world: int) -> list:
     from ckpt_ir.megatron_config import megatron_args
 
     tp, pp, vpp, first, last = _layout(job, world)
-    set_parallel(tp, pp, vpp, ep=_ep(job))
+    etp = job["layout"].get("etp")  # expert TP (None: TP); ETP=1 puts whole experts per rank
+    set_parallel(tp, pp, vpp, ep=_ep(job), etp=etp)
     hf = json.loads(Path(job["hf_config"]).read_text())
     args = megatron_args(hf, pad_vocab_to_multiple=job.get("pad_vocab_to_multiple"))
     if args.config_class != "TransformerConfig" or "num_moe_experts" in args.transformer_config:
         if pp > 1:
             raise ValueError("the MoE / MLA per-rank jobs build one pipeline stage")
-        return [build_moe_gpt_model(args, tp, ep=_ep(job))]
+        return [build_moe_gpt_model(args, tp, ep=_ep(job), etp=etp)]
     config = TransformerConfig(
         **args.transformer_config, activation_func=F.silu, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

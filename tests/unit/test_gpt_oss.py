@@ -248,11 +248,16 @@ def test_a_config_whose_expert_size_contradicts_the_tensors_is_refused(tmp_path)
 
 
 def test_per_rank_files_with_expert_tp_are_refused(tmp_path):
-    # megatron-core 0.16.1: "Bias in Moe is only supported when ETP==1"; per-rank files cut
-    # experts by TP, so TP=2 files could never be loaded.
+    # megatron-core 0.16.1: "Bias in Moe is only supported when ETP==1": --tp 2 alone gives
+    # expert TP 1 (whole experts in every TP rank's file); asking for expert TP 2 is refused.
     src = _tiny_checkpoint(tmp_path, TINY)
+    ok = _cli(str(src), str(tmp_path / "etp1"), "--to", "verl-legacy", "--tp", "2",
+              "--pad-vocab-to-multiple", "128")
+    assert ok.returncode == 0, ok.stderr
+    record = json.loads((tmp_path / "etp1" / "model" / "ckpt_ir_layout.json").read_text())
+    assert (record["tp"], record["etp"]) == (2, 1)
     dst = tmp_path / "out"
-    r = _cli(str(src), str(dst), "--to", "verl-legacy", "--tp", "2",
+    r = _cli(str(src), str(dst), "--to", "verl-legacy", "--tp", "2", "--etp", "2",
              "--pad-vocab-to-multiple", "128")
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1

@@ -415,18 +415,18 @@ def test_conversion_holds_one_unit_not_the_rank_file(big_verl, tmp_path, monkeyp
     assert max(samples) - base < 0.3 * size
 
 
-def test_moe_expert_tp_other_than_tp_is_refused_up_front(tmp_path):
-    """MoE rank files hold experts cut by TP (tests/properties/test_moe_per_rank_round_trips.py);
-    an expert TP other than TP has no one-file-per-rank grid."""
+def test_moe_expert_tp_not_dividing_tp_is_refused_up_front(tmp_path):
+    """MoE rank files hold experts cut by an expert TP dividing TP (TP rank t holds piece
+    t % ETP; tests/properties/test_moe_per_rank_round_trips.py); another has no grid."""
     mixtral = dict(LLAMA4, model_type="mixtral", architectures=["MixtralForCausalLM"],
                    num_local_experts=4, num_experts_per_tok=2)
     write_hf(tmp_path / "hf", mixtral)
     for fmt in ("verl-legacy", "megatron-legacy"):
         with pytest.raises(IncompatibleLayoutError, match=re.escape(
-                f"{fmt} holds experts cut by the tensor-parallel size; expert TP=1 with TP=2 "
-                "is not supported (convert to mcore-dist for any expert layout)")):
+                f"{fmt} holds experts cut by an expert TP size that divides TP; expert TP=4 "
+                "with TP=2 is not supported (convert to mcore-dist for any expert layout)")):
             ckpt_ir.convert(tmp_path / "hf", tmp_path / fmt, to=fmt,
-                            layout={"tp": 2, "ep": 2, "etp": 1})
+                            layout={"tp": 2, "ep": 2, "etp": 4})
         assert not (tmp_path / fmt).exists()
 
 
