@@ -127,6 +127,8 @@ class Features:
     # Megatron layer, or one per HF module (CanonicalLoRA).
     fused_lora: bool
     canonical_lora: bool
+    # Gemma 3's tower in the hub's spelling (vision_tower.vision_model.*), not transformers 5's.
+    hub_vision_tower: bool = False
 
     @classmethod
     def of(cls, config: ModelConfig, params: NativeParams) -> Features:
@@ -143,7 +145,8 @@ class Features:
                    has_expert_bias=bool(names and names.expert_bias),
                    has_q_lora=config.q_lora_rank > 0, no_q_lora=config.q_lora_rank == 0,
                    fused_experts=params.hf_experts == "fused",
-                   fused_lora=lora_style == "fused", canonical_lora=lora_style == "canonical")
+                   fused_lora=lora_style == "fused", canonical_lora=lora_style == "canonical",
+                   hub_vision_tower=params.hf_experts == "vision-model")
 
 
 LAYER_FEATURES = ("moe_layer", "dense_layer", "linear_attention_layer", "full_attention_layer")

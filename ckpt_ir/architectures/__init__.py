@@ -26,6 +26,7 @@ from ckpt_ir.architectures.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from ckpt_ir.architectures.qwen_vl import QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE
 from ckpt_ir.architectures.record import Architecture, MoeNames, megatron_arg
 from ckpt_ir.architectures.seed_oss import SEED_OSS
+from ckpt_ir.architectures.vl_passthrough import GEMMA3, MISTRAL3
 from ckpt_ir.errors import FormatError
 
 __all__ = ["ARCHITECTURES", "MOE_NAMES", "REGISTRY", "TABLES", "Architecture", "MoeNames",
@@ -46,7 +47,8 @@ REGISTRY: Mapping[str, Architecture] = _registry(
     GLM4_MOE, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA,
     GPT_OSS, QWEN3_NEXT,
     PHI3, OLMO2, GEMMA2, GEMMA3_TEXT, MINISTRAL3,
-    QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE)
+    QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE,
+    GEMMA3, MISTRAL3)
 
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 
@@ -80,13 +82,9 @@ def lookup(name: object) -> Architecture | None:
 
 
 # Checkpoints whose language model has a record but which hold more (a vision tower and its
-# projector): refused with what is supported instead (docs/architecture.md).
-UNSUPPORTED_HINTS: Mapping[str, str] = MappingProxyType({
-    "gemma3": "a vision-language checkpoint: its SigLIP tower and projector have no mapping "
-              "in ckpt-ir yet; the language model alone is supported as gemma3_text",
-    "mistral3": "a vision-language checkpoint: its Pixtral tower and projector have no "
-                "mapping in ckpt-ir yet; the language model alone is supported as ministral3",
-})
+# projector): refused with what is supported instead (docs/architecture.md). None today:
+# gemma3 and mistral3 have records (vl_passthrough).
+UNSUPPORTED_HINTS: Mapping[str, str] = MappingProxyType({})
 
 
 def architecture(name: object) -> Architecture:

@@ -15,7 +15,8 @@ the HF config every format keeps:
 
 The vision-language checkpoint (``mistral3``: Pixtral tower, patch merger, projector under
 ``vision_tower.`` / ``multi_modal_projector.``, the language model under
-``language_model.model.``) is not a record here: see docs/architecture.md.
+``language_model.model.``) is the ``mistral3`` record of
+:mod:`ckpt_ir.architectures.vl_passthrough`, over these rows.
 
 Facts: /work/shared/reference/architectures-wave2.md section 7.4 (transformers 5.23
 ``modeling_ministral3``; Megatron-Bridge ``ministral3/ministral3_bridge.py``: llama rows).

@@ -178,7 +178,8 @@ class Architecture:
     # (Megatron-Bridge's VL models: ``language_model.``); "" for a GPTModel.
     mcore_prefix: str = ""
     # Which ``hf`` expert layout (``NativeParams.hf_experts``) a file's tensor shapes show, for
-    # families whose fused experts come in more than one orientation (qwen3_vl_moe).
+    # families whose fused experts come in more than one orientation (qwen3_vl_moe). gemma3
+    # uses it for its tower's two spellings (vl_passthrough.HUB_TOWER: hub_vision_tower rows).
     hf_expert_layout: Callable[[ModelConfig, Mapping[str, Shape]], str] | None = None
     # The parts of a multi-part model (a VL model's vision tower, merger, deepstack mergers)
     # for ``inspect``: :class:`ckpt_ir.architectures.vision.ModelPart` each.

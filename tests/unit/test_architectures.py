@@ -23,6 +23,7 @@ from ckpt_ir.table_engine import Row, one
 from ckpt_ir.tables import NativeParams, build_table
 from ckpt_ir.tables.lora import LORA_ROWS, row_style
 from tests.clients.qwen_vl_models import config_dict as vl_config
+from tests.clients.vl_passthrough_models import config_dict as passthrough_vl_config
 from tests.unit.test_glm import TINY as GLM_TINY
 from tests.unit.test_gpt_oss import TINY as GPT_OSS_TINY
 from tests.unit.test_moe import TINY
@@ -40,6 +41,8 @@ VL = tuple(n for n in ARCHITECTURES if REGISTRY[n].text_config is not None)
 
 
 def _tiny(name: str) -> dict:
+    if name in ("gemma3", "mistral3"):
+        return passthrough_vl_config(name)
     if name in VL:
         return vl_config(name)
     tiny = {**TINY, **GLM_TINY, "gpt_oss": GPT_OSS_TINY, "qwen3_next": QWEN3_NEXT_TINY}
@@ -53,23 +56,25 @@ def test_the_registry_is_the_one_list_of_architectures():
                                   "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "gpt_oss",
                                   "qwen3_next", "phi3", "olmo2", "gemma2",
                                   "gemma3_text", "ministral3", "qwen2_5_vl", "qwen3_vl",
-                                  "qwen3_vl_moe"}
+                                  "qwen3_vl_moe", "gemma3", "mistral3"}
     for name, record in REGISTRY.items():
         assert record.name == name
         assert "mcore" in record.tables
         # An MoE family names its expert tensors and has the fused-experts hf variant.
         assert (name in MOE_NAMES) == record.is_moe
-        # hf rows: the fused-experts variant of an MoE family, Qwen3-VL's model.language_model.
-        assert ("hf" in record.tables) == (record.is_moe or name == "qwen3_vl")
+        # hf rows: the fused-experts variant of an MoE family, Qwen3-VL's model.language_model.,
+        # Gemma 3's / Mistral 3's language_model.model.
+        assert ("hf" in record.tables) == (record.is_moe
+                                           or name in ("qwen3_vl", "gemma3", "mistral3"))
     # Families that differ only by row conditions share one tuple (the doc says "same rows").
     assert REGISTRY["mistral"].tables["mcore"] is REGISTRY["llama"].tables["mcore"]
     assert "verl-native" not in REGISTRY["qwen3"].tables
 
 
 def test_an_unknown_architecture_names_the_registered_ones():
-    with pytest.raises(FormatError, match="unsupported architecture 'gemma3'; supported: llama, "
+    with pytest.raises(FormatError, match="unsupported architecture 'gemma4'; supported: llama, "
                                           "mistral, qwen2, qwen3, mixtral"):
-        ModelConfig.from_hf({**DENSE, "model_type": "gemma3"})
+        ModelConfig.from_hf({**DENSE, "model_type": "gemma4"})
     with pytest.raises(FormatError, match="unsupported architecture"):
         architecture(["llama"])
 

@@ -2,7 +2,8 @@
 
 - The published configs (numbers from /work/shared/reference/architectures-wave2.md sections
   6.1, 7.1, 7.2; no hub access here) read, count the published parameters, and plan
-  (``--dry-run``) without weights.
+  (``--dry-run``) without weights; so do the published Gemma-3-4B and Ministral-3-3B VL
+  configs, tower and projector included.
 - Every Megatron name, shape, transform and TP partition of one layer is pinned: megatron-core
   0.16.1 cannot build OLMo 2 or Gemma on CPU (reference section 10), so this table is the
   check that ckpt-ir's names are the ones Megatron-Bridge uses (Gemma) or documents (OLMo 2's
@@ -100,7 +101,7 @@ GEMMA3_1B = {
 # mistralai/Ministral-3-3B-*-2512 (reference 7.4): the language model (``text_config`` of the
 # mistral3 checkpoint): GQA 32:8, head_dim 128, YaRN with the Llama-4 query temperature, tied.
 # 3.43e9 is the language model's count from these sizes (the published 3B adds the Pixtral
-# tower and projector, which ckpt-ir does not convert: docs/architecture.md).
+# tower and projector: MINISTRAL3_3B_VL below).
 MINISTRAL3_3B = {
     "architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3", "hidden_act": "silu",
     "hidden_size": 3072, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -114,7 +115,7 @@ MINISTRAL3_3B = {
 }
 # google/gemma-3-4b-pt's language model (its ``text_config``, reference 6.1): GQA 8:4, q/k
 # norms, a linear RoPE factor 8 on the global layers, sliding window 1024. 3.88e9 from these
-# sizes (the published 4.3B adds the SigLIP tower, which ckpt-ir does not convert).
+# sizes (the published 4.3B adds the SigLIP tower and projector: GEMMA3_4B_VL below).
 GEMMA3_4B = {
     **GEMMA3_1B, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
     "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 262208,
@@ -407,19 +408,56 @@ def test_ministral3_megatron_args_are_llamas_and_name_yarn_and_the_temperature()
                                                     ).keys()
 
 
-@pytest.mark.parametrize(("model_type", "text"), [("gemma3", "gemma3_text"),
-                                                  ("mistral3", "ministral3")])
-def test_a_vision_language_checkpoint_is_refused_in_one_line_naming_its_text_model(
-        model_type, text, tmp_path):
-    # The published VL configs nest the language model under text_config.
-    config = {"model_type": model_type, "architectures": ["X"],
-              "text_config": {**MINISTRAL3_3B, "model_type": text}, "vision_config": {}}
+# The published VL checkpoints (reference 6.6, 7.4): the language models above under
+# text_config (written out in full: the published text_config leaves most fields to
+# transformers' defaults, which ckpt-ir does not apply), the towers' vision_config as published.
+# google/gemma-3-4b-it: SigLIP so400m at 896 px (27 layers, hidden 1152, 16 heads, ffn 4304,
+# patch 14: 64x64 positions), no pooling head; 4,300,079,472 parameters from these sizes (the
+# published 4.3B).
+GEMMA3_4B_VL = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+    "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+    "mm_tokens_per_image": 256, "dtype": "bfloat16",
+    "text_config": {**GEMMA3_4B, "model_type": "gemma3_text"},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152,
+                      "image_size": 896, "intermediate_size": 4304, "num_attention_heads": 16,
+                      "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+# mistralai/Ministral-3-3B-*-2512: Pixtral (24 layers, hidden 1024, 16 heads of 64, ffn 4096,
+# patch 14), 2x2 merger, bias-free projector. 420,083,712 tower + projector parameters from
+# these sizes (reference 7.4 gives no published total) on the 3,429,006,336 above.
+MINISTRAL3_3B_VL = {
+    "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+    "image_token_index": 10, "spatial_merge_size": 2, "projector_hidden_act": "gelu",
+    "multimodal_projector_bias": False, "vision_feature_layer": -1, "dtype": "bfloat16",
+    "tie_word_embeddings": True, "text_config": MINISTRAL3_3B,
+    "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096,
+                      "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 64,
+                      "image_size": 1540, "patch_size": 14, "hidden_act": "silu",
+                      "rope_theta": 10000.0},
+}
+# name -> (config, parameters, Megatron tensors: language model + tower + projector)
+PUBLISHED_VL = {
+    "Gemma-3-4B": (GEMMA3_4B_VL, 4_300_079_472, 34 * 10 + 2 + (3 + 27 * 16 + 2) + 2),
+    "Ministral-3-3B": (MINISTRAL3_3B_VL, 3_429_006_336 + 420_083_712,
+                       26 * 6 + 2 + (2 + 24 * 9) + 4),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_VL)
+def test_the_published_vl_config_plans_the_whole_model(name, tmp_path):
+    """--dry-run of the published VL configs plans the language model, the tower and the
+    projector (they were refused until issue #16's VL part)."""
+    config, params, tensors = PUBLISHED_VL[name]
+    schema = ModelConfig.from_hf(config).schema()
+    assert sum(_numel(s) for s in schema.values()) == params
     src = _write(tmp_path, config)
     r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", str(src),
-                        str(tmp_path / "out"), "--to", "mcore-dist", "--dry-run"],
+                        str(tmp_path / "out"), "--to", "mcore-dist", "--dry-run", "--json"],
                        capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.count("\n") == 1, r.stderr
-    assert f"unsupported architecture '{model_type}'" in r.stderr
-    assert "vision-language checkpoint" in r.stderr
-    assert f"the language model alone is supported as {text}" in r.stderr
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["dry_run"] is True and plan["architecture"] == config["model_type"]
+    assert plan["tensors_written"] == tensors
+    assert 2 * params <= plan["bytes_written"] < 2 * params + GIB
+    assert not (tmp_path / "out").exists()
