@@ -261,6 +261,12 @@ class McoreDistReader:
         for fqn in self._dcp.index.blobs:
             self._dropped[fqn] = _blob_reason(fqn)
         self._notes: list[str] = []
+        self._settle_config(hf_config, config_candidates)
+
+    def _settle_config(self, hf_config: str | os.PathLike | None,
+                       config_candidates: Sequence[Path]) -> None:
+        """The model config, checked against the tensors found (also Megatron-FSDP's reader,
+        whose keys name the same per-layer tensors)."""
         self._config_source, hf = self._find_config(hf_config, config_candidates)
         self.config = ModelConfig.from_hf(hf)
         lm = self.config_prefix

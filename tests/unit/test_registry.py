@@ -80,8 +80,11 @@ def test_adapter_classes_named_by_the_specs_exist(name: str) -> None:
 def test_the_registry_refuses_what_it_cannot_do() -> None:
     with pytest.raises(FormatError, match="holds a LoRA adapter, not a model"):
         reader_class("hf-peft")
-    with pytest.raises(FormatError, match=r"Megatron-FSDP fsdp_dtensor .* not supported yet"):
-        reader_class("megatron-fsdp")
+    # Megatron-FSDP is read only: a reader, never a --to destination.
+    assert reader_class("megatron-fsdp").__name__ == "MegatronFsdpReader"
+    assert "megatron-fsdp" not in WRITABLE_FORMATS
+    with pytest.raises(FormatError, match="megatron-fsdp"):
+        writer_class("megatron-fsdp")
     with pytest.raises(FormatError, match="cannot hold LoRA adapters"):
         adapter_writer_class("megatron-legacy")
     with pytest.raises(FormatError, match=r"unknown format 'zarr'; expected one of hf, "):
@@ -115,9 +118,7 @@ def test_torch_dist_and_plain_dcp_are_told_apart_by_evidence(tmp_path: Path) -> 
     fsdp = _metadata(tmp_path / "fsdp_dtensor", "model.module.decoder.layers.0.mlp."
                      "linear_fc1.weight", "model.module.embedding.word_embeddings.weight")
     assert is_fsdp_dtensor_dir(fsdp) and not is_plain_dcp_dir(fsdp) and not is_dist_dir(fsdp)
-    with pytest.raises(FormatError, match=r"holds a Megatron-FSDP fsdp_dtensor checkpoint .* "
-                                          r"not supported yet"):
-        resolve(fsdp)
+    assert resolve(fsdp).format == "megatron-fsdp"
 
 
 def test_probe_order_keeps_an_adapter_with_base_weights_an_adapter(tmp_path: Path) -> None:
