@@ -209,6 +209,11 @@ def _from_manifest(p: Path, manifest: dict, given: Path, notes: list[str], step:
                                          "directory", path=p / MANIFEST)
         fmt = entry.get("format")
         layout = f"verl v2 ({entry['path']}, from {MANIFEST})"
+        if is_fsdp_dtensor_dir(d):
+            # use_megatron_fsdp: Megatron-FSDP's DCP where the manifest's model entry points,
+            # whatever format name it records.
+            return Resolved("megatron-fsdp", d, given, f"{layout}, Megatron-FSDP fsdp_dtensor",
+                            tuple(notes), step, cfgs)
         if fmt == "megatron_dist_checkpoint" and is_dist_dir(d) and _dist_has_model(d):
             return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)
         if fmt == "huggingface" and is_hf_dir(d):

@@ -103,7 +103,8 @@ def _per_rank_layout(name: str, megatron_lm: bool) -> Probe:
 
 
 def _describe_dist(c: Path) -> str | None:
-    if is_plain_dcp_dir(c) or not (is_dist_dir(c) or any(c.glob("*.distcp"))):
+    if is_plain_dcp_dir(c) or is_fsdp_dtensor_dir(c) \
+            or not (is_dist_dir(c) or any(c.glob("*.distcp"))):
         return None
     if not (c / "metadata.json").is_file():
         return "torch_dist, INCOMPLETE (no metadata.json yet)"

@@ -79,7 +79,7 @@ _BESIDE = (
 
 def _beside_reason(fqn: str) -> str:
     if "_extra_state" in fqn:
-        return "extra state object (TE FP8 metadata), not a weight"
+        return "megatron-core _extra_state object (TE FP8 metadata), not a weight"
     return next((why for start, why in _BESIDE if fqn.startswith(start)),
                 "outside the model state dict")
 

@@ -10,6 +10,7 @@ ranks (one empty). Against megatron-core's own GPTModel: tests/clients/test_mega
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -26,6 +27,7 @@ import ckpt_ir
 from ckpt_ir.converters.mcore_dist import McoreDistReader
 from ckpt_ir.converters.megatron_fsdp import mcore_name
 from ckpt_ir.converters.storage.dcp_files import DcpReader
+from ckpt_ir.detect import resolve
 from ckpt_ir.transforms import same_bits
 from tests.clients import hf_models
 from tests.clients.mfsdp_models import (
@@ -159,3 +161,24 @@ def test_a_swiglu_half_alone_is_refused(made: dict[str, Path], tmp_path: Path) -
 ])
 def test_fsdp_dtensor_keys_map_to_mcore_natives(key: str, native: str, part: str | None) -> None:
     assert mcore_name(key) == (native, part)
+
+
+def test_a_verl_v2_manifest_naming_the_fsdp_dtensor_directory_is_followed(
+        made: dict[str, Path], tmp_path: Path) -> None:
+    """verl v2 with use_megatron_fsdp: ckpt_contents.json names model/dist_ckpt; whatever
+    format it records there, the directory's evidence says fsdp_dtensor, and the HF config
+    comes from the role's huggingface/ copy (no --hf-config)."""
+    role = tmp_path / "run" / "global_step_2" / "actor"
+    shutil.copytree(made["llama"], role / "model" / "dist_ckpt")
+    (role / "huggingface").mkdir()
+    shutil.copy(made["hf-llama"] / "config.json", role / "huggingface" / "config.json")
+    (role / "ckpt_contents.json").write_text(json.dumps({"contents": {"model": {
+        "path": "model/dist_ckpt", "format": "megatron_dist_checkpoint"}}}))
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("2")
+    found = resolve(tmp_path / "run")
+    assert (found.format, found.path) == ("megatron-fsdp", role / "model" / "dist_ckpt")
+    assert "ckpt_contents.json" in found.layout and not found.notes[1:]
+    ckpt_ir.convert(tmp_path / "run", tmp_path / "out", to="hf")
+    want = load_file(next(made["hf-llama"].glob("*.safetensors")))
+    got = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    assert sorted(got) == sorted(want) and all(same_bits(want[k], got[k]) for k in want)
