@@ -343,8 +343,13 @@ class McoreDistReader:
 
     # -- config -------------------------------------------------------------------------------
 
+    def _config_tensors(self) -> Mapping[str, Any]:
+        """The tensors, by the names the config checks below look for (``embedding.…``,
+        ``output_layer.weight``): the torch_dist keys; a subclass's natives."""
+        return self._dcp.index.tensors
+
     def _vocab_rows(self) -> int | None:
-        t = self._dcp.index.tensors.get("embedding.word_embeddings.weight")
+        t = self._config_tensors().get("embedding.word_embeddings.weight")
         return t.shape[0] if t is not None else None
 
     def _common_state(self) -> Any:
@@ -398,7 +403,7 @@ class McoreDistReader:
         embedding once, with no ``output_layer.weight``. Values recorded nowhere (a rotary base
         or a sequence length in ``transformer_config.json``) are refused, not guessed.
         """
-        tensors = self._dcp.index.tensors
+        tensors = self._config_tensors()
         if any(k.startswith(("language_model.", "vision_model.", "visual.")) for k in tensors):
             # Megatron-Bridge's VL models: the arguments describe the language model only.
             raise MissingConfigError(

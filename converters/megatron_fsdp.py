@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -188,6 +188,11 @@ class MegatronFsdpReader(McoreDistReader):
         near = [self.path, self.path.parent / "huggingface",
                 self.path.parent.parent / "huggingface"]
         return [*given, *(d for d in near if d.is_dir())]
+
+    def _config_tensors(self) -> Mapping[str, Any]:
+        """Config checks (tied embeddings, vocabulary rows) look tensors up by their mcore
+        names, which here are the keys without the prefix."""
+        return self._specs
 
     def _norm_style(self) -> str:
         """The layer spec whose *parameter* names the keys use: Megatron-FSDP saves the live

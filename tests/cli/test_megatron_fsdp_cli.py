@@ -182,3 +182,25 @@ def test_a_verl_v2_manifest_naming_the_fsdp_dtensor_directory_is_followed(
     want = load_file(next(made["hf-llama"].glob("*.safetensors")))
     got = load_file(next((tmp_path / "out").glob("*.safetensors")))
     assert sorted(got) == sorted(want) and all(same_bits(want[k], got[k]) for k in want)
+
+
+def test_a_verl_transformer_config_json_describes_the_model(made: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """A role directory with verl's transformer_config.json and no HF config: the config is
+    rebuilt from Megatron's arguments, tied embeddings and vocabulary read from the
+    fsdp_dtensor tensors under their prefix."""
+    verl = ckpt_ir.convert(made["hf-llama"], tmp_path / "verl", to="mcore-dist", verl_tree=True)
+    assert verl.dest_format == "mcore-dist"
+    fields = json.loads((tmp_path / "verl" / "transformer_config.json").read_text())
+    hf = json.loads((made["hf-llama"] / "config.json").read_text())
+    # What TransformerConfig lacks and verl's file therefore does not record.
+    fields.update(rotary_base=hf.get("rope_theta", 10000.0),
+                  max_position_embeddings=hf["max_position_embeddings"])
+    role = tmp_path / "run" / "global_step_1" / "actor"
+    shutil.copytree(made["llama"], role / "model" / "dist_ckpt")
+    (role / "transformer_config.json").write_text(json.dumps(fields))
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("1")
+    ckpt_ir.convert(tmp_path / "run", tmp_path / "out", to="hf")
+    want = load_file(next(made["hf-llama"].glob("*.safetensors")))
+    got = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    assert sorted(got) == sorted(want) and all(same_bits(want[k], got[k]) for k in want)
