@@ -121,7 +121,9 @@ class MegatronFsdpReader(McoreDistReader):
         self._natives: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._specs: dict[str, TensorSpec] = {}
         self._dropped: dict[str, str] = {}
-        self._joined: dict[str, tuple[str, ...]] = {}  # unused: split natives are _parts
+        # McoreDistReader.read consults _joined (torch_dist sub-keys); here split natives are
+        # _parts, read by this class.
+        self._joined: dict[str, tuple[str, ...]] = {}
         self._parts: dict[str, tuple[str, ...]] = {}   # native -> its keys, rows in order
         self._notes: list[str] = []
         index = self._dcp.index
