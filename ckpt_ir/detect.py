@@ -26,7 +26,8 @@ directory (``.metadata`` without ``metadata.json`` or Megatron parameter names) 
 apart from a torch_dist one and read as ``torch-dcp``; DCP trainers' trees are walked too:
 torchtitan's ``step-N/``, verl's torchtitan engine (``global_step_N/step-N/``), NeMo-RL's
 ``step_N/policy/weights/[model/]``. A Megatron-FSDP ``fsdp_dtensor`` directory
-(``model.module.`` keys) is refused as not supported yet.
+(``model.module.`` keys) is read as ``megatron-fsdp``, also where verl's ``use_megatron_fsdp``
+puts it (``global_step_N/{actor,critic}/model/dist_ckpt``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from pathlib import Path
 
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
 from ckpt_ir.formats import FORMAT_NAMES, REGISTRY, FormatSpec
-from ckpt_ir.formats import spec as format_spec
 from ckpt_ir.probes import (  # noqa: F401  (re-exported: the old home of these helpers)
     ADAPTER_DIR,
     RANK_DIR,
@@ -162,11 +162,11 @@ def _role_dir(p: Path, given: Path, notes: list[str], step: int | None) -> Resol
         (p / "model" / "dist_ckpt", "verl v2 (model/dist_ckpt)"),
         (p / "dist_ckpt", "verl v1 (dist_ckpt)"),
     )
-    for d, _ in layouts:
+    for d, layout in layouts:
         if is_fsdp_dtensor_dir(d):
             # verl's use_megatron_fsdp writes Megatron-FSDP's DCP where torch_dist would go.
-            raise FormatError(f"{given} holds {format_spec('megatron-fsdp').unsupported} "
-                              f"({_rel(d, given) or d.name + '/'})", path=given)
+            return Resolved("megatron-fsdp", d, given, f"{layout}, Megatron-FSDP fsdp_dtensor",
+                            tuple(notes), step, cfgs)
     for d, layout in layouts:
         if is_dist_dir(d) and _dist_has_model(d):
             return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)
@@ -209,6 +209,11 @@ def _from_manifest(p: Path, manifest: dict, given: Path, notes: list[str], step:
                                          "directory", path=p / MANIFEST)
         fmt = entry.get("format")
         layout = f"verl v2 ({entry['path']}, from {MANIFEST})"
+        if is_fsdp_dtensor_dir(d):
+            # use_megatron_fsdp: Megatron-FSDP's DCP where the manifest's model entry points,
+            # whatever format name it records.
+            return Resolved("megatron-fsdp", d, given, f"{layout}, Megatron-FSDP fsdp_dtensor",
+                            tuple(notes), step, cfgs)
         if fmt == "megatron_dist_checkpoint" and is_dist_dir(d) and _dist_has_model(d):
             return Resolved("mcore-dist", d, given, layout, tuple(notes), step, cfgs)
         if fmt == "huggingface" and is_hf_dir(d):

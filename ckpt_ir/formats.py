@@ -103,7 +103,8 @@ def _per_rank_layout(name: str, megatron_lm: bool) -> Probe:
 
 
 def _describe_dist(c: Path) -> str | None:
-    if is_plain_dcp_dir(c) or not (is_dist_dir(c) or any(c.glob("*.distcp"))):
+    if is_plain_dcp_dir(c) or is_fsdp_dtensor_dir(c) \
+            or not (is_dist_dir(c) or any(c.glob("*.distcp"))):
         return None
     if not (c / "metadata.json").is_file():
         return "torch_dist, INCOMPLETE (no metadata.json yet)"
@@ -155,14 +156,10 @@ REGISTRY: tuple[FormatSpec, ...] = (
                adapter_module="ckpt_ir.converters.verl_fsdp",
                adapter_reader="VerlFsdpAdapterReader", probe=verl_fsdp_layout,
                adapter_probe=lambda p: verl_fsdp_key_kinds(p)[1], describe=verl_fsdp_layout),
-    FormatSpec("megatron-fsdp",
+    FormatSpec("megatron-fsdp", "ckpt_ir.converters.megatron_fsdp", "MegatronFsdpReader",
                probe=lambda p: "Megatron-FSDP fsdp_dtensor" if is_fsdp_dtensor_dir(p) else None,
-               describe=lambda p: "Megatron-FSDP fsdp_dtensor checkpoint (model.module. keys): "
-                                  "not supported yet" if is_fsdp_dtensor_dir(p) else None,
-               unsupported="a Megatron-FSDP fsdp_dtensor checkpoint (DCP files without "
-                           "metadata.json, Megatron-Core keys under model.module.), not a "
-                           "torch_dist or plain DCP one; reading fsdp_dtensor checkpoints is "
-                           "not supported yet"),
+               describe=lambda p: "Megatron-FSDP fsdp_dtensor checkpoint (model.module. keys, "
+                                  "read only)" if is_fsdp_dtensor_dir(p) else None),
 )
 
 _BY_ID = {s.id: s for s in REGISTRY}

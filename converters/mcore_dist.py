@@ -261,6 +261,12 @@ class McoreDistReader:
         for fqn in self._dcp.index.blobs:
             self._dropped[fqn] = _blob_reason(fqn)
         self._notes: list[str] = []
+        self._settle_config(hf_config, config_candidates)
+
+    def _settle_config(self, hf_config: str | os.PathLike | None,
+                       config_candidates: Sequence[Path]) -> None:
+        """The model config, checked against the tensors found (also Megatron-FSDP's reader,
+        whose keys name the same per-layer tensors)."""
         self._config_source, hf = self._find_config(hf_config, config_candidates)
         self.config = ModelConfig.from_hf(hf)
         lm = self.config_prefix
@@ -337,8 +343,13 @@ class McoreDistReader:
 
     # -- config -------------------------------------------------------------------------------
 
+    def _config_tensors(self) -> Mapping[str, Any]:
+        """The tensors, by the names the config checks below look for (``embedding.…``,
+        ``output_layer.weight``): the torch_dist keys; a subclass's natives."""
+        return self._dcp.index.tensors
+
     def _vocab_rows(self) -> int | None:
-        t = self._dcp.index.tensors.get("embedding.word_embeddings.weight")
+        t = self._config_tensors().get("embedding.word_embeddings.weight")
         return t.shape[0] if t is not None else None
 
     def _common_state(self) -> Any:
@@ -392,7 +403,7 @@ class McoreDistReader:
         embedding once, with no ``output_layer.weight``. Values recorded nowhere (a rotary base
         or a sequence length in ``transformer_config.json``) are refused, not guessed.
         """
-        tensors = self._dcp.index.tensors
+        tensors = self._config_tensors()
         if any(k.startswith(("language_model.", "vision_model.", "visual.")) for k in tensors):
             # Megatron-Bridge's VL models: the arguments describe the language model only.
             raise MissingConfigError(

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -223,16 +222,7 @@ class TorchDcpReader:
         range, when its chunks are full-width row boxes (FSDP2 ``Shard(0)``: ``torch.chunk``
         boxes) and more than one; None otherwise (read it whole)."""
         fqn = self._natives.get(name)
-        if fqn is None:
-            return None
-        t = self._dcp.index.tensors[fqn]
-        boxes = sorted((c for c in t.chunks if math.prod(c.sizes)), key=lambda c: c.offsets)
-        if len(t.shape) == 0 or len(boxes) < 2 or any(
-                c.sizes[1:] != t.shape[1:] or any(c.offsets[1:]) for c in boxes):
-            return None
-        # Boxes tile the tensor (checked when the index was read), so sorted by row they are
-        # its rows in order.
-        return tuple(self._dcp.read_region(fqn, c.offsets, c.sizes) for c in boxes)
+        return None if fqn is None else self._dcp.read_rows(fqn)
 
     def source_files(self) -> SourceFiles:
         return carried_source_files([self._config_dir])

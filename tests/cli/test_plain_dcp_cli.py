@@ -1,5 +1,5 @@
 """A plain PyTorch DCP checkpoint is told apart from a Megatron-Core torch_dist one (issue #13)
-and from Megatron-FSDP's fsdp_dtensor (issue #14).
+and from Megatron-FSDP's fsdp_dtensor (issue #14, read as megatron-fsdp).
 
 All are ``torch.distributed.checkpoint`` directories with a ``.metadata`` file; megatron-core
 adds ``metadata.json`` (``sharded_backend``) and names its parameters ``decoder.layers...``;
@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from ckpt_ir.detect import describe_entry, resolve
-from ckpt_ir.errors import FormatError
 from ckpt_ir.probes import is_dist_dir, is_plain_dcp_dir
 from tests.fixtures import tree_bytes
 
@@ -140,9 +139,10 @@ def test_plain_dcp_inside_a_run_directory_is_found(plain_dcp: dict[str, Path],
     assert (found.format, found.path, found.step) == ("torch-dcp", step, 5)
 
 
-def test_an_fsdp_dtensor_directory_is_refused_with_exit_2(tmp_path: Path) -> None:
+def test_an_fsdp_dtensor_directory_is_not_read_as_plain_dcp(tmp_path: Path) -> None:
     """Megatron-FSDP's keys (model.module.<Megatron-Core name>) in DCP files without
-    metadata.json: neither torch_dist nor a plain DCP of HF names; refused, not misread."""
+    metadata.json: neither torch_dist nor a plain DCP of HF names; read as megatron-fsdp
+    (tests/cli/test_megatron_fsdp_cli.py), and without a config refused in one line."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -150,15 +150,16 @@ def test_an_fsdp_dtensor_directory_is_refused_with_exit_2(tmp_path: Path) -> Non
     dcp.save({"model.module.embedding.word_embeddings.weight": torch.zeros(4, 2),
               "model.module.decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(8, 2)},
              checkpoint_id=str(d), no_dist=True)
-    run = cli("inspect", d)
+    assert resolve(d).format == "megatron-fsdp" and not is_plain_dcp_dir(d)
+    run = cli("convert", d, tmp_path / "out", "--to", "hf")
     assert run.returncode == 2, run.stderr
     line, = run.stderr.strip().splitlines()
-    assert "Megatron-FSDP fsdp_dtensor checkpoint" in line and "not supported yet" in line
+    assert "--hf-config" in line
 
 
-def test_verls_megatron_fsdp_tree_is_refused_not_misread(tmp_path: Path) -> None:
+def test_verls_megatron_fsdp_tree_is_found_not_misread(tmp_path: Path) -> None:
     """verl's use_megatron_fsdp puts the fsdp_dtensor DCP in model/dist_ckpt/, where torch_dist
-    would be: the run is refused by evidence, naming the directory."""
+    would be: the run walk finds it as megatron-fsdp, not torch_dist."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -167,6 +168,6 @@ def test_verls_megatron_fsdp_tree_is_refused_not_misread(tmp_path: Path) -> None
     dcp.save({"model.module.decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(8, 2)},
              checkpoint_id=str(d), no_dist=True)
     (run / "latest_checkpointed_iteration.txt").write_text("4")
-    with pytest.raises(FormatError, match=r"Megatron-FSDP fsdp_dtensor .* not supported yet "
-                                          r"\(global_step_4/actor/model/dist_ckpt/\)"):
-        resolve(run)
+    found = resolve(run)
+    assert (found.format, found.path, found.step) == ("megatron-fsdp", d, 4)
+    assert "model/dist_ckpt" in found.layout

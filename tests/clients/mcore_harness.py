@@ -809,5 +809,19 @@ def _vl_command(name: str) -> Any:
 _COMMANDS.update({n: _vl_command(n) for n in ("vl-load-forward",)})
 
 
+def _mfsdp_command(name: str) -> Any:
+    """A Megatron-FSDP job (``tests/clients/mfsdp_jobs.py``, imported when run)."""
+
+    def run(job: Mapping[str, Any], rank: int, world: int) -> None:
+        from tests.clients.mfsdp_jobs import COMMANDS
+
+        COMMANDS[name](job, rank, world)
+
+    return run
+
+
+_COMMANDS.update({n: _mfsdp_command(n) for n in ("mfsdp-save",)})
+
+
 if __name__ == "__main__":  # dist_checkpointing.save spawns processes that re-import __main__
     sys.exit(main(sys.argv[1:]))

@@ -32,13 +32,13 @@ def test_every_list_derives_from_the_registry() -> None:
     assert len(ids) == len(set(ids))
     # The values the CLI and the messages have always shown, now computed from the specs.
     assert FORMAT_NAMES == ("hf", "hf-peft", "mcore-dist", "torch-dcp", "verl-legacy",
-                            "megatron-legacy", "verl-fsdp")
+                            "megatron-legacy", "verl-fsdp", "megatron-fsdp")
     assert WRITABLE_FORMATS == ("hf", "mcore-dist", "torch-dcp", "verl-legacy",
                                 "megatron-legacy", "verl-fsdp", "hf-peft")
     assert PER_RANK_FORMATS == ("verl-legacy", "megatron-legacy")
     assert ADAPTER_FORMATS == ("hf-peft", "mcore-dist", "verl-legacy", "verl-fsdp")
     assert FORMATS == ("hf", "mcore-dist", "torch-dcp", "verl-legacy", "megatron-legacy",
-                       "verl-fsdp")
+                       "verl-fsdp", "megatron-fsdp")
     assert set(FORMAT_NAMES) == {s.id for s in REGISTRY if s.supported}
 
 
@@ -60,11 +60,16 @@ def _methods(protocol: type) -> list[str]:
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_model_classes_named_by_the_specs_exist(name: str) -> None:
-    reader, writer = reader_class(name), writer_class(name)
+    reader = reader_class(name)
     # The protocols carry data members, so issubclass() cannot check them: their methods.
     assert all(callable(getattr(reader, m, None)) for m in _methods(Reader))
+    assert reader.__name__ == spec(name).reader
+    if spec(name).writer is None:  # megatron-fsdp: read, not written
+        assert name not in WRITABLE_FORMATS
+        return
+    writer = writer_class(name)
     assert all(callable(getattr(writer, m, None)) for m in _methods(Writer))
-    assert (reader.__name__, writer.__name__) == (spec(name).reader, spec(name).writer)
+    assert writer.__name__ == spec(name).writer
 
 
 @pytest.mark.parametrize("name", ADAPTER_FORMATS)
@@ -80,8 +85,11 @@ def test_adapter_classes_named_by_the_specs_exist(name: str) -> None:
 def test_the_registry_refuses_what_it_cannot_do() -> None:
     with pytest.raises(FormatError, match="holds a LoRA adapter, not a model"):
         reader_class("hf-peft")
-    with pytest.raises(FormatError, match=r"Megatron-FSDP fsdp_dtensor .* not supported yet"):
-        reader_class("megatron-fsdp")
+    # Megatron-FSDP is read only: a reader, never a --to destination.
+    assert reader_class("megatron-fsdp").__name__ == "MegatronFsdpReader"
+    assert "megatron-fsdp" not in WRITABLE_FORMATS
+    with pytest.raises(FormatError, match="megatron-fsdp"):
+        writer_class("megatron-fsdp")
     with pytest.raises(FormatError, match="cannot hold LoRA adapters"):
         adapter_writer_class("megatron-legacy")
     with pytest.raises(FormatError, match=r"unknown format 'zarr'; expected one of hf, "):
@@ -115,9 +123,7 @@ def test_torch_dist_and_plain_dcp_are_told_apart_by_evidence(tmp_path: Path) -> 
     fsdp = _metadata(tmp_path / "fsdp_dtensor", "model.module.decoder.layers.0.mlp."
                      "linear_fc1.weight", "model.module.embedding.word_embeddings.weight")
     assert is_fsdp_dtensor_dir(fsdp) and not is_plain_dcp_dir(fsdp) and not is_dist_dir(fsdp)
-    with pytest.raises(FormatError, match=r"holds a Megatron-FSDP fsdp_dtensor checkpoint .* "
-                                          r"not supported yet"):
-        resolve(fsdp)
+    assert resolve(fsdp).format == "megatron-fsdp"
 
 
 def test_probe_order_keeps_an_adapter_with_base_weights_an_adapter(tmp_path: Path) -> None:

@@ -347,6 +347,22 @@ class DcpReader:
             dst.copy_(src)
         return out
 
+    def read_rows(self, fqn: str) -> tuple[torch.Tensor, ...] | None:
+        """Tensor ``fqn`` as its row chunks in order, each a zero-copy view of its ``.distcp``
+        range, when its non-empty chunks are full-width row boxes (``Shard(0)``: FSDP2's
+        ``torch.chunk`` boxes, Megatron-FSDP's uneven ones) and more than one; None otherwise
+        (read it whole)."""
+        t = self.index.tensors.get(fqn)
+        if t is None:
+            return None
+        boxes = sorted((c for c in t.chunks if _volume(c.sizes)), key=lambda c: c.offsets)
+        if len(t.shape) == 0 or len(boxes) < 2 or any(
+                c.sizes[1:] != t.shape[1:] or any(c.offsets[1:]) for c in boxes):
+            return None
+        # Boxes tile the tensor (checked when the index was read), so sorted by row they are
+        # its rows in order.
+        return tuple(self.read_region(fqn, c.offsets, c.sizes) for c in boxes)
+
     def read_object(self, fqn: str) -> Any:
         """The object stored under ``fqn`` (restricted unpickling unless ``trust``)."""
         blob = self.index.blobs.get(fqn)
