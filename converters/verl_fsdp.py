@@ -477,7 +477,7 @@ class VerlFsdpReader:
         """The rank file and offset holding ``tensor``'s bytes, if it is a contiguous view
         of one of this reader's mappings (a local shard or plain tensor as stored: a
         ``torch.save`` zip stores each storage uncompressed, so its bytes are a file range).
-        None under ``trust_pickles`` (torch's loader copies, nothing is mapped)."""
+        None under ``trust_pickles``: nothing is mapped."""
         for rank, address in self._addresses.items():
             offset = offset_in_mapping(tensor, address, len(self._maps[rank]))
             if offset is not None:
