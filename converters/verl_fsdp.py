@@ -71,6 +71,7 @@ from ckpt_ir.safety.unpickler.dtensor import (
     Shard,
     StridedShard,
 )
+from ckpt_ir.slabs import mapping_address, offset_in_mapping
 from ckpt_ir.tables import NativeParams, drop_absent_mtp
 
 __all__ = ["FSDP_CONFIG", "HF_DIR", "LORA_META", "MODEL_FILE", "VerlFsdpAdapterReader",
@@ -197,6 +198,7 @@ class VerlFsdpReader:
         self._dropped: dict[str, str] = {}
         self._notes: list[str] = []
         self._maps: dict[int, mmap.mmap] = {}
+        self._addresses: dict[int, int] = {}  # rank -> address of its mapping (locate)
         self._states: dict[int, Mapping[str, Any]] = {}
         self._touched: set[int] = set()
         self.world_size, self._files, self.fsdp_config = self._rank_files()
@@ -279,6 +281,7 @@ class VerlFsdpReader:
                 buffer = map_file(path)
                 obj = load_torch_buffer(buffer, path=str(path))
                 self._maps[rank] = buffer
+                self._addresses[rank] = mapping_address(buffer)
         except UnsafeCheckpointError as e:
             if "torch.distributed._shard" in str(e):
                 raise FormatError(
@@ -453,6 +456,34 @@ class VerlFsdpReader:
                                                           strict=True))] = local
         return out
 
+    def read_rows(self, name: str) -> tuple[torch.Tensor, ...] | None:
+        """``name`` as its FSDP shards in row order, each the rank's local tensor (a view of
+        its file's mapping, so the writer can copy its bytes file to file), when every shard
+        is a full-width row block (``Shard(0)``, HSDP replicas skipped) and there are more
+        than one; None otherwise (read it whole: plain tensors, shards of other dims)."""
+        entry = self._pieces.get(name)
+        if entry is None or name in self._plain:
+            return None
+        key, pieces = entry
+        spec = self._specs[name]
+        rows = sorted((p for p in pieces if math.prod(p.size)), key=lambda p: p.start)
+        if not spec.shape or len(rows) < 2 or any(
+                p.size[1:] != spec.shape[1:] or any(p.start[1:]) for p in rows):
+            return None
+        # _layout checked that the boxes tile the tensor, so sorted by row they are its rows.
+        return tuple(self._local(p.rank, key, spec) for p in rows)
+
+    def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
+        """The rank file and offset holding ``tensor``'s bytes, if it is a contiguous view
+        of one of this reader's mappings (a local shard or plain tensor as stored: a
+        ``torch.save`` zip stores each storage uncompressed, so its bytes are a file range).
+        None under ``trust_pickles``: nothing is mapped."""
+        for rank, address in self._addresses.items():
+            offset = offset_in_mapping(tensor, address, len(self._maps[rank]))
+            if offset is not None:
+                return self._files[rank], offset
+        return None
+
     def _local(self, rank: int, key: str, spec: TensorSpec) -> torch.Tensor:
         state = self._state(rank)
         value = state.get(key)
@@ -509,6 +540,7 @@ class VerlFsdpReader:
 
     def close(self) -> None:
         maps, self._maps = self._maps, {}
+        self._addresses = {}
         self._states = {}
         for buffer in maps.values():
             try:
