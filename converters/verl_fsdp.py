@@ -293,6 +293,13 @@ class VerlFsdpReader:
             raise
         if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
             raise CorruptCheckpointError(f"{path.name} does not hold a state dict", path=path)
+        if self._trust and any(type(v).__module__.startswith("torch.distributed")
+                               for v in obj.values()):
+            # torch's own unpickler rebuilds real DTensors / ShardedTensors, whose shards this
+            # reader does not take apart; the restricted one reads every class verl writes.
+            raise FormatError(
+                f"{path.name} holds distributed tensors, which ckpt-ir reads through its "
+                "restricted unpickler only: run without --trust-pickles", path=path)
         self._states[rank] = obj
         return obj
 

@@ -326,3 +326,15 @@ def test_inspect_explains_a_verl_fsdp_role(written):
 
 def test_tiny_llama_fixture_is_what_the_tests_assume():
     assert TINY_LLAMA["vocab_size"] % 3  # uneven last shard at W=3
+
+
+def test_trust_pickles_on_dtensor_files_is_a_one_line_refusal(written, tmp_path):
+    """torch's own unpickler (``--trust-pickles``) rebuilds real DTensors; ckpt-ir takes their
+    shards apart only as the restricted unpickler's records, so it says so (it was an exit 1)."""
+    dst = tmp_path / "out"
+    run = _cli("convert", str(written), str(dst), "--to", "hf", "--trust-pickles",
+               "--no-progress")
+    assert run.returncode == 2, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "run without --trust-pickles" in lines[0], run.stderr
+    assert not dst.exists()
