@@ -1,5 +1,5 @@
-"""hf -> verl-fsdp (random world size) -> hf is bit-identical over random dense and MoE configs
-and dtypes; verl-fsdp reshards (W1 -> W2) without changing a bit."""
+"""hf -> verl-fsdp (random world size) [-> torch-dcp] -> hf is bit-identical over random dense
+and MoE configs and dtypes; verl-fsdp reshards (W1 -> W2) without changing a bit."""
 
 from __future__ import annotations
 
@@ -44,3 +44,21 @@ def test_dense_hf_to_verl_fsdp_to_hf_is_bit_identical(config, dtype, seed, world
        world=st.integers(1, 5))
 def test_moe_hf_to_verl_fsdp_to_hf_is_bit_identical(config, dtype, seed, world):
     _round_trip(config, dtype, seed, [world])
+
+
+@settings(max_examples=8, deadline=None)
+@given(config=st.one_of(dense_configs(max_layers=2), moe_configs(max_layers=2)), dtype=dtypes(),
+       seed=st.integers(0, 1000), world=st.integers(1, 5))
+def test_hf_to_verl_fsdp_to_torch_dcp_to_hf_is_bit_identical(config, dtype, seed, world):
+    """The issue's chain: an FSDP job's per-rank files at a random world size, a DCP directory
+    (what FSDP2 / torchtitan jobs write) made from them, and HF again, for dense and MoE models."""
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        want = with_mtp_copies(config, write_hf(d / "hf", config, dtype=dtype, seed=seed))
+        ckpt_ir.convert(d / "hf", d / "fsdp", to="verl-fsdp", fsdp_world_size=world)
+        ckpt_ir.convert(d / "fsdp", d / "dcp", to="torch-dcp")
+        ckpt_ir.convert(d / "dcp", d / "back", to="hf")
+        got = load_hf_tensors(d / "back")
+        assert got.keys() == want.keys(), set(got) ^ set(want)
+        for name, t in want.items():
+            assert bits_equal(got[name], t), name
