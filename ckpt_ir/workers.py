@@ -8,7 +8,9 @@ and plan it again, then meet over gloo: on the machine of issue #19 that fixed c
 2-8 processes slower than one on a conversion the disk already bounds. Here the process that
 planned forks its workers after planning: they inherit the imported modules, the plan, the open
 reader and the temporary directory, so a worker costs a ``fork`` and nothing is planned twice.
-Results (each worker's ``finish_rank`` records) and progress come back over pipes.
+Results (each worker's ``finish_rank`` records) and progress come back over pipes. A rank with
+nothing to write (fewer destination files than workers) is not forked: its empty record is made
+in the first process.
 
 Workers run torch single-threaded: GNU OpenMP does not survive ``fork`` (a child that enters a
 parallel region after its parent used one waits forever for threads that were not copied), the
@@ -72,7 +74,10 @@ def run_workers(plan: Plan, reader, writer_cls, options, dst: str | os.PathLike,
             first.begin(plan.dest_specs)
             shares = partition_units(plan, first.file_of, workers)
             with _forked(plan, reader, writer_cls, options, tmp, shares) as pool:
-                with _single_threaded():
+                # Threads stay as they are when no worker was forked (every unit in one
+                # destination file, say a small model's single HF shard): one process then
+                # runs as a plain conversion would, torch's threads included.
+                with _single_threaded() if pool.procs else contextlib.nullcontext():
                     execute(plan, reader, first, units=[plan.units[i] for i in shares[0]],
                             begin=False, on_progress=lambda n: pool.progress(n, on_progress))
                 outcomes = [first.finish_rank(), *pool.results(on_progress)]
@@ -131,6 +136,15 @@ def _forked(plan: Plan, reader, writer_cls, options, tmp: Path,
     pool = _Pool()
     try:
         for rank in range(1, len(shares)):
+            if not shares[rank]:
+                # Nothing to write (fewer destination files than workers): the rank's empty
+                # record is made here rather than by a process forked for it.
+                idle = writer_cls(tmp, reader.config,
+                                  replace(options, rank=rank, world_size=len(shares)),
+                                  plan.dest_params)
+                idle.begin(plan.dest_specs)
+                pool.outcomes[rank] = idle.finish_rank()
+                continue
             receive, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker, name=f"ckpt-ir-worker-{rank}", daemon=True,
                                args=(plan, reader, writer_cls, options, tmp, rank, len(shares),

@@ -197,3 +197,27 @@ def test_two_nodes_simulated_with_node_ranks_match_one_process(model, tmp_path):
     assert all(bits_equal(a[k], b[k]) for k in a)
     assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (tmp_path / "multi").iterdir()}
     assert _no_temps(tmp_path)
+
+
+def test_fewer_destination_files_than_workers_forks_only_ranks_with_work(model, tmp_path,
+                                                                          monkeypatch):
+    """One HF shard and three workers: nothing is forked (ranks 1 and 2 have nothing to write),
+    and the output is the single process's, byte for byte."""
+    import multiprocessing.context
+
+    forked: list[int] = []
+    start = multiprocessing.context.ForkProcess._Popen
+
+    def counting(process_obj):
+        forked.append(1)
+        return start(process_obj)
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "_Popen", staticmethod(counting))
+    ckpt_ir.convert(model, tmp_path / "single", to="hf")
+    ckpt_ir.convert(model, tmp_path / "multi", to="hf", workers=3)
+    assert forked == []
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "multi").iterdir())
+    for name in names:
+        assert (tmp_path / "single" / name).read_bytes() == \
+            (tmp_path / "multi" / name).read_bytes(), name
