@@ -54,7 +54,7 @@ from ckpt_ir.table_engine import Row, one
 if TYPE_CHECKING:
     from ckpt_ir.ir import ModelConfig
 
-__all__ = ["DEEPSEEK_V3", "DEEPSEEK_V3_MCORE_ROWS", "MTP_HF_COPY_ROWS"]
+__all__ = ["DEEPSEEK_V3", "DEEPSEEK_V3_MCORE_ROWS", "MTP_HF_COPY_ROWS", "model_rows_with_mtp"]
 
 NAMES = MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_proj",
                  "down_proj", shared="mlp.shared_experts.",
@@ -107,31 +107,41 @@ def _layer_rows() -> tuple[Row, ...]:
     )
 
 
-def _as_mtp(row: Row) -> Row:
-    """A decoder-layer row moved to MTP layer ``{mtp}``'s ``transformer_layer``."""
-    return dataclasses.replace(
-        row, native=row.native.replace(L, "mtp.layers.{mtp}.transformer_layer."),
-        ir={role: n.replace(H, "model.layers.{mtp_layer}.") for role, n in row.ir.items()})
-
-
 M = "mtp.layers.{mtp}."
 HM = "model.layers.{mtp_layer}."
-_LAYER_ROWS = _layer_rows()
 
-DEEPSEEK_V3_MCORE_ROWS: tuple[Row, ...] = (
-    Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"), pad_vocab,
-        Partition.VOCAB),
-    *_LAYER_ROWS,
-    Row("decoder.final_layernorm.weight", one("model.norm.weight")),
-    Row(M + "enorm.weight", one(HM + "enorm.weight")),
-    Row(M + "hnorm.weight", one(HM + "hnorm.weight")),
-    Row(M + "eh_proj.weight", one(HM + "eh_proj.weight"), partition=Partition.COLUMN),
-    *map(_as_mtp, _LAYER_ROWS),
-    Row(M + "final_layernorm.weight", one(HM + "shared_head.norm.weight")),
-    Row("output_layer.weight", one("lm_head.weight"), pad_vocab, Partition.VOCAB,
-        when="is_untied"),
-    VALUE_HEAD_ROW,
-)
+
+def _as_mtp(row: Row) -> Row:
+    """A decoder-layer row moved to MTP layer ``{mtp}``'s ``transformer_layer`` (megatron-core
+    builds it from the decoder's layer spec, so its keys follow the same spec rules)."""
+    return dataclasses.replace(
+        row, native=row.native.replace(L, M + "transformer_layer."),
+        ir={role: n.replace(H, HM) for role, n in row.ir.items()})
+
+
+def model_rows_with_mtp(layer_rows: tuple[Row, ...]) -> tuple[Row, ...]:
+    """The whole ``mcore`` table of a DeepSeek-style model around its decoder-layer rows:
+    embedding, layers, final norm, MTP layers (``enorm``, ``hnorm``, ``eh_proj``, the layer
+    rows under ``transformer_layer.``, ``shared_head.norm``), output layer, value head.
+    Shared by deepseek_v3 and glm4_moe, whose layers differ and whose MTP blocks do not."""
+    return (
+        Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"), pad_vocab,
+            Partition.VOCAB),
+        *layer_rows,
+        Row("decoder.final_layernorm.weight", one("model.norm.weight")),
+        Row(M + "enorm.weight", one(HM + "enorm.weight")),
+        Row(M + "hnorm.weight", one(HM + "hnorm.weight")),
+        # Columns: [enorm(embedding); hnorm(hidden)], megatron-core 0.16.1's concatenation order.
+        Row(M + "eh_proj.weight", one(HM + "eh_proj.weight"), partition=Partition.COLUMN),
+        *map(_as_mtp, layer_rows),
+        Row(M + "final_layernorm.weight", one(HM + "shared_head.norm.weight")),
+        Row("output_layer.weight", one("lm_head.weight"), pad_vocab, Partition.VOCAB,
+            when="is_untied"),
+        VALUE_HEAD_ROW,
+    )
+
+
+DEEPSEEK_V3_MCORE_ROWS: tuple[Row, ...] = model_rows_with_mtp(_layer_rows())
 
 
 MTP_HF_COPY_ROWS: tuple[Row, ...] = (

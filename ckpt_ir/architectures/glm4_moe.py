@@ -30,8 +30,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ckpt_ir.architectures.deepseek_v3 import DEEPSEEK_V3, MTP_HF_COPY_ROWS
-from ckpt_ir.architectures.dense import ATTENTION_ROWS, VALUE_HEAD_ROW, pad_vocab
+from ckpt_ir.architectures.deepseek_v3 import (
+    DEEPSEEK_V3,
+    MTP_HF_COPY_ROWS,
+    model_rows_with_mtp,
+)
+from ckpt_ir.architectures.dense import ATTENTION_ROWS
 from ckpt_ir.architectures.moe import dense_mlp_rows, expert_fields, fused_hf_rows, moe_mlp_rows
 from ckpt_ir.architectures.record import (
     Architecture,
@@ -42,7 +46,6 @@ from ckpt_ir.architectures.record import (
     megatron_arg,
 )
 from ckpt_ir.errors import FormatError
-from ckpt_ir.layout import Partition
 from ckpt_ir.table_engine import Row, one
 
 if TYPE_CHECKING:
@@ -57,8 +60,6 @@ NAMES = MoeNames("mlp.gate.weight", "mlp.experts.{expert}.", "gate_proj", "up_pr
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
-M = "mtp.layers.{mtp}."
-HM = "model.layers.{mtp_layer}."
 
 
 def _layer_rows() -> tuple[Row, ...]:
@@ -76,31 +77,8 @@ def _layer_rows() -> tuple[Row, ...]:
     )
 
 
-def _as_mtp(row: Row) -> Row:
-    """A decoder-layer row moved to MTP layer ``{mtp}``'s ``transformer_layer`` (megatron-core
-    builds it from the decoder's layer spec, so its keys follow the same spec rules)."""
-    return dataclasses.replace(
-        row, native=row.native.replace(L, M + "transformer_layer."),
-        ir={role: n.replace(H, HM) for role, n in row.ir.items()})
-
-
-_LAYER_ROWS = _layer_rows()
-
-GLM4_MOE_MCORE_ROWS: tuple[Row, ...] = (
-    Row("embedding.word_embeddings.weight", one("model.embed_tokens.weight"), pad_vocab,
-        Partition.VOCAB),
-    *_LAYER_ROWS,
-    Row("decoder.final_layernorm.weight", one("model.norm.weight")),
-    Row(M + "enorm.weight", one(HM + "enorm.weight")),
-    Row(M + "hnorm.weight", one(HM + "hnorm.weight")),
-    # Columns: [enorm(embedding); hnorm(hidden)], megatron-core 0.16.1's concatenation order.
-    Row(M + "eh_proj.weight", one(HM + "eh_proj.weight"), partition=Partition.COLUMN),
-    *map(_as_mtp, _LAYER_ROWS),
-    Row(M + "final_layernorm.weight", one(HM + "shared_head.norm.weight")),
-    Row("output_layer.weight", one("lm_head.weight"), pad_vocab, Partition.VOCAB,
-        when="is_untied"),
-    VALUE_HEAD_ROW,
-)
+# The MTP block, embedding and head are DeepSeek-V3's around GLM's own layer rows.
+GLM4_MOE_MCORE_ROWS: tuple[Row, ...] = model_rows_with_mtp(_layer_rows())
 
 
 def _moe_fields(hf: Mapping[str, Any], layers: int, *, first_dense: int) -> dict[str, Any]:
