@@ -29,10 +29,12 @@ as FSDP2 saves them. verl 0.9.1's ``load_checkpoint`` at that world size loads t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
 import os
+import pickle
 import re
 import shutil
 from collections import OrderedDict
@@ -646,20 +648,10 @@ class _DTensorPickler(_Pickler):
 
 
 class _DTensorZipWriter(TorchZipWriter):
-    def _finish_archive(self, obj: Any) -> None:  # as TorchZipWriter's, with DTensors
-        import io
-        import uuid
+    """TorchZipWriter whose ``data.pkl`` pickles DTensor references as torch does."""
 
-        from ckpt_ir.converters.storage.torch_zip import ALIGNMENT
-
-        buffer = io.BytesIO()
-        _DTensorPickler(buffer, self).dump(obj)
-        for name, data in (("data.pkl", buffer.getbuffer()), (".format_version", b"1"),
-                           (".storage_alignment", str(ALIGNMENT).encode()),
-                           ("byteorder", b"little"), ("version", b"3\n"),
-                           (".data/serialization_id", uuid.uuid4().hex.encode().ljust(40, b"0"))):
-            self._record(name, len(data), (data,))
-        self._central_directory()
+    def _pickler(self, file: io.BytesIO) -> pickle.Pickler:
+        return _DTensorPickler(file, self)
 
 
 class VerlFsdpWriter:

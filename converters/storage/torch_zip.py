@@ -311,9 +311,14 @@ class TorchZipWriter:
         self._record(f"data/{ref.key}", ref.numel * _itemsize(dtype), chunks())
         return ref
 
+    def _pickler(self, file: io.BytesIO) -> pickle.Pickler:
+        """The pickler of ``data.pkl``; a subclass writing other tensor types (DTensors)
+        returns its own."""
+        return _Pickler(file, protocol=2)
+
     def _finish_archive(self, obj: Any) -> None:
         buffer = io.BytesIO()
-        _Pickler(buffer, protocol=2).dump(obj)
+        self._pickler(buffer).dump(obj)
         for name, data in (("data.pkl", buffer.getbuffer()), (".format_version", b"1"),
                            (".storage_alignment", str(ALIGNMENT).encode()),
                            ("byteorder", b"little"), ("version", b"3\n"),
