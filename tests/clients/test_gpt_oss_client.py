@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,9 @@ import torch
 
 import ckpt_ir
 from tests.clients import gpt_oss_models, hf_models
-from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt, safetensors_bytes
+from tests.clients.mcore_harness import launch
+from tests.clients.suites import MegatronSuite, convert_to
+from tests.fixtures import attempt, safetensors_bytes
 
 pytestmark = pytest.mark.clients
 
@@ -56,28 +56,7 @@ WRITES: dict[str, tuple[dict[str, Any], int | None]] = {
 LOAD_KEYS = [k for k, (_, ranks) in WRITES.items() if ranks]
 
 
-@dataclass
-class Suite:
-    root: Path
-    hf: Path
-    ids: list[list[int]]
-    ref: torch.Tensor
-    written: dict[str, Outcome] = field(default_factory=dict)
-    launches: dict[int, Outcome] = field(default_factory=dict)
-
-    def logits(self, key: str, ranks: int) -> torch.Tensor:
-        if key in self.written:
-            self.written[key].get(f"ckpt_ir.convert(hf -> {key})")
-        self.launches[ranks].get(f"the megatron-core launch on {ranks} rank(s)")
-        try:
-            return job_result(self.root / "logits" / f"{key}.pt")
-        except HarnessError as e:
-            pytest.fail(str(e), pytrace=False)
-
-
-def _convert(src: Path, dst: Path, **kwargs: Any) -> Path:
-    ckpt_ir.convert(src, dst, **kwargs)
-    return dst
+Suite = MegatronSuite
 
 
 def _config_of(ckpt: Path) -> Path:
@@ -94,7 +73,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
     common = {"hf_config": str(hf / "config.json"), "input_ids": ids}
     jobs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     for key, (kwargs, ranks) in WRITES.items():
-        s.written[key] = attempt(lambda key=key, kwargs=kwargs: _convert(
+        s.written[key] = attempt(lambda key=key, kwargs=kwargs: convert_to(
             hf, root / "written" / key, **kwargs))
         if ranks is None or s.written[key].error is not None:
             continue

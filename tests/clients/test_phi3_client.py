@@ -16,17 +16,16 @@ logits equal megatron's.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import ckpt_ir
 from tests.clients import dense_tail_models, hf_models
 from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, attempt, safetensors_bytes
+from tests.clients.suites import MegatronSuite, convert_to
+from tests.fixtures import attempt, safetensors_bytes
 
 pytestmark = pytest.mark.clients
 
@@ -42,27 +41,7 @@ DIST = {
 RANK_LAYOUT = {"tp": 2, "pp": 1}
 
 
-@dataclass
-class Suite:
-    root: Path
-    hf: Path
-    ids: list[list[int]]
-    ref: torch.Tensor
-    written: dict[str, Outcome] = field(default_factory=dict)
-    launches: dict[int, Outcome] = field(default_factory=dict)
-
-    def logits(self, key: str, ranks: int) -> torch.Tensor:
-        self.written[key].get(f"ckpt_ir.convert(hf -> {key})")
-        self.launches[ranks].get(f"the megatron-core launch on {ranks} rank(s)")
-        try:
-            return job_result(self.root / "logits" / f"{key}.pt")
-        except HarnessError as e:
-            pytest.fail(str(e), pytrace=False)
-
-
-def _convert(src: Path, dst: Path, **kwargs: Any) -> Path:
-    ckpt_ir.convert(src, dst, **kwargs)
-    return dst
+Suite = MegatronSuite
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +53,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
     common = {"hf_config": str(hf / "config.json"), "input_ids": ids}
     jobs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     for key, (kwargs, ranks) in DIST.items():
-        s.written[key] = attempt(lambda key=key, kwargs=kwargs: _convert(
+        s.written[key] = attempt(lambda key=key, kwargs=kwargs: convert_to(
             hf, root / "written" / key, **kwargs))
         if s.written[key].error is None:
             jobs[ranks].append({
@@ -82,7 +61,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
                 "tp": ranks, "pad_vocab_to_multiple": kwargs.get("pad_vocab_to_multiple"),
                 "strict": "raise_all", "allow_missing": ["common_state"],
                 "out": str(root / "logits" / f"{key}.pt")})
-    s.written["megatron-legacy-tp2"] = attempt(lambda: _convert(
+    s.written["megatron-legacy-tp2"] = attempt(lambda: convert_to(
         hf, root / "written" / "megatron-legacy-tp2", to="megatron-legacy", layout=RANK_LAYOUT,
         mcore_spec="local", pad_vocab_to_multiple=PAD))
     if s.written["megatron-legacy-tp2"].error is None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,9 @@ import torch
 
 import ckpt_ir
 from tests.clients import hf_models
-from tests.clients.mcore_harness import HarnessError, job_result, launch
-from tests.fixtures import Outcome, assert_same_hf, attempt, safetensors_bytes
+from tests.clients.mcore_harness import launch
+from tests.clients.suites import MegatronSuite, convert_to
+from tests.fixtures import assert_same_hf, attempt, safetensors_bytes
 
 pytestmark = pytest.mark.clients
 
@@ -60,31 +60,7 @@ LOAD_KEYS = ["dist-tp1", "dist-tp2", *(f"{fmt}-{lay}" for fmt, lay in RANK_CASES
 
 
 
-@dataclass
-class Suite:
-    root: Path
-    hf: Path
-    ids: list[list[int]]
-    ref: torch.Tensor
-    written: dict[str, Outcome] = field(default_factory=dict)
-    launches: dict[int, Outcome] = field(default_factory=dict)
-
-    def saved(self, name: str) -> Path:
-        return self.root / "saved" / name
-
-    def logits(self, key: str, ranks: int) -> torch.Tensor:
-        if key in self.written:
-            self.written[key].get(f"ckpt_ir.convert(hf -> {key})")
-        self.launches[ranks].get(f"the megatron-core launch on {ranks} rank(s)")
-        try:
-            return job_result(self.root / "logits" / f"{key}.pt")
-        except HarnessError as e:
-            pytest.fail(str(e), pytrace=False)
-
-
-def _convert(src: Path, dst: Path, **kwargs: Any) -> Path:
-    ckpt_ir.convert(src, dst, **kwargs)
-    return dst
+Suite = MegatronSuite
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +72,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
     common = {"hf_config": str(hf / "config.json"), "input_ids": ids}
     jobs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     for key, (kwargs, ranks) in DIST.items():
-        s.written[key] = attempt(lambda key=key, kwargs=kwargs: _convert(
+        s.written[key] = attempt(lambda key=key, kwargs=kwargs: convert_to(
             hf, root / "written" / key, to="mcore-dist", **kwargs))
         if ranks is not None and s.written[key].error is None:
             jobs[ranks].append({
@@ -106,7 +82,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Suite:
                 "out": str(root / "logits" / f"{key}.pt")})
     for fmt, lay in RANK_CASES:
         key, (fields, pad) = f"{fmt}-{lay}", LAYOUTS[lay]
-        s.written[key] = attempt(lambda key=key, fmt=fmt, fields=fields, pad=pad: _convert(
+        s.written[key] = attempt(lambda key=key, fmt=fmt, fields=fields, pad=pad: convert_to(
             hf, root / "written" / key, to=fmt, layout=fields, mcore_spec="local",
             pad_vocab_to_multiple=pad))
         if s.written[key].error is None:
