@@ -201,6 +201,40 @@ def _verl_dist_only(d: Path) -> None:
     path.write_text(json.dumps(config))
 
 
+def _from_hf(to: str, **options: Any) -> Callable[[Path], None]:
+    """A seed ckpt-ir writes itself from the tiny llama (its writers are tested against the
+    frameworks' own loaders elsewhere)."""
+
+    def build(d: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_hf(Path(tmp) / "hf")
+            ckpt_ir.convert(Path(tmp) / "hf", d, to=to, **options)
+
+    return build
+
+
+def _megatron_fsdp(d: Path) -> None:
+    """A Megatron-FSDP fsdp_dtensor directory (``model.module.`` keys, uneven row boxes),
+    built as tests/clients/mfsdp_models.py builds it, with its config.json beside it."""
+    from ckpt_ir.converters.mcore_dist import McoreDistReader
+    from tests.clients.mfsdp_models import (
+        from_mcore_natives,
+        fsdp_dtensor_state_dict,
+        save_fsdp_dtensor,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf(Path(tmp) / "hf")
+        ckpt_ir.convert(Path(tmp) / "hf", Path(tmp) / "dist", to="mcore-dist", mcore_spec="te")
+        reader = McoreDistReader(Path(tmp) / "dist")
+        try:
+            natives = {n: reader.read(n).clone() for n in reader.tensors()}
+        finally:
+            reader.close()
+        save_fsdp_dtensor(fsdp_dtensor_state_dict(from_mcore_natives(natives)), d)
+        shutil.copy(Path(tmp) / "hf" / "config.json", d / "config.json")
+
+
 SEEDS: dict[str, Callable[[Path], None]] = {
     "hf": _hf,
     "hf-sharded": _hf_sharded,
@@ -216,7 +250,11 @@ SEEDS: dict[str, Callable[[Path], None]] = {
     "verl-v2": _verl_v2,
     "verl-dist-only": _verl_dist_only,
     "hf-fp8": _hf_fp8,
+    "torch-dcp": _from_hf("torch-dcp"),
+    "verl-fsdp": _from_hf("verl-fsdp", fsdp_world_size=2),
+    "megatron-fsdp": _megatron_fsdp,
 }
+VERL_FSDP_RANK = "model_world_size_2_rank_1.pt"
 VERL_ADAPTER = "adapter_checkpoint/mp_rank_01_adapter.pt"
 
 VERL_RANK = "model/mp_rank_01/model.pt"
@@ -287,6 +325,13 @@ UNTRUSTED: tuple[Untrusted, ...] = (
     # Block FP8: quantization_config's fields and the weight / scale pairs are untrusted too.
     Untrusted("fp8-config.json", "hf-fp8", "config.json", "mcore-dist", "json"),
     Untrusted("fp8-safetensors", "hf-fp8", "model.safetensors", "mcore-dist"),
+    # The FSDP / DCP formats: their metadata pickles, data files, rank files and configs.
+    Untrusted("dcp.metadata", "torch-dcp", ".metadata", "hf", "pickle"),
+    Untrusted("dcp-distcp", "torch-dcp", "__0_0.distcp", "hf"),
+    Untrusted("verl-fsdp-rank.pt", "verl-fsdp", VERL_FSDP_RANK, "hf", "pickle"),
+    Untrusted("fsdp_config.json", "verl-fsdp", "fsdp_config.json", "hf", "json"),
+    Untrusted("fsdp-dtensor.metadata", "megatron-fsdp", ".metadata", "hf", "pickle"),
+    Untrusted("fsdp-dtensor-distcp", "megatron-fsdp", "__0_0.distcp", "hf"),
 )
 
 
@@ -338,6 +383,7 @@ PICKLE_SITES: tuple[PickleSite, ...] = (
     PickleSite("pytorch_model.bin", "hf-bin", _plant_bin, "mcore-dist"),
     PickleSite("distcp-object", "megatron-0.19", _plant_common_state, "hf"),
     PickleSite("verl-rank.pt", "verl-legacy", _planter(VERL_RANK), "hf"),
+    PickleSite("dcp.metadata", "torch-dcp", _plant_metadata, "hf"),
     PickleSite("megatron-rank.pt", "megatron-legacy", _planter(MEGATRON_RANK), "mcore-dist"),
     PickleSite("adapter_model.bin", "hf-peft-bin", _planter("adapter_model.bin"), "mcore-dist",
                model=False),
