@@ -3,6 +3,7 @@
     python tools/bench_scale.py --gib 8 --runs 3 --procs 1,2,4,8            # I/O-bound, both ways
     python tools/bench_scale.py --gib 4 --src-dtype fp32 --cast bf16 --procs 1,2,4,8   # casts
     python tools/bench_scale.py --gib 2 --src-dtype fp8 --procs 1,2 --directions hf->hf  # FP8
+    python tools/bench_scale.py --launch-costs 8 --runs 5          # torchrun's fixed costs
 
 Methods, alternated run by run (A B C ... A B C ...) so machine drift hits all alike, each a
 fresh command followed by ``sync`` inside the timed span (what a user waits for):
@@ -120,6 +121,30 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
+RANK_NOOP = ("import torch, torch.distributed as dist; dist.init_process_group('gloo'); "
+             "dist.barrier(); dist.destroy_process_group()")
+
+
+def launch_costs(n: int, runs: int, env: dict[str, str]) -> dict[str, dict]:
+    """What torchrun costs before a conversion does any work, in steps (alternated, medians):
+    an interpreter importing torch; the launcher alone starting N no-op commands; the launcher
+    starting N interpreters that import torch, join a gloo group and pass one barrier."""
+    py = sys.executable
+    run = f"{py} -m torch.distributed.run --standalone --nproc-per-node {n}"
+    steps = [("python -c 'import torch'", f"{py} -c 'import torch'"),
+             (f"torchrun {n}: launcher, no-op ranks", f"{run} --no-python true"),
+             (f"torchrun {n}: + import torch, gloo, barrier",
+              f"{run} --no-python {py} -c \"{RANK_NOOP}\"")]
+    times: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for i in range(runs + 1):
+        for name, cmd in steps:
+            wall, _ = _timed(cmd, env)
+            if i:
+                times[name].append(wall)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
+            for name, t in times.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,7 +163,15 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--rates", action="store_true",
                    help="only print single-thread CPU rates (copy, cast, FP8 dequantization)")
+    p.add_argument("--launch-costs", type=int, metavar="N",
+                   help="only time torchrun's fixed costs with N ranks (launcher, interpreters "
+                        "importing torch, gloo rendezvous and a barrier)")
     args = p.parse_args()
+    if args.launch_costs:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        for name, r in launch_costs(args.launch_costs, args.runs, env).items():
+            print(f"{name:42s} {r['median']:6.2f} s ({r['min']:.2f}-{r['max']:.2f})", flush=True)
+        return 0
     if args.rates:
         for name, rate in cpu_rates().items():
             print(f"{name:20s} {rate:6.2f} GB/s of bf16 output, one thread", flush=True)
