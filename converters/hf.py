@@ -38,7 +38,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsWriter,
     read_header,
 )
-from ckpt_ir.durable import write_json
+from ckpt_ir.durable import SyncBehind, write_json
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
 from ckpt_ir.probes import is_dcp_sharded_safetensors_dir
@@ -299,6 +299,8 @@ class HfWriter:
         self._entries: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
         self._pending: list[int] = []
         self._writers: dict[int, SafetensorsWriter] = {}
+        # Complete shards are fsynced and closed behind the copying of the next ones.
+        self._sync_behind = SyncBehind()
         self._names: list[str] = []
         self._dtypes: set[torch.dtype] = set()
         self._total = 0
@@ -402,21 +404,25 @@ class HfWriter:
         return i, w
 
     def _written(self, i: int) -> None:
-        """One more tensor of shard ``i`` is down; the last one closes (fsyncs) the shard."""
+        """One more tensor of shard ``i`` is down; the last one hands the shard over to be
+        fsynced and closed (:class:`SyncBehind`; ``finish_rank`` waits for it)."""
         self._pending[i] -= 1
         if self._pending[i] == 0:
-            self._writers.pop(i).close(fsync=True)
+            self._sync_behind.hand_over(self._writers.pop(i).close)
 
     def file_of(self, name: str) -> str | None:
         return self._names[self._shard_of[name]]
 
     def finish_rank(self) -> None:
-        """Every shard this process started is complete (shards close as they fill)."""
+        """Every shard this process started is complete and durable (shards close as they
+        fill, their fsyncs run behind the writing)."""
+        self._sync_behind.drain()
         if self._writers:
             open_shards = sorted(self._names[i] for i in self._writers)
             raise InternalError(f"hf writer finished with incomplete shards {open_shards}")
 
     def finish(self, source) -> None:
+        self.finish_rank()
         if any(self._pending):
             raise InternalError("hf writer finished with unwritten tensors")
         self.finish_all(source, [None])
@@ -444,3 +450,7 @@ class HfWriter:
         for w in self._writers.values():
             w.abort()
         self._writers.clear()
+        try:  # closes the handed-over shards' files before the caller removes them
+            self._sync_behind.drain()
+        except Exception:
+            pass  # already failing: the first error is the caller's
