@@ -1,0 +1,358 @@
+"""``verl-fsdp`` rank files of FSDP1 without a device mesh: ``ShardedTensor``s read as data.
+
+The files are pickled exactly as torch pickles them (``tests/clients/fsdp1_files.py``, built
+from torch's own metadata classes without a process group; the real FSDP1 saves are in
+``tests/clients/test_fsdp1_client.py``). Covered: the restricted unpickler's stand-ins and
+their refusals (the one ``getattr``, exact state fields), reading at W=2 and W=3 bit for bit
+with the dtype kept, the streamed row blocks, tensors with fewer rows than ranks, and bad input
+(shards that do not tile, a missing rank, a rank file of another rank, shards that disagree with
+their metadata or with rank 0's, a shard placed past the world, hybrid sharding, a foreign
+global, ``--trust-pickles``): one line, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed._shard.metadata import ShardMetadata
+
+import ckpt_ir
+from ckpt_ir.capabilities import LocatingReader, RowsReader
+from ckpt_ir.cli import main
+from ckpt_ir.converters.verl_fsdp import VerlFsdpReader
+from ckpt_ir.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckpt_ir.safety.unpickler import load_pickle, load_torch
+from ckpt_ir.safety.unpickler.sharded_tensor import (
+    ChunkShardingSpec,
+    EnumerableShardingSpec,
+    ShardedTensorRecord,
+)
+from tests.clients.fsdp1_files import (
+    chunk_metadata,
+    fsdp1_rank_states,
+    save_rank_file,
+    sharded,
+)
+from tests.fixtures import TINY_LLAMA, load_hf_tensors, write_hf
+
+EMBED = "model.embed_tokens.weight"
+
+
+def _role(hf_dir: Path, out: Path, world: int, *, dtype: torch.dtype = torch.float32,
+          config: bool = True) -> Path:
+    """``hf_dir``'s weights as FSDP1 (no mesh) saves them at ``world`` ranks, as verl's
+    manager lays them out (``huggingface/``, ``fsdp_config.json`` unless ``config`` is off:
+    a plain ``torch.save`` of each rank's state dict)."""
+    want = {k: v.to(dtype) for k, v in load_hf_tensors(hf_dir).items()}
+    out.mkdir(parents=True)
+    shutil.copytree(hf_dir, out / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    if config:
+        (out / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 1,
+                                                          "world_size": world}))
+    for rank, state in enumerate(fsdp1_rank_states(want, world)):
+        save_rank_file(state, out / f"model_world_size_{world}_rank_{rank}.pt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    write_hf(path, dtype=torch.float32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def role(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _role(hf_dir, tmp_path_factory.mktemp("fsdp1") / "actor", 3)
+
+
+# ---- the restricted unpickler: ShardedTensors as data, in torch's exact shape only ----
+
+
+def test_sharded_tensor_file_loads_as_records(tmp_path):
+    full = torch.randn(7, 3)
+    vec = torch.randn(1)  # fewer rows than ranks: one shard, an EnumerableShardingSpec
+    save_rank_file({"w": sharded(full, 3, 2), "v": sharded(vec, 3, 1), "b": torch.ones(2)},
+                   tmp_path / "m.pt")
+    obj = load_torch(tmp_path / "m.pt")
+    w, v = obj["w"], obj["v"]
+    assert isinstance(w, ShardedTensorRecord) and w.shape == (7, 3)
+    assert w.dtype == torch.float32 and type(w.sharding_spec) is ChunkShardingSpec
+    assert [(m.shard_offsets, m.shard_sizes, m.placement._rank)
+            for m in w.metadata.shards_metadata] == [([0, 0], [3, 3], 0), ([3, 0], [3, 3], 1),
+                                                     ([6, 0], [1, 3], 2)]
+    (local,) = w.local_shards
+    assert type(local.tensor) is torch.Tensor and torch.equal(local.tensor, full[6:7])
+    group = w.process_group
+    assert (group.global_rank, group.global_world_size) == (2, 3)
+    assert v.local_shards == [] and type(v.sharding_spec) is EnumerableShardingSpec
+    assert type(obj["b"]) is torch.Tensor
+    # Nothing of torch.distributed was built: every object is ckpt-ir's plain data.
+    assert not any(type(x).__module__.startswith("torch.distributed")
+                   for x in (w, w.metadata, group, local, local.metadata, w.sharding_spec))
+
+
+class _Getattr:
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __reduce__(self):
+        return (getattr, self.args)
+
+
+@pytest.mark.parametrize("args", [(torch.Size, "__init__"), (ShardMetadata, "__init__")],
+                         ids=["size", "shard-metadata"])
+def test_getattr_is_admitted_only_for_process_group_state(args):
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing getattr\(.*only getattr\("
+                                                    r"ShardedTensor, 'ProcessGroupState'\)"):
+        load_pickle(pickle.dumps(_Getattr(*args), protocol=2))
+
+
+def _rank_file_with(tmp_path: Path, old: bytes, new: bytes) -> Path:
+    """A ShardedTensor rank file whose data.pkl has ``old`` replaced by ``new`` (same
+    length, so the pickle's framing holds)."""
+    assert len(old) == len(new)
+    path = tmp_path / "patched.pt"
+    save_rank_file({"w": sharded(torch.randn(4, 2), 2, 0)}, tmp_path / "src.pt")
+    with zipfile.ZipFile(tmp_path / "src.pt") as zin, \
+            zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            zout.writestr(item, data)
+    return path
+
+
+@pytest.mark.parametrize(("old", "new", "error", "message"), [
+    # A class outside the admitted family, in the ShardedTensor's own module.
+    (b"chunk_sharding_spec\nChunkShardingSpec", b"chunk_sharding_spec\nChunkSh4rdingSpec",
+     UnsafeCheckpointError, r"global 'torch\.distributed\._shard\.sharding_spec\."
+                            r"chunk_sharding_spec\.ChunkSh4rdingSpec'.*not on the allow-list"),
+    # getattr of ShardedTensor for anything but ProcessGroupState.
+    (b"ProcessGroupState", b"ProcessGroupStatf", UnsafeCheckpointError,
+     r"refusing getattr\(.*'ProcessGroupStatf'\)"),
+    # A field torch does not write (state must hold exactly torch's fields).
+    (b"shard_sizes", b"shard_sizez", CorruptCheckpointError,
+     r"ShardMetadata state must hold exactly"),
+    (b"global_rank", b"global_rang", CorruptCheckpointError,
+     r"ShardedTensor\.ProcessGroupState state must hold exactly"),
+])
+def test_sharded_tensor_pickles_off_torch_s_shape_are_refused(tmp_path, old, new, error,
+                                                              message):
+    with pytest.raises(error, match=message):
+        load_torch(_rank_file_with(tmp_path, old, new))
+
+
+class _Rebuild:
+    """``_rebuild_from_type_v2(_rebuild_wrapper_subclass, ShardedTensor, args, state)`` with
+    the given arguments and state."""
+
+    def __init__(self, args: tuple, state: object) -> None:
+        self.args, self.state = args, state
+
+    def __reduce__(self):
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        return (torch._tensor._rebuild_from_type_v2,
+                (torch._utils._rebuild_wrapper_subclass, ShardedTensor, self.args, self.state))
+
+
+def test_sharded_tensor_state_must_be_torch_s_five_tuple():
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    args = (ShardedTensor, torch.float32, (2,), (1,), 0, torch.strided, torch.device("cpu"),
+            False)
+    with pytest.raises(CorruptCheckpointError, match="not the 5-tuple torch pickles"):
+        load_pickle(pickle.dumps(_Rebuild(args, ({},)), protocol=2))
+    with pytest.raises(CorruptCheckpointError, match="must be \\(local shards"):
+        load_pickle(pickle.dumps(_Rebuild(args, ([], {}, {}, {}, False)), protocol=2))
+    with pytest.raises(CorruptCheckpointError, match="invalid ShardedTensor wrapper"):
+        load_pickle(pickle.dumps(_Rebuild(args[:7], ()), protocol=2))
+
+
+# ---- reading ----
+
+
+@pytest.mark.parametrize(("world", "dtype", "config"), [
+    (2, torch.float32, False), (3, torch.float32, True), (3, torch.bfloat16, True)],
+    ids=["w2-plain-torch-save", "w3-fp32", "w3-bf16"])
+def test_fsdp1_files_convert_to_hf_bit_exact(hf_dir, tmp_path, world, dtype, config):
+    role = _role(hf_dir, tmp_path / "actor", world, dtype=dtype, config=config)
+    report = ckpt_ir.convert(role, tmp_path / "hf", "hf")
+    want, got = load_hf_tensors(hf_dir), load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want)
+    assert all(got[k].dtype == dtype and torch.equal(got[k], want[k].to(dtype)) for k in want)
+    assert report.dropped == {}
+    reader = VerlFsdpReader(role)
+    try:
+        info = reader.describe()
+    finally:
+        reader.close()
+    assert info["mesh"] == f"{world} (ShardedTensor, no device mesh)"
+    assert info["fsdp"] == ("FSDP1" if config else "unknown (no fsdp_config.json)")
+    assert info["rank_files_read"] == list(range(world))
+
+
+def test_row_blocks_are_the_shards_located_in_their_rank_files(role, hf_dir):
+    want = load_hf_tensors(hf_dir)
+    reader = VerlFsdpReader(role)
+    try:
+        assert isinstance(reader, RowsReader) and isinstance(reader, LocatingReader)
+        rows = reader.read_rows(EMBED)
+        vocab = TINY_LLAMA["vocab_size"]
+        assert rows is not None and [r.shape[0] for r in rows] == [
+            len(c) for c in torch.arange(vocab).chunk(3)]
+        assert torch.equal(torch.cat(rows), want[EMBED])
+        for rank, block in enumerate(rows):
+            path, offset = reader.locate(block)
+            assert path.name == f"model_world_size_3_rank_{rank}.pt"
+            with open(path, "rb") as f:
+                f.seek(offset)
+                assert f.read(block.numel() * block.element_size()) == block.numpy().tobytes()
+    finally:
+        reader.close()
+
+
+def test_tensors_with_fewer_rows_than_ranks_read_from_the_ranks_holding_them(tmp_path):
+    """FSDP1 gives a 2-row tensor at W=3 two shards (rank 2 holds none) and a 1-row one an
+    EnumerableShardingSpec: the ranks without a shard are not needed."""
+    role = tmp_path / "actor"
+    role.mkdir()
+    full = {"a.weight": torch.randn(2, 4), "b.weight": torch.randn(1), "c.weight":
+            torch.randn(5, 2)}
+    (role / "huggingface").mkdir()
+    (role / "huggingface" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    for rank, state in enumerate(fsdp1_rank_states(full, 3)):
+        save_rank_file(state, role / f"model_world_size_3_rank_{rank}.pt")
+    reader = VerlFsdpReader(role)  # read, not converted: the llama config names none of them
+    try:
+        assert {k: [p.rank for p in reader._pieces[k][1]] for k in full} == {
+            "a.weight": [0, 1], "b.weight": [0], "c.weight": [0, 1, 2]}
+        assert all(torch.equal(reader.read(k), v) for k, v in full.items())
+    finally:
+        reader.close()
+
+
+# ---- bad input: one line, exit 2, nothing written ----
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _rewrite(role: Path, rank: int, edit) -> None:
+    """Rank ``rank``'s file with ``edit(full, state, rank)`` applied to its state dict (rebuilt
+    from the files' own weights, through ckpt-ir's reader)."""
+    reader = VerlFsdpReader(role)
+    try:
+        full = {k: reader.read(k).clone() for k in reader.tensors()}
+    finally:
+        reader.close()
+    state = fsdp1_rank_states(full, 3)[rank]
+    edit(full, state, rank)
+    (role / f"model_world_size_3_rank_{rank}.pt").unlink()
+    save_rank_file(state, role / f"model_world_size_3_rank_{rank}.pt")
+
+
+def _shifted(full, state, rank):
+    # The embedding's second shard starts one row early: it overlaps the first, and a row is
+    # lost.
+    meta = chunk_metadata(full[EMBED], 3)
+    meta.shards_metadata[1].shard_offsets[0] -= 1
+    state[EMBED] = sharded(full[EMBED], 3, rank, meta)
+
+
+def _short(full, state, rank):
+    # Rank 1 saved a 2-row shard under metadata that still says the torch.chunk sizes.
+    state[EMBED].local_shards[0].tensor = full[EMBED][:2].clone()
+
+
+def _other_cut(full, state, rank):
+    # This rank's metadata cuts the embedding in two: the files disagree with rank 0's.
+    state[EMBED] = sharded(full[EMBED], 3, rank, chunk_metadata(full[EMBED], 2))
+
+
+def _stray_rank(full, state, rank):
+    meta = chunk_metadata(full[EMBED], 3)
+    meta.shards_metadata[2].placement = ShardMetadata([0], [1], "rank:5/cpu").placement
+    state[EMBED] = sharded(full[EMBED], 3, rank, meta)
+
+
+def _hybrid(full, state, rank):
+    # Sharded over a group of one rank (FSDP1 hybrid sharding's shard group), not the world.
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    state[EMBED].group = ShardedTensor.ProcessGroupState(0, rank, 1, 3)
+
+
+def _cases(role: Path, tmp_path: Path):
+    def copy(name: str) -> Path:
+        bad = tmp_path / name / "actor"
+        shutil.copytree(role, bad)
+        return bad
+
+    bad = copy("missing")
+    (bad / "model_world_size_3_rank_1.pt").unlink()
+    yield bad, "model_world_size_3_rank_1.pt is missing"
+    bad = copy("other-rank")
+    shutil.copy(bad / "model_world_size_3_rank_0.pt", bad / "model_world_size_3_rank_1.pt")
+    yield bad, "saved by rank 0 of a world of 3, not rank 1 of 3"
+    bad = copy("tile")
+    _rewrite(bad, 0, _shifted)  # rank 0's metadata: its own shard is untouched
+    yield bad, f"the shards of {EMBED} do not tile its shape"
+    bad = copy("short")
+    _rewrite(bad, 1, _short)
+    yield bad, f"holds a (2, 32) torch.float32 shard of {EMBED} whose metadata says (33, 32)"
+    bad = copy("disagree")
+    _rewrite(bad, 1, _other_cut)
+    yield bad, f"describe the shards of {EMBED} differently"
+    bad = copy("stray")
+    _rewrite(bad, 0, _stray_rank)
+    yield bad, f"ShardedTensor {EMBED} places a shard on rank 5 of a world of 3 ranks"
+    bad = copy("hybrid")
+    _rewrite(bad, 0, _hybrid)
+    yield bad, f"ShardedTensor {EMBED} is sharded over a process group of 1 of the 3 ranks"
+    bad = copy("foreign")
+    (bad / "model_world_size_3_rank_2.pt").write_bytes(_rank_file_with(
+        tmp_path, b"chunk_sharding_spec\nChunkShardingSpec",
+        b"chunk_sharding_spec\nChunkSh4rdingSpec").read_bytes())
+    yield bad, "ChunkSh4rdingSpec' in "
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(role, tmp_path):
+    assert TINY_LLAMA["vocab_size"] == 97  # 33/33/31 rows at W=3: the messages above
+    for bad, message in _cases(role, tmp_path):
+        dst = tmp_path / f"out-{bad.parent.name}"
+        run = _cli("convert", str(bad), str(dst), "--to", "hf", "--no-progress")
+        assert run.returncode == 2, (bad, run.stderr)
+        lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and message in lines[0], (message, run.stderr)
+        assert not dst.exists()
+        assert list(dst.parent.glob(f".{dst.name}*")) == []
+
+
+def test_trust_pickles_is_a_one_line_refusal(role, tmp_path):
+    """torch's own unpickler raises on a ShardedTensor outside a process group of the saved
+    rank and size: ``--trust-pickles`` says so and points at the restricted path."""
+    dst = tmp_path / "out"
+    run = _cli("convert", str(role), str(dst), "--to", "hf", "--trust-pickles",
+               "--no-progress")
+    assert run.returncode == 2, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "holds FSDP1 ShardedTensors" in lines[0]
+    assert "run without --trust-pickles" in lines[0]
+    assert not dst.exists()
