@@ -18,18 +18,21 @@ import json
 import pickle
 import shutil
 import subprocess
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import event, given, note, settings
+from hypothesis import strategies as st
 from torch.distributed._shard.metadata import ShardMetadata
 
 import ckpt_ir
 from ckpt_ir.capabilities import LocatingReader, RowsReader
 from ckpt_ir.cli import main
 from ckpt_ir.converters.verl_fsdp import VerlFsdpReader
-from ckpt_ir.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ckpt_ir.safety.unpickler import load_pickle, load_torch
 from ckpt_ir.safety.unpickler.sharded_tensor import (
     ChunkShardingSpec,
@@ -356,3 +359,136 @@ def test_trust_pickles_is_a_one_line_refusal(role, tmp_path):
     assert len(lines) == 1 and "holds FSDP1 ShardedTensors" in lines[0]
     assert "run without --trust-pickles" in lines[0]
     assert not dst.exists()
+
+
+# ---- properties: the metadata decides, and only an exact tiling is read ----
+
+
+@st.composite
+def _row_cuts(draw: st.DrawFn) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """``(rows, world, [(start, size, rank)])``: row blocks of a ``rows`` x 3 tensor on
+    ranks of ``world``, valid by construction (cut points in order, empty blocks allowed),
+    then perhaps perturbed (a block moved, shrunk, grown or repeated on another rank)."""
+    rows = draw(st.integers(1, 12), label="rows")
+    world = draw(st.integers(1, 4), label="world")
+    cuts = sorted(draw(st.lists(st.integers(0, rows), min_size=world - 1,
+                                max_size=world - 1), label="cuts"))
+    bounds = [0, *cuts, rows]
+    blocks = [(bounds[r], bounds[r + 1] - bounds[r], r) for r in range(world)]
+    kind = draw(st.sampled_from(["exact", "move", "resize", "repeat"]), label="kind")
+    i = draw(st.integers(0, world - 1), label="block")
+    start, size, rank = blocks[i]
+    if kind == "move":
+        start = draw(st.integers(0, rows - size), label="start")
+    elif kind == "resize":
+        size = draw(st.integers(0, rows - start), label="size")
+    elif kind == "repeat":
+        rank = draw(st.integers(0, world - 1), label="rank")
+        blocks.append((start, size, rank))
+    blocks[i] = (start, size, blocks[i][2])
+    return rows, world, blocks
+
+
+def _tiles(rows: int, blocks: list[tuple[int, int, int]]) -> bool:
+    covered = [0] * rows
+    for start, size, _ in blocks:
+        for row in range(start, start + size):
+            covered[row] += 1
+    return all(c == 1 for c in covered)
+
+
+@settings(deadline=None)
+@given(cut=_row_cuts())
+def test_a_sharded_tensor_reads_exactly_when_its_shards_tile_it(cut):
+    """The reader agrees with a row-count oracle: an exact tiling reads back bit for bit,
+    anything else is refused as shards that do not tile, before any bytes are read."""
+    rows, world, blocks = cut
+    note(f"rows={rows} world={world} blocks={blocks}")
+    full = torch.randn(rows, 3)
+    meta = chunk_metadata(full, 1)
+    meta.shards_metadata = [ShardMetadata([s, 0], [n, 3], f"rank:{r}/cpu")
+                            for s, n, r in blocks]
+    with tempfile.TemporaryDirectory() as tmp:
+        role = Path(tmp)
+        (role / "huggingface").mkdir()
+        (role / "huggingface" / "config.json").write_text(json.dumps(
+            {**TINY_LLAMA, "num_hidden_layers": 1}))
+        for rank in range(world):
+            save_rank_file({"w": sharded(full, world, rank, meta)},
+                           role / f"model_world_size_{world}_rank_{rank}.pt")
+        event("tiles" if _tiles(rows, blocks) else "does not tile")
+        if _tiles(rows, blocks):
+            reader = VerlFsdpReader(role)
+            try:
+                assert torch.equal(reader.read("w"), full)
+            finally:
+                reader.close()
+        else:
+            with pytest.raises(CorruptCheckpointError, match="the shards of w do not tile"):
+                VerlFsdpReader(role).close()
+
+
+def _pickle_mutations(data: bytes) -> st.SearchStrategy[bytes]:
+    @st.composite
+    def mutate(draw: st.DrawFn) -> bytes:
+        out = bytearray(data)
+        for _ in range(draw(st.integers(1, 3))):
+            at = draw(st.integers(0, len(out) - 1))
+            kind = draw(st.sampled_from(["flip", "set", "delete", "insert"]))
+            if kind == "flip":
+                out[at] ^= 1 << draw(st.integers(0, 7))
+            elif kind == "set":
+                out[at] = draw(st.integers(0, 255))
+            elif kind == "delete":
+                del out[at:at + draw(st.integers(1, 8))]
+            else:
+                out[at:at] = draw(st.binary(min_size=1, max_size=8))
+            if not out:
+                out = bytearray(b".")
+        return bytes(out)
+
+    return mutate()
+
+
+@pytest.fixture(scope="module")
+def small_role(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two ranks of two small ShardedTensors and a buffer: a data.pkl of ~3 KB."""
+    role = tmp_path_factory.mktemp("small") / "actor"
+    (role / "huggingface").mkdir(parents=True)
+    (role / "huggingface" / "config.json").write_text(json.dumps(
+        {**TINY_LLAMA, "num_hidden_layers": 1}))
+    full = {"w": torch.randn(5, 3), "v": torch.randn(1), "b": torch.ones(2)}
+    for rank, state in enumerate(fsdp1_rank_states(full, 2, buffers=("b",))):
+        save_rank_file(state, role / f"model_world_size_2_rank_{rank}.pt")
+    return role
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_mutated_sharded_tensor_pickles_raise_checkpoint_errors_only(small_role, data):
+    """Bytes of rank 1's ``data.pkl`` flipped, set, deleted or inserted: reading the role is
+    refused with a one-line CheckpointError or reads the tensors; nothing else escapes."""
+    name = "model_world_size_2_rank_1.pt"
+    with zipfile.ZipFile(small_role / name) as z:
+        records = [(i, z.read(i)) for i in z.infolist()]
+    (pkl,) = [d for i, d in records if i.filename.endswith("/data.pkl")]
+    mutated = data.draw(_pickle_mutations(pkl), label="data.pkl")
+    with tempfile.TemporaryDirectory() as tmp:
+        role = Path(tmp) / "actor"
+        shutil.copytree(small_role, role)
+        (role / name).unlink()
+        with zipfile.ZipFile(role / name, "w", zipfile.ZIP_STORED) as z:
+            for item, body in records:
+                z.writestr(item, mutated if item.filename.endswith("/data.pkl") else body)
+        try:
+            reader = VerlFsdpReader(role)
+            try:
+                for tensor in reader.tensors():
+                    reader.read(tensor)
+            finally:
+                reader.close()
+            event("read")
+        except CheckpointError as e:
+            event(f"refused: {type(e).__name__}")
+            note(f"refused: {e}")
+            assert "\n" not in str(e)
