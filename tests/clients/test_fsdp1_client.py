@@ -5,10 +5,10 @@ A tiny random llama (vocab 301: no world size divides it, so the last shards are
 wrapped in ``FullyShardedDataParallel(model, device_id=cpu)`` with no device mesh and saved
 (``tests/clients/fsdp1_jobs.py``) at W=2 and W=3, two ways each: ``torch.save`` of the
 ``SHARDED_STATE_DICT`` (a hand-rolled FSDP1 trainer) and verl 0.9.1's ``FSDPCheckpointManager``
-(fp32 and bf16). Each converts to HF bit for bit with its dtype kept (verl's merger casts to
-bf16), transformers' logits from ckpt-ir's output equal the model's, and the optimizer file
-is listed as not converted. The unit tests' fixture writer (tests/clients/fsdp1_files.py)
-pickles the same globals as the real saves.
+(fp32 and bf16), and a model with tied embeddings (qwen2, W=2). Each converts to HF bit for
+bit with its dtype kept (verl's merger casts to bf16), transformers' logits from ckpt-ir's
+output equal the model's, and the optimizer file is listed as not converted. The unit tests'
+fixture writer (tests/clients/fsdp1_files.py) pickles the same globals as the real saves.
 
 Two process launches (W=2, W=3) carry all of it.
 """
@@ -46,12 +46,17 @@ def saves(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("fsdp1")
     hf = hf_models.make_hf_model("llama", base, seed=3)
     out = {name: base / "run" / name / "actor" for name in SAVES}
+    # Tied embeddings (qwen2): one parameter under two state-dict keys.
+    tied = hf_models.make_hf_model("qwen2", base, seed=4)
+    out["tied_w2"] = base / "run" / "tied_w2" / "actor"
+    tied_job = {"command": "save", "hf_dir": str(tied), "out": str(out["tied_w2"]),
+                "how": "torch", "dtype": "float32"}
     for world in (2, 3):
         launch("batch", [{"command": "save", "hf_dir": str(hf), "out": str(out[name]),
                           "how": how, "dtype": dtype}
-                         for name, (w, how, dtype) in SAVES.items() if w == world],
-               world_size=world)
-    out["hf"] = hf
+                         for name, (w, how, dtype) in SAVES.items() if w == world]
+               + ([tied_job] if world == 2 else []), world_size=world)
+    out["hf"], out["tied_hf"] = hf, tied
     return out
 
 
@@ -110,3 +115,10 @@ def test_the_unit_tests_fixture_pickles_what_fsdp1_pickles(saves, tmp_path):
     save_rank_file(states[2], tmp_path / "fixture.pt")
     assert "torch.distributed._shard.sharded_tensor.api ShardedTensor" in _globals(real)
     assert _globals(tmp_path / "fixture.pt") == _globals(real)
+
+
+def test_tied_embeddings_convert_bit_exact(saves, tmp_path):
+    ckpt_ir.convert(saves["tied_w2"], tmp_path / "hf", "hf", hf_config=saves["tied_hf"])
+    got, want = _hf(tmp_path / "hf"), _hf(saves["tied_hf"])
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
