@@ -48,6 +48,7 @@ class FakeShardedTensor:
         self.shape, self.dtype = shape, dtype
         self.local_shards, self.metadata = local_shards, metadata
         self.group = ShardedTensor.ProcessGroupState(rank, rank, world, world)
+        self.init_rrefs: Any = False  # the state's last field (a payload, in hostile tests)
         try:
             self.spec = _infer_sharding_spec_from_shards_metadata(metadata.shards_metadata)
         except ValueError:
@@ -60,7 +61,7 @@ class FakeShardedTensor:
         stride = torch.empty(self.shape, device="meta").stride()
         args = (ShardedTensor, self.dtype, self.shape, stride, 0, torch.strided,
                 torch.device("cpu"), False)
-        state = (self.local_shards, self.metadata, self.group, self.spec, False)
+        state = (self.local_shards, self.metadata, self.group, self.spec, self.init_rrefs)
         return (torch._tensor._rebuild_from_type_v2,
                 (torch._utils._rebuild_wrapper_subclass, ShardedTensor, args, state))
 

@@ -46,6 +46,7 @@ from tests.clients.fsdp1_files import (
     sharded,
 )
 from tests.fixtures import TINY_LLAMA, load_hf_tensors, write_hf
+from tests.hostile import PAYLOADS
 
 EMBED = "model.embed_tokens.weight"
 
@@ -155,6 +156,24 @@ def test_sharded_tensor_pickles_off_torch_s_shape_are_refused(tmp_path, old, new
                                                               message):
     with pytest.raises(error, match=message):
         load_torch(_rank_file_with(tmp_path, old, new))
+
+
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+def test_a_payload_inside_a_sharded_tensor_is_refused_and_never_runs(tmp_path, payload):
+    """A global planted in a ShardedTensor's own state (in place of ``init_rrefs``, and as a
+    local shard's metadata placement) is refused by name; nothing runs."""
+    cls, name = PAYLOADS[payload]
+    sentinel = tmp_path / "SENTINEL"
+    for where in ("init_rrefs", "placement"):
+        st = sharded(torch.randn(4, 2), 2, 0)
+        if where == "init_rrefs":
+            st.init_rrefs = cls(sentinel)
+        else:
+            st.metadata.shards_metadata[0].placement = cls(sentinel)
+        save_rank_file({"w": st}, tmp_path / f"{where}.pt")
+        with pytest.raises(UnsafeCheckpointError, match=f"refusing to unpickle global '{name}'"):
+            load_torch(tmp_path / f"{where}.pt")
+    assert not sentinel.exists()
 
 
 class _Rebuild:
