@@ -48,7 +48,6 @@ import torch
 
 from ckpt_ir.adapters import AdapterConfig
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
-from ckpt_ir.converters.storage.dcp_files.regions import _coverage_problem
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
     check_layer_count,
@@ -431,6 +430,10 @@ class VerlFsdpReader:
     def _sharded_layout(self, key: str, value: ShardedTensorRecord) -> list[_Piece]:
         """The pieces of an FSDP1 ShardedTensor: its metadata's shards (global offsets, sizes
         and rank), checked to tile the tensor exactly; empty shards are not read."""
+        # The DCP reader's tiling check; imported here, its package costs 10-30 ms to import
+        # and only ShardedTensor files need it.
+        from ckpt_ir.converters.storage.dcp_files.regions import _coverage_problem
+
         where = self._files[0]
         self._check_process_group(0, key, value)
         meta = value.metadata
