@@ -514,7 +514,7 @@ def _safe_getattr(*args: Any) -> Any:
     # Protocol 2 pickles a nested class as getattr(outer, name); the one a checkpoint needs is
     # FSDP1's ShardedTensor.ProcessGroupState. Any other getattr could reach anything.
     if len(args) == 2 and args[0] is sharded_tensor.ShardedTensorRecord \
-            and args[1] == "ProcessGroupState":
+            and type(args[1]) is str and args[1] == "ProcessGroupState":
         return sharded_tensor.ProcessGroupState
     what = ", ".join(_describe(a) if not isinstance(a, str) else repr(a[:60]) for a in args)
     raise _Refused(f"refusing getattr({what}): only getattr(ShardedTensor, "
