@@ -460,19 +460,19 @@ class VerlFsdpReader:
         return sorted(pieces, key=lambda p: (p.rank, p.start))
 
     def _check_process_group(self, rank: int, key: str, value: ShardedTensorRecord) -> None:
-        """The file was saved by its own rank of this world, over a process group spanning
-        the world (FSDP1 hybrid sharding shards over part of it: refused, untested)."""
+        """The file was saved by its own rank of this world. Its sharding group may be part
+        of the world (FSDP1 hybrid sharding: each group holds a replica); shard placements
+        name global ranks either way, so rank 0's metadata places the first replica."""
         group, path = value.process_group, self._files[rank]
         if (group.global_rank, group.global_world_size) != (rank, self.world_size):
             raise CorruptCheckpointError(
                 f"{path.name} holds ShardedTensor {key} saved by rank {group.global_rank} of a "
                 f"world of {group.global_world_size}, not rank {rank} of {self.world_size}",
                 path=path, tensor=key)
-        if (group.local_rank, group.local_world_size) != (rank, self.world_size):
-            raise FormatError(
-                f"ShardedTensor {key} is sharded over a process group of "
-                f"{group.local_world_size} of the {self.world_size} ranks (FSDP1 hybrid "
-                "sharding): ckpt-ir reads ShardedTensors sharded over the whole world only",
+        if not group.local_rank < group.local_world_size <= self.world_size:
+            raise CorruptCheckpointError(
+                f"{path.name} holds ShardedTensor {key} saved by rank {group.local_rank} of a "
+                f"process group of {group.local_world_size} in a world of {self.world_size}",
                 path=path, tensor=key)
 
     def _check_sharded(self, key: str, spec: TensorSpec, pieces: list[_Piece]) -> None:

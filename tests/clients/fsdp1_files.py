@@ -44,10 +44,12 @@ class FakeShardedTensor:
     """Pickles exactly as torch pickles a ShardedTensor saved by ``rank`` of ``world``."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, local_shards: list[Shard],
-                 metadata: ShardedTensorMetadata, rank: int, world: int) -> None:
+                 metadata: ShardedTensorMetadata, rank: int, world: int,
+                 group: int | None = None) -> None:
         self.shape, self.dtype = shape, dtype
         self.local_shards, self.metadata = local_shards, metadata
-        self.group = ShardedTensor.ProcessGroupState(rank, rank, world, world)
+        group = group or world
+        self.group = ShardedTensor.ProcessGroupState(rank % group, rank, group, world)
         self.init_rrefs: Any = False  # the state's last field (a payload, in hostile tests)
         try:
             self.spec = _infer_sharding_spec_from_shards_metadata(metadata.shards_metadata)
@@ -66,12 +68,15 @@ class FakeShardedTensor:
                 (torch._utils._rebuild_wrapper_subclass, ShardedTensor, args, state))
 
 
-def chunk_metadata(full: torch.Tensor, world: int) -> ShardedTensorMetadata:
-    """The global metadata FSDP1 gives ``full`` at ``world`` ranks: one shard per
-    ``torch.chunk`` piece of dim 0, on ranks 0, 1, ..."""
+def chunk_metadata(full: torch.Tensor, world: int, first_rank: int = 0
+                   ) -> ShardedTensorMetadata:
+    """The global metadata FSDP1 gives ``full`` sharded over ``world`` ranks: one shard per
+    ``torch.chunk`` piece of dim 0, on global ranks ``first_rank``, ``first_rank + 1``, ...
+    (a hybrid-sharding group starts past 0)."""
     chunks = full.chunk(world, dim=0)
     starts = [0, *itertools.accumulate(c.shape[0] for c in chunks)][:-1]
-    shards = [ShardMetadata([s] + [0] * (full.dim() - 1), list(c.shape), f"rank:{r}/cpu")
+    shards = [ShardMetadata([s] + [0] * (full.dim() - 1), list(c.shape),
+                            f"rank:{first_rank + r}/cpu")
               for r, (s, c) in enumerate(zip(starts, chunks, strict=True))]
     return ShardedTensorMetadata(shards, full.shape, TensorProperties(
         dtype=full.dtype, layout=torch.strided, requires_grad=False,
@@ -79,10 +84,14 @@ def chunk_metadata(full: torch.Tensor, world: int) -> ShardedTensorMetadata:
 
 
 def sharded(full: torch.Tensor, world: int, rank: int,
-            metadata: ShardedTensorMetadata | None = None) -> FakeShardedTensor:
+            metadata: ShardedTensorMetadata | None = None,
+            group: int | None = None) -> FakeShardedTensor:
     """``full`` as rank ``rank`` of ``world`` saves it: the local shards are the pieces of
-    ``full`` that ``metadata`` (default: FSDP1's chunks) places on this rank."""
-    metadata = metadata if metadata is not None else chunk_metadata(full, world)
+    ``full`` that ``metadata`` (default: FSDP1's chunks over ``group`` consecutive ranks, the
+    whole world unless hybrid sharding) places on this rank."""
+    group = group or world
+    if metadata is None:
+        metadata = chunk_metadata(full, group, rank - rank % group)
     local = []
     for shard in metadata.shards_metadata:
         if shard.placement.rank() != rank:
@@ -90,14 +99,17 @@ def sharded(full: torch.Tensor, world: int, rank: int,
         index = tuple(slice(o, o + n) for o, n in zip(shard.shard_offsets, shard.shard_sizes,
                                                        strict=True))
         local.append(Shard(full[index].clone(), shard))
-    return FakeShardedTensor(tuple(full.shape), full.dtype, local, metadata, rank, world)
+    return FakeShardedTensor(tuple(full.shape), full.dtype, local, metadata, rank, world,
+                             group)
 
 
 def fsdp1_rank_states(full: Mapping[str, torch.Tensor], world: int,
-                      buffers: tuple[str, ...] = ()) -> list[OrderedDict[str, Any]]:
+                      buffers: tuple[str, ...] = (), group: int | None = None
+                      ) -> list[OrderedDict[str, Any]]:
     """Each rank's ``SHARDED_STATE_DICT``: every tensor a ShardedTensor but ``buffers``
-    (plain full copies, as FSDP1 leaves them)."""
-    return [OrderedDict((k, v.clone() if k in buffers else sharded(v, world, r))
+    (plain full copies, as FSDP1 leaves them); with ``group``, hybrid sharding over groups of
+    that many consecutive ranks (each group a replica)."""
+    return [OrderedDict((k, v.clone() if k in buffers else sharded(v, world, r, group=group))
                         for k, v in full.items()) for r in range(world)]
 
 

@@ -12,7 +12,8 @@ tests.clients.fsdp1_jobs <command> <json-args>`` once per rank (the shared launc
     ``device_mesh`` (FSDP1 then saves ``SHARDED_STATE_DICT`` as ShardedTensors, not DTensors).
     ``how`` = ``torch``: ``torch.save(model.state_dict())`` under
     ``FSDP.state_dict_type(model, SHARDED_STATE_DICT)`` to
-    ``out/model_world_size_{W}_rank_{r}.pt`` (a hand-rolled FSDP1 trainer's save); ``verl``:
+    ``out/model_world_size_{W}_rank_{r}.pt`` (a hand-rolled FSDP1 trainer's save; with
+    ``hybrid: k``, ``HYBRID_SHARD`` over groups of k consecutive ranks); ``verl``:
     verl 0.9.1's ``FSDPCheckpointManager.save_checkpoint(out)`` after one AdamW step at lr 0
     (optimizer state in the optimizer file, weights unchanged), with
     ``save_contents=['model', 'optimizer', 'extra']``: verl passes a mesh itself, but its
@@ -50,12 +51,24 @@ def launch(command: str, args: Any, *, world_size: int, timeout: float = 300.0) 
 
 def _wrap(job: dict[str, Any]) -> torch.nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
 
     from tests.clients.verl_fsdp_harness import _model
 
     # No device_mesh: FSDP1 keeps its process group and saves ShardedTensors.
+    group = job.get("hybrid")
+    if not group:
+        return FSDP(_model(job), device_id=torch.device("cpu"), sync_module_states=False,
+                    use_orig_params=False)
+    # HYBRID_SHARD over groups of `group` consecutive ranks, replicated across the groups
+    # (FSDP's own group split needs CUDA's device count; on CPU the groups are passed in).
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard_groups = [dist.new_group(list(range(s, s + group))) for s in range(0, world, group)]
+    replica_groups = [dist.new_group(list(range(i, world, group))) for i in range(group)]
     return FSDP(_model(job), device_id=torch.device("cpu"), sync_module_states=False,
-                use_orig_params=False)
+                use_orig_params=False, sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                process_group=(shard_groups[rank // group], replica_groups[rank % group]))
 
 
 def _save(job: dict[str, Any]) -> None:

@@ -5,12 +5,13 @@ A tiny random llama (vocab 301: no world size divides it, so the last shards are
 wrapped in ``FullyShardedDataParallel(model, device_id=cpu)`` with no device mesh and saved
 (``tests/clients/fsdp1_jobs.py``) at W=2 and W=3, two ways each: ``torch.save`` of the
 ``SHARDED_STATE_DICT`` (a hand-rolled FSDP1 trainer) and verl 0.9.1's ``FSDPCheckpointManager``
-(fp32 and bf16), and a model with tied embeddings (qwen2, W=2). Each converts to HF bit for
+(fp32 and bf16), a model with tied embeddings (qwen2, W=2), and ``HYBRID_SHARD`` at W=4 (two
+groups of 2 ranks, each a replica: only the first is read). Each converts to HF bit for
 bit with its dtype kept (verl's merger casts to bf16), transformers' logits from ckpt-ir's
 output equal the model's, and the optimizer file is listed as not converted. The unit tests'
 fixture writer (tests/clients/fsdp1_files.py) pickles the same globals as the real saves.
 
-Two process launches (W=2, W=3) carry all of it.
+Three process launches (W=2, W=3, W=4) carry all of it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def saves(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                           "how": how, "dtype": dtype}
                          for name, (w, how, dtype) in SAVES.items() if w == world]
                + ([tied_job] if world == 2 else []), world_size=world)
+    # HYBRID_SHARD at W=4: two groups of 2 ranks, each a replica.
+    out["hybrid_w4"] = base / "run" / "hybrid_w4" / "actor"
+    launch("save", {"hf_dir": str(hf), "out": str(out["hybrid_w4"]), "how": "torch",
+                    "dtype": "float32", "hybrid": 2}, world_size=4)
     out["hf"], out["tied_hf"] = hf, tied
     return out
 
@@ -122,3 +127,16 @@ def test_tied_embeddings_convert_bit_exact(saves, tmp_path):
     got, want = _hf(tmp_path / "hf"), _hf(saves["tied_hf"])
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_hybrid_sharding_reads_the_first_replica_bit_exact(saves, tmp_path):
+    src = saves["hybrid_w4"]
+    ckpt_ir.convert(src, tmp_path / "hf", "hf", hf_config=saves["hf"])
+    got, want = _hf(tmp_path / "hf"), _hf(saves["hf"])
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    reader, _ = open_reader(src, None, hf_config=saves["hf"])
+    try:
+        assert reader.describe()["rank_files_read"] == [0, 1]
+    finally:
+        reader.close()

@@ -6,8 +6,8 @@ from torch's own metadata classes without a process group; the real FSDP1 saves 
 their refusals (the one ``getattr``, exact state fields), reading at W=2 and W=3 bit for bit
 with the dtype kept, the streamed row blocks, tensors with fewer rows than ranks, and bad input
 (shards that do not tile, a missing rank, a rank file of another rank, shards that disagree with
-their metadata or with rank 0's, a shard placed past the world, hybrid sharding, a foreign
-global, ``--trust-pickles``): one line, exit 2, nothing written.
+their metadata or with rank 0's, a shard placed past the world, an impossible process group, a
+foreign global, ``--trust-pickles``): one line, exit 2, nothing written.
 """
 
 from __future__ import annotations
@@ -226,6 +226,26 @@ def test_fsdp1_files_convert_to_hf_bit_exact(hf_dir, tmp_path, world, dtype, con
     assert info["rank_files_read"] == list(range(world))
 
 
+def test_hybrid_sharding_reads_the_first_replica_only(hf_dir, tmp_path):
+    """FSDP1 ``HYBRID_SHARD`` at W=4 in groups of 2: ranks 2-3 hold a replica of ranks 0-1
+    (their shards placed on global ranks 2 and 3); only ranks 0 and 1 are read."""
+    want = load_hf_tensors(hf_dir)
+    role = tmp_path / "actor"
+    shutil.copytree(hf_dir, role / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    for rank, state in enumerate(fsdp1_rank_states(want, 4, group=2)):
+        save_rank_file(state, role / f"model_world_size_4_rank_{rank}.pt")
+    reader = VerlFsdpReader(role)
+    try:
+        assert reader.describe()["rank_files_read"] == [0, 1]
+    finally:
+        reader.close()
+    for rank in (2, 3):  # the replicas' files are not needed
+        (role / f"model_world_size_4_rank_{rank}.pt").write_bytes(b"")
+    ckpt_ir.convert(role, tmp_path / "hf", "hf")
+    got = load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_row_blocks_are_the_shards_located_in_their_rank_files(role, hf_dir):
     want = load_hf_tensors(hf_dir)
     reader = VerlFsdpReader(role)
@@ -314,11 +334,11 @@ def _stray_rank(full, state, rank):
     state[EMBED] = sharded(full[EMBED], 3, rank, meta)
 
 
-def _hybrid(full, state, rank):
-    # Sharded over a group of one rank (FSDP1 hybrid sharding's shard group), not the world.
+def _bad_group(full, state, rank):
+    # Saved by local rank 2 of a process group of 2 ranks.
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    state[EMBED].group = ShardedTensor.ProcessGroupState(0, rank, 1, 3)
+    state[EMBED].group = ShardedTensor.ProcessGroupState(2, rank, 2, 3)
 
 
 def _cases(role: Path, tmp_path: Path):
@@ -345,9 +365,9 @@ def _cases(role: Path, tmp_path: Path):
     bad = copy("stray")
     _rewrite(bad, 0, _stray_rank)
     yield bad, f"ShardedTensor {EMBED} places a shard on rank 5 of a world of 3 ranks"
-    bad = copy("hybrid")
-    _rewrite(bad, 0, _hybrid)
-    yield bad, f"ShardedTensor {EMBED} is sharded over a process group of 1 of the 3 ranks"
+    bad = copy("group")
+    _rewrite(bad, 0, _bad_group)
+    yield bad, "saved by rank 2 of a process group of 2 in a world of 3"
     bad = copy("foreign")
     (bad / "model_world_size_3_rank_2.pt").write_bytes(_rank_file_with(
         tmp_path, b"chunk_sharding_spec\nChunkShardingSpec",
