@@ -531,3 +531,39 @@ def test_mutated_sharded_tensor_pickles_raise_checkpoint_errors_only(small_role,
             event(f"refused: {type(e).__name__}")
             note(f"refused: {e}")
             assert "\n" not in str(e)
+
+
+def test_a_peft_lora_save_reads_its_base_weights_and_adapter(hf_dir, tmp_path):
+    """A PEFT LoRA model saved by FSDP1 without a mesh (keys ``base_model.model.…``, targeted
+    linears split into ``base_layer`` / ``lora_A.default`` / ``lora_B.default``), W=3: the
+    model reader takes the base weights, the adapter reader the LoRA tensors, bit for bit."""
+    want = load_hf_tensors(hf_dir)
+    gen = torch.Generator().manual_seed(5)
+    state, adapter = {}, {}
+    for name, tensor in want.items():
+        module = name.removesuffix(".weight")
+        if module.endswith((".q_proj", ".v_proj")):
+            a = torch.randn(4, tensor.shape[1], generator=gen)
+            b = torch.randn(tensor.shape[0], 4, generator=gen)
+            state[f"base_model.model.{module}.base_layer.weight"] = tensor
+            state[f"base_model.model.{module}.lora_A.default.weight"] = a
+            state[f"base_model.model.{module}.lora_B.default.weight"] = b
+            adapter[f"base_model.model.{module}.lora_A.weight"] = a
+            adapter[f"base_model.model.{module}.lora_B.weight"] = b
+        else:
+            state[f"base_model.model.{name}"] = tensor
+    role = tmp_path / "actor"
+    shutil.copytree(hf_dir, role / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    (role / "lora_train_meta.json").write_text(json.dumps({"r": 4, "lora_alpha": 8,
+                                                           "task_type": "CAUSAL_LM"}))
+    for rank, rank_state in enumerate(fsdp1_rank_states(state, 3)):
+        save_rank_file(rank_state, role / f"model_world_size_3_rank_{rank}.pt")
+    ckpt_ir.convert(role, tmp_path / "hf", "hf")
+    got = load_hf_tensors(tmp_path / "hf")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ckpt_ir.extract_adapter(role, tmp_path / "peft")
+    got = load_hf_tensors(tmp_path / "peft")
+    assert sorted(got) == sorted(adapter) and all(torch.equal(got[k], adapter[k])
+                                                  for k in adapter)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
