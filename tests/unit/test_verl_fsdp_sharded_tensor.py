@@ -3,8 +3,10 @@
 The files are pickled exactly as torch pickles them (``tests/clients/fsdp1_files.py``, built
 from torch's own metadata classes without a process group; the real FSDP1 saves are in
 ``tests/clients/test_fsdp1_client.py``). Covered: the restricted unpickler's stand-ins and
-their refusals (the one ``getattr``, exact state fields), reading at W=2 and W=3 bit for bit
-with the dtype kept, the streamed row blocks, tensors with fewer rows than ranks, and bad input
+their refusals (the one ``getattr``, exact state fields, planted payloads), reading at W=2 and
+W=3 bit for bit with the dtype kept, hybrid sharding (first replica only), a PEFT LoRA save,
+the streamed row blocks, tensors with fewer rows than ranks, two properties (random row cuts
+against a tiling oracle; data.pkl byte mutations), and bad input
 (shards that do not tile, a missing rank, a rank file of another rank, shards that disagree with
 their metadata or with rank 0's, a shard placed past the world, an impossible process group, a
 foreign global, ``--trust-pickles``): one line, exit 2, nothing written.
