@@ -37,6 +37,7 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +61,6 @@ from ckpt_ir.errors import (
     FormatError,
     InternalError,
     MissingConfigError,
-    UnsafeCheckpointError,
 )
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.safety.files import read_text
@@ -73,6 +73,7 @@ from ckpt_ir.safety.unpickler.dtensor import (
     Shard,
     StridedShard,
 )
+from ckpt_ir.safety.unpickler.sharded_tensor import ShardedTensorRecord
 from ckpt_ir.slabs import mapping_address, offset_in_mapping
 from ckpt_ir.tables import NativeParams, drop_absent_mtp
 
@@ -94,6 +95,7 @@ _NOT_WEIGHTS = (
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)\.([A-Za-z0-9_]+)\.weight$")
 """PEFT's ``<module>.lora_A.<adapter name>.weight`` (verl trains one adapter, ``default``)."""
+_MAX_DATA_PKL = 1 << 28
 _BUFFER_SUFFIXES = (".e_score_correction_bias",)
 """IR tensors that are module *buffers* in transformers (FSDP never shards them): written as
 plain tensors, as ``state_dict()`` holds them."""
@@ -215,6 +217,7 @@ class VerlFsdpReader:
         self._specs: dict[str, TensorSpec] = {}
         self._pieces: dict[str, tuple[str, list[_Piece]]] = {}  # name -> (file key, pieces)
         self._plain: set[str] = set()
+        self._sharded: set[str] = set()  # keys of FSDP1 ShardedTensors (no device mesh)
         self.mesh_names: tuple[str, ...] = ()
         self.mesh_shape: tuple[int, ...] = (self.world_size,)
         self._index(first)
@@ -276,23 +279,21 @@ class VerlFsdpReader:
         if state is not None:
             return state
         path = self._files[rank]
-        try:
-            if self._trust:
-                obj = load_torch(path, trust=True)
-            else:
-                buffer = map_file(path)
-                obj = load_torch_buffer(buffer, path=str(path))
-                self._maps[rank] = buffer
-                self._addresses[rank] = mapping_address(buffer)
-        except UnsafeCheckpointError as e:
-            if "torch.distributed._shard" in str(e):
+        if self._trust:
+            if _names_sharded_tensors(path):
+                # torch's ShardedTensor.__setstate__ raises outside a process group of the
+                # saved rank and size; the restricted unpickler reads the same bytes as data.
                 raise FormatError(
-                    f"{path.name} holds FSDP1 ShardedTensors (FSDP1 saved without a device "
-                    "mesh, not what verl writes): torch rebuilds them only inside a process "
-                    "group of the saved size and ckpt-ir does not read them yet; load them "
-                    "in such a job and save with a device mesh, or as a full state dict",
-                    path=path) from e
-            raise
+                    f"{path.name} holds FSDP1 ShardedTensors, which torch's own unpickler "
+                    "(--trust-pickles) rebuilds only inside a process group of the saved rank "
+                    "and world size; ckpt-ir reads them through its restricted unpickler: run "
+                    "without --trust-pickles", path=path)
+            obj = load_torch(path, trust=True)
+        else:
+            buffer = map_file(path)
+            obj = load_torch_buffer(buffer, path=str(path))
+            self._maps[rank] = buffer
+            self._addresses[rank] = mapping_address(buffer)
         if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
             raise CorruptCheckpointError(f"{path.name} does not hold a state dict", path=path)
         if self._trust and any(type(v).__module__.startswith("torch.distributed")
@@ -344,6 +345,10 @@ class VerlFsdpReader:
             if isinstance(value, DTensorRecord):
                 self._specs[name] = TensorSpec(name, value.shape, value.dtype)
                 self._pieces[name] = (key, self._layout(key, value))
+            elif isinstance(value, ShardedTensorRecord):
+                self._specs[name] = TensorSpec(name, value.shape, value.dtype)
+                self._pieces[name] = (key, self._sharded_layout(key, value))
+                self._sharded.add(key)
             elif isinstance(value, torch.Tensor):
                 self._specs[name] = TensorSpec(name, tuple(value.shape), value.dtype)
                 self._pieces[name] = (key, [_Piece(0, (0,) * value.dim(), tuple(value.shape))])
@@ -370,7 +375,7 @@ class VerlFsdpReader:
         if self.config.shares_output_with_embedding and "lm_head.weight" in self._specs \
                 and "lm_head.weight" not in self.config.schema():
             del self._specs["lm_head.weight"]
-            del self._pieces["lm_head.weight"]
+            self._sharded.discard(self._pieces.pop("lm_head.weight")[0])
             self._dropped["lm_head.weight"] = "tied to model.embed_tokens.weight"
 
     def _layout(self, key: str, value: DTensorRecord) -> list[_Piece]:
@@ -422,16 +427,107 @@ class VerlFsdpReader:
                                          f"{value.shape}", path=where, tensor=key)
         return pieces
 
+    def _sharded_layout(self, key: str, value: ShardedTensorRecord) -> list[_Piece]:
+        """The pieces of an FSDP1 ShardedTensor: its metadata's shards (global offsets, sizes
+        and rank), checked to tile the tensor exactly; empty shards are not read."""
+        # The DCP reader's tiling check; imported here, its package costs 10-30 ms to import
+        # and only ShardedTensor files need it.
+        from ckpt_ir.converters.storage.dcp_files.regions import _coverage_problem
+
+        where = self._files[0]
+        self._check_process_group(0, key, value)
+        meta = value.metadata
+        if tuple(meta.size) != value.shape or meta.tensor_properties.dtype != value.dtype:
+            raise CorruptCheckpointError(
+                f"ShardedTensor {key} is {value.shape} {value.dtype} but its metadata says "
+                f"{tuple(meta.size)} {meta.tensor_properties.dtype}", path=where, tensor=key)
+        boxes, pieces = [], []
+        for shard in meta.shards_metadata:
+            rank = shard.placement._rank if shard.placement is not None else None
+            if rank is None or rank >= self.world_size:
+                raise CorruptCheckpointError(
+                    f"ShardedTensor {key} places a shard on "
+                    f"{'no rank' if rank is None else f'rank {rank}'} of a world of "
+                    f"{self.world_size} ranks", path=where, tensor=key)
+            box = (tuple(shard.shard_offsets), tuple(shard.shard_sizes))
+            boxes.append(box)
+            if math.prod(box[1]):
+                pieces.append(_Piece(rank, *box))
+        problem = _coverage_problem(value.shape, boxes)
+        if problem is not None:
+            raise CorruptCheckpointError(f"the shards of {key} do not tile its shape "
+                                         f"{value.shape}: it {problem}", path=where, tensor=key)
+        return sorted(pieces, key=lambda p: (p.rank, p.start))
+
+    def _check_process_group(self, rank: int, key: str, value: ShardedTensorRecord) -> None:
+        """The file was saved by its own rank of this world. Its sharding group may be part
+        of the world (FSDP1 hybrid sharding: each group holds a replica); shard placements
+        name global ranks either way, so rank 0's metadata places the first replica."""
+        group, path = value.process_group, self._files[rank]
+        if (group.global_rank, group.global_world_size) != (rank, self.world_size):
+            raise CorruptCheckpointError(
+                f"{path.name} holds ShardedTensor {key} saved by rank {group.global_rank} of a "
+                f"world of {group.global_world_size}, not rank {rank} of {self.world_size}",
+                path=path, tensor=key)
+        if not group.local_rank < group.local_world_size <= self.world_size:
+            raise CorruptCheckpointError(
+                f"{path.name} holds ShardedTensor {key} saved by rank {group.local_rank} of a "
+                f"process group of {group.local_world_size} in a world of {self.world_size}",
+                path=path, tensor=key)
+
+    def _check_sharded(self, key: str, spec: TensorSpec, pieces: list[_Piece]) -> None:
+        """Each needed rank's file holds ``key`` as a ShardedTensor with rank 0's shape,
+        dtype and shard metadata, saved by that rank, whose local shards are exactly the
+        (non-empty) shards the metadata places on it, each a tensor of the shard's sizes and
+        the tensor's dtype (its view already checked against its storage's bytes)."""
+        boxes = _shard_boxes(self._state(0)[key])
+        for rank in sorted({p.rank for p in pieces}):
+            path = self._files[rank]
+            value = self._state(rank).get(key)
+            if not isinstance(value, ShardedTensorRecord):
+                raise CorruptCheckpointError(
+                    f"{path.name} has no ShardedTensor {key} (rank 0 has one)", path=path,
+                    tensor=key)
+            if value.shape != spec.shape or value.dtype != spec.dtype:
+                raise CorruptCheckpointError(
+                    f"{path.name} says {key} is {value.shape} {value.dtype}, rank 0 says "
+                    f"{spec.shape} {spec.dtype}", path=path, tensor=key)
+            self._check_process_group(rank, key, value)
+            if _shard_boxes(value) != boxes:
+                raise CorruptCheckpointError(
+                    f"{path.name} and rank 0 describe the shards of {key} differently",
+                    path=path, tensor=key)
+            held = []
+            for shard in value.local_shards:
+                sizes = tuple(shard.metadata.shard_sizes)
+                if tuple(shard.tensor.shape) != sizes or shard.tensor.dtype != spec.dtype:
+                    raise CorruptCheckpointError(
+                        f"{path.name} holds a {tuple(shard.tensor.shape)} {shard.tensor.dtype} "
+                        f"shard of {key} whose metadata says {sizes} {spec.dtype}", path=path,
+                        tensor=key)
+                if math.prod(sizes):
+                    held.append((tuple(shard.metadata.shard_offsets), sizes))
+            placed = [(p.start, p.size) for p in pieces if p.rank == rank]
+            if sorted(held) != placed:
+                raise CorruptCheckpointError(
+                    f"{path.name} holds the shards of {key} at offsets "
+                    f"{[o for o, _ in sorted(held)]}, its metadata places "
+                    f"{[o for o, _ in placed]} on rank {rank}", path=path, tensor=key)
+
     def _check_shards(self) -> None:
         """Every needed rank file holds each DTensor with rank 0's global shape and dtype and
-        a local shard of the size the ``torch.chunk`` rule gives: checked on the pickles
-        alone, before a byte of tensor data is read."""
+        a local shard of the size the ``torch.chunk`` rule gives (each ShardedTensor: the
+        shards its metadata places on that rank): checked on the pickles alone, before a byte
+        of tensor data is read."""
         for name, (key, pieces) in self._pieces.items():
             if name in self._plain:
                 continue
             spec = self._specs[name]
+            if key in self._sharded:
+                self._check_sharded(key, spec, pieces)
+                continue
             for piece in pieces:
-                local = self._local(piece.rank, key, spec)
+                local = self._local(piece, key, spec)
                 if tuple(local.shape) != piece.size:
                     raise CorruptCheckpointError(
                         f"the shards of {key} do not tile it: rank {piece.rank} holds "
@@ -459,7 +555,7 @@ class VerlFsdpReader:
             return self._state(0)[key]
         out = torch.empty(spec.shape, dtype=spec.dtype)
         for piece in pieces:
-            local = self._local(piece.rank, key, spec)
+            local = self._local(piece, key, spec)
             if local.numel():
                 out[tuple(slice(s, s + n) for s, n in zip(piece.start, piece.size,
                                                           strict=True))] = local
@@ -480,7 +576,7 @@ class VerlFsdpReader:
                 p.size[1:] != spec.shape[1:] or any(p.start[1:]) for p in rows):
             return None
         # _layout checked that the boxes tile the tensor, so sorted by row they are its rows.
-        return tuple(self._local(p.rank, key, spec) for p in rows)
+        return tuple(self._local(p, key, spec) for p in rows)
 
     def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
         """The rank file and offset holding ``tensor``'s bytes, if it is a contiguous view
@@ -493,10 +589,18 @@ class VerlFsdpReader:
                 return self._files[rank], offset
         return None
 
-    def _local(self, rank: int, key: str, spec: TensorSpec) -> torch.Tensor:
+    def _local(self, piece: _Piece, key: str, spec: TensorSpec) -> torch.Tensor:
+        rank = piece.rank
         state = self._state(rank)
         value = state.get(key)
         path = self._files[rank]
+        if key in self._sharded:
+            # _check_sharded matched this rank's local shards to the pieces placed on it.
+            for shard in value.local_shards:
+                if tuple(shard.metadata.shard_offsets) == piece.start:
+                    self._touched.add(rank)
+                    return shard.tensor
+            raise InternalError(f"{path.name} lost its shard of {key} at {piece.start}")
         if not isinstance(value, DTensorRecord):
             raise CorruptCheckpointError(f"{path.name} has no DTensor {key} (rank 0 has one)",
                                          path=path, tensor=key)
@@ -515,7 +619,9 @@ class VerlFsdpReader:
         strategy = (self.fsdp_config or {}).get("fsdp_strategy")
         dtypes = sorted({str(s.dtype).removeprefix("torch.") for s in self._specs.values()})
         mesh = "x".join(str(n) for n in self.mesh_shape)
-        names = ", ".join(self.mesh_names) if self.mesh_names else "no DTensors (plain)"
+        names = (", ".join(self.mesh_names) if self.mesh_names
+                 else "ShardedTensor, no device mesh" if self._sharded
+                 else "no DTensors (plain)")
         return {
             "world_size": self.world_size,
             "fsdp": (f"FSDP{version}" if version in (1, 2) else "not wrapped" if version == 0
@@ -556,6 +662,28 @@ class VerlFsdpReader:
                 buffer.close()
             except BufferError:
                 pass  # a returned tensor still uses it; unmapped when that tensor dies
+
+
+def _shard_boxes(value: ShardedTensorRecord) -> list[tuple[Any, ...]]:
+    """A ShardedTensor's shards as ``(offsets, sizes, rank)``, in metadata order."""
+    return [(tuple(m.shard_offsets), tuple(m.shard_sizes),
+             None if m.placement is None else m.placement._rank)
+            for m in value.metadata.shards_metadata]
+
+
+def _names_sharded_tensors(path: Path) -> bool:
+    """Whether a rank file's ``data.pkl`` names torch's ShardedTensor class: read as stored
+    bytes (``torch.save`` zips are uncompressed), nothing unpickled. Used under
+    ``trust_pickles`` only, before ``torch.load`` would fail on such a file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+            if len(pickles) != 1 or pickles[0].file_size > _MAX_DATA_PKL:
+                return False  # torch.load says what is wrong with it
+            raw = z.read(pickles[0])
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return b"torch.distributed._shard.sharded_tensor.api" in raw
 
 
 class VerlFsdpAdapterReader(VerlFsdpReader):

@@ -235,6 +235,22 @@ def _megatron_fsdp(d: Path) -> None:
         shutil.copy(Path(tmp) / "hf" / "config.json", d / "config.json")
 
 
+def _verl_fsdp1(d: Path) -> None:
+    """FSDP1 without a device mesh at W=2: ShardedTensor rank files pickled as torch writes
+    them (tests/clients/fsdp1_files.py), ``fsdp_config.json`` and ``huggingface/``."""
+    from tests.clients.fsdp1_files import fsdp1_rank_states, save_rank_file
+    from tests.fixtures import load_hf_tensors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf(Path(tmp) / "hf")
+        shutil.copytree(Path(tmp) / "hf", d / "huggingface",
+                        ignore=shutil.ignore_patterns("*.safetensors"))
+        states = fsdp1_rank_states(load_hf_tensors(Path(tmp) / "hf"), 2)
+    (d / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 1, "world_size": 2}))
+    for rank, state in enumerate(states):
+        save_rank_file(state, d / f"model_world_size_2_rank_{rank}.pt")
+
+
 SEEDS: dict[str, Callable[[Path], None]] = {
     "hf": _hf,
     "hf-sharded": _hf_sharded,
@@ -253,6 +269,7 @@ SEEDS: dict[str, Callable[[Path], None]] = {
     "torch-dcp": _from_hf("torch-dcp"),
     "verl-fsdp": _from_hf("verl-fsdp", fsdp_world_size=2),
     "megatron-fsdp": _megatron_fsdp,
+    "verl-fsdp1": _verl_fsdp1,
 }
 VERL_FSDP_RANK = "model_world_size_2_rank_1.pt"
 VERL_ADAPTER = "adapter_checkpoint/mp_rank_01_adapter.pt"
@@ -332,6 +349,9 @@ UNTRUSTED: tuple[Untrusted, ...] = (
     Untrusted("fsdp_config.json", "verl-fsdp", "fsdp_config.json", "hf", "json"),
     Untrusted("fsdp-dtensor.metadata", "megatron-fsdp", ".metadata", "hf", "pickle"),
     Untrusted("fsdp-dtensor-distcp", "megatron-fsdp", "__0_0.distcp", "hf"),
+    # FSDP1 ShardedTensor rank files: byte mutations (torch.load, which the "pickle" kind's
+    # structured edits start from, needs a process group of the saved size for these).
+    Untrusted("verl-fsdp1-rank.pt", "verl-fsdp1", VERL_FSDP_RANK, "hf"),
 )
 
 

@@ -176,20 +176,8 @@ def _refusals(written: Path, tmp_path: Path):
     target.write_bytes(_patched_pickle(tmp_path, b"placement_types\nShard",
                                        b"placement_types\nSh0rd").read_bytes())
     yield bad, "not on the allow-list"
-    bad = _bad_copy(written, tmp_path / "sharded")
-    # FSDP1 without a device mesh pickles ShardedTensors; the first GLOBAL is refused.
-    _replace_data_pkl(bad / "model_world_size_3_rank_0.pt",
-                      b"\x80\x02ctorch.distributed._shard.sharded_tensor.api\nShardedTensor"
-                      b"\nq\x00.")
-    yield bad, "holds FSDP1 ShardedTensors"
-
-
-def _replace_data_pkl(path: Path, payload: bytes) -> None:
-    with zipfile.ZipFile(path) as zin:
-        records = [(item, zin.read(item)) for item in zin.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
-        for item, data in records:
-            zout.writestr(item, payload if item.filename.endswith("/data.pkl") else data)
+    # FSDP1 ShardedTensor files (read since #14) have their own refusals:
+    # tests/unit/test_verl_fsdp_sharded_tensor.py.
 
 
 def test_bad_input_is_one_line_exit_2_and_nothing_written(written, tmp_path):

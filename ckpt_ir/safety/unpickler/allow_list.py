@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ckpt_ir import dcp_types
-from ckpt_ir.safety.unpickler import dtensor
+from ckpt_ir.safety.unpickler import dtensor, sharded_tensor
 from ckpt_ir.safety.unpickler.stand_ins import StandIn, _StandInMeta
 
 _MAX_TENSOR_DIMS = 64
@@ -492,6 +492,8 @@ def _rebuild_from_type_v2(*args: Any) -> Any:
     func, new_type, func_args, state = args
     rule = _rule_for(func)
     if rule is not None and rule.call is _rebuild_wrapper_subclass:
+        if new_type is sharded_tensor.ShardedTensorRecord:
+            return sharded_tensor.rebuild(func_args, state)
         _check(new_type is dtensor.DTensorRecord,
                "_rebuild_wrapper_subclass for a type other than DTensor")
         return _rebuild_dtensor(func_args, state)
@@ -506,6 +508,17 @@ def _rebuild_from_type_v2(*args: Any) -> Any:
         result = result.as_subclass(new_type)
     _set_safe_state(result, state)
     return result
+
+
+def _safe_getattr(*args: Any) -> Any:
+    # Protocol 2 pickles a nested class as getattr(outer, name); the one a checkpoint needs is
+    # FSDP1's ShardedTensor.ProcessGroupState. Any other getattr could reach anything.
+    if len(args) == 2 and args[0] is sharded_tensor.ShardedTensorRecord \
+            and type(args[1]) is str and args[1] == "ProcessGroupState":
+        return sharded_tensor.ProcessGroupState
+    what = ", ".join(_describe(a) if not isinstance(a, str) else repr(a[:60]) for a in args)
+    raise _Refused(f"refusing getattr({what}): only getattr(ShardedTensor, "
+                   f"'ProcessGroupState') is admitted")
 
 
 # ---- numpy --------------------------------------------------------------------------------
@@ -635,6 +648,14 @@ def _table() -> dict[tuple[str, str], _Rule]:
         rules[(module, name)] = plain(cls)
     for cls, (module, name) in dtensor.DTENSOR_TUPLES.items():
         rules[(module, name)] = _Rule(cls, new_args=lambda *a, c=cls: dtensor.make_tuple(c, a))
+    # FSDP1's ShardedTensors (verl-fsdp without a device mesh), as plain-data mirrors:
+    # ckpt_ir.safety.unpickler.sharded_tensor.
+    rules[sharded_tensor.SHARDED_TENSOR_TYPE] = _Rule(sharded_tensor.ShardedTensorRecord)
+    for cls, (module, name) in sharded_tensor.CLASSES.items():
+        rules[(module, name)] = plain(cls)
+    rules[sharded_tensor.MEM_FORMAT] = _Rule(sharded_tensor.MemFormatEncoding,
+                                             call=_enum_call(sharded_tensor.MemFormatEncoding))
+    rules[("builtins", "getattr")] = _function(_safe_getattr)
     for name, value in vars(torch).items():
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             rules[("torch", name)] = _Rule(value)

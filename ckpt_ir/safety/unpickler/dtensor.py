@@ -27,8 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = ["DTENSOR_CLASSES", "DTENSOR_TUPLES", "DTensorRecord", "DTensorSpec", "DeviceMesh",
-           "Partial", "Replicate", "Shard", "ShardOrderEntry", "StridedShard", "TensorMeta",
-           "is_sharded_tensor_global"]
+           "Partial", "Replicate", "Shard", "ShardOrderEntry", "StridedShard", "TensorMeta"]
 
 
 class _Bag:
@@ -135,8 +134,3 @@ def make_tuple(cls: type, args: tuple[Any, ...]) -> Any:
             or not all(type(v) is int for v in args[1])):
         raise ValueError("invalid ShardOrderEntry")
     return ShardOrderEntry(args[0], tuple(args[1]))
-
-
-def is_sharded_tensor_global(module: str) -> bool:
-    """FSDP1 without a device mesh pickles ``ShardedTensor`` (``torch.distributed._shard``)."""
-    return module.startswith(f"{_D}._shard.")

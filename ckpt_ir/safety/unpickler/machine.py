@@ -18,6 +18,7 @@ import torch
 
 from ckpt_ir import dcp_types
 from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from ckpt_ir.safety.unpickler import sharded_tensor
 from ckpt_ir.safety.unpickler.allow_list import (
     _MODULE_ALIASES,
     _check,
@@ -158,6 +159,9 @@ class RestrictedUnpickler(pickle._Unpickler):
             inst.state = state
             return
         cls = type(inst)
+        if cls in sharded_tensor.CLASSES:
+            sharded_tensor.set_state(inst, state)  # FSDP1 ShardedTensor parts: torch's fields
+            return
         if cls in _dict_state_types():
             if isinstance(state, tuple) and len(state) == 2 and not state[1]:
                 state = state[0]
