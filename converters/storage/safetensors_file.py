@@ -41,6 +41,7 @@ from typing import Any, Self
 
 import torch
 
+from ckpt_ir.durable import start_writeback
 from ckpt_ir.errors import (
     CorruptCheckpointError,
     DestinationExistsError,
@@ -677,6 +678,7 @@ class SafetensorsWriter:
             if at != end:
                 raise InternalError(f"tensor {name!r}: {at - start} bytes written of the "
                                     f"{end - start} declared in {self.path}")
+            start_writeback(fd, self._data_offset + start, end - start)
         except BaseException:
             # Unclaim it, so that close() reports the tensor missing if the caller goes on.
             with self._lock:

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ckpt_ir.durable import close_file
+from ckpt_ir.durable import WRITEBACK_MIN, close_file, start_writeback
 from ckpt_ir.errors import DestinationExistsError, InternalError
 from ckpt_ir.slabs import FileSlab, copy_range
 
@@ -275,6 +275,9 @@ class TorchZipWriter:
         if written != size:
             raise InternalError(f"record {name!r} of {self.path}: {written} bytes arrived for "
                                 f"a declared {size}")
+        if size >= WRITEBACK_MIN:
+            file.flush()
+            start_writeback(file.fileno(), file.tell() - size, size)
         if crc:
             end = file.tell()
             file.seek(self._base + offset + _CRC_AT)

@@ -1,5 +1,6 @@
-"""``SyncBehind``: output files are fsynced and closed behind the writing of the next ones,
-and a conversion still commits only files that are durable."""
+"""Writing behind the copy: ``SyncBehind`` fsyncs and closes output files behind the writing
+of the next ones (a conversion still commits only durable files), and ``start_writeback``
+starts the disk on ranges already written."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 import ckpt_ir
 from ckpt_ir.converters.storage import safetensors_file
-from ckpt_ir.durable import SyncBehind
+from ckpt_ir.durable import WRITEBACK_MIN, SyncBehind, start_writeback
 from ckpt_ir.errors import CheckpointError
 from tests.fixtures import TINY_LLAMA, write_hf
 
@@ -76,3 +77,24 @@ def test_a_shard_whose_fsync_fails_fails_the_conversion_and_leaves_nothing(
     assert "Input/output error" in str(info.value)
     assert not dst.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_start_writeback_is_advice_that_never_fails_or_changes_bytes(tmp_path: Path) -> None:
+    data = os.urandom(WRITEBACK_MIN) * 3
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.pwrite(fd, data, 0)
+        start_writeback(fd, 0, len(data))
+        start_writeback(fd, 100, 10)  # below the minimum: left to the fsync
+        start_writeback(fd, len(data), WRITEBACK_MIN)  # past the end: nothing to write
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    r, w = os.pipe()  # not a file: the kernel says ESPIPE, which the advice ignores
+    try:
+        start_writeback(w, 0, WRITEBACK_MIN)
+    finally:
+        os.close(r)
+        os.close(w)
