@@ -108,8 +108,10 @@ TORCHTITAN_QWEN3_MOE_ROWS: tuple[Row, ...] = (
 
 
 def mla_rope(config: ModelConfig, params: NativeParams) -> Identity:
-    """MLA's rope rows as they are: torchtitan's interleaved RoPE is transformers' with
-    ``rope_interleave`` (see the module docstring); the half-split variant is refused."""
+    """Identity (MLA's rope rows alike, rope_interleave); rope_interleave=false is refused.
+
+    torchtitan's interleaved RoPE is transformers' with ``rope_interleave`` (see the module
+    docstring); the half-split variant has no torchtitan counterpart."""
     if not config.hf.get("rope_interleave", True):
         raise FormatError("deepseek_v3 with rope_interleave=false has no torchtitan naming: "
                           "torchtitan rotates MLA's rope dims as interleaved pairs and its "
