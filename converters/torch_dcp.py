@@ -91,7 +91,9 @@ _PARENT_LEVELS = 3
 
 def _group_reason(fqn: str) -> str | None:
     for start, why in _NON_MODEL:
-        if fqn.startswith(start):
+        # A group saved as one object has the bare name (torchtitan without a dataloader
+        # saves ``dataloader`` as a pickled None).
+        if fqn.startswith(start) or fqn == start[:-1]:
             return why
     return None
 

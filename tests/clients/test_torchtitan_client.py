@@ -6,8 +6,9 @@ input, on CPU, with its own model classes, ``StateDictAdapter`` and ``Checkpoint
   (step 0: model-only, the seed-checkpoint path) into its llama3 / qwen3 / qwen3 MoE /
   deepseek_v3 model: every tensor equals what torchtitan's own ``from_hf`` makes of the HF
   weights, bit for bit, and torchtitan's forward gives transformers' logits.
-* torchtitan's ``CheckpointManager.save()`` of its model at step 5 -> ``convert --to hf``:
-  every tensor equals torchtitan's own ``to_hf`` of the model's state dict, bit for bit.
+* torchtitan's ``CheckpointManager.save()`` at step 5, after one step of its AdamW container
+  and scheduler -> ``convert --to hf``: every tensor equals torchtitan's own ``to_hf`` of the
+  model's state dict, bit for bit; the optimizer and scheduler entries are listed as dropped.
 
 Logit tolerances: dense models 1e-5 (fp32 both sides; measured ~1.5e-6). torchtitan 0.3.0's
 ``GroupedExperts`` casts tokens and expert weights to bf16 for ``torch._grouped_mm`` on every
@@ -135,7 +136,8 @@ def test_torchtitan_checkpointer_save_converts_to_its_to_hf(tmp_path: Path, arch
             for name, buf in model.named_buffers():
                 if name.endswith("expert_bias_E"):
                     buf.copy_(0.01 * torch.arange(buf.numel()))
-    assert tt.checkpointer(model, tmp_path / "checkpoint", hf, mtp=mtp).save(curr_step=5)
+    manager = tt.checkpointer(model, tmp_path / "checkpoint", hf, mtp=mtp, train=True)
+    assert manager.save(curr_step=5)
     step = tmp_path / "checkpoint" / "step-5"
     assert (step / ".metadata").is_file()
 
@@ -149,8 +151,19 @@ def test_torchtitan_checkpointer_save_converts_to_its_to_hf(tmp_path: Path, arch
         assert torch.equal(got.pop(p + "embed_tokens.weight"), want["model.embed_tokens.weight"])
         assert torch.equal(got.pop(p + "shared_head.head.weight"), want["lm_head.weight"])
     _assert_bits(want, got)
+    # Everything else is listed: AdamW's state of every parameter, the scheduler, the absent
+    # dataloader (a pickled None), and for qwen3 MoE the load-balancing bias (not an HF
+    # Qwen3-MoE weight; torchtitan's to_hf drops it silently; deepseek_v3's is
+    # e_score_correction_bias, compared above).
+    groups: dict[str, set[str]] = {}
+    for key, why in report.dropped.items():
+        groups.setdefault(key.split(".")[0], set()).add(why)
+    assert groups.pop("optimizer") == {"optimizer state"}
+    assert groups.pop("lr_scheduler") == {"learning-rate scheduler state"}
+    assert groups.pop("dataloader") == {"dataloader state"}
     biases = {k for k in report.dropped if k.endswith("moe.expert_bias_E")}
-    # Not an HF Qwen3-MoE weight: listed as dropped (torchtitan's to_hf drops it silently);
-    # deepseek_v3's is e_score_correction_bias, compared above.
     assert biases == ({"layers.0.moe.expert_bias_E", "layers.1.moe.expert_bias_E"}
                       if arch == "qwen3_moe" else set()), report.dropped
+    assert set(groups) == ({"layers"} if biases else set()), groups
+    assert sum(k.endswith(".exp_avg_sq") for k in report.dropped) == \
+        len(list(model.parameters()))

@@ -204,18 +204,37 @@ def adapter(hf_dir: Path, *, mtp: bool = False):
     return cls(titan_config(hf_dir, mtp=mtp), None)
 
 
-def checkpointer(model: torch.nn.Module, folder: Path, hf_dir: Path, *, mtp: bool = False):
+def checkpointer(model: torch.nn.Module, folder: Path, hf_dir: Path, *, mtp: bool = False,
+                 train: bool = False):
     """torchtitan's ``CheckpointManager`` for ``model`` over ``folder`` (its checkpoint folder:
-    ``step-N/`` below it). No optimizer, dataloader or scheduler: a step-0 load is model-only
-    and a save holds the model's entries only; ``interval=1`` (every step is a save step);
-    ``keep_latest_k=0`` (purging asks the process group for a rank)."""
+    ``step-N/`` below it); ``interval=1`` (every step is a save step), ``keep_latest_k=0``
+    (purging asks the process group for a rank), no dataloader.
+
+    Without ``train`` there is no optimizer or scheduler either: what a step-0 load restores
+    (model only). With ``train``, torchtitan's own AdamW container (``default_adamw``) and
+    warmup scheduler take one step first, so a save holds ``optimizer.*`` (exp_avg,
+    exp_avg_sq, step, param groups) and ``lr_scheduler.*`` beside the changed model. The
+    step's gradients are drawn at random: FlexAttention has no backward on CPU."""
     import_torchtitan()
     from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 
+    optimizers = schedulers = None
+    if train:
+        optimizers = default_adamw(lr=1e-2).build(model_parts=[model])
+        schedulers = LRSchedulersContainer.Config(warmup_steps=1).build(
+            optimizers=optimizers, training_steps=10)
+        gen = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            p.grad = 0.1 * torch.randn(p.shape, generator=gen)
+        optimizers.step()
+        schedulers.step()
+        optimizers.zero_grad()
     config = CheckpointManager.Config(enable=True, folder=str(folder), keep_latest_k=0,
                                       interval=1, initial_load_model_only=False)
-    return CheckpointManager(config, dataloader=None, model_parts=[model], optimizers=None,
-                             lr_schedulers=None, states={}, sd_adapter=adapter(hf_dir, mtp=mtp))
+    return CheckpointManager(config, dataloader=None, model_parts=[model],
+                             optimizers=optimizers, lr_schedulers=schedulers, states={},
+                             sd_adapter=adapter(hf_dir, mtp=mtp))
 
 
 @torch.no_grad()
