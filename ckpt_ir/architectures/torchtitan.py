@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.table_engine import NativeParams, Row, one
-from ckpt_ir.transforms import TENSOR, Identity, RopeInterleave, StackExperts
+from ckpt_ir.transforms import TENSOR, Identity, InterleaveExperts, RopeInterleave, StackExperts
 
 if TYPE_CHECKING:
     from ckpt_ir.ir import ModelConfig
 
 __all__ = ["ERA_KEY_RENAMES", "ERA_RENAMES", "EXPERT_BIAS", "TORCHTITAN_DEEPSEEK_V3_ROWS",
-           "TORCHTITAN_LLAMA3_ROWS", "TORCHTITAN_QWEN3_MOE_ROWS", "TORCHTITAN_QWEN3_ROWS"]
+           "TORCHTITAN_GPT_OSS_ROWS", "TORCHTITAN_LLAMA3_ROWS", "TORCHTITAN_QWEN3_MOE_ROWS",
+           "TORCHTITAN_QWEN3_ROWS"]
 
 T = "layers.{layer}."
 H = "model.layers.{layer}."
@@ -171,6 +172,41 @@ TORCHTITAN_DEEPSEEK_V3_ROWS: tuple[Row, ...] = (
     Row(_TM + "eh_proj.weight", one(_HM + "eh_proj.weight")),
     Row(_TM + "mtp_norm.weight", one(_HM + "shared_head.norm.weight")),
 )
+
+
+def interleave_gate_up(config: ModelConfig, params: NativeParams) -> InterleaveExperts:
+    """gpt-oss's ``mlp1``: each expert's gate and up rows interleaved (row ``2j`` gate ``j``,
+    ``2j + 1`` up ``j``: torchtitan's ``swiglu`` reads ``x[..., ::2]`` / ``x[..., 1::2]``),
+    output-major, experts stacked: ``[E, 2F, D]`` weights, ``[E, 2F]`` biases."""
+    return InterleaveExperts(config.num_experts, ("gate", "up"), input_major=False)
+
+
+_G = _E  # gpt-oss's inner experts: mlp1_* / mlp2_*, named by their axes since torchtitan 0.3.0
+
+TORCHTITAN_GPT_OSS_ROWS: tuple[Row, ...] = (
+    *_ends(),
+    Row(T + "attention_norm.weight", one(H + "input_layernorm.weight")),
+    *(Row(T + f"attention.qkv_linear.w{x}.{kind}", one(_S + f"{x}_proj.{kind}"))
+      for x in "qkv" for kind in ("weight", "bias")),
+    Row(_A + "wo.weight", one(_S + "o_proj.weight")),
+    Row(_A + "wo.bias", one(_S + "o_proj.bias")),
+    Row(_A + "sinks", one(_S + "sinks")),
+    Row(T + "ffn_norm.weight", one(H + "post_attention_layernorm.weight")),
+    Row(T + "moe.router.gate.weight", one(_MLP + "router.weight")),
+    Row(T + "moe.router.gate.bias", one(_MLP + "router.bias")),
+    Row(_G + "mlp1_weight_EGD", {"gate": _X3 + "gate_proj.weight", "up": _X3 + "up_proj.weight"},
+        interleave_gate_up, stack="expert"),
+    Row(_G + "mlp1_bias_EG", {"gate": _X3 + "gate_proj.bias", "up": _X3 + "up_proj.bias"},
+        interleave_gate_up, stack="expert"),
+    Row(_G + "mlp2_weight_EDF", {TENSOR: _X3 + "down_proj.weight"}, stack_experts,
+        stack="expert"),
+    Row(_G + "mlp2_bias_ED", {TENSOR: _X3 + "down_proj.bias"}, stack_experts, stack="expert"),
+)
+"""gpt-oss from torchtitan 0.3.0's model (``GptOssGroupedExperts``): its adapter maps
+``inner_experts.mlp1_weight`` etc. (names without the axis suffix, the MXFP4 ``*_blocks`` keys
+of the hub), which its own model no longer has, so its ``to_hf`` drops the routed experts; the
+rows here follow the model's parameters. RoPE is HF's rotate_half (``CosSinRoPE``): no
+permutation."""
 
 EXPERT_BIAS = T + "moe.expert_bias_E"
 """torchtitan's aux-loss-free load-balancing bias of an MoE layer (``[E]``, fp32, persistent

@@ -37,7 +37,8 @@ from torch import nn
 __all__ = ["FAMILIES", "adapter", "checkpointer", "import_torchtitan", "titan_logits",
            "titan_model"]
 
-FAMILIES = {"llama": "llama3", "qwen3": "qwen3", "qwen3_moe": "qwen3", "deepseek_v3": "deepseek_v3"}
+FAMILIES = {"llama": "llama3", "qwen3": "qwen3", "qwen3_moe": "qwen3", "deepseek_v3": "deepseek_v3",
+            "gpt_oss": "gpt_oss"}
 """HF model_type -> the torchtitan model package that has it."""
 
 _EP_KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
@@ -169,7 +170,57 @@ def _deepseek_v3(hf: dict[str, Any], mtp: bool):
     return DeepSeekV3Model.Config(**_common(hf, layers, eps=1e-5), mtp_layers=mtp)
 
 
-_BUILDERS = {"llama3": _llama3, "qwen3": _qwen3, "deepseek_v3": _deepseek_v3}
+def _gpt_oss(hf: dict[str, Any], mtp: bool):
+    import dataclasses
+
+    from torchtitan.models.common import CosSinRoPE, Linear, RMSNorm
+    from torchtitan.models.common.moe import TokenChoiceTopKRouter
+    from torchtitan.models.gpt_oss import (
+        GptOssModel,
+        _make_gptoss_attn_config,
+        _make_gptoss_experts_config,
+    )
+    from torchtitan.models.gpt_oss.model import GptOssTransformerBlock
+    from torchtitan.models.gpt_oss.moe import GptOssMoE
+
+    dim, experts, eps = hf["hidden_size"], hf["num_local_experts"], hf["rms_norm_eps"]
+    yarn = hf["rope_parameters"]
+    rope = CosSinRoPE.Config(dim=hf["head_dim"], max_seq_len=hf["max_position_embeddings"],
+                             theta=yarn["rope_theta"], scaling="yarn", rope_factor=yarn["factor"],
+                             beta_fast=yarn["beta_fast"], beta_slow=yarn["beta_slow"],
+                             truncate=yarn["truncate"],
+                             original_seq_len=yarn["original_max_position_embeddings"])
+    layers = []
+    # torchtitan's _build_gptoss_layers with the HF config's heads, window and swiglu limit
+    # (the builder fixes 64 heads, a 128-token window on even layers and limit 7).
+    for i, kind in enumerate(hf["layer_types"]):
+        attention = _make_gptoss_attn_config(
+            dim=dim, layer_id=i, attn_backend="flex", n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+            sliding_window_size=hf["sliding_window"] if kind == "sliding_attention" else None,
+            fuse_qkv=True, rope=rope)
+        routed = _make_gptoss_experts_config(
+            dim=dim, hidden_dim=hf["intermediate_size"], num_experts=experts, layer_id=i,
+            top_k=hf["num_experts_per_tok"], moe_comm_backend="standard")
+        routed = dataclasses.replace(routed, inner_experts=dataclasses.replace(
+            routed.inner_experts, swiglu_limit=hf["swiglu_limit"]))
+        router = TokenChoiceTopKRouter.Config(
+            num_experts=experts, score_func="softmax", route_norm=True,
+            top_k=hf["num_experts_per_tok"],
+            gate=Linear.Config(in_features=dim, out_features=experts, bias=True,
+                               param_init=_LINEAR))
+        layers.append(GptOssTransformerBlock.Config(
+            attention=attention,
+            attention_norm=RMSNorm.Config(normalized_shape=dim, eps=eps, param_init=_NORM),
+            ffn_norm=RMSNorm.Config(normalized_shape=dim, eps=eps, param_init=_NORM),
+            moe=GptOssMoE.Config(num_experts=experts, load_balance_coeff=1e-3,
+                                 routed_experts=routed, router=router)))
+    return GptOssModel.Config(**_common(hf, layers, eps=eps,
+                                        tied=hf.get("tie_word_embeddings", False)))
+
+
+_BUILDERS = {"llama3": _llama3, "qwen3": _qwen3, "deepseek_v3": _deepseek_v3,
+             "gpt_oss": _gpt_oss}
 
 
 def titan_config(hf_dir: Path, *, mtp: bool = False):
