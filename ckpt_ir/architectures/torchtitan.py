@@ -1,5 +1,5 @@
 """``torchtitan`` rows: HF names <-> torchtitan's model FQNs (llama3, qwen3 dense and MoE,
-deepseek_v3).
+deepseek_v3, gpt_oss).
 
 torchtitan checkpoints (``step-N/``, plain DCP) store its own modules' names. The rows here are
 its ``state_dict_adapter.py`` ``from_hf_map`` tables at ``b5bcd76`` (2026-08-21; reference
