@@ -348,6 +348,9 @@ class TorchDcpWriter:
         return None  # every rank appends its tensors to its own data file
 
     def finish_rank(self) -> list:
+        if self._zero_biases:
+            log.info("torchtitan: %d MoE layers get moe.expert_bias_E = zeros (torchtitan's "
+                     "initial value; the HF model has no routing bias)", len(self._zero_biases))
         for name in self._zero_biases:
             bias = torch.zeros(self.config.num_experts, dtype=torch.float32)
             self._file().add_tensor(name, (0,), bias)

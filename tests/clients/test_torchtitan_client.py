@@ -142,7 +142,9 @@ def test_torchtitan_checkpointer_save_converts_to_its_to_hf(tmp_path: Path, arch
     step = tmp_path / "checkpoint" / "step-5"
     assert (step / ".metadata").is_file()
 
-    report = ckpt_ir.convert(step, tmp_path / "back", to="hf", hf_config=hf)
+    # The checkpoint folder, as a user points at it: detection walks to the newest step.
+    report = ckpt_ir.convert(tmp_path / "checkpoint", tmp_path / "back", to="hf", hf_config=hf)
+    assert report.source_format == "torch-dcp"
     want = tt.adapter(hf, mtp=mtp).to_hf(dict(model.state_dict()))
     got = load_hf_tensors(tmp_path / "back")
     if mtp:
