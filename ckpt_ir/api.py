@@ -113,8 +113,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     ``model/dist_ckpt``, ``model/huggingface`` (config, tokenizer), ``transformer_config.json``
     and ``ckpt_contents.json``.
     ``torchtitan`` (``torch-dcp`` only): ``dst`` becomes a torchtitan checkpoint folder whose
-    ``step-0/`` holds the model under torchtitan's FQNs (llama3, qwen3, qwen3 MoE), what
-    torchtitan's checkpointer loads as a model-only seed checkpoint.
+    ``step-0/`` holds the model under torchtitan's FQNs (llama3, qwen3, qwen3 MoE,
+    deepseek_v3, gpt_oss), what torchtitan's checkpointer loads as a model-only seed checkpoint.
     ``fsdp_world_size`` (``verl-fsdp`` only): the number of per-rank model files, the world size
     of the FSDP job that loads them (default 1).
     ``workers``: processes that write the destination on this machine (this one and

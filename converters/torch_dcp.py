@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ckpt_ir.architectures.torchtitan import ERA_KEY_RENAMES, ERA_RENAMES
+from ckpt_ir.architectures.torchtitan import ERA_KEY_RENAMES, ERA_RENAMES, EXPERT_BIAS
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.hf import FUSED_EXPERTS_SUFFIX
 from ckpt_ir.converters.storage.dcp_files import DcpDataFile, DcpReader, write_metadata
@@ -77,22 +77,33 @@ _NON_MODEL = (
     ("train_state.", "training state (step, tokens seen)"),
     ("extra.", "extra training state"),
 )
-# torchtitan's MoE keeps load-balancing buffers in the model state dict; they are not weights.
+# torchtitan's MoE keeps load-balancing buffers in the model state dict (older versions the
+# token counter too). The bias is a weight where the family has a row for it (deepseek_v3's
+# e_score_correction_bias); otherwise both are training state, dropped as torchtitan's to_hf
+# drops them. Matched on the key in the current spelling (``expert_bias_E``).
 _TORCHTITAN_BUFFERS = ((".moe.tokens_per_expert", "torchtitan MoE token counter buffer"),
-                       (".moe.expert_bias", "torchtitan MoE load-balancing bias buffer"))
+                       (".moe.tokens_per_expert_E", "torchtitan MoE token counter buffer"),
+                       (".moe.expert_bias_E", "torchtitan MoE load-balancing bias buffer (the "
+                        "HF model has no routing bias; torchtitan's to_hf drops it too)"))
 _PREFIXES = ("", "model.")
 _PARENT_LEVELS = 3
 
 
 def _group_reason(fqn: str) -> str | None:
     for start, why in _NON_MODEL:
-        if fqn.startswith(start):
+        # A group saved as one object has the bare name (torchtitan without a dataloader
+        # saves ``dataloader`` as a pickled None).
+        if fqn.startswith(start) or fqn == start[:-1]:
             return why
     return None
 
 
-def _torchtitan_name(fqn: str) -> str:
-    """A torchtitan key in the current spelling (older checkpoints' names renamed)."""
+def _torchtitan_name(fqn: str, natives: frozenset[str]) -> str:
+    """A torchtitan key in the current spelling (older checkpoints' names renamed). A key the
+    family's table has is current as it is: deepseek_v3's MLA keeps ``attention.wq``, the
+    name llama3 / qwen3 used before #2878."""
+    if fqn in natives:
+        return fqn
     name = ERA_KEY_RENAMES.get(fqn, fqn)
     for old, new in ERA_RENAMES:
         if old in name and new not in name:
@@ -117,6 +128,7 @@ class TorchDcpReader:
         self._specs: dict[str, TensorSpec] = {}
         self._dropped: dict[str, str] = {}
         self._notes: list[str] = []
+        self._table_natives: frozenset[str] = frozenset()
         self.naming, self.prefix = self._choose_keys()
         self._collect()
         # A live transformers 5 MoE model holds its experts fused (gate_up_proj / down_proj),
@@ -149,14 +161,16 @@ class TorchDcpReader:
         """The (naming, prefix) whose table names the most tensors of ``.metadata``."""
         keys = set(self._dcp.index.tensors)
         best: tuple[int, str, str] = (0, "hf", "")
+        tables: dict[str, frozenset[str]] = {}
         for naming in ("hf", "torchtitan"):
             try:
                 natives = [b.native for b in build_table(naming, self.config).bindings]
             except CheckpointError:
-                continue  # no torchtitan rows for this architecture
+                continue  # no torchtitan rows for this architecture (or this config of it)
+            tables[naming] = frozenset(natives)
             for prefix in _PREFIXES if naming == "hf" else ("",):
                 if naming == "torchtitan":
-                    present = {_torchtitan_name(k) for k in keys}
+                    present = {_torchtitan_name(k, tables[naming]) for k in keys}
                 else:
                     present = {k[len(prefix):] for k in keys if k.startswith(prefix)}
                 score = sum(1 for n in natives if n in present)
@@ -168,6 +182,7 @@ class TorchDcpReader:
                 f"{self.path}: no tensor of this DCP checkpoint is a {self.config.architecture} "
                 f"weight under HF names (bare or under 'model.') or torchtitan's names "
                 f"(found {sample}, ...)", path=self.path)
+        self._table_natives = tables[best[1]]
         return best[1], best[2]
 
     def _collect(self) -> None:
@@ -179,7 +194,7 @@ class TorchDcpReader:
                 continue
             name = fqn[len(self.prefix):]
             if self.naming == "torchtitan":
-                name = _torchtitan_name(name)
+                name = _torchtitan_name(name, self._table_natives)
             if name in self._natives:
                 raise FormatError(f"{self.path}: keys {self._natives[name]!r} and {fqn!r} are "
                                   f"both {name!r} (two torchtitan key schemes in one checkpoint)",
@@ -199,7 +214,9 @@ class TorchDcpReader:
             return None
         why = _group_reason(fqn)
         if why is None and self.naming == "torchtitan":
-            why = next((w for s, w in _TORCHTITAN_BUFFERS if fqn.endswith(s)), None)
+            name = _torchtitan_name(fqn, self._table_natives)
+            if name not in self._table_natives:
+                why = next((w for s, w in _TORCHTITAN_BUFFERS if name.endswith(s)), None)
         return why
 
     # -- Reader protocol ----------------------------------------------------------------------
@@ -273,6 +290,19 @@ class TorchDcpWriter:
         self._specs: dict[str, TensorSpec] = {}
         self._data: DcpDataFile | None = None
         self._dtypes: set[torch.dtype] = set()
+        self._zero_biases = self._torchtitan_zero_biases() if options.torchtitan else ()
+
+    def _torchtitan_zero_biases(self) -> tuple[str, ...]:
+        """torchtitan's ``moe.expert_bias_E`` of each MoE layer that the family's table does
+        not map (qwen3 MoE): torchtitan's model asks for it when load balancing is on, and
+        ``dcp.load`` refuses a missing key; zeros are its initial value and the routing the HF
+        model computes. Written once, by the first process."""
+        if not self.config.num_experts or self.options.rank != 0:
+            return ()
+        mapped = {b.native for b in build_table("torchtitan", self.config).bindings}
+        names = (EXPERT_BIAS.format(layer=i) for i in range(self.config.num_layers)
+                 if self.config.is_moe_layer(i))
+        return tuple(n for n in names if n not in mapped)
 
     @classmethod
     def naming_for(cls, options: WriteOptions) -> str:
@@ -318,6 +348,13 @@ class TorchDcpWriter:
         return None  # every rank appends its tensors to its own data file
 
     def finish_rank(self) -> list:
+        if self._zero_biases:
+            log.info("torchtitan: %d MoE layers get moe.expert_bias_E = zeros (torchtitan's "
+                     "initial value; the HF model has no routing bias)", len(self._zero_biases))
+        for name in self._zero_biases:
+            bias = torch.zeros(self.config.num_experts, dtype=torch.float32)
+            self._file().add_tensor(name, (0,), bias)
+            self._globals[name] = (tuple(bias.shape), bias.dtype)
         records = self._file().close(fsync=True)
         self._data = None
         return records

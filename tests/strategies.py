@@ -216,8 +216,8 @@ def moe_lora_configs(draw: st.DrawFn, hf: dict[str, Any]) -> dict[str, Any]:
 
 
 @st.composite
-def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
-                ) -> dict[str, Any]:
+def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6,
+                archs: tuple[str, ...] = MOE_ARCHITECTURES) -> dict[str, Any]:
     """Small HF config dicts for mixtral / qwen2_moe / qwen3_moe / deepseek_v3 / glm4_moe and
     deepseek_v3's relatives (glm4_moe_lite, deepseek_v32, glm_moe_dsa).
 
@@ -226,9 +226,9 @@ def moe_configs(draw: st.DrawFn, *, max_layers: int = 3, max_experts: int = 6
     (Qwen ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek ``first_k_dense_replace``,
     so stacks are homogeneous or not), DeepSeek with and without q-LoRA and with 0 or 1 MTP
     layer, Qwen2-MoE with and without q/k/v biases, GLM-4.5 with and without q/k/v biases and
-    QK norm (0 or 1 MTP layer), tied and untied embeddings.
+    QK norm (0 or 1 MTP layer), tied and untied embeddings. ``archs``: the families drawn from.
     """
-    arch = draw(st.sampled_from(MOE_ARCHITECTURES))
+    arch = draw(st.sampled_from(archs))
     layers = draw(st.integers(1, max_layers))
     experts = draw(st.integers(1, max_experts))
     hidden = draw(st.sampled_from([16, 24]))

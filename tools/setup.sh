@@ -37,5 +37,11 @@ step "installing ckpt-ir and its test dependencies (pinned by constraints.txt)"
 step "installing verl 0.9.1 and the few modules its checkpoint manager imports (--no-deps)"
 "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt verl omegaconf \
   antlr4-python3-runtime tensordict pyvers cloudpickle orjson importlib_metadata zipp
+# torchtitan's models, state-dict adapters and checkpointer for the torchtitan client tests,
+# without its training requirements (datasets, torchdata, wandb, tensorboard, which the models
+# and the checkpointer never import): --no-deps, each package pinned by constraints.txt.
+step "installing torchtitan 0.3.0 and the few modules its models and checkpointer import (--no-deps)"
+"$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt torchtitan spmd_types tyro \
+  docstring_parser
 echo "$want" > "$stamp"
 step "done"

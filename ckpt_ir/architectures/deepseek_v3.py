@@ -47,6 +47,7 @@ from ckpt_ir.architectures.record import (
     hf_int,
     megatron_arg,
 )
+from ckpt_ir.architectures.torchtitan import TORCHTITAN_DEEPSEEK_V3_ROWS
 from ckpt_ir.errors import FormatError
 from ckpt_ir.layout import Partition
 from ckpt_ir.table_engine import Row, one
@@ -235,6 +236,7 @@ def _from_megatron(args: Mapping[str, Any], moe: MegatronMoe) -> dict[str, Any]:
 
 DEEPSEEK_V3 = Architecture(
     "deepseek_v3", "DeepseekV3",
-    {"mcore": DEEPSEEK_V3_MCORE_ROWS, "hf": (*fused_hf_rows(NAMES), *MTP_HF_COPY_ROWS)},
+    {"mcore": DEEPSEEK_V3_MCORE_ROWS, "hf": (*fused_hf_rows(NAMES), *MTP_HF_COPY_ROWS),
+     "torchtitan": TORCHTITAN_DEEPSEEK_V3_ROWS},
     moe=NAMES, hf_fields=_hf_fields, mla=True, check_moe=_check, megatron_moe=_router,
     hf_moe_from_megatron=_from_megatron, megatron_guess=(0, ("multi_latent_attention",)))

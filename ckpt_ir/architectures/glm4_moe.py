@@ -220,5 +220,7 @@ GLM4_MOE = Architecture(
 
 GLM4_MOE_LITE = dataclasses.replace(
     DEEPSEEK_V3, name="glm4_moe_lite", hf_class="Glm4MoeLite", hf_fields=_lite_fields,
+    # deepseek_v3's tables less its torchtitan naming: torchtitan has no GLM model.
+    tables={k: v for k, v in DEEPSEEK_V3.tables.items() if k != "torchtitan"},
     check_moe=_check, megatron_moe=sigmoid_router(1, 1, 1.8),
     hf_moe_from_megatron=_lite_from_megatron, megatron_guess=None)

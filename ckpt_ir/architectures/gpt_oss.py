@@ -76,6 +76,7 @@ from ckpt_ir.architectures.record import (
     megatron_arg,
 )
 from ckpt_ir.architectures.schema import attention_schema, head_schema
+from ckpt_ir.architectures.torchtitan import TORCHTITAN_GPT_OSS_ROWS
 from ckpt_ir.errors import FormatError, MissingConfigError
 from ckpt_ir.layout import Partition
 from ckpt_ir.table_engine import NativeParams, Row, one
@@ -383,7 +384,8 @@ def _from_megatron(args: Mapping[str, Any], moe: MegatronMoe) -> dict[str, Any]:
 # No megatron_guess: bare Megatron arguments with add_bias_linear are refused (they name no
 # family); arguments named gpt_oss read back through hf_moe_from_megatron.
 GPT_OSS = Architecture(
-    "gpt_oss", "GptOss", {"mcore": MCORE_ROWS, "hf": HF_ROWS}, moe=NAMES,
+    "gpt_oss", "GptOss",
+    {"mcore": MCORE_ROWS, "hf": HF_ROWS, "torchtitan": TORCHTITAN_GPT_OSS_ROWS}, moe=NAMES,
     schema=gpt_oss_schema, hf_fields=_hf_fields, qkv_bias=_qkv_bias,
     attention_bias_refused=False, check_moe=_check, megatron_extra=_megatron,
     hf_moe_from_megatron=_from_megatron, expert_biases=True)

@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tokenizer, transformer_config.json, ckpt_contents.json")
     p.add_argument("--torchtitan", action="store_true",
                    help="with --to torch-dcp: write DST as a torchtitan checkpoint folder "
-                        "(step-0/ with torchtitan's model FQNs; llama3, qwen3, qwen3 MoE)")
+                        "(step-0/ with torchtitan's model FQNs; llama3, qwen3, qwen3 MoE, "
+                        "deepseek_v3, gpt_oss)")
     p.add_argument("--world-size", type=int, metavar="N", dest="fsdp_world_size",
                    help="with --to verl-fsdp: write N model_world_size_N_rank_R.pt files, for "
                         "an FSDP job of N ranks (default 1)")

@@ -350,7 +350,9 @@ def test_air_has_no_qk_norm_rows() -> None:
 def test_glm_4_7_flash_is_deepseek_v3_rows_with_glm_routing() -> None:
     cfg = ModelConfig.from_hf(GLM_47_FLASH)
     assert cfg.moe_layers == tuple(range(1, 47))
-    assert lookup("glm4_moe_lite").tables == lookup("deepseek_v3").tables
+    # deepseek_v3's rows, less the torchtitan naming (torchtitan has no GLM model).
+    assert lookup("glm4_moe_lite").tables == {
+        k: v for k, v in lookup("deepseek_v3").tables.items() if k != "torchtitan"}
     tc = megatron_args(GLM_47_FLASH).transformer_config
     assert tc["moe_router_topk_scaling_factor"] == 1.8
     assert "moe_router_num_groups" not in tc
