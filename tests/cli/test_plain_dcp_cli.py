@@ -22,6 +22,7 @@ import pytest
 
 from ckpt_ir.detect import describe_entry, resolve
 from ckpt_ir.probes import is_dist_dir, is_plain_dcp_dir
+from tests.clients.mcore_harness import free_port
 from tests.fixtures import tree_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +93,7 @@ def _save(script: str, out: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def plain_dcp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("plain_dcp")
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())  # a fixed scheme collides with other test processes' groups
     return {"fsdp2": _save(_FSDP2_SAVE, root / "fsdp2", port),
             "torchtitan": _save(_TITAN_SAVE, root / "torchtitan")}
 
