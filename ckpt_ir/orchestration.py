@@ -19,10 +19,9 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.capabilities import LayoutReader, SlabWriter
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError
@@ -33,6 +32,9 @@ from ckpt_ir.options import WriteOptions
 from ckpt_ir.planner import DestView, Plan, SourceView, make_plan
 from ckpt_ir.probes import verl_fsdp_key_kinds
 from ckpt_ir.quantization import is_fp8_linear, target_quantization
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["LayoutRequest", "Report", "Source", "adapter_source", "carried_notes", "is_checkpoint",
            "open_adapter_reader", "open_reader", "parse_size", "plan_conversion",
@@ -296,7 +298,7 @@ def plan_conversion(reader, to: str, options: WriteOptions) -> tuple[Plan, type]
         # and a block's amax and scale come from the values before any rounding.
         quant = target_quantization(reader.config.hf)
         plan = dataclasses.replace(plan, dest_specs=tuple(
-            TensorSpec(s.name, s.shape, torch.float32)
+            TensorSpec(s.name, s.shape, dtypes.FLOAT32)
             if s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant) else s
             for s in plan.dest_specs))
     return plan, writer_cls
