@@ -10,16 +10,13 @@ the only lists of their values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ckpt_ir.adapters import AdapterConfig, LoraLayout
 from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import FormatError, InternalError
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.tables import NativeParams
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["EXPERT_LAYOUTS", "HF_EXPERT_LAYOUTS", "MCORE_SPECS", "QUANTIZE_METHODS",
            "AdapterTarget", "ExpertLayout", "HfExperts", "McoreSpec", "Quantize", "VerlTree",

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckpt_ir import dtypes
 from ckpt_ir.capabilities import LayoutReader, SlabWriter
@@ -32,9 +32,6 @@ from ckpt_ir.options import WriteOptions
 from ckpt_ir.planner import DestView, Plan, SourceView, make_plan
 from ckpt_ir.probes import verl_fsdp_key_kinds
 from ckpt_ir.quantization import is_fp8_linear, target_quantization
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["LayoutRequest", "Report", "Source", "adapter_source", "carried_notes", "is_checkpoint",
            "open_adapter_reader", "open_reader", "parse_size", "plan_conversion",

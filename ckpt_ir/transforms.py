@@ -14,6 +14,10 @@ row-major pieces (views of the parts where possible). A writer that streams (``w
 puts them on disk one after another, so a fused QKV or ``[gate; up]`` never exists in memory;
 ``torch.cat([s.reshape(-1) for s in slabs(parts)])`` equals ``apply(parts).reshape(-1)`` bit
 for bit, a property test beside the inverse one.
+
+torch is imported inside the methods that touch tensors, not here: the architecture records
+are built from transforms, and planning (``shapes``; ``ckpt-ir inspect``) must not pay for
+``import torch`` (tests/cli/test_startup_imports.py).
 """
 
 from __future__ import annotations
