@@ -22,10 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.adapters import (
     LORA_STYLES,
     MEGATRON_GROUPS,
@@ -35,8 +34,8 @@ from ckpt_ir.adapters import (
 )
 from ckpt_ir.capabilities import AlphaSourceReader
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve_adapter
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import CheckpointError, FormatError, PlanError
-from ckpt_ir.executor import write_checkpoint
 from ckpt_ir.formats import (
     ADAPTER_FORMATS,
     adapter_reader_class,
@@ -44,7 +43,7 @@ from ckpt_ir.formats import (
     spec,
     writer_class,
 )
-from ckpt_ir.ir import Checkpoint, dtype_name, parse_dtype
+from ckpt_ir.ir import Checkpoint, dtype_name
 from ckpt_ir.options import AdapterTarget, WriteOptions
 from ckpt_ir.orchestration import (
     Report,
@@ -61,6 +60,9 @@ from ckpt_ir.orchestration import (
 from ckpt_ir.planner import DestView, Plan, SourceView, ir_view, make_plan
 from ckpt_ir.tables import Binding, Table, build_table
 from ckpt_ir.transforms import MergeLora, lora_roles, same_bits
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AdapterCheckpoint", "AdapterReport", "adapter_conversion", "adapter_source",
            "convert_adapter",
@@ -241,7 +243,7 @@ def adapter_conversion(src: str | os.PathLike, to: str, source_format: str | Non
 def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                     source_format: str | None = None,
                     hf_config: str | os.PathLike | None = None,
-                    dtype: str | torch.dtype | None = None, overwrite: bool = False,
+                    dtype: str | DType | torch.dtype | None = None, overwrite: bool = False,
                     dry_run: bool = False, trust_pickles: bool = False,
                     lora_alpha: float | None = None, lora_style: str | None = None,
                     layout: Any = None, progress: Callable[[int, int], None] | None = None,
@@ -257,6 +259,8 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
     ``resolved``: where :func:`ckpt_ir.orchestration.resolve_source` found the adapter, so
     ``src`` is not resolved again.
     """
+    from ckpt_ir.executor import write_checkpoint
+
     started = time.perf_counter()
     if options:
         raise FormatError(f"unknown option(s): {', '.join(sorted(options))}")
@@ -295,7 +299,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
                 lora, lora_notes = plan_lora_layout(adapter, style=style, shared_groups=shared,
                                                     rank_multiple=multiple)
                 notes.extend(lora_notes)
-        wopts = WriteOptions(dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
+        wopts = WriteOptions(dtype=dtypes.resolve(dtype),
                              trust_pickles=trust_pickles, layout=dest_layout,
                              adapter=AdapterTarget(adapter, lora))
         source = dataclasses.replace(SourceView.of(reader), dropped=source_plan.dropped)
@@ -330,7 +334,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
 
 def extract_adapter(src: str | os.PathLike, dst: str | os.PathLike, *,
                     lora_alpha: float | None = None, hf_config: str | os.PathLike | None = None,
-                    dtype: str | torch.dtype | None = None, overwrite: bool = False,
+                    dtype: str | DType | torch.dtype | None = None, overwrite: bool = False,
                     dry_run: bool = False, trust_pickles: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> AdapterReport:
     """Write the LoRA adapter held by ``src`` (any checkpoint with adapters: a PEFT directory,
@@ -407,7 +411,7 @@ def _union(*tables: Table) -> Table:
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike,
                   *, to: str = "hf", hf_config: str | os.PathLike | None = None,
-                  lora_alpha: float | None = None, dtype: str | torch.dtype | None = None,
+                  lora_alpha: float | None = None, dtype: str | DType | torch.dtype | None = None,
                   pad_vocab_to_multiple: int | None = None, max_shard_size: int | str = "5GB",
                   mcore_spec: str = "any", overwrite: bool = False, dry_run: bool = False,
                   trust_pickles: bool = False,
@@ -422,6 +426,8 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
 
         ckpt_ir.merge_adapter("Qwen3-8B", "adapter-hf", "merged", to="hf")
     """
+    from ckpt_ir.executor import write_checkpoint
+
     started = time.perf_counter()
     if to not in ("hf", "mcore-dist"):
         raise FormatError(f"merge-adapter writes hf or mcore-dist, not {to!r}")
@@ -438,14 +444,14 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dst: str 
             base_config=config, peft_export=ad_resolved.peft_export)
         ad_config: AdapterConfig = ad_reader.adapter
         if dtype is None:
-            dtypes = {s.dtype for s in base_reader.tensors().values()
+            floats = {s.dtype for s in base_reader.tensors().values()
                       if s.dtype.is_floating_point}
-            if len(dtypes) != 1:
-                raise PlanError([f"the base model mixes dtypes {sorted(map(dtype_name, dtypes))}; "
+            if len(floats) != 1:
+                raise PlanError([f"the base model mixes dtypes {sorted(map(dtype_name, floats))}; "
                                  "pass dtype (--dtype) for the merged weights"])
-            out_dtype = dtypes.pop()
+            out_dtype = floats.pop()
         else:
-            out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+            out_dtype = dtypes.resolve(dtype)
         wopts = WriteOptions(dtype=out_dtype, pad_vocab_to_multiple=pad_vocab_to_multiple,
                              max_shard_bytes=parse_size(max_shard_size),
                              trust_pickles=trust_pickles, mcore_spec=mcore_spec)

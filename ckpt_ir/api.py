@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.adapter_api import convert_adapter
 from ckpt_ir.capabilities import MaybeEmptyReader
 from ckpt_ir.detect import resolve
 from ckpt_ir.distributed import env_world, run_distributed
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import FormatError
 from ckpt_ir.executor import write_checkpoint
-from ckpt_ir.ir import Checkpoint, parse_dtype
+from ckpt_ir.ir import Checkpoint
 from ckpt_ir.options import VerlTree, WriteOptions
 from ckpt_ir.orchestration import (
     LayoutRequest,
@@ -73,7 +75,7 @@ def open(src: str | os.PathLike, format: str | None = None, *,
         out = binding.transform.inverse(reader.read(binding.native))[role]
         # In the dtype ``tensors`` lists: a dequantizing reader computes in float32 and leaves
         # the one rounding to its consumer.
-        dtype = plan.ir_specs[name].dtype
+        dtype = plan.ir_specs[name].dtype.torch
         return out if out.dtype == dtype else out.to(dtype)
 
     return Checkpoint(format=reader.format, path=str(resolved.path), config=reader.config,
@@ -83,7 +85,8 @@ def open(src: str | os.PathLike, format: str | None = None, *,
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
             source_format: str | None = None, hf_config: str | os.PathLike | None = None,
-            dtype: str | torch.dtype | None = None, pad_vocab_to_multiple: int | None = None,
+            dtype: str | DType | torch.dtype | None = None,
+            pad_vocab_to_multiple: int | None = None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, dry_run: bool = False,
             trust_pickles: bool = False, mcore_spec: str = "any",
             progress: Callable[[int, int], None] | None = None,
@@ -154,7 +157,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         raise FormatError(f"quantize (--quantize) writes hf, not {to}")
     started = time.perf_counter()
     wopts = WriteOptions(
-        dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
+        dtype=dtypes.resolve(dtype),
         pad_vocab_to_multiple=pad_vocab_to_multiple,
         max_shard_bytes=parse_size(max_shard_size),
         trust_pickles=trust_pickles, mcore_spec=mcore_spec, hf_experts=hf_experts,

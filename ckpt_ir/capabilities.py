@@ -15,11 +15,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-import torch
-
 from ckpt_ir.slabs import FileSlab
 
 if TYPE_CHECKING:
+    import torch
+
     from ckpt_ir.layout import ParallelLayout
 
 __all__ = ["AlphaSourceReader", "FileSlabWriter", "LayoutReader", "LocatingReader",

@@ -90,22 +90,23 @@ def _run_unit(unit: Unit, reader, writer, specs: dict[str, TensorSpec], write_sl
     for b in unit.targets:
         blocks = {role: ir[name] for role, name in b.ir.items()}
         spec = specs[b.native]
+        dtype = spec.dtype.torch  # planned as a DType; the tensors' side of the boundary
         if b.transform.arithmetic:
-            blocks = {role: tuple(_widened(t, spec.dtype) for t in rows)
+            blocks = {role: tuple(_widened(t, dtype) for t in rows)
                       for role, rows in blocks.items()}
         if write_slabs is not None:
             shape = b.transform.shapes({role: rows_shape(rows) for role, rows in blocks.items()})
             if tuple(shape) != spec.shape:
                 raise InternalError(f"{b.native}: parts make shape {tuple(shape)}, "
                                     f"planned {spec.shape}")
-            slabs = _cast(b.transform.row_slabs(blocks), spec.dtype)
+            slabs = _cast(b.transform.row_slabs(blocks), dtype)
             if file_slab is not None:
                 slabs = (file_slab(t) or t for t in slabs)
             write_slabs(b.native, slabs)
             continue
         out = b.transform.apply({role: join_rows(rows) for role, rows in blocks.items()})
-        if out.dtype != spec.dtype:
-            out = out.to(spec.dtype)
+        if out.dtype != dtype:
+            out = out.to(dtype)
         if tuple(out.shape) != spec.shape:
             raise InternalError(f"{b.native}: produced shape {tuple(out.shape)}, "
                                 f"planned {spec.shape}")

@@ -6,7 +6,7 @@ gate/up, one tensor per expert. Each has a global shape and dtype; the data stay
 files until a plan asks for it. How a format lays these tensors out physically (fused QKV, stacked
 layers, TP shards, padded vocab) is described by the mapping tables in :mod:`ckpt_ir.tables`.
 
-This module imports torch only for dtypes; it does no I/O.
+This module does no I/O and imports no torch: dtypes are :class:`ckpt_ir.dtypes.DType`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.architectures import ARCHITECTURES, MOE_NAMES, architecture, lookup
 from ckpt_ir.architectures.record import MAX_LAYER_EXPERTS, MoeNames, hf_int
 from ckpt_ir.architectures.schema import decoder_schema
 from ckpt_ir.errors import FormatError
 from ckpt_ir.quantization import DEQUANTIZED_FROM
+
+if TYPE_CHECKING:
+    import torch
 
 # ARCHITECTURES, MOE_NAMES, MoeNames and MAX_LAYER_EXPERTS live with the architecture records
 # (ckpt_ir.architectures); they stay importable from here.
@@ -33,25 +35,14 @@ __all__ = ["ARCHITECTURES", "MAX_LAYER_EXPERTS", "MOE_NAMES", "Checkpoint", "Mod
 
 Shape = tuple[int, ...]
 
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp64": torch.float64, "float64": torch.float64,
-}
+def parse_dtype(name: str) -> dtypes.DType:
+    """``"bf16"`` / ``"bfloat16"`` / ``"torch.bfloat16"`` -> :data:`ckpt_ir.dtypes.BFLOAT16`."""
+    return dtypes.parse(name)
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bf16"`` / ``"bfloat16"`` / ``"torch.bfloat16"`` -> ``torch.bfloat16``."""
-    key = name.removeprefix("torch.").lower()
-    if key not in _DTYPE_NAMES:
-        raise FormatError(f"unknown dtype {name!r}; expected one of bf16, fp16, fp32")
-    return _DTYPE_NAMES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling HF configs use)."""
-    return str(dtype).removeprefix("torch.")
+def dtype_name(dtype: dtypes.DType) -> str:
+    """:data:`~ckpt_ir.dtypes.BFLOAT16` -> ``"bfloat16"`` (the spelling HF configs use)."""
+    return dtype.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +51,7 @@ class TensorSpec:
 
     name: str
     shape: Shape
-    dtype: torch.dtype
+    dtype: dtypes.DType
 
     @property
     def numel(self) -> int:
@@ -306,7 +297,7 @@ class ModelConfig:
         record = lookup(self.architecture)
         return (record.schema if record is not None else decoder_schema)(self)
 
-    def to_hf_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    def to_hf_dict(self, *, dtype: dtypes.DType | None = None) -> dict[str, Any]:
         """The HF config.json content, with ``dtype`` updated when the weights were cast.
 
         A source's ``quantization_config`` is renamed ``ckpt_ir_dequantized_from``: ckpt-ir

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from ckpt_ir.errors import IncompatibleLayoutError
 
 if TYPE_CHECKING:
+    import torch
+
     from ckpt_ir.ir import ModelConfig
 
 __all__ = ["ParallelLayout", "Partition", "Placement", "shard", "shard_shape", "unshard",
@@ -64,6 +64,8 @@ def shard(tensor: torch.Tensor, partition: Partition, tp: int, *,
 
     ``blocks`` gives the row count of each block of a ``BLOCKS`` tensor (in the global layout).
     """
+    import torch
+
     if tp == 1 or partition is Partition.REPLICATED:
         return [tensor] * tp
     if partition is Partition.ROW:
@@ -84,6 +86,8 @@ def shard(tensor: torch.Tensor, partition: Partition, tp: int, *,
 def unshard(pieces: Sequence[torch.Tensor], partition: Partition, *,
             blocks: Sequence[int] | None = None) -> torch.Tensor:
     """Inverse of :func:`shard` (``blocks`` as given to it)."""
+    import torch
+
     tp = len(pieces)
     if tp == 1 or partition is Partition.REPLICATED:
         return pieces[0]

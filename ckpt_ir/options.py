@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from ckpt_ir.adapters import AdapterConfig, LoraLayout
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import FormatError, InternalError
 from ckpt_ir.layout import ParallelLayout
 from ckpt_ir.tables import NativeParams
@@ -76,7 +75,7 @@ class WriteOptions:
     reader is opened.
     """
 
-    dtype: torch.dtype | None = None
+    dtype: DType | None = None
     pad_vocab_to_multiple: int | None = None
     max_shard_bytes: int = 5 * 1000**3
     trust_pickles: bool = False

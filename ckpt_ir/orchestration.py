@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.capabilities import LayoutReader, SlabWriter
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError
@@ -296,7 +295,7 @@ def plan_conversion(reader, to: str, options: WriteOptions) -> tuple[Plan, type]
         # and a block's amax and scale come from the values before any rounding.
         quant = target_quantization(reader.config.hf)
         plan = dataclasses.replace(plan, dest_specs=tuple(
-            TensorSpec(s.name, s.shape, torch.float32)
+            TensorSpec(s.name, s.shape, dtypes.FLOAT32)
             if s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant) else s
             for s in plan.dest_specs))
     return plan, writer_cls

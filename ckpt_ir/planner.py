@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ckpt_ir.architectures import lookup
 from ckpt_ir.architectures.vision import part_problem
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import PlanError
 from ckpt_ir.ir import ModelConfig, Shape, TensorSpec, dtype_name
 from ckpt_ir.tables import Binding, NativeParams, Table, build_table
@@ -187,7 +186,7 @@ def _check_parts(config: ModelConfig, src: Table, tensors: Mapping[str, TensorSp
 
 
 def make_plan(source: SourceView, dest: DestView, config: ModelConfig, *,
-              dtype: torch.dtype | None = None, schema: Mapping[str, Shape] | None = None,
+              dtype: DType | None = None, schema: Mapping[str, Shape] | None = None,
               streams: bool = False, notes: tuple[str, ...] = ()) -> Plan:
     """Build and validate the plan; raises :class:`PlanError` listing every problem.
 

@@ -30,17 +30,19 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEQUANTIZED_FROM", "FP8_DTYPE", "FP8_MAX", "MXFP4_GROUP", "Quantization",
            "dequantize_fp8", "dequantize_mxfp4", "fp8_scale_grid", "is_fp8_linear", "mxfp4_shape",
            "parse_quantization", "quantize_fp8", "scale_to_float32", "target_quantization"]
 
-FP8_DTYPE = torch.float8_e4m3fn
+FP8_DTYPE = dtypes.FLOAT8_E4M3FN
 FP8_MAX = 448.0
 """The largest finite e4m3fn value: a block's amax maps onto it."""
 DEQUANTIZED_FROM = "ckpt_ir_dequantized_from"
@@ -177,6 +179,8 @@ def fp8_scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int,
 def scale_to_float32(scale: torch.Tensor) -> torch.Tensor:
     """Scales as float32: uint8 / float8_e8m0fnu bytes are E8M0 exponents (``2**(b - 127)``);
     bf16 / fp16 / fp32 widen exactly."""
+    import torch
+
     if scale.dtype == torch.uint8:
         return torch.ldexp(torch.ones(scale.shape, dtype=torch.float32),
                            scale.to(torch.int32) - 127)
@@ -193,6 +197,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor,
     per-column scales: nothing beyond the float32 result is weight-sized (3.5x faster here
     than widening and multiplying block by block).
     """
+    import torch
+
     if weight.dim() != 2:
         raise FormatError(f"a block-FP8 weight must be 2-D, not {list(weight.shape)}")
     grid = fp8_scale_grid(tuple(weight.shape), block)
@@ -213,13 +219,15 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128), *,
     """``(W_fp8, weight_scale_inv)`` of a 2-D weight, per block: ``S = amax / 448`` over the
     block's real elements (1 when they are all zero; rounded up to a power of two with
     ``ue8m0``), ``W_fp8 = clamp(W / S, -448, 448)`` computed in float32."""
+    import torch
+
     if weight.dim() != 2:
         raise FormatError(f"only 2-D weights are block-quantized, not {list(weight.shape)}")
     rows, cols = weight.shape
     grid = fp8_scale_grid((rows, cols), block)
     br, bc = block
     scale = torch.empty(grid, dtype=torch.float32)
-    q = torch.empty((rows, cols), dtype=FP8_DTYPE)
+    q = torch.empty((rows, cols), dtype=FP8_DTYPE.torch)
     for i in range(grid[0]):
         r0, r1 = i * br, min(rows, (i + 1) * br)
         w = weight[r0:r1].to(torch.float32)
@@ -232,7 +240,7 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128), *,
         s = torch.where(amax > 0, s, torch.ones_like(s))
         scale[i] = s
         per_col = s.repeat_interleave(bc)[:cols]
-        q[r0:r1] = torch.clamp(w / per_col, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        q[r0:r1] = torch.clamp(w / per_col, -FP8_MAX, FP8_MAX).to(FP8_DTYPE.torch)
     return q, scale
 
 
@@ -247,7 +255,7 @@ def mxfp4_shape(blocks: tuple[int, ...], scales: tuple[int, ...]) -> tuple[int, 
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
-                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     dtype: dtypes.DType = dtypes.BFLOAT16) -> torch.Tensor:
     """``[..., R, G, 16]`` E2M1 bytes and ``[..., R, G]`` E8M0 scales as ``[..., 32 G, R]``
     (transposed on the last two axes, transformers' bf16 layout), in ``dtype``.
 
@@ -255,6 +263,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
     float32 and rounded once; transformers' own dequantization gives the same bits
     (tests/unit/test_quantization.py compares them).
     """
+    import torch
+
     shape = mxfp4_shape(tuple(blocks.shape), tuple(scales.shape))
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise FormatError(f"MXFP4 blocks and scales must be uint8, not {blocks.dtype} / "
@@ -266,10 +276,10 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
     # fraction of the result.
     flat_b = blocks.reshape(-1, rows, groups, nbytes)
     flat_e = exp.reshape(-1, rows, groups, 1)
-    out = torch.empty((flat_b.shape[0], groups * MXFP4_GROUP, rows), dtype=dtype)
+    out = torch.empty((flat_b.shape[0], groups * MXFP4_GROUP, rows), dtype=dtype.torch)
     for k in range(flat_b.shape[0]):
         b = flat_b[k].to(torch.int64)
         vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1)  # [R, G, 16, 2]
         vals = torch.ldexp(vals, flat_e[k].unsqueeze(-1))
-        out[k] = vals.reshape(rows, groups * MXFP4_GROUP).to(dtype).T
+        out[k] = vals.reshape(rows, groups * MXFP4_GROUP).to(dtype.torch).T
     return out.reshape(shape)

@@ -21,8 +21,11 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 __all__ = ["FileSlab", "copy_range", "mapping_address", "offset_in_mapping"]
 

@@ -14,6 +14,10 @@ row-major pieces (views of the parts where possible). A writer that streams (``w
 puts them on disk one after another, so a fused QKV or ``[gate; up]`` never exists in memory;
 ``torch.cat([s.reshape(-1) for s in slabs(parts)])`` equals ``apply(parts).reshape(-1)`` bit
 for bit, a property test beside the inverse one.
+
+torch is imported inside the methods that touch tensors, not here: the architecture records
+are built from transforms, and planning (``shapes``; ``ckpt-ir inspect``) must not pay for
+``import torch`` (tests/cli/test_startup_imports.py).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from ckpt_ir.errors import FormatError, InternalError
 
 if TYPE_CHECKING:
     # Typing only: ir.py imports the architecture records, which are built from transforms.
+    import torch
+
     from ckpt_ir.ir import Shape
 
 __all__ = [
@@ -62,6 +66,8 @@ TENSOR = "tensor"
 
 def join_rows(rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Row blocks (:meth:`Transform.inverse_rows`) as one tensor; a single block as it is."""
+    import torch
+
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
@@ -176,6 +182,8 @@ class ConcatGateUp(Transform):
     roles = ("gate", "up")
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return torch.cat((parts["gate"], parts["up"]), dim=0)
 
     def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -217,6 +225,8 @@ class ConcatQKV(Transform):
     roles = ("q", "k", "v")
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return torch.cat((parts["q"], parts["k"], parts["v"]), dim=0)
 
     def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -261,6 +271,8 @@ class InterleaveQKV(Transform):
     roles = ("q", "k", "v")
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         g, n, d = self.num_groups, self.heads_per_group, self.head_dim
         q, k, v = parts["q"], parts["k"], parts["v"]
         rest = tuple(q.shape[1:])
@@ -328,6 +340,8 @@ class PadRows(Transform):
             raise InternalError(f"padded rows {self.padded_rows} < rows {self.rows}")
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         t = parts[TENSOR]
         if self.padded_rows == self.rows:
             return t
@@ -368,6 +382,8 @@ class PadRows(Transform):
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical (NaN payloads and -0.0 count), unlike ``torch.equal``."""
+    import torch
+
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
@@ -375,6 +391,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _times(t: torch.Tensor, factor: float) -> torch.Tensor:
     """``t * factor`` computed in at least fp32, back in ``t``'s dtype (exact for powers of 2)."""
+    import torch
+
     wide = torch.promote_types(t.dtype, torch.float32)
     return (t.to(wide) * factor).to(t.dtype)
 
@@ -413,6 +431,8 @@ class StackRanks(Transform):
         return tuple(r for rs, _ in self.blocks for r in rs)
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         pieces = []
         for roles, rows in self.blocks:
             first = parts[roles[0]]
@@ -571,6 +591,8 @@ class MergeLora(Transform):
         return (*self.inner.roles, *(x for r, _ in self.merges for x in lora_roles(r)))
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         merged = {r: parts[r] for r in self.inner.roles}
         for role, scaling in self.merges:
             w = parts[role]
@@ -616,6 +638,8 @@ class StackExperts(Transform):
         return tuple(f"{p}[{e}]" for e in range(self.num_experts) for p in self.parts)
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         experts = []
         for e in range(self.num_experts):
             pieces = [parts[f"{p}[{e}]"] for p in self.parts]
@@ -683,12 +707,16 @@ class InterleaveExperts(Transform):
         return tuple(f"{p}[{e}]" for e in range(self.num_experts) for p in self.parts)
 
     def _expert(self, parts: Mapping[str, torch.Tensor], e: int) -> torch.Tensor:
+        import torch
+
         pieces = [parts[f"{p}[{e}]"] for p in self.parts]
         w = pieces[0] if len(pieces) == 1 else \
             torch.stack(pieces, dim=1).reshape(-1, *pieces[0].shape[1:])
         return w.t() if self.input_major and w.dim() == 2 else w
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return torch.stack([self._expert(parts, e) for e in range(self.num_experts)], dim=0)
 
     def slabs(self, parts: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -697,6 +725,8 @@ class InterleaveExperts(Transform):
             yield self._expert(parts, e).contiguous()
 
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
         if native.dim() not in (2, 3) or native.shape[0] != self.num_experts:
             raise InternalError(f"interleaved experts have shape {tuple(native.shape)}, "
                                 f"expected {self.num_experts} experts on dim 0")
@@ -823,6 +853,8 @@ class GroupGDNInProj(Transform):
                                 f"{2 * nk * self.value_heads_per_key}")
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         qkvz, ba = parts["qkvz"], parts["ba"]
         self._check(qkvz.shape[0], ba.shape[0])
         nk, rest = self.num_key_heads, tuple(qkvz.shape[1:])
@@ -831,6 +863,8 @@ class GroupGDNInProj(Transform):
         return torch.cat([c.reshape(-1, *rest) for c in (*per_head, b, a)], dim=0)
 
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
         blocks = self.tp_blocks()
         if native.shape[0] != sum(blocks):
             raise InternalError(f"GDN in_proj has {native.shape[0]} rows, expected "
@@ -871,6 +905,8 @@ class InterleaveGatedQKV(Transform):
         return self.num_groups * (2 * self.heads_per_group + 2) * self.head_dim
 
     def apply(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         g, n, d = self.num_groups, self.heads_per_group, self.head_dim
         q, k, v = parts["q"], parts["k"], parts["v"]
         rest = tuple(q.shape[1:])
@@ -883,6 +919,8 @@ class InterleaveGatedQKV(Transform):
         return fused.reshape(self._rows(), *rest)
 
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
         g, n, d = self.num_groups, self.heads_per_group, self.head_dim
         rest = tuple(native.shape[1:])
         if native.shape[0] != self._rows():
@@ -922,6 +960,8 @@ class ZeroCentre(Transform):
 
     @staticmethod
     def _shift(t: torch.Tensor, by: float) -> torch.Tensor:
+        import torch
+
         wide = torch.promote_types(t.dtype, torch.float32)
         return (t.to(wide) + by).to(t.dtype)
 
@@ -993,6 +1033,8 @@ class InterleaveFusedQKV(Transform):
         return False
 
     def inverse(self, native: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
         parts = self._inner.inverse(native)
         return {TENSOR: torch.cat((parts["q"], parts["k"], parts["v"]), dim=0)}
 

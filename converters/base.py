@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ckpt_ir.capabilities import (
     AlphaSourceReader,
@@ -35,6 +33,9 @@ from ckpt_ir.converters.storage.hf_files import SourceFiles
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.options import AdapterTarget, VerlTree, WriteOptions
 from ckpt_ir.tables import NativeParams
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["AdapterTarget", "AlphaSourceReader", "DistributedWriter", "FileSlabWriter",
            "LayoutReader", "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "Reader",

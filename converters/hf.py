@@ -20,13 +20,11 @@ import reprlib
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.architectures import lookup
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
-from ckpt_ir.converters.storage.dcp_safetensors import ShardedSafetensors
 from ckpt_ir.converters.storage.hf_files import (
     carried_source_files,
     check_layer_count,
@@ -38,6 +36,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsWriter,
     read_header,
 )
+from ckpt_ir.dtypes import DType
 from ckpt_ir.durable import SyncBehind, write_json
 from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name, parse_dtype
@@ -53,9 +52,13 @@ from ckpt_ir.quantization import (
     target_quantization,
 )
 from ckpt_ir.safety.files import read_text
-from ckpt_ir.safety.unpickler import load_torch
 from ckpt_ir.slabs import FileSlab
 from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckpt_ir.converters.storage.dcp_safetensors import ShardedSafetensors
 
 __all__ = ["HfReader", "HfWriter", "is_hf_dir"]
 
@@ -146,6 +149,9 @@ class HfReader:
             self._scan_bin()
             return "pytorch_model.bin"
         elif is_dcp_sharded_safetensors_dir(p):
+            # Imported here: its DCP reader needs torch, and a plain HF directory does not.
+            from ckpt_ir.converters.storage.dcp_safetensors import ShardedSafetensors
+
             self._sharded = ShardedSafetensors(p)
             self._specs.update(self._sharded.specs)
             return "torch HF sharded safetensors (DCP_SHARDING_INFO), consolidated on read"
@@ -182,6 +188,10 @@ class HfReader:
         self.has_data = False
 
     def _scan_bin(self) -> None:
+        import torch
+
+        from ckpt_ir.safety.unpickler import load_torch
+
         p = self.path
         files = sorted(set(_read_index(p / BIN_INDEX).values())) if (p / BIN_INDEX).is_file() \
             else ["pytorch_model.bin"]
@@ -196,7 +206,7 @@ class HfReader:
                 if not isinstance(t, torch.Tensor):
                     continue
                 self._bin[name] = t
-                self._specs[name] = TensorSpec(name, tuple(t.shape), t.dtype)
+                self._specs[name] = TensorSpec(name, tuple(t.shape), dtypes.of(t))
                 self._where[name] = file
 
     def tensors(self) -> Mapping[str, TensorSpec]:
@@ -266,6 +276,8 @@ class HfReader:
 
 def _read_file_slab(slab: FileSlab) -> torch.Tensor:
     """A FileSlab's bytes as a tensor (a writer that must compute on them, not copy them)."""
+    import torch
+
     data = bytearray(slab.nbytes)
     view, done = memoryview(data), 0
     while done < slab.nbytes:
@@ -296,13 +308,13 @@ class HfWriter:
         # The params the plan was built with (params_for runs once per conversion).
         self.params = params if params is not None else self.params_for(config, options)
         self._shard_of: dict[str, int] = {}
-        self._entries: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = []
+        self._entries: list[list[tuple[str, DType, tuple[int, ...]]]] = []
         self._pending: list[int] = []
         self._writers: dict[int, SafetensorsWriter] = {}
         # Complete shards are fsynced and closed behind the copying of the next ones.
         self._sync_behind = SyncBehind()
         self._names: list[str] = []
-        self._dtypes: set[torch.dtype] = set()
+        self._dtypes: set[DType] = set()
         self._total = 0
         # --quantize fp8: 2-D linear weights are written as block FP8 with their scales, in
         # the source's block format when its config had one (the round trip keeps it).
@@ -351,6 +363,7 @@ class HfWriter:
                          quant: Quantization) -> list[TensorSpec]:
         """Each weight the releases quantize as ``float8_e4m3fn`` followed by its float32
         ``weight_scale_inv``; the rest as planned."""
+
         out: list[TensorSpec] = []
         for s in specs:
             if not (s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant)):
@@ -359,7 +372,7 @@ class HfWriter:
             self._fp8.add(s.name)
             out.append(TensorSpec(s.name, s.shape, FP8_DTYPE))
             grid = fp8_scale_grid(s.shape, quant.block)
-            out.append(TensorSpec(s.name + FP8_SCALE_SUFFIX, grid, torch.float32))
+            out.append(TensorSpec(s.name + FP8_SCALE_SUFFIX, grid, dtypes.FLOAT32))
         return out
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -382,6 +395,8 @@ class HfWriter:
 
     def write_slabs(self, name: str, slabs: Iterable[torch.Tensor | FileSlab]) -> None:
         """Write ``name`` from row-major pieces (fused experts, padded rows: never joined)."""
+        import torch
+
         if name in self._fp8:
             # Block amax spans rows of every slab: quantizing needs the whole weight, which
             # is the one tensor this writer holds.

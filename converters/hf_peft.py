@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.adapters import EXPERT_PARAMS, AdapterConfig, parameter_prefix
 from ckpt_ir.architectures.vision import ir_name_of_peft, peft_name
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
@@ -178,7 +179,7 @@ class HfPeftReader:
                 if not isinstance(t, torch.Tensor):
                     self._dropped[str(name)] = f"non-tensor entry ({type(t).__name__})"
                     continue
-                entries[name] = (tuple(t.shape), t.dtype)
+                entries[name] = (tuple(t.shape), dtypes.of(t))
                 self._bin[name] = t
             kind = ADAPTER_BIN
         else:

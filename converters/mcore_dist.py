@@ -35,9 +35,7 @@ import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckpt_ir.adapters import (
     LORA_LAYOUT_FILE,
@@ -81,6 +79,9 @@ from ckpt_ir.slabs import FileSlab
 from ckpt_ir.tables import NativeParams, build_table, drop_absent_mtp
 from ckpt_ir.tables.lora import infer_megatron_lora
 from ckpt_ir.transforms import Identity
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["EXTRA_STATE_MODULES", "HF_CONFIG_DIR", "McoreDistAdapterReader",
            "McoreDistAdapterWriter", "McoreDistReader", "McoreDistWriter"]
@@ -436,6 +437,8 @@ class McoreDistReader:
         return self._dropped
 
     def read(self, name: str) -> torch.Tensor:
+        import torch
+
         if name in self._joined:
             tensors = self._dcp.index.tensors
             return torch.cat([self._dcp.read_region(k, (0,) * len(tensors[k].shape),
@@ -562,15 +565,15 @@ class McoreDistWriter:
         for s in specs:
             if s.name in self._split:
                 for key, _, rows in self._split[s.name]:
-                    self._globals[key] = ((rows, *s.shape[1:]), s.dtype)
+                    self._globals[key] = ((rows, *s.shape[1:]), s.dtype.torch)
                 continue
             for name in (s.name, *copies.get(s.name, ())):
                 key, index, sizes = self._locate(name)
                 shape = (*sizes, *s.shape)
                 prev = self._globals.get(key)
-                if prev is not None and prev != (shape, s.dtype):
+                if prev is not None and prev != (shape, s.dtype.torch):
                     raise InternalError(f"layers of {key} disagree on shape or dtype")
-                self._globals[key] = (shape, s.dtype)
+                self._globals[key] = (shape, s.dtype.torch)
                 self._where.setdefault(s.name, []).append(
                     (key, index + (0,) * len(s.shape), len(index)))
         self._objects = self._extra_state_objects([s.name for s in specs])
@@ -653,14 +656,14 @@ class McoreDistWriter:
             cuts = [(start + rows) * row for _, start, rows in split]
             for (key, _, rows), pieces in zip(split, _split_slabs(slabs, cuts), strict=True):
                 self._data.add_tensor_slabs(key, (0,) * len(spec.shape),
-                                            (rows, *spec.shape[1:]), spec.dtype, pieces)
+                                            (rows, *spec.shape[1:]), spec.dtype.torch, pieces)
             return
         where = self._where[name]
         if len(where) > 1:
             slabs = list(slabs)  # a norm written under two keys (small)
         for key, offsets, prepended in where:
             self._data.add_tensor_slabs(key, offsets, (1,) * prepended + tuple(spec.shape),
-                                        spec.dtype, slabs)
+                                        spec.dtype.torch, slabs)
 
     def write_chunk(self, name: str, offsets: Sequence[int], tensor: torch.Tensor) -> None:
         """The box of native ``name`` that starts at ``offsets``: a TP shard written by the
@@ -712,6 +715,8 @@ class McoreDistWriter:
 
     def finish_all(self, source, parts: Sequence[list]) -> None:
         """``.metadata`` over every rank's records, then common.pt, hf_config/, metadata.json."""
+        import torch
+
         records = [r for part in parts for r in part]
         common = _COMMON_STATE
         write_metadata(self.directory, records, self._globals)

@@ -31,10 +31,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.converters.per_rank import PerRankReader, PerRankWriter, RankKey
 from ckpt_ir.detect import TRACKER
+from ckpt_ir.dtypes import DType
 from ckpt_ir.durable import write_synced
 from ckpt_ir.errors import CorruptCheckpointError, MissingConfigError
 from ckpt_ir.megatron_config import (
@@ -166,7 +166,7 @@ class MegatronLegacyReader(PerRankReader):
         return info
 
 
-def megatron_lm_args(writer: PerRankWriter, dtype: torch.dtype | None) -> argparse.Namespace:
+def megatron_lm_args(writer: PerRankWriter, dtype: DType | None) -> argparse.Namespace:
     """The ``args`` a Megatron-LM run with this model and layout would have saved.
 
     Only model-defining and parallel fields: what ``check_checkpoint_args`` compares and what
@@ -207,9 +207,9 @@ def megatron_lm_args(writer: PerRankWriter, dtype: torch.dtype | None) -> argpar
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
         transformer_impl="transformer_engine" if params.norm_style == "te" else "local",
-        params_dtype=dtype or torch.float32,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
+        params_dtype=(dtype or dtypes.FLOAT32).torch,  # pickled as torch's dtype, as Megatron does
+        bf16=dtype is dtypes.BFLOAT16,
+        fp16=dtype is dtypes.FLOAT16,
         ckpt_format="torch",
         use_dist_ckpt=False,
     )

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.architectures import lookup
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.expert_ranks import (
@@ -51,6 +52,7 @@ from ckpt_ir.converters.expert_ranks import (
 from ckpt_ir.converters.storage.hf_files import carried_source_files, load_hf_config
 from ckpt_ir.converters.storage.torch_zip import TensorRef, TorchZipWriter
 from ckpt_ir.detect import read_json_file
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -647,7 +649,7 @@ class PerRankReader:
         if binding is not None and partition is Partition.BLOCKS:
             blocks = binding.transform.tp_blocks(
                 {r: schema[binding.ir[r]] for r in binding.transform.roles})
-        shapes, dtypes = set(), set()
+        shapes, held = set(), set()
         for t in range(tp):
             shard_value = self._state[RankKey(t, p, e)][v].get(key)
             if not isinstance(shard_value, torch.Tensor):
@@ -655,11 +657,11 @@ class PerRankReader:
                     f"{key} of {where} is missing from TP rank {t}'s file",
                     path=self._files[RankKey(t, p, e)], tensor=key)
             shapes.add(tuple(shard_value.shape))
-            dtypes.add(shard_value.dtype)
-        if len(shapes) != 1 or len(dtypes) != 1:
+            held.add(shard_value.dtype)
+        if len(shapes) != 1 or len(held) != 1:
             raise CorruptCheckpointError(
                 f"TP ranks disagree on the shape or dtype of {key} in {where}: "
-                f"{sorted(shapes)} {sorted(map(str, dtypes))}", path=self.path, tensor=key)
+                f"{sorted(shapes)} {sorted(map(str, held))}", path=self.path, tensor=key)
         # Routed experts are cut by the expert TP size; TP ranks t and t + ETP hold one piece.
         pieces = self.layout.expert_tp if expert is not None else tp
         shape = unshard_shape(shapes.pop(), partition, pieces)
@@ -672,7 +674,7 @@ class PerRankReader:
                         f"which hold the same expert TP piece (expert TP={pieces})",
                         path=self._files[RankKey(t, p, e)], tensor=key)
         self._sources[name] = _Source(p, v, key, partition, blocks, e, pieces)
-        self._specs[name] = TensorSpec(name, shape, dtypes.pop())
+        self._specs[name] = TensorSpec(name, shape, dtypes.from_torch(held.pop()))
 
     # -- Reader protocol ----------------------------------------------------------------------
 
@@ -791,7 +793,7 @@ class PerRankWriter:
         self._files: dict[RankKey, _RankFile] = {}
         self._targets: dict[str, list[tuple[RankKey, int, str]]] = {}
         self._tied_targets: list[tuple[RankKey, int, str]] = []
-        self._dtype: torch.dtype | None = None
+        self._dtype: DType | None = None
 
     @classmethod
     def params_for(cls, config: ModelConfig, options: WriteOptions) -> NativeParams:
@@ -945,7 +947,7 @@ class PerRankWriter:
         targets = self._targets.get(name)
         if targets is None:
             raise InternalError(f"{self.format} writer was not told about {name}")
-        self._dtype = self._dtype or tensor.dtype
+        self._dtype = self._dtype or dtypes.of(tensor)
         binding = self._table.by_native[name]
         blocks = None
         if binding.partition is Partition.BLOCKS:

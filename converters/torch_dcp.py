@@ -52,6 +52,7 @@ from ckpt_ir.converters.storage.hf_files import (
     check_layer_count,
     load_hf_config,
 )
+from ckpt_ir.dtypes import DType
 from ckpt_ir.durable import write_synced
 from ckpt_ir.errors import CheckpointError, FormatError, InternalError, MissingConfigError
 from ckpt_ir.ir import ModelConfig, TensorSpec, dtype_name
@@ -289,7 +290,7 @@ class TorchDcpWriter:
         self._globals: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._specs: dict[str, TensorSpec] = {}
         self._data: DcpDataFile | None = None
-        self._dtypes: set[torch.dtype] = set()
+        self._dtypes: set[DType] = set()
         self._zero_biases = self._torchtitan_zero_biases() if options.torchtitan else ()
 
     def _torchtitan_zero_biases(self) -> tuple[str, ...]:
@@ -321,7 +322,7 @@ class TorchDcpWriter:
 
     def begin(self, specs: Sequence[TensorSpec]) -> None:
         for s in specs:
-            self._globals[s.name] = (tuple(s.shape), s.dtype)
+            self._globals[s.name] = (tuple(s.shape), s.dtype.torch)
             self._specs[s.name] = s
             self._dtypes.add(s.dtype)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -341,7 +342,7 @@ class TorchDcpWriter:
     def write_slabs(self, name: str, slabs: Iterable[torch.Tensor | FileSlab]) -> None:
         """``name`` from row-major pieces (stacked experts, fused parts), never joined."""
         spec = self._specs[name]
-        self._file().add_tensor_slabs(name, (0,) * len(spec.shape), spec.shape, spec.dtype,
+        self._file().add_tensor_slabs(name, (0,) * len(spec.shape), spec.shape, spec.dtype.torch,
                                       slabs)
 
     def file_of(self, name: str) -> str | None:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.adapters import (
     LORA_LAYOUT_FILE,
     AdapterConfig,
@@ -232,7 +233,7 @@ class VerlAdapterReader:
                 except IncompatibleLayoutError as e:
                     raise CorruptCheckpointError(f"{local}: {e}", path=self.path) from e
                 self._where[name] = (p, local, partition)
-                self._specs[name] = TensorSpec(name, shape, tensor.dtype)
+                self._specs[name] = TensorSpec(name, shape, dtypes.of(tensor))
 
     # -- Reader protocol ----------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.adapters import AdapterConfig
 from ckpt_ir.converters.base import SourceFiles, WriteOptions
 from ckpt_ir.converters.storage.hf_files import (
@@ -343,14 +344,14 @@ class VerlFsdpReader:
                 adapters += 1
                 continue
             if isinstance(value, DTensorRecord):
-                self._specs[name] = TensorSpec(name, value.shape, value.dtype)
+                self._specs[name] = TensorSpec(name, value.shape, dtypes.from_torch(value.dtype))
                 self._pieces[name] = (key, self._layout(key, value))
             elif isinstance(value, ShardedTensorRecord):
-                self._specs[name] = TensorSpec(name, value.shape, value.dtype)
+                self._specs[name] = TensorSpec(name, value.shape, dtypes.from_torch(value.dtype))
                 self._pieces[name] = (key, self._sharded_layout(key, value))
                 self._sharded.add(key)
             elif isinstance(value, torch.Tensor):
-                self._specs[name] = TensorSpec(name, tuple(value.shape), value.dtype)
+                self._specs[name] = TensorSpec(name, tuple(value.shape), dtypes.of(value))
                 self._pieces[name] = (key, [_Piece(0, (0,) * value.dim(), tuple(value.shape))])
                 self._plain.add(name)
             else:
@@ -553,7 +554,7 @@ class VerlFsdpReader:
         if name in self._plain:
             self._touched.add(0)
             return self._state(0)[key]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+        out = torch.empty(spec.shape, dtype=spec.dtype.torch)
         for piece in pieces:
             local = self._local(piece, key, spec)
             if local.numel():
@@ -604,7 +605,7 @@ class VerlFsdpReader:
         if not isinstance(value, DTensorRecord):
             raise CorruptCheckpointError(f"{path.name} has no DTensor {key} (rank 0 has one)",
                                          path=path, tensor=key)
-        if value.shape != spec.shape or value.dtype != spec.dtype:
+        if value.shape != spec.shape or value.dtype != spec.dtype.torch:
             raise CorruptCheckpointError(
                 f"{path.name} says {key} is {value.shape} {value.dtype}, rank 0 says "
                 f"{spec.shape} {spec.dtype}", path=path, tensor=key)

@@ -119,7 +119,7 @@ def rewrite_common_state(d: Path, common: Any) -> None:
             for fqn in reader.index.blobs:
                 data_file.add_object(fqn, [common] if fqn == "common_state/shard_0_1"
                                      else reader.read_object(fqn))
-            shapes = {fqn: (t.shape, t.dtype) for fqn, t in reader.index.tensors.items()}
+            shapes = {fqn: (t.shape, t.dtype.torch) for fqn, t in reader.index.tensors.items()}
         write_metadata(new, data_file.close(), shapes)
         for name in ("__0_0.distcp", ".metadata"):
             os.replace(new / name, d / name)

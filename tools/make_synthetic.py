@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.converters.storage.safetensors_file import SafetensorsWriter
 from ckpt_ir.ir import ModelConfig
 
@@ -65,7 +66,7 @@ def write(out: Path, config: dict, *, max_shard_bytes: int = 5 * 10**9, seed: in
     g = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for file, shard in zip(files, shards, strict=True):
-        entries = [(name, dtype, shape) for name, shape in shard]
+        entries = [(name, dtypes.from_torch(dtype), shape) for name, shape in shard]
         with SafetensorsWriter(out / file, entries, {"format": "pt"}) as w:
             for name, shape in shard:
                 t = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)

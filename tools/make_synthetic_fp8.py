@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.converters.storage.safetensors_file import SafetensorsWriter
 from ckpt_ir.ir import ModelConfig
 from ckpt_ir.quantization import (
@@ -39,15 +40,15 @@ def write_fp8(out: Path, config: dict, *, max_shard_bytes: int = 5 * 10**9,
     assert quant is not None
     out.mkdir(parents=True, exist_ok=False)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    entries: list[tuple[str, dtypes.DType, tuple[int, ...]]] = []
     for name, shape in ModelConfig.from_hf(config).schema().items():
         if is_fp8_linear(name, shape, quant):
             entries.append((name, FP8_DTYPE, shape))
-            entries.append((name + "_scale_inv", torch.float32,
+            entries.append((name + "_scale_inv", dtypes.FLOAT32,
                             fp8_scale_grid(shape, quant.block)))
         else:
-            entries.append((name, torch.bfloat16, shape))
-    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+            entries.append((name, dtypes.BFLOAT16, shape))
+    shards: list[list[tuple[str, dtypes.DType, tuple[int, ...]]]] = [[]]
     size = 0
     for e in entries:
         nbytes = math.prod(e[2]) * e[1].itemsize
@@ -79,7 +80,7 @@ def write_fp8(out: Path, config: dict, *, max_shard_bytes: int = 5 * 10**9,
                     total += q.nbytes + s.nbytes
                     weight_map[name + "_scale_inv"] = file
                 else:
-                    t = t.to(dtype)
+                    t = t.to(dtype.torch)
                     w.write(name, t)
                     total += t.nbytes
                 weight_map[name] = file

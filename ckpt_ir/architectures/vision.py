@@ -22,13 +22,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ckpt_ir.errors import InternalError
 from ckpt_ir.table_engine import Row, one
 from ckpt_ir.transforms import TENSOR, StackExperts, Transform
 
 if TYPE_CHECKING:
+    import torch
+
     from ckpt_ir.ir import ModelConfig, Shape
 
 __all__ = [

@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ckpt_ir.architectures.dense import DENSE_MCORE_ROWS
 from ckpt_ir.architectures.gemma import GEMMA3_TEXT, GEMMA_MCORE_ROWS, gemma_schema
 from ckpt_ir.architectures.ministral3 import MINISTRAL3
@@ -64,6 +62,8 @@ from ckpt_ir.table_engine import Row, one
 from ckpt_ir.transforms import TENSOR, Transform
 
 if TYPE_CHECKING:
+    import torch
+
     from ckpt_ir.ir import ModelConfig, Shape
 
 __all__ = ["GEMMA3", "HUB_TOWER", "MISTRAL3", "Transpose", "gemma3_tower_spelling"]

@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "config": _config_summary(cfg),
             "ir_tensors": len(plan.ir_specs),
             "ir_bytes": sum(s.nbytes for s in plan.ir_specs.values()),
-            "dtypes": sorted({str(s.dtype).removeprefix("torch.")
-                              for s in plan.ir_specs.values()}),
+            "dtypes": sorted({s.dtype.name for s in plan.ir_specs.values()}),
             "dropped": dict(sorted(plan.dropped.items())),
             "details": reader.describe(),
             "parts": _parts(cfg, plan.ir_specs),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ckpt_ir.converters.hf import HfWriter
+from ckpt_ir.dtypes import DType
+from ckpt_ir.dtypes import lookup as lookup_dtype
 from ckpt_ir.errors import InternalError, PlanError
 from ckpt_ir.ir import ModelConfig, Shape, TensorSpec
 from ckpt_ir.layout import ParallelLayout
@@ -66,7 +68,7 @@ class Piece:
 class HfItem:
     name: str
     shape: Shape
-    dtype: torch.dtype
+    dtype: DType
     owner: int
     pieces: tuple[Piece, ...]
 
@@ -75,16 +77,16 @@ class HfItem:
 class ModelPlan:
     table: Table
     shapes: dict[str, Shape]
-    dtypes: dict[str, torch.dtype]
+    dtypes: dict[str, DType]
     sources: dict[tuple[str, int], int]   # (native, tp rank) -> the rank that writes it
     tp: int
     padded_vocab: int
     mine: dict[str, torch.Tensor] = field(default_factory=dict)  # natives this rank writes
 
 
-def _dtype(name: str) -> torch.dtype:
-    value = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
+def _dtype(name: str) -> DType:
+    value = lookup_dtype(name.removeprefix("torch."))
+    if value is None:
         raise InternalError(f"unknown dtype {name!r}")
     return value
 
@@ -125,7 +127,7 @@ def build_model_plan(config: ModelConfig, layout: ParallelLayout,
                          f"config's vocab_size {config.vocab_size}"])
     table = live_table(config, padded_vocab_size=padded_vocab, norm_style=norm_style)
     shapes = native_shapes(table, config)
-    dtypes: dict[str, torch.dtype] = {}
+    dtypes: dict[str, DType] = {}
     holders: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for rank, inv in enumerate(inventories):
         for e in inv.entries:

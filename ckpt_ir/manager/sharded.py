@@ -299,7 +299,7 @@ def _load_tensor(reader: DcpReader, t: Any, directory: Path) -> torch.Tensor:
     offsets = tuple(int(o) for o in t.global_offset)
     shape = tuple(int(s) for s in t.global_shape)
     dtype = t.data.dtype if isinstance(t.data, torch.Tensor) else getattr(t, "dtype",
-                                                                          stored.dtype)
+                                                                          stored.dtype.torch)
     if stored.shape != shape:
         if not getattr(t, "allow_shape_mismatch", False) or len(stored.shape) != len(shape):
             raise IncompatibleLayoutError(

@@ -80,7 +80,7 @@ class WritePhase:
         writer: HfWriter = job.writers["hf_model"]
         me = self.rank
         for item in job.hf_items:
-            out = torch.empty(item.shape, dtype=item.dtype) if item.owner == me else None
+            out = torch.empty(item.shape, dtype=item.dtype.torch) if item.owner == me else None
             for piece in item.pieces:
                 if piece.rank == me:
                     rows = rows_of(plan.mine[piece.native], piece.segments)
@@ -97,7 +97,7 @@ class WritePhase:
                         self._dist.recv(out.narrow(0, seg.part, seg.length), src=piece.rank,
                                         group=self._group)
                     else:
-                        buf = torch.empty(piece.shape, dtype=item.dtype)
+                        buf = torch.empty(piece.shape, dtype=item.dtype.torch)
                         self._dist.recv(buf, src=piece.rank, group=self._group)
                         place(out, buf, piece.segments, piece.cols)
                         del buf

@@ -19,13 +19,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckpt_ir.converters.storage.dcp_files.regions import _coverage_problem
 from ckpt_ir.converters.storage.safetensors_file import SafetensorsFile, read_header
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import CorruptCheckpointError, InternalError
 from ckpt_ir.ir import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SHARDING_INFO", "ShardedSafetensors"]
 
@@ -52,7 +55,7 @@ class ShardedSafetensors:
         self.directory = Path(directory)
         self.files = sorted(p.name for p in self.directory.glob("*.safetensors") if p.is_file())
         self._boxes: dict[str, list[_Box]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+        self._dtypes: dict[str, DType] = {}
         self._open: dict[str, SafetensorsFile] = {}
         for name in self.files:
             self._scan(name)
@@ -110,13 +113,15 @@ class ShardedSafetensors:
 
     def read(self, fqn: str) -> torch.Tensor:
         """Tensor ``fqn`` assembled from its boxes (a view when one file holds it whole)."""
+        import torch
+
         spec = self.specs.get(fqn)
         if spec is None:
             raise InternalError(f"{fqn!r} is not a tensor of {self.directory}")
         boxes = self._boxes[fqn]
         if len(boxes) == 1:
             return self._file(boxes[0].file).get(fqn)
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+        out = torch.empty(spec.shape, dtype=spec.dtype.torch)
         for box in boxes:
             dst = out
             for d, (o, s) in enumerate(zip(box.offsets, box.sizes, strict=True)):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import TensorSpec
 from ckpt_ir.quantization import (
@@ -28,14 +28,17 @@ from ckpt_ir.quantization import (
     mxfp4_shape,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["FP8_SCALE_SUFFIX", "DequantizedView"]
 
 FP8_SCALE_SUFFIX = "_scale_inv"
 """``X.weight`` is scaled by ``X.weight_scale_inv``."""
 _BLOCKS, _SCALES = "_blocks", "_scales"
-_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
+_SCALE_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16, dtypes.FLOAT16, dtypes.UINT8)
 # What a quantized weight becomes when no --dtype is asked (the releases' compute dtype).
-PRESENTED_DTYPE = torch.bfloat16
+PRESENTED_DTYPE = dtypes.BFLOAT16
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,7 @@ class DequantizedView:
             scale = base + _SCALES
             if scale not in specs:
                 raise FormatError(f"MXFP4 blocks {name} have no {scale}", tensor=name)
-            if spec.dtype != torch.uint8 or specs[scale].dtype != torch.uint8:
+            if spec.dtype != dtypes.UINT8 or specs[scale].dtype != dtypes.UINT8:
                 raise FormatError(f"MXFP4 {name} / {scale} must be uint8", tensor=name)
             try:
                 shape = mxfp4_shape(spec.shape, specs[scale].shape)

@@ -20,7 +20,7 @@ File layout (little-endian), as in the reference implementation::
 
 Example::
 
-    with SafetensorsWriter(path, [("w", torch.float32, (2, 3))], {"format": "pt"}) as writer:
+    with SafetensorsWriter(path, [("w", dtypes.FLOAT32, (2, 3))], {"format": "pt"}) as writer:
         writer.write("w", torch.zeros(2, 3))
     with SafetensorsFile(path) as f:
         w = f.get("w")
@@ -37,10 +37,10 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-import torch
-
+from ckpt_ir import dtypes
+from ckpt_ir.dtypes import DType
 from ckpt_ir.durable import start_writeback
 from ckpt_ir.errors import (
     CorruptCheckpointError,
@@ -50,6 +50,9 @@ from ckpt_ir.errors import (
 )
 from ckpt_ir.safety.files import open_fd
 from ckpt_ir.slabs import FileSlab, copy_range, mapping_address, offset_in_mapping
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DTYPE_TO_ST",
@@ -62,24 +65,12 @@ __all__ = [
     "read_header",
 ]
 
-DTYPE_TO_ST: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.uint16: "U16",
-    torch.int32: "I32",
-    torch.uint32: "U32",
-    torch.int64: "I64",
-    torch.uint64: "U64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-ST_TO_DTYPE: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_TO_ST.items()}
+# The safetensors codes ckpt-ir reads and writes (every DType that has one).
+DTYPE_TO_ST: dict[DType, str] = {d: d.safetensors for d in (
+    dtypes.BOOL, dtypes.UINT8, dtypes.INT8, dtypes.INT16, dtypes.UINT16, dtypes.INT32,
+    dtypes.UINT32, dtypes.INT64, dtypes.UINT64, dtypes.FLOAT16, dtypes.BFLOAT16, dtypes.FLOAT32,
+    dtypes.FLOAT64, dtypes.FLOAT8_E4M3FN, dtypes.FLOAT8_E5M2) if d.safetensors is not None}
+ST_TO_DTYPE: dict[str, DType] = {name: dtype for dtype, name in DTYPE_TO_ST.items()}
 
 # Valid safetensors dtypes that ckpt-ir does not handle: a file using them is well formed, so it
 # is a FormatError (unsupported variant), not a CorruptCheckpointError.
@@ -105,7 +96,7 @@ class TensorEntry:
     """One tensor of a safetensors file; ``start``/``end`` are relative to the data section."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     start: int
     end: int
@@ -188,6 +179,8 @@ class SafetensorsFile:
         Raises:
             FormatError: the file has no tensor ``name``.
         """
+        import torch
+
         entry = self.header.entries.get(name)
         if entry is None:
             raise FormatError(f"tensor {name!r} not in {self.path}", path=self.path, tensor=name)
@@ -195,18 +188,18 @@ class SafetensorsFile:
             raise InternalError(f"SafetensorsFile.get({name!r}) after close() of {self.path}")
         if entry.nbytes == 0:
             # torch.frombuffer rejects empty buffers.
-            return torch.empty(entry.shape, dtype=entry.dtype)
+            return torch.empty(entry.shape, dtype=entry.dtype.torch)
         offset = self.header.data_offset + entry.start
         # A fresh memoryview per tensor: torch keeps it alive, and with it an export on the
         # mmap, so close() cannot unmap memory a live tensor still points into.
         view = memoryview(self._mmap)
         itemsize = entry.dtype.itemsize
         if offset % itemsize == 0:
-            flat = torch.frombuffer(view, dtype=entry.dtype,
+            flat = torch.frombuffer(view, dtype=entry.dtype.torch,
                                     count=entry.nbytes // itemsize, offset=offset)
         else:
             raw = torch.frombuffer(view, dtype=torch.uint8, count=entry.nbytes, offset=offset)
-            flat = raw.clone().view(entry.dtype)
+            flat = raw.clone().view(entry.dtype.torch)
         return flat.view(entry.shape)
 
     def locate(self, tensor: torch.Tensor) -> int | None:
@@ -511,7 +504,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def plan_layout(
-    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    entries: Sequence[tuple[str, DType, tuple[int, ...]]],
     metadata: Mapping[str, str] | None = None,
 ) -> tuple[bytes, dict[str, tuple[int, int]], int]:
     """Lay out a safetensors file from metadata alone.
@@ -584,7 +577,7 @@ class SafetensorsWriter:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        entries: Sequence[tuple[str, DType, tuple[int, ...]]],
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Raises DestinationExistsError if ``path`` exists: the executor writes into a fresh
@@ -635,10 +628,12 @@ class SafetensorsWriter:
                 from the declaration, the slabs' bytes do not fill the tensor exactly, or the
                 writer is closed.
         """
+        import torch
+
         spec = self._specs.get(name)
         if spec is None:
             raise InternalError(f"tensor {name!r} was not declared for {self.path}")
-        dtype, _ = spec
+        dtype = spec[0].torch  # the tensors' side of the boundary
         with self._lock:
             if self._fd is None:
                 raise InternalError(f"write of {name!r} to {self.path} after close or abort")

@@ -21,6 +21,8 @@ from tests.fixtures import write_hf
 # which of the watched modules were imported.
 _PROBE = """
 import json, sys
+if sys.argv[2:] == ["--with-torch"]:
+    import torch
 from ckpt_ir.cli import main
 argv = json.loads(sys.argv[1])
 try:
@@ -33,11 +35,18 @@ print(json.dumps({"code": code, "imported": [m for m in watched if m in sys.modu
 """
 
 
-def _probe(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)], capture_output=True,
-                         text=True, timeout=300)
+def _run_probe(argv: list[str], *, with_torch: bool = False) -> tuple[str, dict]:
+    """What the command printed, and the probe's report."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv),
+                          *(["--with-torch"] if with_torch else [])],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    printed, _, report = out.stdout.strip().rpartition("\n")
+    return printed, json.loads(report)
+
+
+def _probe(argv: list[str]) -> dict:
+    return _run_probe(argv)[1]
 
 
 @pytest.mark.parametrize(("argv", "code"), [
@@ -66,3 +75,19 @@ def test_hf_to_mcore_dist_conversion_imports_only_its_path(tmp_path: Path) -> No
     assert {"torch"} <= set(got["imported"])
     assert not {"transformers", "peft", "megatron", "safetensors", "yaml",
                 "torch.distributed.checkpoint"} & set(got["imported"]), got
+
+
+def test_inspect_of_an_hf_directory_imports_no_torch(tmp_path: Path) -> None:
+    # Metadata only: the safetensors header, the config, the plan (ckpt_ir.dtypes, not torch
+    # dtypes). What it prints is what it prints with torch imported (the path that reads
+    # tensors), JSON and text alike.
+    src = tmp_path / "hf"
+    write_hf(src)
+    for argv in (["inspect", str(src), "--json"], ["inspect", str(src)]):
+        printed, got = _run_probe(argv)
+        assert got == {"code": 0, "imported": []}, (argv, got)
+        with_torch, report = _run_probe(argv, with_torch=True)
+        assert report["code"] == 0 and "torch" in report["imported"]
+        assert printed == with_torch, argv
+    info = json.loads(_run_probe(["inspect", str(src), "--json"])[0])
+    assert (info["format"], info["dtypes"], info["ir_tensors"]) == ("hf", ["bfloat16"], 21), info

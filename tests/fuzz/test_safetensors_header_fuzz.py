@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
+from ckpt_ir import dtypes
 from ckpt_ir.converters.storage.safetensors_file import (
     SafetensorsFile,
     SafetensorsHeader,
@@ -38,7 +39,7 @@ def valid_file(path: Path) -> bytes:
         "model.mask": torch.tensor([True, False, True]),
         "model.fp8": torch.tensor([0.5, -2.0], dtype=torch.float8_e4m3fn),
     }
-    specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    specs = [(name, dtypes.of(t), tuple(t.shape)) for name, t in tensors.items()]
     with SafetensorsWriter(path, specs, {"format": "pt", "origin": "fuzz"}) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor)
@@ -85,7 +86,7 @@ def exercise(path: Path, content: bytes) -> None:
         for name in f.keys():
             entry = header.entries[name]
             tensor = f.get(name)
-            assert (tensor.dtype, tuple(tensor.shape)) == (entry.dtype, entry.shape)
+            assert (dtypes.of(tensor), tuple(tensor.shape)) == (entry.dtype, entry.shape)
             raw = tensor.contiguous().reshape(-1).view(torch.uint8)
             start = header.data_offset + entry.start
             assert bytes(raw.numpy()) == content[start:start + entry.nbytes]

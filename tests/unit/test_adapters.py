@@ -280,7 +280,7 @@ def _combine_dist(parts: list[Path], out: Path) -> None:
         for fqn, t in r.index.tensors.items():
             data.add_tensor(fqn, (0,) * len(t.shape),
                             r.read_region(fqn, (0,) * len(t.shape), t.shape).clone())
-            shapes[fqn] = (tuple(t.shape), t.dtype)
+            shapes[fqn] = (tuple(t.shape), t.dtype.torch)
         r.close()
     write_metadata(out, data.close(fsync=False), shapes)
     shutil.copytree(parts[0] / "hf_config", out / "hf_config")

@@ -250,7 +250,7 @@ def test_torch_saved_index_matches_the_layouts(torch_saved: tuple[Path, dict]) -
     assert set(index.tensors) == set(full)
     for name, (shape, dtype, boxes) in SHARDED_LAYOUTS.items():
         tensor = index.tensors[name]
-        assert (tensor.shape, tensor.dtype) == (shape, dtype)
+        assert (tensor.shape, tensor.dtype.torch) == (shape, dtype)
         assert sorted((c.offsets, c.sizes) for c in tensor.chunks) == sorted(boxes)
     with DcpReader(directory) as reader:
         assert reader.read_object("extra.step") == 9  # DCP flattens nested dicts

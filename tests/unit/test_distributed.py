@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckpt_ir
+from ckpt_ir import dtypes
 from ckpt_ir.distributed import partition_units
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.planner import DestView, SourceView, make_plan
@@ -34,7 +34,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 @given(config=dense_configs(), world=st.integers(1, 5), files=st.integers(1, 7))
 def test_partition_covers_every_unit_once_and_keeps_files_together(config, world, files):
     cfg = ModelConfig.from_hf(config)
-    specs = {n: TensorSpec(n, s, torch.bfloat16) for n, s in cfg.schema().items()}
+    specs = {n: TensorSpec(n, s, dtypes.BFLOAT16) for n, s in cfg.schema().items()}
     plan = make_plan(SourceView("hf", "hf", NativeParams(), specs),
                      DestView("mcore-dist", "mcore", NativeParams()), cfg)
     names = [s.name for s in plan.dest_specs]

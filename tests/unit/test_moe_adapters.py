@@ -206,7 +206,7 @@ def test_grouped_expert_adapters_are_refused(tmp_path):
         key = fqn.replace(".mlp.experts.experts.", ".mlp.experts.")
         data.add_tensor(key, (0,) * len(t.shape),
                         r.read_region(fqn, (0,) * len(t.shape), t.shape).clone())
-        shapes[key] = (tuple(t.shape), t.dtype)
+        shapes[key] = (tuple(t.shape), t.dtype.torch)
     r.close()
     write_metadata(out, data.close(fsync=False), shapes)
     shutil.copytree(tmp_path / "dist" / "hf_config", out / "hf_config")

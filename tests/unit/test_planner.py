@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from ckpt_ir import dtypes
 from ckpt_ir.errors import PlanError
 from ckpt_ir.ir import ModelConfig, TensorSpec
 from ckpt_ir.planner import DestView, SourceView, make_plan
@@ -15,7 +15,7 @@ HF = {"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 32,
       "intermediate_size": 40, "vocab_size": 99, "tie_word_embeddings": False}
 
 
-def _hf_specs(cfg: ModelConfig, dtype=torch.bfloat16) -> dict[str, TensorSpec]:
+def _hf_specs(cfg: ModelConfig, dtype=dtypes.BFLOAT16) -> dict[str, TensorSpec]:
     return {n: TensorSpec(n, s, dtype) for n, s in cfg.schema().items()}
 
 
@@ -51,7 +51,7 @@ def test_mcore_to_hf_reads_each_fused_tensor_once():
     cfg = ModelConfig.from_hf(HF)
     mc = build_table("mcore", cfg, NativeParams())
     sources = {b.native: TensorSpec(b.native, b.transform.shapes(
-        {r: cfg.schema()[n] for r, n in b.ir.items()}), torch.float32) for b in mc.bindings}
+        {r: cfg.schema()[n] for r, n in b.ir.items()}), dtypes.FLOAT32) for b in mc.bindings}
     plan = make_plan(SourceView("mcore-dist", "mcore", NativeParams(), sources),
                      DestView("hf", "hf", NativeParams()), cfg)
     qkv_units = [u for u in plan.units
@@ -67,9 +67,9 @@ def test_mcore_to_hf_reads_each_fused_tensor_once():
 def test_tied_lm_head_in_source_is_dropped_with_reason():
     cfg = ModelConfig.from_hf({**HF, "tie_word_embeddings": True})
     specs = _hf_specs(cfg)
-    specs["lm_head.weight"] = TensorSpec("lm_head.weight", (99, 32), torch.bfloat16)
+    specs["lm_head.weight"] = TensorSpec("lm_head.weight", (99, 32), dtypes.BFLOAT16)
     specs["model.layers.0.self_attn.rotary_emb.inv_freq"] = TensorSpec(
-        "model.layers.0.self_attn.rotary_emb.inv_freq", (6,), torch.float32)
+        "model.layers.0.self_attn.rotary_emb.inv_freq", (6,), dtypes.FLOAT32)
     plan = _plan(cfg, specs)
     assert "tied" in plan.dropped["lm_head.weight"]
     assert "rotary" in plan.dropped["model.layers.0.self_attn.rotary_emb.inv_freq"]
@@ -80,10 +80,10 @@ def test_every_problem_is_reported_at_once():
     cfg = ModelConfig.from_hf(HF)
     specs = _hf_specs(cfg)
     specs["model.layers.0.mlp.gate_proj.weight"] = TensorSpec(
-        "model.layers.0.mlp.gate_proj.weight", (41, 32), torch.bfloat16)
+        "model.layers.0.mlp.gate_proj.weight", (41, 32), dtypes.BFLOAT16)
     del specs["model.norm.weight"]
     specs["model.layers.0.mystery.weight"] = TensorSpec("model.layers.0.mystery.weight", (3,),
-                                                        torch.bfloat16)
+                                                        dtypes.BFLOAT16)
     with pytest.raises(PlanError) as e:
         _plan(cfg, specs)
     problems = "\n".join(e.value.problems)
@@ -97,11 +97,11 @@ def test_mixed_dtypes_need_an_explicit_dtype():
     cfg = ModelConfig.from_hf(HF)
     specs = _hf_specs(cfg)
     name = "model.layers.0.self_attn.k_proj.weight"
-    specs[name] = TensorSpec(name, specs[name].shape, torch.float32)
+    specs[name] = TensorSpec(name, specs[name].shape, dtypes.FLOAT32)
     with pytest.raises(PlanError, match="fuses parts of different dtypes"):
         _plan(cfg, specs)
-    plan = _plan(cfg, specs, dtype=torch.float16)
-    assert {s.dtype for s in plan.dest_specs} == {torch.float16}
+    plan = _plan(cfg, specs, dtype=dtypes.FLOAT16)
+    assert {s.dtype for s in plan.dest_specs} == {dtypes.FLOAT16}
 
 
 def test_local_norm_variant_uses_spec_names():

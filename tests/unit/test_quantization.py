@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from ckpt_ir import dtypes
 from ckpt_ir.converters.storage.quantized import DequantizedView
 from ckpt_ir.converters.storage.safetensors_file import SafetensorsFile, read_header
 from ckpt_ir.errors import FormatError
@@ -118,7 +119,9 @@ def test_which_weights_a_writer_quantizes():
 
 
 def _view(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], quant=None):
-    return DequantizedView(quant, {n: TensorSpec(n, s, d) for n, (s, d) in specs.items()},
+    # Written with torch's dtypes; the IR's specs hold ckpt-ir's.
+    return DequantizedView(quant, {n: TensorSpec(n, s, dtypes.from_torch(d))
+                                   for n, (s, d) in specs.items()},
                            lambda n: pytest.fail(f"read {n}"))
 
 

@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckpt_ir import dtypes
 from ckpt_ir.converters.storage.safetensors_file import (
     DTYPE_TO_ST,
     ST_TO_DTYPE,
@@ -29,6 +30,7 @@ from ckpt_ir.converters.storage.safetensors_file import (
     plan_layout,
     read_header,
 )
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -39,7 +41,7 @@ from ckpt_ir.errors import (
 
 DTYPES = list(DTYPE_TO_ST)
 SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (2, 3), (2, 3, 5), (1, 1, 1, 4)]
-Spec = tuple[str, torch.dtype, tuple[int, ...]]
+Spec = tuple[str, DType, tuple[int, ...]]
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -56,18 +58,18 @@ def assert_bits_equal(actual: Mapping[str, torch.Tensor],
         assert torch.equal(bits(got), bits(want)), name
 
 
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], rng: random.Random) -> torch.Tensor:
+def random_tensor(dtype: DType, shape: tuple[int, ...], rng: random.Random) -> torch.Tensor:
     """Arbitrary bit patterns (NaNs with payloads, -0.0, subnormals) of ``dtype``."""
     numel = 1
     for dim in shape:
         numel *= dim
-    if dtype == torch.bool:
+    if dtype is dtypes.BOOL:
         raw = bytes(rng.getrandbits(1) for _ in range(numel))
     else:
         raw = rng.randbytes(numel * dtype.itemsize)
     if not raw:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+        return torch.empty(shape, dtype=dtype.torch)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype.torch).reshape(shape)
 
 
 def specials() -> dict[str, torch.Tensor]:
@@ -81,7 +83,7 @@ def specials() -> dict[str, torch.Tensor]:
 def write_with_writer(path: Path, tensors: Mapping[str, torch.Tensor], order: Sequence[str],
                       metadata: Mapping[str, str] | None = None,
                       write_order: Sequence[str] | None = None) -> None:
-    specs = [(name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order]
+    specs = [(name, dtypes.of(tensors[name]), tuple(tensors[name].shape)) for name in order]
     with SafetensorsWriter(path, specs, metadata) as writer:
         for name in write_order if write_order is not None else order:
             writer.write(name, tensors[name])
@@ -103,9 +105,9 @@ def test_dtype_tables_are_inverse_and_cover_the_safetensors_names() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dtype_names_match_what_safetensors_writes(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_dtype_names_match_what_safetensors_writes(tmp_path: Path, dtype: DType) -> None:
     path = tmp_path / "one.safetensors"
-    safetensors.torch.save_file({"t": torch.zeros(2, dtype=dtype)}, path)
+    safetensors.torch.save_file({"t": torch.zeros(2, dtype=dtype.torch)}, path)
     assert read_header(path).entries["t"].dtype == dtype
     with safetensors.safe_open(path, "pt") as f:
         assert f.get_slice("t").get_dtype() == DTYPE_TO_ST[dtype]
@@ -170,7 +172,7 @@ def test_save_file_output_is_read_identically(tmp_path: Path) -> None:
     assert header.data_offset % 8 == 0
     for name, tensor in tensors.items():
         entry = header.entries[name]
-        assert (entry.dtype, entry.shape) == (tensor.dtype, tuple(tensor.shape))
+        assert (entry.dtype, entry.shape) == (dtypes.of(tensor), tuple(tensor.shape))
         assert entry.nbytes == tensor.numel() * tensor.element_size()
     assert_bits_equal(loaded, safetensors.torch.load_file(path))
     assert_bits_equal(loaded, tensors)
@@ -194,7 +196,7 @@ def declared_tensors(draw: st.DrawFn) -> tuple[list[Spec], dict[str, bytes]]:
         for dim in shape:
             nbytes *= dim
         data = draw(st.binary(min_size=nbytes, max_size=nbytes))
-        if dtype == torch.bool:
+        if dtype is dtypes.BOOL:
             data = bytes(b & 1 for b in data)  # torch bools must be 0 or 1
         specs.append((name, dtype, shape))
         raw[name] = data
@@ -210,7 +212,8 @@ def test_plan_write_read_round_trips(tmp_path_factory: pytest.TempPathFactory,
                                      metadata: dict[str, str] | None) -> None:
     specs, raw = declared
     tensors = {name: (torch.frombuffer(bytearray(raw[name]), dtype=torch.uint8)
-                      .view(dtype).reshape(shape) if raw[name] else torch.empty(shape, dtype=dtype))
+                      .view(dtype.torch).reshape(shape) if raw[name]
+                      else torch.empty(shape, dtype=dtype.torch))
                for name, dtype, shape in specs}
     write_order = data.draw(st.permutations([name for name, _, _ in specs]))
     path = tmp_path_factory.mktemp("roundtrip") / "model.safetensors"
@@ -317,7 +320,7 @@ def test_headers_without_data_are_valid(tmp_path: Path, header: bytes) -> None:
 
 
 def test_header_types() -> None:
-    entry = TensorEntry(name="w", dtype=torch.float32, shape=(2, 3), start=8, end=32)
+    entry = TensorEntry(name="w", dtype=dtypes.FLOAT32, shape=(2, 3), start=8, end=32)
     assert entry.nbytes == 24
     with pytest.raises(AttributeError):
         entry.start = 0  # type: ignore[misc]
@@ -527,8 +530,8 @@ def test_reference_reader_agrees_on_a_corrupt_file(tmp_path: Path) -> None:
 
 
 def test_plan_layout_pads_the_header_and_lays_data_out_in_order() -> None:
-    specs = [("b", torch.float16, (3,)), ("a", torch.float32, (2, 2)), ("e", torch.int8, (0,)),
-             ("s", torch.bfloat16, ())]
+    specs = [("b", dtypes.FLOAT16, (3,)), ("a", dtypes.FLOAT32, (2, 2)), ("e", dtypes.INT8, (0,)),
+             ("s", dtypes.BFLOAT16, ())]
 
     header, offsets, size = plan_layout(specs, {"format": "pt"})
 
@@ -549,12 +552,12 @@ def test_plan_layout_without_metadata_writes_no_metadata_key() -> None:
 
 
 @pytest.mark.parametrize(("specs", "metadata"), [
-    ([("a", torch.float32, (1,)), ("a", torch.float32, (1,))], None),
-    ([("__metadata__", torch.float32, (1,))], None),
+    ([("a", dtypes.FLOAT32, (1,)), ("a", dtypes.FLOAT32, (1,))], None),
+    ([("__metadata__", dtypes.FLOAT32, (1,))], None),
     ([("a", torch.complex64, (1,))], None),
-    ([("a", torch.float32, (-1,))], None),
-    ([("a", torch.float32, (1.5,))], None),
-    ([("\ud800", torch.float32, (1,))], None),
+    ([("a", dtypes.FLOAT32, (-1,))], None),
+    ([("a", dtypes.FLOAT32, (1.5,))], None),
+    ([("\ud800", dtypes.FLOAT32, (1,))], None),
     ([], {"k": 1}),
 ], ids=["duplicate", "reserved-name", "complex", "negative-dim", "float-dim", "surrogate",
         "metadata-value"])
@@ -567,7 +570,7 @@ def test_plan_layout_refuses_invalid_declarations(specs: list[Spec],
 @pytest.fixture
 def writer(tmp_path: Path) -> Iterator[SafetensorsWriter]:
     w = SafetensorsWriter(tmp_path / "w.safetensors",
-                          [("a", torch.float32, (2, 3)), ("b", torch.int64, ())])
+                          [("a", dtypes.FLOAT32, (2, 3)), ("b", dtypes.INT64, ())])
     yield w
     w.abort()
 
@@ -611,7 +614,7 @@ def test_writer_close_refuses_a_missing_tensor_and_closes_anyway(
 def test_writer_context_aborts_on_error_without_masking_it(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     with pytest.raises(RuntimeError, match="producer failed"),  \
-            SafetensorsWriter(path, [("a", torch.float32, (1,))]):
+            SafetensorsWriter(path, [("a", dtypes.FLOAT32, (1,))]):
         raise RuntimeError("producer failed")
     assert path.stat().st_size > 0  # left for the caller to remove with its temp dir
 
@@ -636,7 +639,7 @@ def test_writer_accepts_views_and_grad_tensors(tmp_path: Path) -> None:
 
 def test_writer_presizes_the_file_before_any_write(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
-    specs = [("a", torch.float32, (1000,))]
+    specs = [("a", dtypes.FLOAT32, (1000,))]
     _, _, size = plan_layout(specs)
     w = SafetensorsWriter(path, specs)
     try:
@@ -647,6 +650,6 @@ def test_writer_presizes_the_file_before_any_write(tmp_path: Path) -> None:
 
 def test_writer_accepts_torch_size_shapes(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
-    with SafetensorsWriter(path, [("a", torch.float32, torch.Size([2, 3]))]) as w:
+    with SafetensorsWriter(path, [("a", dtypes.FLOAT32, torch.Size([2, 3]))]) as w:
         w.write("a", torch.zeros(2, 3))
     assert read_header(path).entries["a"].shape == (2, 3)

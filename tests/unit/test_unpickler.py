@@ -744,7 +744,7 @@ def test_real_megatron_checkpoint_loads_restricted(megatron_checkpoint: Path) ->
         "megatron.core.enums", "ModelType", (1,))
 
     with DcpReader(ckpt) as reader:
-        state = {fqn: torch.empty(t.shape, dtype=t.dtype)
+        state = {fqn: torch.empty(t.shape, dtype=t.dtype.torch)
                  for fqn, t in reader.index.tensors.items()}
         state.update(dict.fromkeys(reader.index.blobs))
         dcp.load(state, storage_reader=FileSystemReader(ckpt), no_dist=True,

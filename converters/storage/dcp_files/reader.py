@@ -10,10 +10,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ckpt_ir import dtypes
 from ckpt_ir.converters.storage.dcp_files.records import (
     METADATA_FILE,
     Box,
@@ -42,6 +41,9 @@ from ckpt_ir.errors import CorruptCheckpointError, FormatError, InternalError
 from ckpt_ir.safety.files import read_bytes
 from ckpt_ir.safety.unpickler import load_pickle, load_torch, load_torch_buffer, map_file
 from ckpt_ir.slabs import mapping_address, offset_in_mapping
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _int_tuple(value: Any) -> tuple[int, ...] | None:
@@ -124,12 +126,15 @@ class _IndexBuilder:
 
     def tensor(self, fqn: str, md: TensorStorageMetadata,
                records: Mapping[tuple[str, tuple[int, ...] | None], _StorageInfo]) -> DcpTensor:
+        import torch
+
         props = getattr(md, "properties", None)
         dtype = getattr(props, "dtype", None)
         size = getattr(md, "size", None)
         shape = _int_tuple(size)
         if not isinstance(props, TensorProperties) or not isinstance(dtype, torch.dtype):
             raise self.corrupt(f"tensor {fqn!r} has no valid dtype", fqn)
+        dtype = dtypes.from_torch(dtype)
         if shape is None or any(n < 0 for n in shape):
             raise self.corrupt(f"tensor {fqn!r} has invalid shape {size!r}", fqn)
         chunk_list = getattr(md, "chunks", None)
@@ -278,8 +283,10 @@ class DcpReader:
         return None
 
     def _chunk(self, tensor: DcpTensor, chunk: DcpChunk) -> torch.Tensor:
+        import torch
+
         data = self._load(chunk.file, chunk.offset, chunk.length)
-        if (not isinstance(data, torch.Tensor) or data.dtype != tensor.dtype
+        if (not isinstance(data, torch.Tensor) or data.dtype != tensor.dtype.torch
                 or tuple(data.shape) != chunk.sizes):
             found = (f"{data.dtype} {tuple(data.shape)}" if isinstance(data, torch.Tensor)
                      else type(data).__qualname__)
@@ -316,6 +323,8 @@ class DcpReader:
             InternalError: ``fqn`` is not a tensor of the index or the box leaves its shape
                 (callers plan from ``index``).
         """
+        import torch
+
         tensor = self.index.tensors.get(fqn)
         if tensor is None:
             raise InternalError(f"read_region: {fqn!r} is not a tensor of {self.directory}")
@@ -326,7 +335,7 @@ class DcpReader:
             raise InternalError(f"read_region: box {region} is outside {fqn!r} "
                                 f"of shape {tensor.shape}")
         if _volume(region[1]) == 0:
-            return torch.empty(region[1], dtype=tensor.dtype)
+            return torch.empty(region[1], dtype=tensor.dtype.torch)
         hits = self._overlapping(tensor, region)
         for chunk in hits:
             if _contains((chunk.offsets, chunk.sizes), region):
@@ -334,7 +343,7 @@ class DcpReader:
                 for d, (o, s) in enumerate(zip(*region, strict=True)):
                     view = view.narrow(d, o - chunk.offsets[d], s)
                 return view
-        out = torch.empty(region[1], dtype=tensor.dtype)
+        out = torch.empty(region[1], dtype=tensor.dtype.torch)
         for chunk in hits:
             common = _intersection((chunk.offsets, chunk.sizes), region)
             if common is None:

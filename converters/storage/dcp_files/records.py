@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ckpt_ir.dtypes import DType
+
+if TYPE_CHECKING:
+    import torch
+
 
 METADATA_FILE = ".metadata"
 
@@ -32,7 +37,7 @@ class DcpTensor:
 
     fqn: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     chunks: tuple[DcpChunk, ...]
 
 
