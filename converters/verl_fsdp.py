@@ -489,7 +489,7 @@ class VerlFsdpReader:
                 raise CorruptCheckpointError(
                     f"{path.name} has no ShardedTensor {key} (rank 0 has one)", path=path,
                     tensor=key)
-            if value.shape != spec.shape or value.dtype != spec.dtype:
+            if value.shape != spec.shape or value.dtype != spec.dtype.torch:
                 raise CorruptCheckpointError(
                     f"{path.name} says {key} is {value.shape} {value.dtype}, rank 0 says "
                     f"{spec.shape} {spec.dtype}", path=path, tensor=key)
@@ -501,7 +501,7 @@ class VerlFsdpReader:
             held = []
             for shard in value.local_shards:
                 sizes = tuple(shard.metadata.shard_sizes)
-                if tuple(shard.tensor.shape) != sizes or shard.tensor.dtype != spec.dtype:
+                if tuple(shard.tensor.shape) != sizes or shard.tensor.dtype != spec.dtype.torch:
                     raise CorruptCheckpointError(
                         f"{path.name} holds a {tuple(shard.tensor.shape)} {shard.tensor.dtype} "
                         f"shard of {key} whose metadata says {sizes} {spec.dtype}", path=path,
