@@ -36,9 +36,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckpt_ir import dtypes
 from ckpt_ir.architectures import lookup
@@ -74,6 +72,9 @@ from ckpt_ir.megatron_config import padded_vocab_size
 from ckpt_ir.probes import find_config_dir
 from ckpt_ir.safety.unpickler import load_torch, load_torch_buffer, map_file
 from ckpt_ir.tables import PIPELINE_TAIL, Binding, NativeParams, Table, build_table
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "EXTRA_STATE_MODULES",
@@ -392,6 +393,8 @@ class PerRankReader:
         """A one-row output layer is verl's critic value head (``LinearForLastLayer(H, 1)``,
         whole on every TP rank), whatever the saved HF config says: read the model as the
         token-classification model it is."""
+        import torch
+
         if self.config.is_value_model:
             return
         head = lm_prefix(self.config) + OUTPUT_LAYER if self.naming == "mcore" \
@@ -454,6 +457,8 @@ class PerRankReader:
         return etp
 
     def _expert_tp_from_shapes(self, tp: int, pp: int) -> int:
+        import torch
+
         size = self.config.moe_intermediate_size
         for p in range(pp):
             for chunk in self._state[RankKey(0, p, 0)]:
@@ -617,6 +622,8 @@ class PerRankReader:
 
     def _index_key(self, key: str, p: int, v: int, tp: int, placement: Placement, table: Table,
                    schema: Mapping[str, tuple[int, ...]], e: int = 0, ep: int = 1) -> None:
+        import torch
+
         prefix = layer_prefix(self.naming, self.config)
         split = _split_layer(key, prefix)
         name = key if split is None else \
@@ -967,6 +974,8 @@ class PerRankWriter:
                 self._close_file(key, f)
 
     def _close_file(self, key: RankKey, f: _RankFile) -> None:
+        import torch
+
         if f.writer is None:
             raise InternalError(f"{f.path} was never opened")
         chunks: list[OrderedDict[str, Any]] = []

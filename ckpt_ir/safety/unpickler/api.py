@@ -12,8 +12,6 @@ import os
 import pickle
 from typing import Any, BinaryIO
 
-import torch
-
 from ckpt_ir import dcp_types
 from ckpt_ir.errors import CorruptCheckpointError
 from ckpt_ir.safety.files import open_regular
@@ -37,13 +35,18 @@ def _warn_trusted(where: str, path: str | None = None) -> None:
 
 
 def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | None = None,
-                trust: bool = False) -> Any:
+                trust: bool = False, torch_free: bool = False) -> Any:
     """Unpickle a plain pickle (DCP ``.metadata``) through the allow-list.
 
     Args:
         data: the pickle bytes, or a binary file positioned at its start.
         path: shown in error messages and stored on raised errors.
         trust: use plain :func:`pickle.loads` (runs code from the file; logs a warning).
+        torch_free: metadata mode, for a pickle read only as metadata: ``torch.Size``,
+            ``torch.<dtype>`` and the strided layout come back as tuples,
+            :class:`~ckpt_ir.dtypes.DType` and :data:`~ckpt_ir.safety.unpickler.allow_list.
+            STRIDED`, and torch is imported only if the pickle names another torch global
+            (see :class:`RestrictedUnpickler`). Ignored with ``trust``.
 
     Raises:
         UnsafeCheckpointError: a global outside the allow-list; nothing was executed.
@@ -55,7 +58,7 @@ def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | 
     if trust:
         _warn_trusted(where)
         return _TrustingUnpickler(io.BytesIO(data)).load()
-    return _unpickle(data, where, path)
+    return _unpickle(data, where, path, torch_free=torch_free)
 
 
 class _TrustingUnpickler(pickle.Unpickler):
@@ -89,6 +92,8 @@ def load_torch(path: str | os.PathLike[str], *, offset: int = 0, length: int | N
         length = size - offset if length is None else length
         _check_range(name, size, offset, length)
         _warn_trusted(_where(name, offset, length, offset == 0 and length == size), name)
+        import torch
+
         if offset == 0 and length == size:
             return torch.load(name, map_location="cpu", weights_only=False, mmap=True)
         with open_regular(name) as file:
@@ -147,5 +152,7 @@ def load_torch_bytes(data: bytes | bytearray | memoryview, *, path: str | None =
     where = "<memory>" if path is None else path
     if trust:
         _warn_trusted(where)
+        import torch
+
         return torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=False)
     return load_torch_buffer(bytearray(data), path=path)

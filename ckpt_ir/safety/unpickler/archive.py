@@ -11,9 +11,10 @@ import struct
 import sys
 import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
 from ckpt_ir.safety.unpickler.allow_list import _check
@@ -158,6 +159,8 @@ class _Archive:
         return bytes(memoryview(self._buffer)[record.offset:record.offset + record.size])
 
     def storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
+        import torch  # an archive's storages are torch's; a .metadata load never gets here
+
         cached = self._storages.get(key)
         if cached is not None:
             _check(cached[1:] == (dtype, numel), f"storage {key} is used with two dtypes/sizes")
