@@ -12,7 +12,10 @@ same way), so:
   ``pickle.dumps`` of torch's own objects gives (a test compares the two), and torch's DCP
   reader and megatron-core load it as their own.
 
-Pure data, no behaviour beyond what pickling needs.
+Pure data, no behaviour beyond what pickling needs. Importing it imports no torch (the
+defaults and the memory-format table are looked up when used): ``ckpt-ir inspect`` reads a
+``.metadata`` into these classes with torch's sizes and dtypes as tuples and
+:class:`~ckpt_ir.dtypes.DType` (:func:`set_properties_state_as_data`).
 """
 
 from __future__ import annotations
