@@ -94,12 +94,19 @@ def test_inspect_of_an_hf_directory_imports_no_torch(tmp_path: Path) -> None:
     assert (info["format"], info["dtypes"], info["ir_tensors"]) == ("hf", ["bfloat16"], 21), info
 
 
-def test_inspect_of_an_mcore_dist_directory_imports_no_torch(tmp_path: Path) -> None:
-    # The .metadata pickle is read in the unpickler's metadata mode (torch.Size -> tuple,
+@pytest.mark.parametrize(("to", "options"), [
+    ("mcore-dist", {}),
+    ("megatron-legacy", {"layout": {"tp": 2}, "pad_vocab_to_multiple": 8}),
+    ("verl-legacy", {"layout": {"tp": 2}, "pad_vocab_to_multiple": 8}),
+])
+def test_inspect_of_pickled_formats_imports_no_torch(tmp_path: Path, to: str,
+                                                     options: dict) -> None:
+    # mcore-dist: .metadata read in the unpickler's metadata mode (torch.Size -> tuple,
     # torch.bfloat16 -> DType); common.pt is not opened when hf_config/ has the config.
+    # Per-rank: the rank files' tensors read as records (shape, stride, DType), no tensor built.
     write_hf(tmp_path / "hf")
-    src = tmp_path / "dist"
-    ckpt_ir.convert(tmp_path / "hf", src, "mcore-dist")
+    src = tmp_path / to
+    ckpt_ir.convert(tmp_path / "hf", src, to, **options)
     for argv in (["inspect", str(src), "--json"], ["inspect", str(src)]):
         printed, got = _run_probe(argv)
         assert got == {"code": 0, "imported": []}, (argv, got)
@@ -107,5 +114,4 @@ def test_inspect_of_an_mcore_dist_directory_imports_no_torch(tmp_path: Path) -> 
         assert report["code"] == 0 and "torch" in report["imported"]
         assert printed == with_torch, argv
     info = json.loads(_run_probe(["inspect", str(src), "--json"])[0])
-    assert (info["format"], info["dtypes"], info["ir_tensors"]) == ("mcore-dist", ["bfloat16"],
-                                                                     21), info
+    assert (info["format"], info["dtypes"], info["ir_tensors"]) == (to, ["bfloat16"], 21), info

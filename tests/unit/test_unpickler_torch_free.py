@@ -8,15 +8,20 @@ encoding), and exactly the same refusals.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import io
 import json
 import pickle
 import re
 import subprocess
 import sys
+import warnings
+from collections import OrderedDict
 from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -24,10 +29,12 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 import ckpt_ir
 from ckpt_ir import dcp_types, dtypes
+from ckpt_ir.converters.per_rank import _as_tensor
 from ckpt_ir.converters.storage.dcp_files import read_index
 from ckpt_ir.errors import CheckpointError
-from ckpt_ir.safety.unpickler import load_pickle
-from ckpt_ir.safety.unpickler.allow_list import STRIDED, LayoutName
+from ckpt_ir.safety.unpickler import load_pickle, load_torch_buffer
+from ckpt_ir.safety.unpickler.allow_list import _STORAGE_CLASSES, STRIDED, LayoutName
+from ckpt_ir.safety.unpickler.records import TensorRecord
 from tests.fixtures import write_hf
 
 _ALL_DTYPES = [v for v in vars(dtypes).values() if isinstance(v, dtypes.DType)]
@@ -98,6 +105,7 @@ def test_metadata_mode_reads_the_values_the_default_mode_reads(tmp_path: Path, w
 # metadata mode leaves torch unimported.
 _PROBE = """
 import json, sys
+from ckpt_ir.converters.per_rank import _as_tensor
 from ckpt_ir.converters.storage.dcp_files import read_index
 index = read_index(sys.argv[1])
 print(json.dumps({"torch": "torch" in sys.modules,
@@ -166,3 +174,108 @@ def test_metadata_mode_refuses_what_the_default_mode_refuses(data: bytes) -> Non
             message = re.sub(r"^refusing to call '[^']*'", "refusing to call '…'", str(exc))
             outcomes.append((type(exc).__name__, message))
     assert outcomes[0] == outcomes[1]
+
+
+# ---- torch.save archives in metadata mode (per-rank `inspect`) -------------------------------
+
+
+def _saved(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8) if t.numel() and t.is_contiguous() else \
+        t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _outcome(data: bytes, metadata_only: bool) -> Any:
+    """What a load gives, as comparable data: tensors and tensor records alike as their dtype,
+    geometry and bytes; or the error."""
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, TensorRecord):
+            obj = _as_tensor(obj)  # a view of the same mapped bytes
+        if isinstance(obj, torch.Tensor):
+            return ("tensor", dtypes.of(obj), tuple(obj.shape), obj.stride(),
+                    obj.storage_offset(), bytes(_bits(obj).numpy()))
+        if isinstance(obj, dict):
+            return ("dict", type(obj).__name__, tuple((k, walk(v)) for k, v in obj.items()))
+        if isinstance(obj, (list, tuple)):
+            return ("seq", tuple(walk(v) for v in obj))
+        if isinstance(obj, argparse.Namespace):
+            return ("ns", walk(vars(obj)))
+        if isinstance(obj, torch.dtype):
+            return dtypes.from_torch(obj)
+        if isinstance(obj, io.BytesIO):
+            return ("bytesio", obj.getvalue())
+        if isinstance(obj, np.ndarray):
+            return ("array", obj.dtype.str, obj.tobytes())
+        return obj
+
+    try:
+        return ("ok", walk(load_torch_buffer(bytearray(data), path="r.pt",
+                                             metadata_only=metadata_only)))
+    except CheckpointError as exc:
+        return (type(exc).__name__,
+                re.sub(r"^refusing to call '[^']*'", "refusing to call '…'", str(exc)))
+
+
+def _base() -> torch.Tensor:
+    return torch.arange(48, dtype=torch.float32).reshape(6, 8).to(torch.bfloat16)
+
+
+_ARCHIVES = {
+    **{f"dtype {d}": (lambda d=d: {"w": torch.ones(3, 2, dtype=d)})
+       for d in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                 torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint16,
+                 torch.uint32, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64)},
+    "views of one storage": lambda: (lambda b: {"a": b[0:2], "b": b[2:4],
+                                                 "c": b[4:, ::2]})(_base()),
+    "tied weights": lambda: (lambda b: {"a": b, "b": b})(_base()),
+    "empty, scalar, parameter": lambda: {"e": torch.zeros(0, 5), "s": torch.tensor(2.5),
+                                         "p": torch.nn.Parameter(torch.ones(2, 2))},
+    "a parameter with attributes": lambda: {"p": (lambda p: (setattr(p, "tag", 1), p)[1])(
+        torch.nn.Parameter(torch.ones(2)))},
+    "megatron-like file": lambda: {
+        "model": OrderedDict(w=torch.ones(4, 4, dtype=torch.bfloat16),
+                             x=io.BytesIO(b"extra")),
+        "args": argparse.Namespace(params_dtype=torch.bfloat16, tensor_model_parallel_size=2),
+        "rng_state": [{"np": np.random.RandomState(0).get_state(),
+                       "torch": torch.get_rng_state()}],
+        "iteration": 7},
+    "a quantized tensor": lambda: {"q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0,
+                                                                  torch.quint8)},
+    "stride 0": lambda: {"w": _base().reshape(-1)[:1].as_strided((2**16, 2**15), (0, 0))},
+    "expanded": lambda: {"w": _base()[0:1].expand(5, 8)},
+    "overlap": lambda: (lambda b: {"a": b[0:4], "b": b[2:6]})(_base()),
+    "inside": lambda: (lambda b: {"a": b, "b": b[1:4]})(_base()),
+    "same bytes, another view": lambda: (lambda b: {"a": b[0:2], "b": b[0:2].t()})(_base()),
+    "a device": lambda: {"d": torch.device("cpu")},
+    "a torch function": lambda: {"f": torch.nn.functional.silu},
+}
+
+
+@pytest.mark.parametrize("build", list(_ARCHIVES.values()), ids=list(_ARCHIVES))
+def test_archives_in_metadata_mode_read_and_refuse_what_the_default_mode_does(build) -> None:
+    data = _saved(build())
+    default, records = _outcome(data, False), _outcome(data, True)
+    assert records == default
+
+
+def test_metadata_mode_builds_records_not_tensors() -> None:
+    got = load_torch_buffer(bytearray(_saved({"w": _base(), "v": _base()[1:3, ::2]})),
+                            metadata_only=True)
+    assert all(type(t) is TensorRecord for t in got.values())
+    assert (got["v"].shape, got["v"].stride(), got["v"].offset, got["v"].dtype) == \
+        ((2, 4), (8, 2), 8, dtypes.BFLOAT16)
+    assert got["w"].contiguous_bytes() == bytes(_bits(_base()).numpy())
+    assert got["v"].contiguous_bytes() is None
+
+
+@pytest.mark.parametrize("name", list(_STORAGE_CLASSES))
+def test_each_storage_class_stands_for_torchs_dtype(name: str) -> None:
+    # Metadata mode reads a storage's element type from its class's name.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _STORAGE_CLASSES[name].torch == getattr(torch, name).dtype

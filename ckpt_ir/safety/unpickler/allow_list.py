@@ -22,7 +22,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from ckpt_ir import dcp_types, dtypes
-from ckpt_ir.safety.unpickler import dtensor, sharded_tensor
+from ckpt_ir.safety.unpickler import dtensor, records, sharded_tensor
 from ckpt_ir.safety.unpickler.stand_ins import StandIn, _StandInMeta
 
 if TYPE_CHECKING:
@@ -50,6 +50,11 @@ _MIN_TREE_NODES = 1 << 20
 
 class _Refused(pickle.UnpicklingError):
     """An allowed name used in a way the allow-list does not admit (becomes Unsafe...Error)."""
+
+
+class _NeedsTorch(Exception):
+    """Metadata mode met a torch global outside its torch-free rules: the loader redoes the
+    whole load in the default mode, so such a pickle gets exactly the default's checks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,12 +260,7 @@ def _check_keys(keys: Any) -> None:
 
 
 _BASE_LEAVES = (str, int, float, bool, bytes, bytearray, complex, type(None), type,
-                dtypes.DType)
-
-
-class _NoTensor:
-    """Stands for ``torch.Tensor`` in the graph checks while torch is not imported: then no
-    loaded object can be a tensor (nothing else builds one)."""
+                dtypes.DType, records.StorageClass, records.StorageRecord)
 
 
 def _leaves() -> tuple[type, ...]:
@@ -270,9 +270,10 @@ def _leaves() -> tuple[type, ...]:
     return (*_BASE_LEAVES, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
-def _tensor_type() -> type:
+def _tensor_type() -> tuple[type, ...]:
+    # Tensors and metadata mode's tensor records (one load has one kind or the other).
     torch = sys.modules.get("torch")
-    return _NoTensor if torch is None else torch.Tensor
+    return (records.TensorRecord,) if torch is None else (records.TensorRecord, torch.Tensor)
 
 
 def _children(obj: Any, leaves: tuple[type, ...]
@@ -329,7 +330,7 @@ def _check_graph(root: Any, nbytes: int) -> list[torch.Tensor]:
         for child in frame[1]:
             known = done.get(id(child))
             if known is None:
-                if isinstance(child, tensor_type) and not vars(child):
+                if isinstance(child, tensor_type) and not getattr(child, "__dict__", None):
                     tensors.append(child)
                     done[id(child)] = (0, 1)
                     known = (0, 1)
@@ -366,7 +367,7 @@ def _view_extent(t: torch.Tensor) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
 
 
-def _check_disjoint_views(tensors: list[torch.Tensor]) -> None:
+def _check_disjoint_views(tensors: list[Any]) -> None:
     """Distinct tensors may not share bytes unless they are the same view (tied weights).
 
     Byte ranges are absolute addresses in the mapped file, so records that a crafted zip
@@ -377,7 +378,8 @@ def _check_disjoint_views(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         if t.numel() == 0:
             continue
-        start = t.untyped_storage().data_ptr() + t.storage_offset() * t.dtype.itemsize
+        start = t.start() if isinstance(t, records.TensorRecord) else \
+            t.untyped_storage().data_ptr() + t.storage_offset() * t.dtype.itemsize
         spans.append((start, start + _view_extent(t) * t.dtype.itemsize,
                       (t.dtype, tuple(t.shape), t.stride())))
     spans.sort(key=lambda s: (s[0], s[1]))
@@ -402,15 +404,31 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
     _check(type(storage) is torch.storage.TypedStorage,
            "tensor rebuilt from something that is not a storage")
     _check(isinstance(dtype, torch.dtype), "tensor dtype is not a torch.dtype")
+    untyped = storage._untyped_storage
+    size, stride = _check_view(offset, size, stride, requires_grad, dtype, untyped.nbytes())
+    tensor = torch.empty((0,), dtype=dtype).set_(untyped, offset, size, stride)
+    if requires_grad:
+        tensor.requires_grad_(True)
+    if metadata:
+        _check_tensor_metadata(metadata)
+        torch._utils.set_tensor_metadata(tensor, metadata)
+    # backward_hooks are ignored on purpose: torch never saves real hooks, and installing
+    # objects from a file as hooks would let them run during backward.
+    return tensor
+
+
+def _check_view(offset: Any, size: Any, stride: Any, requires_grad: Any, dtype: Any,
+                nbytes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The checks of a tensor view over a storage of ``nbytes`` bytes (torch tensors and
+    metadata-mode :class:`~ckpt_ir.safety.unpickler.records.TensorRecord` alike)."""
     _check(_is_int(offset) and offset >= 0, "tensor storage offset is invalid")
     size = _int_tuple(size, "tensor size")
     stride = _int_tuple(stride, "tensor stride")
     _check(len(size) == len(stride), "tensor size and stride differ in length")
     _check(type(requires_grad) is bool, "requires_grad is not a bool")
-    untyped = storage._untyped_storage
     itemsize = dtype.itemsize
     _check(itemsize > 0, f"unsupported dtype {dtype}")
-    capacity = untyped.nbytes() // itemsize
+    capacity = nbytes // itemsize
     if math.prod(size):
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         _check(last < capacity, "tensor view reaches past the end of its storage")
@@ -424,18 +442,14 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
             reach = s * n
     else:
         _check(offset <= capacity, "tensor storage offset is past the end of its storage")
-    tensor = torch.empty((0,), dtype=dtype).set_(untyped, offset, size, stride)
-    if requires_grad:
-        tensor.requires_grad_(True)
-    if metadata:
-        # torch only ever writes the conj/neg bits here.
-        _check(isinstance(metadata, dict) and set(metadata) <= {"conj", "neg"}
-               and all(type(v) is bool for v in metadata.values()),
-               "unsupported tensor metadata")
-        torch._utils.set_tensor_metadata(tensor, metadata)
-    # backward_hooks are ignored on purpose: torch never saves real hooks, and installing
-    # objects from a file as hooks would let them run during backward.
-    return tensor
+    return size, stride
+
+
+def _check_tensor_metadata(metadata: Any) -> None:
+    # torch only ever writes the conj/neg bits here.
+    _check(isinstance(metadata, dict) and set(metadata) <= {"conj", "neg"}
+           and all(type(v) is bool for v in metadata.values()),
+           "unsupported tensor metadata")
 
 
 def _rebuild_tensor_v2(*args: Any) -> torch.Tensor:
@@ -780,23 +794,79 @@ def _layout_as_name(*args: Any) -> Any:
     return _safe_get_layout(*args)
 
 
+def _make_record(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
+                 requires_grad: Any, metadata: Any) -> records.TensorRecord:
+    """:func:`_make_tensor` in metadata mode: the same checks, a record instead of a view."""
+    _check(type(storage) is records.StorageRecord,
+           "tensor rebuilt from something that is not a storage")
+    _check(isinstance(dtype, dtypes.DType), "tensor dtype is not a torch.dtype")
+    size, stride = _check_view(offset, size, stride, requires_grad, dtype, storage.nbytes)
+    if metadata:
+        _check_tensor_metadata(metadata)  # conj/neg bits: values, not metadata; not kept
+    return records.TensorRecord(storage, offset, size, stride, dtype, requires_grad)
+
+
+def _record_v2(*args: Any) -> records.TensorRecord:
+    _argc("_rebuild_tensor_v2", args, 6, 7)
+    storage = args[0]
+    _check(type(storage) is records.StorageRecord, "tensor rebuilt without a storage")
+    metadata = args[6] if len(args) == 7 else None
+    return _make_record(storage, args[1], args[2], args[3], storage.dtype, args[4], metadata)
+
+
+def _record_v3(*args: Any) -> records.TensorRecord:
+    _argc("_rebuild_tensor_v3", args, 7, 8)
+    metadata = args[7] if len(args) == 8 else None
+    return _make_record(args[0], args[1], args[2], args[3], args[6], args[4], metadata)
+
+
+def _record_parameter(*args: Any) -> records.TensorRecord:
+    _argc("_rebuild_parameter", args, 3, 3)
+    _check(isinstance(args[0], records.TensorRecord) and type(args[1]) is bool,
+           "invalid parameter")
+    t = args[0]
+    return records.TensorRecord(t.storage, t.offset, t.shape, t.strides, t.dtype, args[1])
+
+
+# torch's legacy storage classes (torch.<Name>Storage) and their element types; a test checks
+# each against torch's own class.
+_STORAGE_CLASSES = {
+    "DoubleStorage": dtypes.FLOAT64, "FloatStorage": dtypes.FLOAT32,
+    "HalfStorage": dtypes.FLOAT16, "BFloat16Storage": dtypes.BFLOAT16,
+    "LongStorage": dtypes.INT64, "IntStorage": dtypes.INT32, "ShortStorage": dtypes.INT16,
+    "CharStorage": dtypes.INT8, "ByteStorage": dtypes.UINT8, "BoolStorage": dtypes.BOOL,
+    "ComplexFloatStorage": dtypes.COMPLEX64, "ComplexDoubleStorage": dtypes.COMPLEX128,
+}
+
+
 @cache
 def _metadata_table() -> dict[tuple[str, str], _Rule]:
     rules = {
         ("torch", "Size"): _function(_size_as_tuple),
         ("torch.serialization", "_get_layout"): _function(_layout_as_name),
+        ("torch._utils", "_rebuild_tensor_v2"): _function(_record_v2),
+        ("torch._utils", "_rebuild_tensor_v3"): _function(_record_v3),
+        ("torch._utils", "_rebuild_parameter"): _function(_record_parameter),
     }
+    for name, dtype in _STORAGE_CLASSES.items():
+        rules[("torch", name)] = _Rule(records.StorageClass(name, dtype))
+    untyped = _Rule(records.StorageClass("UntypedStorage", dtypes.UINT8))  # counted in bytes
+    rules[("torch", "UntypedStorage")] = untyped
+    rules[("torch.storage", "UntypedStorage")] = untyped
     _register(rules)
     return rules
 
 
 def _metadata_rule(module: str, name: str) -> _Rule | None:
-    """Metadata mode's rule for a torch global, or None (then torch's own rule applies).
+    """Metadata mode's rule for a torch global, or None (then the load is redone in the
+    default mode: :class:`_NeedsTorch`).
 
     ``torch.Size`` builds a checked tuple, ``torch.<dtype>`` is ckpt-ir's
     :class:`~ckpt_ir.dtypes.DType` of that name (each one is torch's dtype of the same name:
-    tests/unit/test_unpickler_torch_free.py), ``torch.strided`` a :class:`LayoutName`. For
-    code that only reads the metadata (shapes, dtypes, chunks); tensors are never built from it.
+    tests/unit/test_unpickler_torch_free.py), ``torch.strided`` a :class:`LayoutName`, a storage
+    class a :class:`~ckpt_ir.safety.unpickler.records.StorageClass` and the tensor rebuilders
+    :class:`~ckpt_ir.safety.unpickler.records.TensorRecord` s. For code that only reads the
+    metadata (shapes, dtypes, where the bytes are); no tensor or storage is built.
     """
     rule = _metadata_table().get((module, name))
     if rule is None and module == "torch":

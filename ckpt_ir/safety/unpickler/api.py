@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 from ckpt_ir import dcp_types
 from ckpt_ir.errors import CorruptCheckpointError
 from ckpt_ir.safety.files import open_regular
+from ckpt_ir.safety.unpickler.allow_list import _NeedsTorch
 from ckpt_ir.safety.unpickler.archive import _Archive, _where
 from ckpt_ir.safety.unpickler.machine import _unpickle
 
@@ -45,8 +46,8 @@ def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | 
         torch_free: metadata mode, for a pickle read only as metadata: ``torch.Size``,
             ``torch.<dtype>`` and the strided layout come back as tuples,
             :class:`~ckpt_ir.dtypes.DType` and :data:`~ckpt_ir.safety.unpickler.allow_list.
-            STRIDED`, and torch is imported only if the pickle names another torch global
-            (see :class:`RestrictedUnpickler`). Ignored with ``trust``.
+            STRIDED`; a pickle naming any other torch global is loaded in the default mode
+            instead (importing torch; see :class:`RestrictedUnpickler`). Ignored with ``trust``.
 
     Raises:
         UnsafeCheckpointError: a global outside the allow-list; nothing was executed.
@@ -58,7 +59,12 @@ def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | 
     if trust:
         _warn_trusted(where)
         return _TrustingUnpickler(io.BytesIO(data)).load()
-    return _unpickle(data, where, path, torch_free=torch_free)
+    if torch_free:
+        try:
+            return _unpickle(data, where, path, torch_free=True)
+        except _NeedsTorch:
+            pass  # names a torch global metadata mode has no rule for: the default's rules
+    return _unpickle(data, where, path)
 
 
 class _TrustingUnpickler(pickle.Unpickler):
@@ -121,11 +127,15 @@ def map_file(path: str | os.PathLike[str]) -> mmap.mmap:
 
 
 def load_torch_buffer(buffer: mmap.mmap | bytearray, *, offset: int = 0,
-                      length: int | None = None, path: str | None = None) -> Any:
+                      length: int | None = None, path: str | None = None,
+                      metadata_only: bool = False) -> Any:
     """Restricted load of the ``torch.save`` archive at ``buffer[offset:offset + length]``.
 
     Tensors are views of ``buffer`` (keep it writable-private: :func:`map_file` or a
-    ``bytearray``). ``path`` names the file in errors.
+    ``bytearray``). ``path`` names the file in errors. ``metadata_only``: tensors come back
+    as :class:`~ckpt_ir.safety.unpickler.records.TensorRecord` (shape, stride, ``DType``,
+    where the bytes are), after the same checks, without importing torch; an archive whose
+    pickle names a torch global metadata mode has no rule for is loaded as tensors instead.
     """
     size = len(buffer)
     length = size - offset if length is None else length
@@ -134,7 +144,7 @@ def load_torch_buffer(buffer: mmap.mmap | bytearray, *, offset: int = 0,
     where = _where(path, offset, length, offset == 0 and length == size)
     if length == 0:
         raise CorruptCheckpointError(f"{where} is empty", path=path)
-    return _Archive(buffer, offset, length, where, path).load()
+    return _Archive(buffer, offset, length, where, path).load(metadata_only=metadata_only)
 
 
 def _check_range(name: str, size: int, offset: int, length: int) -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 from ckpt_ir import dcp_types
 from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from ckpt_ir.safety.unpickler import sharded_tensor
+from ckpt_ir.safety.unpickler import records, sharded_tensor
 from ckpt_ir.safety.unpickler.allow_list import (
     _MODULE_ALIASES,
     _base_table,
@@ -32,6 +32,7 @@ from ckpt_ir.safety.unpickler.allow_list import (
     _dict_state_types,
     _is_int,
     _metadata_rule,
+    _NeedsTorch,
     _numpy_rule,
     _Refused,
     _rule_for,
@@ -61,10 +62,12 @@ class RestrictedUnpickler(pickle._Unpickler):
     ``(module, name)`` the pickle asked for, allowed or not.
 
     ``torch_free`` (metadata mode, for pickles read only as metadata): ``torch.Size``,
-    ``torch.<dtype>`` and the strided layout resolve to a checked tuple, a
-    :class:`~ckpt_ir.dtypes.DType` and a layout name, so a DCP ``.metadata`` loads without
-    importing torch. Every other torch global resolves through the same rules as ever
-    (importing torch then); nothing is admitted that the default mode refuses.
+    ``torch.<dtype>``, the strided layout, storage classes and the tensor rebuilders resolve to
+    a checked tuple, a :class:`~ckpt_ir.dtypes.DType`, a layout name and
+    :mod:`~ckpt_ir.safety.unpickler.records` (after the default rules' checks), so a DCP
+    ``.metadata`` or a ``torch.save`` archive loads without importing torch. Any other torch
+    global raises :class:`_NeedsTorch`: the caller redoes the load in the default mode, so
+    nothing is admitted that the default mode refuses.
     """
 
     dispatch: ClassVar[dict[int, Callable[..., None]]] = dict(pickle._Unpickler.dispatch)
@@ -85,7 +88,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         if self._torch_free:
             rule = _metadata_rule(module, name) or _base_table().get((module, name))
             if rule is None and module.split(".", 1)[0] == "torch":
-                rule = _table().get((module, name))  # imports torch: a tensor-building name
+                raise _NeedsTorch(f"{module}.{name}")
         else:
             rule = _table().get((module, name))
         if rule is None and module.split(".", 1)[0] == "numpy":
@@ -105,7 +108,10 @@ class RestrictedUnpickler(pickle._Unpickler):
         _check(isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage",
                "unsupported persistent id")
         _, storage_type, key, _location, numel = pid
-        dtype = _storage_dtype_by_identity().get(id(storage_type))
+        if self._torch_free:
+            dtype = storage_type.dtype if type(storage_type) is records.StorageClass else None
+        else:
+            dtype = _storage_dtype_by_identity().get(id(storage_type))
         if dtype is None:
             raise pickle.UnpicklingError("persistent id names an unknown storage type")
         _check(isinstance(key, str) and _is_int(numel) and numel >= 0,
@@ -310,6 +316,8 @@ def _unpickle(data: bytes | bytearray | memoryview, where: str, path: str | None
                                      torch_free=torch_free).load()
         _check_disjoint_views(_check_graph(result, len(data)))
         return result
+    except _NeedsTorch:
+        raise  # metadata mode: the caller loads again in the default mode
     except _Refused as exc:
         raise UnsafeCheckpointError(f"{exc} in {where} ({_TRUST_HINT})", path=path) from exc
     except UnsafeCheckpointError as exc:
