@@ -12,7 +12,10 @@ same way), so:
   ``pickle.dumps`` of torch's own objects gives (a test compares the two), and torch's DCP
   reader and megatron-core load it as their own.
 
-Pure data, no behaviour beyond what pickling needs.
+Pure data, no behaviour beyond what pickling needs. Importing it imports no torch (the
+defaults and the memory-format table are looked up when used): ``ckpt-ir inspect`` reads a
+``.metadata`` into these classes with torch's sizes and dtypes as tuples and
+:class:`~ckpt_ir.dtypes.DType` (:func:`set_properties_state_as_data`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DCP_CLASSES",
@@ -59,11 +63,34 @@ class MemFormatEncoding(Enum):
     TORCH_PRESERVE_FORMAT = 2
 
 
-_MEMORY_FORMATS = {
-    MemFormatEncoding.TORCH_CONTIGUOUS_FORMAT: torch.contiguous_format,
-    MemFormatEncoding.TORCH_CHANNELS_LAST: torch.channels_last,
-    MemFormatEncoding.TORCH_PRESERVE_FORMAT: torch.preserve_format,
-}
+def _memory_formats() -> dict[MemFormatEncoding, torch.memory_format]:
+    # torch's objects, looked up when a TensorProperties is built or pickled: importing this
+    # module (to read a .metadata for `inspect`) must not import torch.
+    import torch
+
+    return {
+        MemFormatEncoding.TORCH_CONTIGUOUS_FORMAT: torch.contiguous_format,
+        MemFormatEncoding.TORCH_CHANNELS_LAST: torch.channels_last,
+        MemFormatEncoding.TORCH_PRESERVE_FORMAT: torch.preserve_format,
+    }
+
+
+def _default_dtype() -> torch.dtype:
+    import torch
+
+    return torch.get_default_dtype()
+
+
+def _strided() -> torch.layout:
+    import torch
+
+    return torch.strided
+
+
+def _contiguous() -> torch.memory_format:
+    import torch
+
+    return torch.contiguous_format
 
 
 @dataclass
@@ -74,25 +101,39 @@ class ChunkStorageMetadata:
 
 @dataclass
 class TensorProperties:
-    dtype: torch.dtype = field(default_factory=torch.get_default_dtype)
-    layout: torch.layout = torch.strided
+    dtype: torch.dtype = field(default_factory=_default_dtype)
+    layout: torch.layout = field(default_factory=_strided)
     requires_grad: bool = False
-    memory_format: torch.memory_format = torch.contiguous_format
+    memory_format: torch.memory_format = field(default_factory=_contiguous)
     pin_memory: bool = False
 
     # torch.memory_format cannot be pickled; torch stores an enum in a 5-tuple instead.
     def __getstate__(self) -> tuple[Any, ...]:
-        encoding = next((e for e, f in _MEMORY_FORMATS.items() if f == self.memory_format),
-                        None)
+        encoding = next((e for e, f in _memory_formats().items()
+                         if f == self.memory_format), None)
         if encoding is None:
             raise ValueError(f"invalid memory format {self.memory_format}")
         return (self.dtype, self.layout, self.requires_grad, encoding, self.pin_memory)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.dtype, self.layout, self.requires_grad, encoding, self.pin_memory = state
-        if encoding not in _MEMORY_FORMATS:
+        formats = _memory_formats()
+        if encoding not in formats:
             raise ValueError(f"invalid memory format encoding {encoding!r}")
-        self.memory_format = _MEMORY_FORMATS[encoding]
+        self.memory_format = formats[encoding]
+
+
+def set_properties_state_as_data(props: TensorProperties, state: tuple[Any, ...]) -> None:
+    """:meth:`TensorProperties.__setstate__` for a ``.metadata`` read as data, without torch.
+
+    The restricted unpickler's metadata mode (``ckpt-ir inspect``) resolves ``torch.bfloat16``
+    to a :class:`~ckpt_ir.dtypes.DType` and the layout to a name; the memory format stays its
+    :class:`MemFormatEncoding`, checked exactly as torch's ``__setstate__`` checks it.
+    """
+    props.dtype, props.layout, props.requires_grad, encoding, props.pin_memory = state
+    if not isinstance(encoding, MemFormatEncoding):
+        raise ValueError(f"invalid memory format encoding {encoding!r}")
+    props.memory_format = encoding
 
 
 @dataclass
@@ -120,6 +161,8 @@ class MetadataIndex:
         object.__setattr__(self, "fqn", fqn)
         object.__setattr__(self, "index", index)
         if offset is not None:
+            import torch
+
             object.__setattr__(self, "offset", torch.Size(offset))
 
 

@@ -154,8 +154,12 @@ def resolve_source(src: str | os.PathLike, *, to: str | None = None,
 
 def open_reader(src: str | os.PathLike, fmt: str | None, *, hf_config=None,
                 trust_pickles: bool = False, source_ep: int | None = None,
-                resolved: Resolved | None = None) -> tuple[Any, Resolved]:
-    """The model reader for ``src`` (``resolved``: where :func:`resolve_source` found it)."""
+                resolved: Resolved | None = None,
+                metadata_only: bool = False) -> tuple[Any, Resolved]:
+    """The model reader for ``src`` (``resolved``: where :func:`resolve_source` found it).
+
+    ``metadata_only`` (``inspect``): per-rank readers read tensors as records, without torch,
+    and cannot ``read``."""
     if resolved is None:
         resolved = resolve(src)
     if fmt is not None and fmt != resolved.format:
@@ -169,6 +173,8 @@ def open_reader(src: str | os.PathLike, fmt: str | None, *, hf_config=None,
             raise FormatError(f"source_ep applies to per-rank formats, not {resolved.format}",
                               path=src)
         kwargs["source_ep"] = source_ep
+    if metadata_only and resolved.format in PER_RANK_FORMATS:
+        kwargs["metadata_only"] = True
     reader = cls(resolved.path, hf_config=hf_config, trust_pickles=trust_pickles,
                  config_candidates=resolved.config_candidates, **kwargs)
     return reader, resolved

@@ -32,13 +32,12 @@ import mmap
 import os
 import re
 import reprlib
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckpt_ir import dtypes
 from ckpt_ir.architectures import lookup
@@ -73,7 +72,11 @@ from ckpt_ir.layout import (
 from ckpt_ir.megatron_config import padded_vocab_size
 from ckpt_ir.probes import find_config_dir
 from ckpt_ir.safety.unpickler import load_torch, load_torch_buffer, map_file
+from ckpt_ir.safety.unpickler.records import TensorRecord
 from ckpt_ir.tables import PIPELINE_TAIL, Binding, NativeParams, Table, build_table
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "EXTRA_STATE_MODULES",
@@ -162,14 +165,38 @@ def list_entries(path: Path) -> list[Path]:
         raise CorruptCheckpointError(f"cannot list {path}: {e}", path=path) from e
 
 
-def load_rank_file(path: Path, *, trust: bool) -> tuple[Any, mmap.mmap | None]:
+def load_rank_file(path: Path, *, trust: bool, metadata_only: bool = False
+                   ) -> tuple[Any, mmap.mmap | None]:
     """One rank's ``torch.save`` file through the restricted unpickler, with the private
     mapping its tensors view (the caller keeps it open as long as the tensors); with
-    ``trust``, through ``torch.load`` and no mapping."""
+    ``trust``, through ``torch.load`` and no mapping. ``metadata_only``: tensors as
+    :class:`~ckpt_ir.safety.unpickler.records.TensorRecord` s, without torch (``inspect``)."""
     if trust:
         return load_torch(path, trust=True), None
     buffer = map_file(path)
-    return load_torch_buffer(buffer, path=str(path)), buffer
+    return load_torch_buffer(buffer, path=str(path), metadata_only=metadata_only), buffer
+
+
+def _is_tensor(value: Any) -> bool:
+    """A tensor, or a tensor record of a metadata-only load (only a process that imported
+    torch can hold a tensor)."""
+    if isinstance(value, TensorRecord):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    """A tensor record as the tensor a default load gives (a view of the mapped file)."""
+    import torch
+
+    if not isinstance(value, TensorRecord):
+        return value
+    storage = value.storage
+    flat = torch.frombuffer(memoryview(storage.buffer), dtype=torch.uint8, count=storage.nbytes,
+                            offset=storage.start) if storage.nbytes else \
+        torch.empty(0, dtype=torch.uint8)
+    return flat.view(value.dtype.torch).as_strided(value.shape, value.strides, value.offset)
 
 
 def resolve_rank_suffix(*, is_moe: bool, source_ep: int | None,
@@ -336,9 +363,11 @@ class PerRankReader:
 
     def __init__(self, path: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
                  trust_pickles: bool = False, config_candidates: Sequence[Path] = (),
-                 source_ep: int | None = None) -> None:
+                 source_ep: int | None = None, metadata_only: bool = False) -> None:
         self.path = Path(path)
         self._trust = trust_pickles
+        # inspect: tensors as records (no torch); read() refuses.
+        self._metadata_only = metadata_only
         self._maps: dict[RankKey, mmap.mmap] = {}
         self._touched: set[RankKey] = set()
         self._dropped: dict[str, str] = {}
@@ -398,7 +427,7 @@ class PerRankReader:
             else "lm_head.weight"
         for chunk in self._state[RankKey(0, pp - 1, 0)]:
             value = chunk.get(head)
-            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == 1 \
+            if _is_tensor(value) and value.dim() == 2 and value.shape[0] == 1 \
                     and self.config.vocab_size > 1:
                 self.config = self.config.as_value_model(1)
                 self._notes.append(f"{head} has one row: a value head (verl critic), read as "
@@ -459,7 +488,7 @@ class PerRankReader:
             for chunk in self._state[RankKey(0, p, 0)]:
                 for key, value in chunk.items():
                     if local_expert_index(key) is None or ".linear_fc2.weight" not in key \
-                            or not isinstance(value, torch.Tensor) or value.dim() != 2:
+                            or not _is_tensor(value) or value.dim() != 2:
                         continue
                     width = value.shape[-1]
                     if not 0 < width <= size or size % width or tp % (size // width):
@@ -503,7 +532,7 @@ class PerRankReader:
 
     def _load(self, path: Path) -> tuple[Any, mmap.mmap | None]:
         """The unpickled file and the private mapping its tensors view (None when trusted)."""
-        return load_rank_file(path, trust=self._trust)
+        return load_rank_file(path, trust=self._trust, metadata_only=self._metadata_only)
 
     def _inspect_keys(self, chunks: list[Mapping[str, Any]], path: Path) -> None:
         """Naming (era) and norm style from the keys of the first rank file."""
@@ -632,7 +661,7 @@ class PerRankReader:
         if key.endswith("_extra_state"):
             self._dropped[name] = "extra state (TE FP8 metadata), not a weight"
             return
-        if not isinstance(value, torch.Tensor):
+        if not _is_tensor(value):
             self._dropped[name] = f"non-tensor entry ({type(value).__name__})"
             return
         if name.removeprefix(lm_prefix(self.config)) in _TIED_COPIES and \
@@ -652,29 +681,37 @@ class PerRankReader:
         shapes, held = set(), set()
         for t in range(tp):
             shard_value = self._state[RankKey(t, p, e)][v].get(key)
-            if not isinstance(shard_value, torch.Tensor):
+            if not _is_tensor(shard_value):
                 raise CorruptCheckpointError(
                     f"{key} of {where} is missing from TP rank {t}'s file",
                     path=self._files[RankKey(t, p, e)], tensor=key)
             shapes.add(tuple(shard_value.shape))
-            held.add(shard_value.dtype)
+            # By name: a DType (a record) and a torch.dtype (a tensor: a rank file whose pickle
+            # needed torch) print the same.
+            held.add(str(shard_value.dtype))
         if len(shapes) != 1 or len(held) != 1:
             raise CorruptCheckpointError(
                 f"TP ranks disagree on the shape or dtype of {key} in {where}: "
-                f"{sorted(shapes)} {sorted(map(str, held))}", path=self.path, tensor=key)
+                f"{sorted(shapes)} {sorted(held)}", path=self.path, tensor=key)
         # Routed experts are cut by the expert TP size; TP ranks t and t + ETP hold one piece.
         pieces = self.layout.expert_tp if expert is not None else tp
         shape = unshard_shape(shapes.pop(), partition, pieces)
         if pieces < tp and partition is not Partition.REPLICATED:
+            import torch  # a value comparison: records become views of the mapped files
+
             for t in range(pieces, tp):
-                if not torch.equal(self._state[RankKey(t, p, e)][v][key],
-                                   self._state[RankKey(t % pieces, p, e)][v][key]):
+                if not torch.equal(_as_tensor(self._state[RankKey(t, p, e)][v][key]),
+                                   _as_tensor(self._state[RankKey(t % pieces, p, e)][v][key])):
                     raise CorruptCheckpointError(
                         f"{key} of {where} differs between TP ranks {t % pieces} and {t}, "
                         f"which hold the same expert TP piece (expert TP={pieces})",
                         path=self._files[RankKey(t, p, e)], tensor=key)
         self._sources[name] = _Source(p, v, key, partition, blocks, e, pieces)
-        self._specs[name] = TensorSpec(name, shape, dtypes.from_torch(held.pop()))
+        held_name = held.pop()
+        dtype = dtypes.lookup(held_name.removeprefix("torch."))
+        if dtype is None:  # dtypes.from_torch's refusal
+            raise FormatError(f"dtype {held_name} is not supported")
+        self._specs[name] = TensorSpec(name, shape, dtype)
 
     # -- Reader protocol ----------------------------------------------------------------------
 
@@ -685,6 +722,8 @@ class PerRankReader:
         return self._dropped
 
     def read(self, name: str) -> torch.Tensor:
+        if self._metadata_only:
+            raise InternalError(f"{self.path} was opened for its metadata only")
         source = self._sources.get(name)
         if source is None:
             raise FormatError(f"tensor {name!r} is not in {self.path}", tensor=name)
@@ -967,6 +1006,8 @@ class PerRankWriter:
                 self._close_file(key, f)
 
     def _close_file(self, key: RankKey, f: _RankFile) -> None:
+        import torch
+
         if f.writer is None:
             raise InternalError(f"{f.path} was never opened")
         chunks: list[OrderedDict[str, Any]] = []

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                trust_pickles=args.trust_pickles)
     reader, resolved = open_reader(args.src, None, hf_config=args.hf_config,
                                    trust_pickles=args.trust_pickles,
-                                   source_ep=getattr(args, "source_ep", None))
+                                   source_ep=getattr(args, "source_ep", None),
+                                   metadata_only=True)
     try:
         source = SourceView.of(reader)
         plan = make_plan(source, ir_view(source), reader.config)

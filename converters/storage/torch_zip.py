@@ -41,14 +41,16 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.durable import WRITEBACK_MIN, close_file, start_writeback
 from ckpt_ir.errors import DestinationExistsError, InternalError
 from ckpt_ir.slabs import FileSlab, copy_range
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ALIGNMENT", "TensorRef", "TorchZipWriter"]
 
@@ -70,10 +72,17 @@ _CRC_AT = 14  # offset of the CRC-32 in a local file header
 _STORAGE_NAMES = ("DoubleStorage", "FloatStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
                   "IntStorage", "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage",
                   "ComplexFloatStorage", "ComplexDoubleStorage")
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # reading a legacy class's dtype warns about TypedStorage
-    _STORAGE_TYPES: dict[torch.dtype, type] = {getattr(torch, n).dtype: getattr(torch, n)
-                                               for n in _STORAGE_NAMES}
+
+
+@cache
+def _storage_types() -> dict[torch.dtype, type]:
+    # Built on first write: importing this module (the per-rank and DCP readers do) must not
+    # import torch (`ckpt-ir inspect`).
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reading a legacy class's dtype warns about TypedStorage
+        return {getattr(torch, n).dtype: getattr(torch, n) for n in _STORAGE_NAMES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +128,10 @@ class _Pickler(pickle.Pickler):
     """torch's tensor pickling, for :class:`TensorRef` placeholders instead of tensors."""
 
     def persistent_id(self, obj: Any) -> Any:
+        import torch
+
         if isinstance(obj, _StorageRef):
-            legacy = _STORAGE_TYPES.get(obj.dtype)
+            legacy = _storage_types().get(obj.dtype)
             if legacy is None:  # counted in bytes, like torch's UntypedStorage
                 return ("storage", torch.UntypedStorage, obj.key, "cpu",
                         obj.numel * _itemsize(obj.dtype))
@@ -128,12 +139,14 @@ class _Pickler(pickle.Pickler):
         return None
 
     def reducer_override(self, obj: Any) -> Any:
+        import torch
+
         if isinstance(obj, TensorRef):
             storage = _StorageRef(obj.key, obj.dtype, obj.numel)
             # (storage, storage_offset, size, stride, requires_grad, backward_hooks), as
             # torch.Tensor.__reduce_ex__ writes for a plain CPU tensor; dtypes without a legacy
             # storage class (float8, uint16, ...) add the dtype and use _rebuild_tensor_v3.
-            if obj.dtype in _STORAGE_TYPES:
+            if obj.dtype in _storage_types():
                 return (torch._utils._rebuild_tensor_v2,
                         (storage, 0, obj.shape, obj.stride, False, OrderedDict()))
             return (torch._utils._rebuild_tensor_v3,
@@ -143,10 +156,16 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+@cache
+def _quantized() -> frozenset[torch.dtype]:
+    import torch
+
+    return frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
 
 
 def _itemsize(dtype: torch.dtype) -> int:
+    import torch
+
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -163,6 +182,8 @@ def _file_crc32(slab: FileSlab, crc: int) -> int:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's elements as bytes, without a copy when it is contiguous on the CPU."""
+    import torch
+
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -300,7 +321,7 @@ class TorchZipWriter:
         Each slab goes to the file as it comes (a fused tensor is never built in memory);
         a slab of another dtype, or bytes that do not add up to ``shape``, is an InternalError.
         """
-        if dtype in _QUANTIZED:
+        if dtype in _quantized():
             raise InternalError(f"dtype {dtype} cannot be written as plain bytes")
         ref = TensorRef(str(self._next_key), dtype, tuple(int(n) for n in shape))
         self._next_key += 1

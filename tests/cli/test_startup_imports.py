@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import ckpt_ir
 from tests.fixtures import write_hf
 
 # Runs ckpt_ir.cli.main(argv) as the console script does, then prints the exit code and
@@ -91,3 +92,26 @@ def test_inspect_of_an_hf_directory_imports_no_torch(tmp_path: Path) -> None:
         assert printed == with_torch, argv
     info = json.loads(_run_probe(["inspect", str(src), "--json"])[0])
     assert (info["format"], info["dtypes"], info["ir_tensors"]) == ("hf", ["bfloat16"], 21), info
+
+
+@pytest.mark.parametrize(("to", "options"), [
+    ("mcore-dist", {}),
+    ("megatron-legacy", {"layout": {"tp": 2}, "pad_vocab_to_multiple": 8}),
+    ("verl-legacy", {"layout": {"tp": 2}, "pad_vocab_to_multiple": 8}),
+])
+def test_inspect_of_pickled_formats_imports_no_torch(tmp_path: Path, to: str,
+                                                     options: dict) -> None:
+    # mcore-dist: .metadata read in the unpickler's metadata mode (torch.Size -> tuple,
+    # torch.bfloat16 -> DType); common.pt is not opened when hf_config/ has the config.
+    # Per-rank: the rank files' tensors read as records (shape, stride, DType), no tensor built.
+    write_hf(tmp_path / "hf")
+    src = tmp_path / to
+    ckpt_ir.convert(tmp_path / "hf", src, to, **options)
+    for argv in (["inspect", str(src), "--json"], ["inspect", str(src)]):
+        printed, got = _run_probe(argv)
+        assert got == {"code": 0, "imported": []}, (argv, got)
+        with_torch, report = _run_probe(argv, with_torch=True)
+        assert report["code"] == 0 and "torch" in report["imported"]
+        assert printed == with_torch, argv
+    info = json.loads(_run_probe(["inspect", str(src), "--json"])[0])
+    assert (info["format"], info["dtypes"], info["ir_tensors"]) == (to, ["bfloat16"], 21), info

@@ -21,6 +21,13 @@ machine with every operation that can reach code gated:
   arguments. Two exceptions keep DCP metadata usable: ``MCoreMetadata``/``MCoreSavePlan`` (saved by
   megatron-core <= 0.15 as subclasses of DCP's ``Metadata``/``SavePlan``) come back as torch's
   real classes, with their extra attributes (``mcore_data``) kept in ``__dict__``.
+* Metadata mode (``load_pickle(..., torch_free=True)``, every DCP ``.metadata``;
+  ``load_torch_buffer(..., metadata_only=True)``, per-rank files for ``inspect``) reads a pickle
+  as data without importing torch: ``torch.Size`` builds a tuple after the same checks,
+  ``torch.<dtype>`` is ckpt-ir's :class:`~ckpt_ir.dtypes.DType` of that name, the strided
+  layout a name, storages and tensors :mod:`~ckpt_ir.safety.unpickler.records` after the
+  tensor rebuilder's own checks. A pickle naming any other torch global is loaded again in the
+  default mode, so the mode admits nothing the default refuses.
 * Being on the list does not make a name callable. ``REDUCE``/``NEWOBJ``/``INST``/``OBJ`` call
   only a safe re-implementation registered for that exact object, which checks argument types
   (``bytearray`` refuses an int size, numpy ``_reconstruct`` only builds empty arrays, tensors are

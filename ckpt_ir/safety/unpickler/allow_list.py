@@ -12,19 +12,25 @@ import io
 import math
 import pathlib
 import pickle
+import sys
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ckpt_ir import dcp_types
-from ckpt_ir.safety.unpickler import dtensor, sharded_tensor
+from ckpt_ir import dcp_types, dtypes
+from ckpt_ir.safety.unpickler import dtensor, records, sharded_tensor
 from ckpt_ir.safety.unpickler.stand_ins import StandIn, _StandInMeta
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the rules that build torch objects (tensors, storages, torch.Size...),
+# when a pickle names one, never by importing this module: `ckpt-ir inspect` of a DCP
+# directory reads its .metadata in metadata mode (:func:`_metadata_table`) without torch.
 
 _MAX_TENSOR_DIMS = 64
 # Nesting deeper than this is refused: CPython hashes, compares and prints nested containers by
@@ -44,6 +50,11 @@ _MIN_TREE_NODES = 1 << 20
 
 class _Refused(pickle.UnpicklingError):
     """An allowed name used in a way the allow-list does not admit (becomes Unsafe...Error)."""
+
+
+class _NeedsTorch(Exception):
+    """Metadata mode met a torch global outside its torch-free rules: the loader redoes the
+    whole load in the default mode, so such a pickle gets exactly the default's checks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +159,15 @@ def _safe_defaultdict(*args: Any) -> defaultdict[Any, Any]:
 
 
 def _safe_size(*args: Any) -> torch.Size:
+    import torch
+
     _argc("torch.Size", args, 0, 1)
     return torch.Size(_int_tuple(args[0], "torch.Size") if args else ())
 
 
 def _safe_device(*args: Any) -> torch.device:
+    import torch
+
     _argc("torch.device", args, 1, 2)
     _check(isinstance(args[0], str) and (len(args) == 1 or _is_int(args[1])),
            "torch.device needs (str[, int])")
@@ -161,6 +176,8 @@ def _safe_device(*args: Any) -> torch.device:
 
 @cache
 def _layouts() -> dict[str, torch.layout]:
+    import torch
+
     return {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
 
 
@@ -242,11 +259,25 @@ def _check_keys(keys: Any) -> None:
         _check_key(key)
 
 
-_LEAVES = (str, int, float, bool, bytes, bytearray, complex, type(None), torch.dtype,
-           torch.device, torch.layout, torch.memory_format, type)
+_BASE_LEAVES = (str, int, float, bool, bytes, bytearray, complex, type(None), type,
+                dtypes.DType, records.StorageClass, records.StorageRecord)
 
 
-def _children(obj: Any) -> list[Any] | tuple[Any, ...] | None:
+def _leaves() -> tuple[type, ...]:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return _BASE_LEAVES
+    return (*_BASE_LEAVES, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _tensor_type() -> tuple[type, ...]:
+    # Tensors and metadata mode's tensor records (one load has one kind or the other).
+    torch = sys.modules.get("torch")
+    return (records.TensorRecord,) if torch is None else (records.TensorRecord, torch.Tensor)
+
+
+def _children(obj: Any, leaves: tuple[type, ...]
+              ) -> list[Any] | tuple[Any, ...] | None:
     """What a consumer walking ``obj`` reaches next; None for leaves."""
     cls = type(obj)
     if cls in (list, tuple, set, frozenset):
@@ -256,7 +287,7 @@ def _children(obj: Any) -> list[Any] | tuple[Any, ...] | None:
         return [*obj.keys(), *obj.values(), *(attrs.values() if type(attrs) is dict else ())]
     if isinstance(obj, StandIn):
         return (obj.args, obj.kwargs, obj.state)
-    if isinstance(obj, _LEAVES) or isinstance(obj, _StandInMeta):
+    if isinstance(obj, leaves) or isinstance(obj, _StandInMeta):
         return None
     state = getattr(obj, "__dict__", None)
     if type(state) is dict and state:
@@ -272,6 +303,8 @@ def _check_graph(root: Any, nbytes: int) -> list[torch.Tensor]:
     ``_TREE_NODES_PER_BYTE`` nodes per pickle byte. Iterative, with a memo: linear in the graph.
     """
     budget = max(_MIN_TREE_NODES, _TREE_NODES_PER_BYTE * nbytes)
+    tensor_type = _tensor_type()
+    leaves = _leaves()
     tensors: list[torch.Tensor] = []
     done: dict[int, tuple[int, int]] = {}  # id -> (depth, tree size); all alive via root
     on_path: set[int] = set()
@@ -281,13 +314,13 @@ def _check_graph(root: Any, nbytes: int) -> list[torch.Tensor]:
         if len(frames) >= MAX_NESTING:
             raise pickle.UnpicklingError(f"objects are nested more than {MAX_NESTING} levels "
                                          f"deep")
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, tensor_type):
             tensors.append(obj)
         frames.append([obj, iter(kids), 0, 1])
         on_path.add(id(obj))
 
-    kids = _children(root)
-    if isinstance(root, torch.Tensor):
+    kids = _children(root, leaves)
+    if isinstance(root, tensor_type):
         tensors.append(root)
     if kids is None:
         return tensors
@@ -297,12 +330,12 @@ def _check_graph(root: Any, nbytes: int) -> list[torch.Tensor]:
         for child in frame[1]:
             known = done.get(id(child))
             if known is None:
-                if isinstance(child, torch.Tensor) and not vars(child):
+                if isinstance(child, tensor_type) and not getattr(child, "__dict__", None):
                     tensors.append(child)
                     done[id(child)] = (0, 1)
                     known = (0, 1)
                 else:
-                    grandchildren = _children(child)
+                    grandchildren = _children(child, leaves)
                     if grandchildren is None:
                         frame[3] += 1
                         continue
@@ -334,7 +367,7 @@ def _view_extent(t: torch.Tensor) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
 
 
-def _check_disjoint_views(tensors: list[torch.Tensor]) -> None:
+def _check_disjoint_views(tensors: list[Any]) -> None:
     """Distinct tensors may not share bytes unless they are the same view (tied weights).
 
     Byte ranges are absolute addresses in the mapped file, so records that a crafted zip
@@ -345,7 +378,8 @@ def _check_disjoint_views(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         if t.numel() == 0:
             continue
-        start = t.untyped_storage().data_ptr() + t.storage_offset() * t.dtype.itemsize
+        start = t.start() if isinstance(t, records.TensorRecord) else \
+            t.untyped_storage().data_ptr() + t.storage_offset() * t.dtype.itemsize
         spans.append((start, start + _view_extent(t) * t.dtype.itemsize,
                       (t.dtype, tuple(t.shape), t.stride())))
     spans.sort(key=lambda s: (s[0], s[1]))
@@ -365,18 +399,36 @@ def _check_disjoint_views(tensors: list[torch.Tensor]) -> None:
 def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
                  requires_grad: Any, metadata: Any) -> torch.Tensor:
     """Bounds-checked stand-in for torch._utils._rebuild_tensor: a view, never a copy."""
+    import torch
+
     _check(type(storage) is torch.storage.TypedStorage,
            "tensor rebuilt from something that is not a storage")
     _check(isinstance(dtype, torch.dtype), "tensor dtype is not a torch.dtype")
+    untyped = storage._untyped_storage
+    size, stride = _check_view(offset, size, stride, requires_grad, dtype, untyped.nbytes())
+    tensor = torch.empty((0,), dtype=dtype).set_(untyped, offset, size, stride)
+    if requires_grad:
+        tensor.requires_grad_(True)
+    if metadata:
+        _check_tensor_metadata(metadata)
+        torch._utils.set_tensor_metadata(tensor, metadata)
+    # backward_hooks are ignored on purpose: torch never saves real hooks, and installing
+    # objects from a file as hooks would let them run during backward.
+    return tensor
+
+
+def _check_view(offset: Any, size: Any, stride: Any, requires_grad: Any, dtype: Any,
+                nbytes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The checks of a tensor view over a storage of ``nbytes`` bytes (torch tensors and
+    metadata-mode :class:`~ckpt_ir.safety.unpickler.records.TensorRecord` alike)."""
     _check(_is_int(offset) and offset >= 0, "tensor storage offset is invalid")
     size = _int_tuple(size, "tensor size")
     stride = _int_tuple(stride, "tensor stride")
     _check(len(size) == len(stride), "tensor size and stride differ in length")
     _check(type(requires_grad) is bool, "requires_grad is not a bool")
-    untyped = storage._untyped_storage
     itemsize = dtype.itemsize
     _check(itemsize > 0, f"unsupported dtype {dtype}")
-    capacity = untyped.nbytes() // itemsize
+    capacity = nbytes // itemsize
     if math.prod(size):
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         _check(last < capacity, "tensor view reaches past the end of its storage")
@@ -390,21 +442,19 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
             reach = s * n
     else:
         _check(offset <= capacity, "tensor storage offset is past the end of its storage")
-    tensor = torch.empty((0,), dtype=dtype).set_(untyped, offset, size, stride)
-    if requires_grad:
-        tensor.requires_grad_(True)
-    if metadata:
-        # torch only ever writes the conj/neg bits here.
-        _check(isinstance(metadata, dict) and set(metadata) <= {"conj", "neg"}
-               and all(type(v) is bool for v in metadata.values()),
-               "unsupported tensor metadata")
-        torch._utils.set_tensor_metadata(tensor, metadata)
-    # backward_hooks are ignored on purpose: torch never saves real hooks, and installing
-    # objects from a file as hooks would let them run during backward.
-    return tensor
+    return size, stride
+
+
+def _check_tensor_metadata(metadata: Any) -> None:
+    # torch only ever writes the conj/neg bits here.
+    _check(isinstance(metadata, dict) and set(metadata) <= {"conj", "neg"}
+           and all(type(v) is bool for v in metadata.values()),
+           "unsupported tensor metadata")
 
 
 def _rebuild_tensor_v2(*args: Any) -> torch.Tensor:
+    import torch
+
     _argc("_rebuild_tensor_v2", args, 6, 7)
     storage = args[0]
     _check(type(storage) is torch.storage.TypedStorage, "tensor rebuilt without a storage")
@@ -421,6 +471,8 @@ def _rebuild_tensor_v3(*args: Any) -> torch.Tensor:
 
 def _set_safe_state(obj: torch.Tensor, state: Any) -> None:
     """Python attributes on a tensor (Megatron tags params); never shadows a Tensor attribute."""
+    import torch
+
     if isinstance(state, tuple):
         _check(len(state) == 2, "invalid tensor state")
         parts = state
@@ -438,6 +490,8 @@ def _set_safe_state(obj: torch.Tensor, state: Any) -> None:
 
 
 def _rebuild_parameter(*args: Any) -> torch.nn.Parameter:
+    import torch
+
     _argc("_rebuild_parameter", args, 3, 3)
     _check(isinstance(args[0], torch.Tensor) and type(args[1]) is bool, "invalid parameter")
     return torch.nn.Parameter(args[0], args[1])
@@ -467,6 +521,8 @@ def _rebuild_dtensor(func_args: Any, state: Any) -> dtensor.DTensorRecord:
     """A pickled DTensor as data: wrapper arguments ``(DTensor, dtype, size, stride,
     storage_offset, layout, device, requires_grad)`` and state ``(None, {"_local_tensor",
     "_spec"})`` (torch 2.13, fsdp-dcp-formats.md §2.2)."""
+    import torch
+
     _check(isinstance(func_args, tuple) and len(func_args) == 8
            and func_args[0] is dtensor.DTensorRecord, "invalid DTensor wrapper arguments")
     _, dtype, size, stride, _offset, _layout, _device, _grad = func_args
@@ -488,6 +544,8 @@ def _rebuild_dtensor(func_args: Any, state: Any) -> dtensor.DTensorRecord:
 
 def _rebuild_from_type_v2(*args: Any) -> Any:
     # How torch saves a tensor that carries Python attributes: (func, type, args, state).
+    import torch
+
     _argc("_rebuild_from_type_v2", args, 4, 4)
     func, new_type, func_args, state = args
     rule = _rule_for(func)
@@ -580,11 +638,11 @@ def _numpy_rules() -> dict[tuple[str, str], _Rule]:
 # ---- the table ----------------------------------------------------------------------------
 
 
-_QUANTIZED = frozenset({torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4})
-
-
 def _storage_dtypes() -> dict[type, torch.dtype]:
     """Legacy storage classes (``torch.FloatStorage``...) as torch's pickler names them."""
+    import torch
+
+    quantized = {torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4}
     result: dict[type, torch.dtype] = {torch.storage.UntypedStorage: torch.uint8}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TypedStorage deprecation noise
@@ -593,16 +651,20 @@ def _storage_dtypes() -> dict[type, torch.dtype]:
                     and value is not torch.storage._LegacyStorage):
                 dtype = value.dtype
                 # Quantized storages need qtensor rebuilding, which is not admitted.
-                if isinstance(dtype, torch.dtype) and dtype not in _QUANTIZED:
+                if isinstance(dtype, torch.dtype) and dtype not in quantized:
                     result[value] = dtype
     return result
 
 
-@cache
-def _table() -> dict[tuple[str, str], _Rule]:
-    def plain(cls: type) -> _Rule:
-        return _Rule(cls, new=lambda: object.__new__(cls))
+def _plain(cls: type) -> _Rule:
+    return _Rule(cls, new=lambda: object.__new__(cls))
 
+
+@cache
+def _base_table() -> dict[tuple[str, str], _Rule]:
+    """The rules that need no torch: containers, scalars, paths, the plain-data mirrors of
+    DCP's, DTensor's and ShardedTensor's classes, Megatron's DCP subclasses."""
+    plain = _plain
     rules: dict[tuple[str, str], _Rule] = {
         ("builtins", "dict"): _Rule(dict, call=_iterable_call(dict, "dict")),
         ("builtins", "list"): _Rule(list, call=_iterable_call(list, "list")),
@@ -628,21 +690,12 @@ def _table() -> dict[tuple[str, str], _Rule]:
                                           call=_pure_path(pathlib.PureWindowsPath)),
         ("pathlib", "PureWindowsPath"): _Rule(pathlib.PureWindowsPath,
                                               call=_pure_path(pathlib.PureWindowsPath)),
-        ("torch", "Size"): _Rule(torch.Size, call=_safe_size),
-        ("torch", "device"): _Rule(torch.device, call=_safe_device),
-        ("torch", "Tensor"): _Rule(torch.Tensor),
-        ("torch.nn.parameter", "Parameter"): _Rule(torch.nn.Parameter),
-        ("torch.serialization", "_get_layout"): _function(_safe_get_layout),
-        ("torch._tensor", "_rebuild_from_type_v2"): _function(_rebuild_from_type_v2),
     }
     # Scalars and `object` are referenced (defaultdict factories, _reconstructor base), never
     # called: int(<huge str>) or bytes(<int>) would only cost time and memory.
     for ref in (int, float, str, bytes, bool, object):
         rules[("builtins", ref.__name__)] = _Rule(ref)
-    for name, fn in _TENSOR_REBUILDERS.items():
-        rules[("torch._utils", name)] = _function(fn)
     # FSDP's DTensors (verl-fsdp), as plain-data mirrors: ckpt_ir.safety.unpickler.dtensor.
-    rules[("torch._utils", "_rebuild_wrapper_subclass")] = _function(_rebuild_wrapper_subclass)
     rules[dtensor.DTENSOR_TYPE] = _Rule(dtensor.DTensorRecord)
     for cls, (module, name) in dtensor.DTENSOR_CLASSES.items():
         rules[(module, name)] = plain(cls)
@@ -656,13 +709,6 @@ def _table() -> dict[tuple[str, str], _Rule]:
     rules[sharded_tensor.MEM_FORMAT] = _Rule(sharded_tensor.MemFormatEncoding,
                                              call=_enum_call(sharded_tensor.MemFormatEncoding))
     rules[("builtins", "getattr")] = _function(_safe_getattr)
-    for name, value in vars(torch).items():
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-            rules[("torch", name)] = _Rule(value)
-    for cls in _storage_dtypes():
-        rules[(cls.__module__, cls.__name__)] = _Rule(cls)
-        if cls.__module__ == "torch.storage":
-            rules[("torch", cls.__name__)] = _Rule(cls)
     # torch.distributed.checkpoint's metadata classes, read as ckpt-ir's mirrors of them
     # (importing DCP itself costs 0.7 s; see ckpt_ir.dcp_types).
     for cls, (module, name) in dcp_types.DCP_CLASSES.items():
@@ -674,14 +720,170 @@ def _table() -> dict[tuple[str, str], _Rule]:
     mcore = "megatron.core.dist_checkpointing.strategies.torch"
     rules[(mcore, "MCoreMetadata")] = plain(dcp_types.Metadata)
     rules[(mcore, "MCoreSavePlan")] = plain(dcp_types.SavePlan)
+    _register(rules)
+    return rules
+
+
+def _torch_table() -> dict[tuple[str, str], _Rule]:
+    """The rules that build torch objects: tensors, storages, sizes, dtypes, devices."""
+    import torch
+
+    rules: dict[tuple[str, str], _Rule] = {
+        ("torch", "Size"): _Rule(torch.Size, call=_safe_size),
+        ("torch", "device"): _Rule(torch.device, call=_safe_device),
+        ("torch", "Tensor"): _Rule(torch.Tensor),
+        ("torch.nn.parameter", "Parameter"): _Rule(torch.nn.Parameter),
+        ("torch.serialization", "_get_layout"): _function(_safe_get_layout),
+        ("torch._tensor", "_rebuild_from_type_v2"): _function(_rebuild_from_type_v2),
+    }
+    for name, fn in _TENSOR_REBUILDERS.items():
+        rules[("torch._utils", name)] = _function(fn)
+    rules[("torch._utils", "_rebuild_wrapper_subclass")] = _function(_rebuild_wrapper_subclass)
+    for name, value in vars(torch).items():
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            rules[("torch", name)] = _Rule(value)
+    for cls in _storage_dtypes():
+        rules[(cls.__module__, cls.__name__)] = _Rule(cls)
+        if cls.__module__ == "torch.storage":
+            rules[("torch", cls.__name__)] = _Rule(cls)
     return rules
 
 
 @cache
-def _rules_by_identity() -> dict[int, _Rule]:
-    # Keyed by id(): identity, not equality, decides what an object on the stack may do.
-    # The rules hold strong references, so ids stay valid for the life of the process.
-    return {id(rule.obj): rule for rule in _table().values()}
+def _table() -> dict[tuple[str, str], _Rule]:
+    """Every rule (imports torch): what a torch.save archive or a trusted-shape pickle gets."""
+    rules = {**_base_table(), **_torch_table()}
+    _register(rules)
+    return rules
+
+
+# ---- metadata mode: a DCP .metadata read as data, without torch ----------------------------
+
+
+class LayoutName:
+    """A ``torch.layout`` read in metadata mode: only its name (``"torch.strided"``)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is LayoutName and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+STRIDED = LayoutName("torch.strided")
+
+
+def _size_as_tuple(*args: Any) -> tuple[int, ...]:
+    # torch.Size's checks (_safe_size), building the tuple torch.Size subclasses.
+    _argc("torch.Size", args, 0, 1)
+    return _int_tuple(args[0], "torch.Size") if args else ()
+
+
+def _layout_as_name(*args: Any) -> Any:
+    # Every DCP tensor is strided; any other layout is torch's own object, checked as ever.
+    if len(args) == 1 and type(args[0]) is str and args[0] == STRIDED.name:
+        return STRIDED
+    return _safe_get_layout(*args)
+
+
+def _make_record(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
+                 requires_grad: Any, metadata: Any) -> records.TensorRecord:
+    """:func:`_make_tensor` in metadata mode: the same checks, a record instead of a view."""
+    _check(type(storage) is records.StorageRecord,
+           "tensor rebuilt from something that is not a storage")
+    _check(isinstance(dtype, dtypes.DType), "tensor dtype is not a torch.dtype")
+    size, stride = _check_view(offset, size, stride, requires_grad, dtype, storage.nbytes)
+    if metadata:
+        _check_tensor_metadata(metadata)  # conj/neg bits: values, not metadata; not kept
+    return records.TensorRecord(storage, offset, size, stride, dtype, requires_grad)
+
+
+def _record_v2(*args: Any) -> records.TensorRecord:
+    _argc("_rebuild_tensor_v2", args, 6, 7)
+    storage = args[0]
+    _check(type(storage) is records.StorageRecord, "tensor rebuilt without a storage")
+    metadata = args[6] if len(args) == 7 else None
+    return _make_record(storage, args[1], args[2], args[3], storage.dtype, args[4], metadata)
+
+
+def _record_v3(*args: Any) -> records.TensorRecord:
+    _argc("_rebuild_tensor_v3", args, 7, 8)
+    metadata = args[7] if len(args) == 8 else None
+    return _make_record(args[0], args[1], args[2], args[3], args[6], args[4], metadata)
+
+
+def _record_parameter(*args: Any) -> records.TensorRecord:
+    _argc("_rebuild_parameter", args, 3, 3)
+    _check(isinstance(args[0], records.TensorRecord) and type(args[1]) is bool,
+           "invalid parameter")
+    t = args[0]
+    return records.TensorRecord(t.storage, t.offset, t.shape, t.strides, t.dtype, args[1])
+
+
+# torch's legacy storage classes (torch.<Name>Storage) and their element types; a test checks
+# each against torch's own class.
+_STORAGE_CLASSES = {
+    "DoubleStorage": dtypes.FLOAT64, "FloatStorage": dtypes.FLOAT32,
+    "HalfStorage": dtypes.FLOAT16, "BFloat16Storage": dtypes.BFLOAT16,
+    "LongStorage": dtypes.INT64, "IntStorage": dtypes.INT32, "ShortStorage": dtypes.INT16,
+    "CharStorage": dtypes.INT8, "ByteStorage": dtypes.UINT8, "BoolStorage": dtypes.BOOL,
+    "ComplexFloatStorage": dtypes.COMPLEX64, "ComplexDoubleStorage": dtypes.COMPLEX128,
+}
+
+
+@cache
+def _metadata_table() -> dict[tuple[str, str], _Rule]:
+    rules = {
+        ("torch", "Size"): _function(_size_as_tuple),
+        ("torch.serialization", "_get_layout"): _function(_layout_as_name),
+        ("torch._utils", "_rebuild_tensor_v2"): _function(_record_v2),
+        ("torch._utils", "_rebuild_tensor_v3"): _function(_record_v3),
+        ("torch._utils", "_rebuild_parameter"): _function(_record_parameter),
+    }
+    for name, dtype in _STORAGE_CLASSES.items():
+        rules[("torch", name)] = _Rule(records.StorageClass(name, dtype))
+    untyped = _Rule(records.StorageClass("UntypedStorage", dtypes.UINT8))  # counted in bytes
+    rules[("torch", "UntypedStorage")] = untyped
+    rules[("torch.storage", "UntypedStorage")] = untyped
+    _register(rules)
+    return rules
+
+
+def _metadata_rule(module: str, name: str) -> _Rule | None:
+    """Metadata mode's rule for a torch global, or None (then the load is redone in the
+    default mode: :class:`_NeedsTorch`).
+
+    ``torch.Size`` builds a checked tuple, ``torch.<dtype>`` is ckpt-ir's
+    :class:`~ckpt_ir.dtypes.DType` of that name (each one is torch's dtype of the same name:
+    tests/unit/test_unpickler_torch_free.py), ``torch.strided`` a :class:`LayoutName`, a storage
+    class a :class:`~ckpt_ir.safety.unpickler.records.StorageClass` and the tensor rebuilders
+    :class:`~ckpt_ir.safety.unpickler.records.TensorRecord` s. For code that only reads the
+    metadata (shapes, dtypes, where the bytes are); no tensor or storage is built.
+    """
+    rule = _metadata_table().get((module, name))
+    if rule is None and module == "torch":
+        dtype = dtypes.lookup(name)
+        if dtype is not None:
+            rule = _Rule(dtype)
+    return rule
+
+
+# Keyed by id(): identity, not equality, decides what an object on the stack may do. The
+# rules hold strong references, so ids stay valid for the life of the process. Each group of
+# rules (torch-free, torch, numpy, metadata mode) joins it when first loaded.
+_IDENTITY: dict[int, _Rule] = {}
+
+
+def _register(rules: dict[tuple[str, str], _Rule]) -> None:
+    _IDENTITY.update({id(rule.obj): rule for rule in rules.values()})
 
 
 _numpy_loaded: dict[tuple[str, str], _Rule] = {}
@@ -692,13 +894,15 @@ def _numpy_rule(module: str, name: str) -> _Rule | None:
     # join the identity index like the others.
     if not _numpy_loaded:
         rules = _numpy_rules()
-        _rules_by_identity().update({id(r.obj): r for r in rules.values()})
+        _base_table()
+        _register(rules)
         _numpy_loaded.update(rules)
     return _numpy_loaded.get((module, name))
 
 
 def _rule_for(obj: Any) -> _Rule | None:
-    return _rules_by_identity().get(id(obj))
+    _base_table()  # registers the torch-free rules on first use
+    return _IDENTITY.get(id(obj))
 
 
 @cache

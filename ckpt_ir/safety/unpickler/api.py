@@ -12,11 +12,10 @@ import os
 import pickle
 from typing import Any, BinaryIO
 
-import torch
-
 from ckpt_ir import dcp_types
 from ckpt_ir.errors import CorruptCheckpointError
 from ckpt_ir.safety.files import open_regular
+from ckpt_ir.safety.unpickler.allow_list import _NeedsTorch
 from ckpt_ir.safety.unpickler.archive import _Archive, _where
 from ckpt_ir.safety.unpickler.machine import _unpickle
 
@@ -37,13 +36,18 @@ def _warn_trusted(where: str, path: str | None = None) -> None:
 
 
 def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | None = None,
-                trust: bool = False) -> Any:
+                trust: bool = False, torch_free: bool = False) -> Any:
     """Unpickle a plain pickle (DCP ``.metadata``) through the allow-list.
 
     Args:
         data: the pickle bytes, or a binary file positioned at its start.
         path: shown in error messages and stored on raised errors.
         trust: use plain :func:`pickle.loads` (runs code from the file; logs a warning).
+        torch_free: metadata mode, for a pickle read only as metadata: ``torch.Size``,
+            ``torch.<dtype>`` and the strided layout come back as tuples,
+            :class:`~ckpt_ir.dtypes.DType` and :data:`~ckpt_ir.safety.unpickler.allow_list.
+            STRIDED`; a pickle naming any other torch global is loaded in the default mode
+            instead (importing torch; see :class:`RestrictedUnpickler`). Ignored with ``trust``.
 
     Raises:
         UnsafeCheckpointError: a global outside the allow-list; nothing was executed.
@@ -55,6 +59,11 @@ def load_pickle(data: bytes | bytearray | memoryview | BinaryIO, *, path: str | 
     if trust:
         _warn_trusted(where)
         return _TrustingUnpickler(io.BytesIO(data)).load()
+    if torch_free:
+        try:
+            return _unpickle(data, where, path, torch_free=True)
+        except _NeedsTorch:
+            pass  # names a torch global metadata mode has no rule for: the default's rules
     return _unpickle(data, where, path)
 
 
@@ -89,6 +98,8 @@ def load_torch(path: str | os.PathLike[str], *, offset: int = 0, length: int | N
         length = size - offset if length is None else length
         _check_range(name, size, offset, length)
         _warn_trusted(_where(name, offset, length, offset == 0 and length == size), name)
+        import torch
+
         if offset == 0 and length == size:
             return torch.load(name, map_location="cpu", weights_only=False, mmap=True)
         with open_regular(name) as file:
@@ -116,11 +127,15 @@ def map_file(path: str | os.PathLike[str]) -> mmap.mmap:
 
 
 def load_torch_buffer(buffer: mmap.mmap | bytearray, *, offset: int = 0,
-                      length: int | None = None, path: str | None = None) -> Any:
+                      length: int | None = None, path: str | None = None,
+                      metadata_only: bool = False) -> Any:
     """Restricted load of the ``torch.save`` archive at ``buffer[offset:offset + length]``.
 
     Tensors are views of ``buffer`` (keep it writable-private: :func:`map_file` or a
-    ``bytearray``). ``path`` names the file in errors.
+    ``bytearray``). ``path`` names the file in errors. ``metadata_only``: tensors come back
+    as :class:`~ckpt_ir.safety.unpickler.records.TensorRecord` (shape, stride, ``DType``,
+    where the bytes are), after the same checks, without importing torch; an archive whose
+    pickle names a torch global metadata mode has no rule for is loaded as tensors instead.
     """
     size = len(buffer)
     length = size - offset if length is None else length
@@ -129,7 +144,7 @@ def load_torch_buffer(buffer: mmap.mmap | bytearray, *, offset: int = 0,
     where = _where(path, offset, length, offset == 0 and length == size)
     if length == 0:
         raise CorruptCheckpointError(f"{where} is empty", path=path)
-    return _Archive(buffer, offset, length, where, path).load()
+    return _Archive(buffer, offset, length, where, path).load(metadata_only=metadata_only)
 
 
 def _check_range(name: str, size: int, offset: int, length: int) -> None:
@@ -147,5 +162,7 @@ def load_torch_bytes(data: bytes | bytearray | memoryview, *, path: str | None =
     where = "<memory>" if path is None else path
     if trust:
         _warn_trusted(where)
+        import torch
+
         return torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=False)
     return load_torch_buffer(bytearray(data), path=path)

@@ -11,13 +11,16 @@ import struct
 import sys
 import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import CorruptCheckpointError, FormatError
-from ckpt_ir.safety.unpickler.allow_list import _check
+from ckpt_ir.safety.unpickler.allow_list import _check, _NeedsTorch
 from ckpt_ir.safety.unpickler.machine import _unpickle
+from ckpt_ir.safety.unpickler.records import StorageRecord
 
 # The magic number that pre-1.6 (non-zip) torch.save files start with, pickled with protocol 2.
 _LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
@@ -89,6 +92,7 @@ class _Archive:
         self._where = where
         self._path = path
         self._storages: dict[str, tuple[torch.storage.TypedStorage, torch.dtype, int]] = {}
+        self._storage_records: dict[str, StorageRecord] = {}
         view = memoryview(buffer)[start:start + length]
         head = bytes(view[:512])
         if not head.startswith(b"PK\x03\x04"):
@@ -158,6 +162,8 @@ class _Archive:
         return bytes(memoryview(self._buffer)[record.offset:record.offset + record.size])
 
     def storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
+        import torch  # an archive's storages are torch's; a .metadata load never gets here
+
         cached = self._storages.get(key)
         if cached is not None:
             _check(cached[1:] == (dtype, numel), f"storage {key} is used with two dtypes/sizes")
@@ -179,8 +185,31 @@ class _Archive:
         self._storages[key] = (storage, dtype, numel)
         return storage
 
-    def load(self) -> Any:
+    def storage_record(self, key: str, dtype: DType, numel: int) -> StorageRecord:
+        """:meth:`storage` in metadata mode: the same checks, a record of where the bytes are."""
+        cached = self._storage_records.get(key)
+        if cached is not None:
+            _check((cached.dtype, cached.numel) == (dtype, numel),
+                   f"storage {key} is used with two dtypes/sizes")
+            return cached
+        record = self._records.get(f"data/{key}")
+        if record is None:
+            raise pickle.UnpicklingError(f"storage record data/{key} is missing")
+        nbytes = numel * dtype.itemsize
+        _check(record.size == nbytes,
+               f"storage record data/{key} has {record.size} bytes, expected {nbytes}")
+        storage = StorageRecord(key, dtype, numel, self._buffer, record.offset)
+        self._storage_records[key] = storage
+        return storage
+
+    def load(self, *, metadata_only: bool = False) -> Any:
         data = self._read(self._records["data.pkl"])
+        if metadata_only:
+            try:
+                return _unpickle(data, self._where, self._path, storages=self.storage_record,
+                                 torch_free=True)
+            except _NeedsTorch:
+                pass  # a torch global metadata mode has no rule for: tensors, as by default
         return _unpickle(data, self._where, self._path, storages=self.storage)
 
 

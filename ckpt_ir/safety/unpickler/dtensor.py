@@ -22,9 +22,10 @@ interprets the state: :mod:`ckpt_ir.converters.verl_fsdp` does, and checks it.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DTENSOR_CLASSES", "DTENSOR_TUPLES", "DTensorRecord", "DTensorSpec", "DeviceMesh",
            "Partial", "Replicate", "Shard", "ShardOrderEntry", "StridedShard", "TensorMeta"]
@@ -125,6 +126,8 @@ DTENSOR_TYPE = (f"{_D}.tensor", "DTensor")
 def make_tuple(cls: type, args: tuple[Any, ...]) -> Any:
     """A :data:`DTENSOR_TUPLES` instance from ``NEWOBJ`` arguments, checked field by field."""
     if cls is TensorMeta:
+        import torch
+
         if (len(args) != 3 or not isinstance(args[0], tuple) or not isinstance(args[1], tuple)
                 or not isinstance(args[2], torch.dtype)
                 or not all(type(v) is int for v in (*args[0], *args[1]))):

@@ -12,15 +12,17 @@ import struct
 import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ckpt_ir import dcp_types
 from ckpt_ir.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from ckpt_ir.safety.unpickler import sharded_tensor
+from ckpt_ir.safety.unpickler import records, sharded_tensor
 from ckpt_ir.safety.unpickler.allow_list import (
     _MODULE_ALIASES,
+    _base_table,
     _check,
     _check_disjoint_views,
     _check_graph,
@@ -29,6 +31,8 @@ from ckpt_ir.safety.unpickler.allow_list import (
     _describe,
     _dict_state_types,
     _is_int,
+    _metadata_rule,
+    _NeedsTorch,
     _numpy_rule,
     _Refused,
     _rule_for,
@@ -45,7 +49,7 @@ from ckpt_ir.safety.unpickler.stand_ins import (
 _TRUST_HINT = "pass trust_pickles only for files you trust"
 
 
-StorageLoader = Callable[[str, torch.dtype, int], torch.storage.TypedStorage]
+StorageLoader = Callable[[str, "torch.dtype", int], "torch.storage.TypedStorage"]
 
 
 class RestrictedUnpickler(pickle._Unpickler):
@@ -56,23 +60,37 @@ class RestrictedUnpickler(pickle._Unpickler):
     key, location, numel)`` into storages; without it a persistent id is an error (plain
     pickles such as DCP ``.metadata`` have none). ``globals_seen`` records every
     ``(module, name)`` the pickle asked for, allowed or not.
+
+    ``torch_free`` (metadata mode, for pickles read only as metadata): ``torch.Size``,
+    ``torch.<dtype>``, the strided layout, storage classes and the tensor rebuilders resolve to
+    a checked tuple, a :class:`~ckpt_ir.dtypes.DType`, a layout name and
+    :mod:`~ckpt_ir.safety.unpickler.records` (after the default rules' checks), so a DCP
+    ``.metadata`` or a ``torch.save`` archive loads without importing torch. Any other torch
+    global raises :class:`_NeedsTorch`: the caller redoes the load in the default mode, so
+    nothing is admitted that the default mode refuses.
     """
 
     dispatch: ClassVar[dict[int, Callable[..., None]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: BinaryIO, *, where: str = "<memory>",
-                 storages: StorageLoader | None = None) -> None:
+                 storages: StorageLoader | None = None, torch_free: bool = False) -> None:
         super().__init__(file, encoding="utf-8")
         self.where = where
         self.globals_seen: set[tuple[str, str]] = set()
         self._storages = storages
+        self._torch_free = torch_free
 
     # ---- names ----
 
     def find_class(self, module: str, name: str) -> Any:
         self.globals_seen.add((module, name))
         module = _MODULE_ALIASES.get(module, module)
-        rule = _table().get((module, name))
+        if self._torch_free:
+            rule = _metadata_rule(module, name) or _base_table().get((module, name))
+            if rule is None and module.split(".", 1)[0] == "torch":
+                raise _NeedsTorch(f"{module}.{name}")
+        else:
+            rule = _table().get((module, name))
         if rule is None and module.split(".", 1)[0] == "numpy":
             rule = _numpy_rule(module, name)
         if rule is not None:
@@ -90,7 +108,10 @@ class RestrictedUnpickler(pickle._Unpickler):
         _check(isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage",
                "unsupported persistent id")
         _, storage_type, key, _location, numel = pid
-        dtype = _storage_dtype_by_identity().get(id(storage_type))
+        if self._torch_free:
+            dtype = storage_type.dtype if type(storage_type) is records.StorageClass else None
+        else:
+            dtype = _storage_dtype_by_identity().get(id(storage_type))
         if dtype is None:
             raise pickle.UnpicklingError("persistent id names an unknown storage type")
         _check(isinstance(key, str) and _is_int(numel) and numel >= 0,
@@ -186,7 +207,10 @@ class RestrictedUnpickler(pickle._Unpickler):
             _check(isinstance(state, tuple) and len(state) == 5, "invalid TensorProperties")
             _check_key(state[3])  # the memory format encoding is looked up by hash
             try:
-                dcp_types.TensorProperties.__setstate__(inst, state)
+                if self._torch_free:
+                    dcp_types.set_properties_state_as_data(inst, state)
+                else:
+                    dcp_types.TensorProperties.__setstate__(inst, state)
             except ValueError as e:
                 raise UnsafeCheckpointError(str(e)) from None
             return
@@ -286,11 +310,14 @@ def _is_numpy_data(obj: Any) -> bool:
 
 
 def _unpickle(data: bytes | bytearray | memoryview, where: str, path: str | None,
-              storages: StorageLoader | None = None) -> Any:
+              storages: StorageLoader | None = None, *, torch_free: bool = False) -> Any:
     try:
-        result = RestrictedUnpickler(io.BytesIO(data), where=where, storages=storages).load()
+        result = RestrictedUnpickler(io.BytesIO(data), where=where, storages=storages,
+                                     torch_free=torch_free).load()
         _check_disjoint_views(_check_graph(result, len(data)))
         return result
+    except _NeedsTorch:
+        raise  # metadata mode: the caller loads again in the default mode
     except _Refused as exc:
         raise UnsafeCheckpointError(f"{exc} in {where} ({_TRUST_HINT})", path=path) from exc
     except UnsafeCheckpointError as exc:

@@ -38,9 +38,10 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CLASSES", "MEM_FORMAT", "SHARDED_TENSOR_TYPE", "ChunkShardingSpec",
            "EnumerableShardingSpec", "LocalShard", "MemFormatEncoding", "ProcessGroupState",
@@ -48,6 +49,14 @@ __all__ = ["CLASSES", "MEM_FORMAT", "SHARDED_TENSOR_TYPE", "ChunkShardingSpec",
            "TensorProperties", "rebuild", "set_state"]
 
 _MAX_DIMS = 64
+
+
+def _torch() -> Any:
+    # The field checks run only when a pickle names these classes; importing this module (the
+    # allow-list does, to read a .metadata for `inspect`) must not import torch.
+    import torch
+
+    return torch
 
 
 def _fail(what: str) -> None:
@@ -84,7 +93,7 @@ class RemoteDevice(_Mirror):
     FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "_worker_name": lambda x: x is None or type(x) is str,
         "_rank": lambda x: x is None or _is_int(x),
-        "_device": lambda x: type(x) is torch.device,
+        "_device": lambda x: type(x) is _torch().device,
     }
 
 
@@ -106,7 +115,7 @@ class LocalShard(_Mirror):
 
     SLOTS = True
     FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
-        "tensor": lambda x: type(x) is torch.Tensor,
+        "tensor": lambda x: type(x) is _torch().Tensor,
         "metadata": lambda x: type(x) is ShardMetadata,
     }
 
@@ -125,8 +134,8 @@ class TensorProperties(_Mirror):
     requires_grad, MEM_FORMAT_ENCODING, pin_memory)``."""
 
     TUPLE: ClassVar[tuple[tuple[str, Callable[[Any], bool]], ...]] = (
-        ("dtype", lambda x: isinstance(x, torch.dtype)),
-        ("layout", lambda x: isinstance(x, torch.layout)),
+        ("dtype", lambda x: isinstance(x, _torch().dtype)),
+        ("layout", lambda x: isinstance(x, _torch().layout)),
         ("requires_grad", lambda x: type(x) is bool),
         ("memory_format", lambda x: type(x) is MemFormatEncoding),
         ("pin_memory", lambda x: type(x) is bool),
@@ -139,7 +148,7 @@ class ShardedTensorMetadata(_Mirror):
 
     FIELDS: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "shards_metadata": _list_of(ShardMetadata),
-        "size": lambda x: type(x) is torch.Size,
+        "size": lambda x: type(x) is _torch().Size,
         "tensor_properties": lambda x: type(x) is TensorProperties,
     }
 
@@ -257,6 +266,7 @@ def rebuild(func_args: Any, state: Any) -> ShardedTensorRecord:
     if type(func_args) is not tuple or len(func_args) != 8 \
             or func_args[0] is not ShardedTensorRecord:
         _fail("invalid ShardedTensor wrapper arguments")
+    torch = _torch()
     _, dtype, size, stride, offset, layout, device, grad = func_args
     if not (isinstance(dtype, torch.dtype) and isinstance(layout, torch.layout)
             and type(device) is torch.device and _is_int(offset) and type(grad) is bool):

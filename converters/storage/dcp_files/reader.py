@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
@@ -126,15 +127,20 @@ class _IndexBuilder:
 
     def tensor(self, fqn: str, md: TensorStorageMetadata,
                records: Mapping[tuple[str, tuple[int, ...] | None], _StorageInfo]) -> DcpTensor:
-        import torch
-
         props = getattr(md, "properties", None)
         dtype = getattr(props, "dtype", None)
         size = getattr(md, "size", None)
         shape = _int_tuple(size)
-        if not isinstance(props, TensorProperties) or not isinstance(dtype, torch.dtype):
+        # A DType from the torch-free load (read_index); a torch.dtype from a trusted one, or
+        # for a dtype ckpt-ir has no DType of (then from_torch refuses it, naming it). Only a
+        # process that imported torch can hold a torch.dtype.
+        torch = sys.modules.get("torch")
+        if not isinstance(props, TensorProperties) or not (
+                isinstance(dtype, dtypes.DType)
+                or (torch is not None and isinstance(dtype, torch.dtype))):
             raise self.corrupt(f"tensor {fqn!r} has no valid dtype", fqn)
-        dtype = dtypes.from_torch(dtype)
+        if not isinstance(dtype, dtypes.DType):
+            dtype = dtypes.from_torch(dtype)
         if shape is None or any(n < 0 for n in shape):
             raise self.corrupt(f"tensor {fqn!r} has invalid shape {size!r}", fqn)
         chunk_list = getattr(md, "chunks", None)
@@ -208,7 +214,8 @@ def read_index(directory: str | os.PathLike[str], *, trust: bool = False) -> Dcp
     root = Path(directory)
     meta_path = root / METADATA_FILE
     data = read_bytes(meta_path)
-    md = load_pickle(data, path=str(meta_path), trust=trust)
+    # Read as data (torch-free): the index keeps shapes, DTypes and byte ranges, no torch object.
+    md = load_pickle(data, path=str(meta_path), trust=trust, torch_free=True)
     if not isinstance(md, Metadata):
         raise CorruptCheckpointError(
             f"{meta_path} holds a {type(md).__qualname__}, not torch.distributed.checkpoint "

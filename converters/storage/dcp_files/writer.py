@@ -11,9 +11,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.converters.storage.dcp_files.records import METADATA_FILE, Box, DcpRecord
 from ckpt_ir.converters.storage.dcp_files.regions import _coverage_problem
@@ -32,6 +30,9 @@ from ckpt_ir.dcp_types import StorageInfo as _StorageInfo
 from ckpt_ir.durable import atomic_write, close_file
 from ckpt_ir.errors import DestinationExistsError, InternalError
 from ckpt_ir.slabs import FileSlab
+
+if TYPE_CHECKING:
+    import torch
 
 # The DCP format version torch 2.x writes (and megatron-core 0.16.1 wrote).
 _DCP_VERSION = "1.0.0"
@@ -52,6 +53,8 @@ def _without_record_crc32() -> Iterator[None]:
     per-record lengths are what readers check. The option is process-global, so it is
     restored right after each save.
     """
+    import torch
+
     previous = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
@@ -103,6 +106,8 @@ class DcpDataFile:
     def _append(self, obj: Any) -> tuple[int, int]:
         file = self._start()
         start = file.tell()
+        import torch
+
         with _without_record_crc32():
             torch.save(obj, file)
         return start, file.tell() - start
@@ -186,6 +191,8 @@ def write_metadata(directory: str | os.PathLike[str], records: Iterable[DcpRecor
             raise InternalError(f"chunk of {record.fqn!r}, which is not in `tensors`")
         else:
             chunks[record.fqn].append(record)
+
+    import torch  # the pickle names torch.Size and torch's dtypes, as torch's DCP writes them
 
     entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
