@@ -12,11 +12,16 @@ Results (each worker's ``finish_rank`` records) and progress come back over pipe
 nothing to write (fewer destination files than workers) is not forked: its empty record is made
 in the first process.
 
-Workers run torch single-threaded: GNU OpenMP does not survive ``fork`` (a child that enters a
-parallel region after its parent used one waits forever for threads that were not copied), the
-reason PyTorch's DataLoader sets one thread in its forked workers too. The parallelism is the
-processes'. The first process takes the first share itself, also single-threaded while the
-workers run, so N processes use N cores; its thread count is restored afterwards.
+Threads: GNU OpenMP does not survive ``fork`` once the parent has started its thread pool (a
+child that enters a parallel region then waits forever for threads that were not copied), the
+reason PyTorch's DataLoader sets one thread in its forked workers. Inside a caller's process we
+cannot know whether torch ran a parallel region before, so workers run single-threaded and the
+first process too while they run (its thread count is restored afterwards): N processes use N
+cores. The ``ckpt-ir`` command knows better: it forks before any tensor work of its process
+(planning touches metadata only), so it calls :func:`fork_before_threads` and the processes
+share torch's threads out instead (``threads // N`` each). Without that, ``--workers 2`` on a
+16-CPU host ran a CPU-bound conversion (FP8 dequantization) on 2 threads instead of one
+process's 16: 2.1x slower than one process (docs/scale.md).
 
 A worker that fails reports its error; one that dies (killed, out of memory) is noticed by its
 closed pipe. Either way the first process raises, the temporary directory is removed and the
@@ -73,11 +78,12 @@ def run_workers(plan: Plan, reader, writer_cls, options, dst: str | os.PathLike,
         try:
             first.begin(plan.dest_specs)
             shares = partition_units(plan, first.file_of, workers)
-            with _forked(plan, reader, writer_cls, options, tmp, shares) as pool:
+            threads = _threads_per_process(workers)
+            with _forked(plan, reader, writer_cls, options, tmp, shares, threads) as pool:
                 # Threads stay as they are when no worker was forked (every unit in one
                 # destination file, say a small model's single HF shard): one process then
                 # runs as a plain conversion would, torch's threads included.
-                with _single_threaded() if pool.procs else contextlib.nullcontext():
+                with _threads(threads) if pool.procs else contextlib.nullcontext():
                     execute(plan, reader, first, units=[plan.units[i] for i in shares[0]],
                             begin=False, on_progress=lambda n: pool.progress(n, on_progress))
                 outcomes = [first.finish_rank(), *pool.results(on_progress)]
@@ -131,7 +137,7 @@ class _Pool:
 
 @contextlib.contextmanager
 def _forked(plan: Plan, reader, writer_cls, options, tmp: Path,
-            shares: list[list[int]]) -> Iterator[_Pool]:
+            shares: list[list[int]], threads: int) -> Iterator[_Pool]:
     ctx = multiprocessing.get_context("fork")
     pool = _Pool()
     try:
@@ -148,7 +154,7 @@ def _forked(plan: Plan, reader, writer_cls, options, tmp: Path,
             receive, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker, name=f"ckpt-ir-worker-{rank}", daemon=True,
                                args=(plan, reader, writer_cls, options, tmp, rank, len(shares),
-                                     shares[rank], send))
+                                     shares[rank], threads, send))
             proc.start()
             send.close()
             pool.procs[rank] = proc
@@ -168,7 +174,7 @@ def _forked(plan: Plan, reader, writer_cls, options, tmp: Path,
 
 
 def _worker(plan: Plan, reader, writer_cls, options, tmp: Path, rank: int, world: int,
-            share: list[int], send: Connection) -> None:
+            share: list[int], threads: int, send: Connection) -> None:
     """One forked worker: its writer, its share of the units, its ``finish_rank`` record.
     Results travel over a pipe to the process that forked it (our own objects, pickled by
     ``multiprocessing``; nothing read from a checkpoint is unpickled here)."""
@@ -177,7 +183,7 @@ def _worker(plan: Plan, reader, writer_cls, options, tmp: Path, rank: int, world
     # directory; a worker just stops, and the parent, seeing it gone, cleans up.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    torch.set_num_threads(1)  # see the module docstring: OpenMP does not survive fork
+    torch.set_num_threads(threads)  # 1 unless the parent never started OpenMP's pool
     writer = writer_cls(tmp, reader.config, replace(options, rank=rank, world_size=world),
                         plan.dest_params)
     try:
@@ -201,10 +207,27 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+_FORK_BEFORE_THREADS = [False]
+
+
+def fork_before_threads() -> None:
+    """Declare that this process has run no torch parallel region and will not before it
+    forks its workers (the ``ckpt-ir`` command, before it plans): workers may then use
+    torch's threads, ``threads // workers`` each (see the module docstring)."""
+    _FORK_BEFORE_THREADS[0] = True
+
+
+def _threads_per_process(procs: int) -> int:
+    # get_num_threads reads the setting; it starts no thread pool.
+    if not _FORK_BEFORE_THREADS[0]:
+        return 1
+    return max(1, torch.get_num_threads() // procs)
+
+
 @contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
+def _threads(count: int) -> Iterator[None]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:

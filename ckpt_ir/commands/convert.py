@@ -100,6 +100,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         extra["torchtitan"] = True
     if args.quantize:
         extra["quantize"] = args.quantize
+    if args.workers > 1:
+        # This process plans on metadata and forks before any tensor work of its own, so
+        # its workers may share torch's threads (ckpt_ir.workers).
+        from ckpt_ir.workers import fork_before_threads
+
+        fork_before_threads()
     return convert_with_progress(args, to=args.to, source_format=args.source_format,
                                  max_shard_size=args.max_shard_size, hf_experts=args.hf_experts,
                                  mcore_experts=args.mcore_experts, **extra,

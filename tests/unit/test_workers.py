@@ -221,3 +221,41 @@ def test_fewer_destination_files_than_workers_forks_only_ranks_with_work(model, 
     for name in names:
         assert (tmp_path / "single" / name).read_bytes() == \
             (tmp_path / "multi" / name).read_bytes(), name
+
+
+def test_cli_workers_share_torch_threads_and_do_not_hang(fp32_model, tmp_path):
+    """The command forks before any tensor work of its own, so its workers may run torch
+    with several threads: in a fresh process that declares it (as ``ckpt-ir convert`` does),
+    workers forced to 2 threads each run parallel casts in the forked children. They must
+    finish (a child entering an OpenMP team its parent started would hang) and write what
+    one process writes."""
+    code = f"""
+import sys, ckpt_ir, ckpt_ir.workers as w
+w.fork_before_threads()
+w._threads_per_process = lambda procs: 2  # this machine may have too few cores for 2 each
+ckpt_ir.convert({str(fp32_model)!r}, sys.argv[1], to="hf", dtype="bf16",
+                max_shard_size=200_000, workers=2)
+"""
+    many = subprocess.run([sys.executable, "-c", code, str(tmp_path / "many")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert many.returncode == 0, many.stderr
+    ckpt_ir.convert(fp32_model, tmp_path / "one", to="hf", dtype="bf16",
+                    max_shard_size=200_000)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) >= 2
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == \
+            (tmp_path / "many" / name).read_bytes(), name
+
+
+def test_threads_are_shared_out_only_where_the_process_forks_before_threads():
+    code = ("import torch, ckpt_ir.workers as w; a = w._threads_per_process(2); "
+            "w.fork_before_threads(); print(a, w._threads_per_process(1), "
+            "w._threads_per_process(10**6), torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    a, one, many, threads = out.stdout.split()
+    # A caller's process: one thread per worker; the command: its threads shared out.
+    assert (a, one, many) == ("1", threads, "1")
