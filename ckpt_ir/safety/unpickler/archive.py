@@ -161,6 +161,16 @@ class _Archive:
     def _read(self, record: _Record) -> bytes:
         return bytes(memoryview(self._buffer)[record.offset:record.offset + record.size])
 
+    def _storage_bytes(self, key: str, nbytes: int) -> _Record:
+        """The record holding storage ``key``, which must be exactly ``nbytes`` long: the one
+        check both loading modes make before a storage or its record exists."""
+        record = self._records.get(f"data/{key}")
+        if record is None:
+            raise pickle.UnpicklingError(f"storage record data/{key} is missing")
+        _check(record.size == nbytes,
+               f"storage record data/{key} has {record.size} bytes, expected {nbytes}")
+        return record
+
     def storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
         import torch  # an archive's storages are torch's; a .metadata load never gets here
 
@@ -168,12 +178,8 @@ class _Archive:
         if cached is not None:
             _check(cached[1:] == (dtype, numel), f"storage {key} is used with two dtypes/sizes")
             return cached[0]
-        record = self._records.get(f"data/{key}")
-        if record is None:
-            raise pickle.UnpicklingError(f"storage record data/{key} is missing")
-        nbytes = numel * dtype.itemsize
-        _check(record.size == nbytes,
-               f"storage record data/{key} has {record.size} bytes, expected {nbytes}")
+        record = self._storage_bytes(key, numel * dtype.itemsize)
+        nbytes = record.size
         if nbytes == 0:
             untyped = torch.UntypedStorage(0)
         else:
@@ -192,12 +198,7 @@ class _Archive:
             _check((cached.dtype, cached.numel) == (dtype, numel),
                    f"storage {key} is used with two dtypes/sizes")
             return cached
-        record = self._records.get(f"data/{key}")
-        if record is None:
-            raise pickle.UnpicklingError(f"storage record data/{key} is missing")
-        nbytes = numel * dtype.itemsize
-        _check(record.size == nbytes,
-               f"storage record data/{key} has {record.size} bytes, expected {nbytes}")
+        record = self._storage_bytes(key, numel * dtype.itemsize)
         storage = StorageRecord(key, dtype, numel, self._buffer, record.offset)
         self._storage_records[key] = storage
         return storage
