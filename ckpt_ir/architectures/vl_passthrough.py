@@ -34,7 +34,7 @@ Megatron-Bridge ``gemma_vl/gemma3_vl_bridge.py``) and 7.4 (Mistral 3; Megatron-B
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -202,11 +202,16 @@ GEMMA3_MCORE_ROWS: tuple[Row, ...] = (
 )
 
 
-def _gemma3_megatron(config: ModelConfig, notes: list[str]) -> MegatronExtra:
-    extra = GEMMA3_TEXT.megatron_extra
-    if extra is None:
-        raise InternalError("gemma3_text has no Megatron settings")
-    return extra(_text_view(config), notes)
+def _text_megatron(text: Architecture) -> Callable[[ModelConfig, list[str]], MegatronExtra]:
+    """A VL model's Megatron settings: its language model's record's, on the text config."""
+
+    def megatron(config: ModelConfig, notes: list[str]) -> MegatronExtra:
+        extra = text.megatron_extra
+        if extra is None:
+            raise InternalError(f"{text.name} has no Megatron settings")
+        return extra(_text_view(config), notes)
+
+    return megatron
 
 
 def _gemma3_parts(config: ModelConfig) -> list[ModelPart]:
@@ -231,7 +236,7 @@ GEMMA3 = Architecture(
     {"mcore": GEMMA3_MCORE_ROWS, "hf": GEMMA3_HF_ROWS},
     schema=_gemma3_schema, hf_fields=_gemma3_fields, qk_norm=True,
     activation_fields=("hidden_activation", "hidden_act"), activations=("gelu_pytorch_tanh",),
-    megatron_activation="fast_gelu", megatron_extra=_gemma3_megatron,
+    megatron_activation="fast_gelu", megatron_extra=_text_megatron(GEMMA3_TEXT),
     megatron_args_suffice=False, text_config=text_config_of, mcore_prefix=LM,
     hf_expert_layout=gemma3_tower_spelling, parts=_gemma3_parts,
     hf_module_prefix="model.language_model.")
@@ -317,11 +322,6 @@ MISTRAL3_MCORE_ROWS: tuple[Row, ...] = (
 )
 
 
-def _mistral3_megatron(config: ModelConfig, notes: list[str]) -> MegatronExtra:
-    extra = MINISTRAL3.megatron_extra
-    if extra is None:
-        raise InternalError("ministral3 has no Megatron settings")
-    return extra(_text_view(config), notes)
 
 
 def _mistral3_parts(config: ModelConfig) -> list[ModelPart]:
@@ -344,6 +344,6 @@ def _mistral3_parts(config: ModelConfig) -> list[ModelPart]:
 MISTRAL3 = Architecture(
     "mistral3", "Mistral3",
     {"mcore": MISTRAL3_MCORE_ROWS, "hf": MISTRAL3_HF_ROWS},
-    schema=_mistral3_schema, hf_fields=_mistral3_fields, megatron_extra=_mistral3_megatron,
+    schema=_mistral3_schema, hf_fields=_mistral3_fields, megatron_extra=_text_megatron(MINISTRAL3),
     megatron_args_suffice=False, text_config=text_config_of, mcore_prefix=LM,
     parts=_mistral3_parts, hf_module_prefix="model.language_model.")
