@@ -618,7 +618,7 @@ class VerlFsdpReader:
     def describe(self) -> dict[str, Any]:
         version = (self.fsdp_config or {}).get("FSDP_version")
         strategy = (self.fsdp_config or {}).get("fsdp_strategy")
-        dtypes = sorted({str(s.dtype).removeprefix("torch.") for s in self._specs.values()})
+        held = sorted({str(s.dtype).removeprefix("torch.") for s in self._specs.values()})
         mesh = "x".join(str(n) for n in self.mesh_shape)
         names = (", ".join(self.mesh_names) if self.mesh_names
                  else "ShardedTensor, no device mesh" if self._sharded
@@ -629,7 +629,7 @@ class VerlFsdpReader:
                      else f"SkyRL {strategy}" if strategy else "unknown (no fsdp_config.json)"),
             "mesh": f"{mesh} ({names})",
             "rank_files_read": sorted({p.rank for _, ps in self._pieces.values() for p in ps}),
-            "dtype": ", ".join(dtypes),
+            "dtype": ", ".join(held),
             "lora": self._lora_text(),
             "config_from": str(self._config_dir or "the base model"),
             **({"notes": list(self._notes)} if self._notes else {}),
