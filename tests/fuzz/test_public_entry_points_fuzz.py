@@ -11,6 +11,7 @@ joins by adding rows there.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import io
 import json
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import ckpt_ir
+from ckpt_ir.commands import inspect as inspect_command
 from ckpt_ir.errors import CheckpointError
 from tests.fixtures import tree_bytes
 from tests.hostile import (
@@ -216,12 +218,23 @@ def mutations(target: Untrusted) -> st.SearchStrategy[bytes]:
 
 
 def exercise(path: Path, to: str, out: Path, *, model: bool = True) -> None:
-    """What users do with a checkpoint: convert it, then verify the result against it (which
-    opens it and reads every tensor); or, when the conversion is refused, open it and read
-    every tensor (which must be refused the same way). Adapters are only converted (open and
+    """What users do with a checkpoint: inspect it, convert it, then verify the result
+    against it (which opens it and reads every tensor); or, when the conversion is refused,
+    open it and read every tensor (which must be refused the same way). Adapters are only
+    converted (inspect, open and
     verify take models)."""
     before = tree_bytes(path)
     with bounded():
+        if model:
+            # `inspect` reads metadata only (DCP .metadata and rank pickles as records, no
+            # tensors): a path of its own through the unpickler, refused the same way.
+            try:
+                inspect_command.run(argparse.Namespace(src=str(path), hf_config=None,
+                                                       trust_pickles=False, source_ep=None,
+                                                       lora_alpha=None))
+            except CheckpointError as e:
+                note(f"inspect refused: {e}")
+                assert "\n" not in str(e), "the CLI prints errors as one line"
         try:
             ckpt_ir.convert(path, out, to=to)
         except CheckpointError as e:
