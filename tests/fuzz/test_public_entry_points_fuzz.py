@@ -221,8 +221,7 @@ def exercise(path: Path, to: str, out: Path, *, model: bool = True) -> None:
     """What users do with a checkpoint: inspect it, convert it, then verify the result
     against it (which opens it and reads every tensor); or, when the conversion is refused,
     open it and read every tensor (which must be refused the same way). Adapters are only
-    converted (inspect, open and
-    verify take models)."""
+    converted (inspect, open and verify take models)."""
     before = tree_bytes(path)
     with bounded():
         if model:
