@@ -20,10 +20,11 @@ from ckpt_ir.slabs import FileSlab
 if TYPE_CHECKING:
     import torch
 
+    from ckpt_ir.dtypes import DType
     from ckpt_ir.layout import ParallelLayout
 
-__all__ = ["AlphaSourceReader", "FileSlabWriter", "LayoutReader", "LocatingReader",
-           "MaybeEmptyReader", "PartitionedWriter", "RowsReader", "SlabWriter"]
+__all__ = ["AlphaSourceReader", "DequantizingReader", "FileSlabWriter", "LayoutReader",
+           "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "RowsReader", "SlabWriter"]
 
 
 @runtime_checkable
@@ -57,6 +58,15 @@ class RowsReader(Protocol):
     streams chunk by chunk instead of being assembled. None: read it whole."""
 
     def read_rows(self, name: str) -> tuple[torch.Tensor, ...] | None: ...
+
+
+@runtime_checkable
+class DequantizingReader(Protocol):
+    """A reader of a quantized checkpoint that can round what it dequantizes straight to the
+    destination's dtype (None: the dtype its tensors are presented in) instead of handing over
+    float32 weights for the executor to cast: same bits, a third of the memory."""
+
+    def dequantize_to(self, dtype: DType | None) -> None: ...
 
 
 @runtime_checkable

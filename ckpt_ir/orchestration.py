@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_ir import dtypes
-from ckpt_ir.capabilities import LayoutReader, SlabWriter
+from ckpt_ir.capabilities import DequantizingReader, LayoutReader, SlabWriter
 from ckpt_ir.detect import Resolved, dist_key_kinds, resolve, resolve_adapter
 from ckpt_ir.errors import CheckpointError, FormatError
 from ckpt_ir.formats import PER_RANK_FORMATS, adapter_reader_class, reader_class, writer_class
@@ -304,6 +304,9 @@ def plan_conversion(reader, to: str, options: WriteOptions) -> tuple[Plan, type]
             TensorSpec(s.name, s.shape, dtypes.FLOAT32)
             if s.dtype.is_floating_point and is_fp8_linear(s.name, s.shape, quant) else s
             for s in plan.dest_specs))
+    elif isinstance(reader, DequantizingReader):
+        # Dequantized weights arrive in the destination's dtype, as the plan counted them.
+        reader.dequantize_to(options.dtype)
     return plan, writer_cls
 
 

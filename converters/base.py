@@ -4,7 +4,8 @@ Required: :class:`Reader` and :class:`Writer` (:class:`DistributedWriter` for wr
 processes share). Optional capabilities, tested with ``isinstance`` by the core, are declared in
 :mod:`ckpt_ir.capabilities` and re-exported here: :class:`SlabWriter`, :class:`FileSlabWriter`,
 :class:`LocatingReader`, :class:`LayoutReader`, :class:`MaybeEmptyReader`,
-:class:`PartitionedWriter`, :class:`AlphaSourceReader`, :class:`RowsReader`. Writers take one typed
+:class:`PartitionedWriter`, :class:`AlphaSourceReader`, :class:`RowsReader`,
+:class:`DequantizingReader`. Writers take one typed
 :class:`~ckpt_ir.options.WriteOptions`.
 
 A reader exposes *native* tensors (the format's own names, with the unsharded layout of its
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ckpt_ir.capabilities import (
     AlphaSourceReader,
+    DequantizingReader,
     FileSlabWriter,
     LayoutReader,
     LocatingReader,
@@ -37,9 +39,10 @@ from ckpt_ir.tables import NativeParams
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["AdapterTarget", "AlphaSourceReader", "DistributedWriter", "FileSlabWriter",
-           "LayoutReader", "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "Reader",
-           "RowsReader", "SlabWriter", "SourceFiles", "VerlTree", "WriteOptions", "Writer"]
+__all__ = ["AdapterTarget", "AlphaSourceReader", "DequantizingReader", "DistributedWriter",
+           "FileSlabWriter", "LayoutReader", "LocatingReader", "MaybeEmptyReader",
+           "PartitionedWriter", "Reader", "RowsReader", "SlabWriter", "SourceFiles", "VerlTree",
+           "WriteOptions", "Writer"]
 
 
 @runtime_checkable

@@ -223,6 +223,9 @@ class HfReader:
     def read(self, name: str) -> torch.Tensor:
         return self._view.read(name)
 
+    def dequantize_to(self, dtype: DType | None) -> None:
+        self._view.dequantize_to(dtype)
+
     def _read_raw(self, name: str) -> torch.Tensor:
         if not self.has_data:
             raise FormatError(f"{self.path} holds a config but no weights; only --dry-run can "

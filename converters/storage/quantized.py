@@ -7,7 +7,9 @@ siblings, which some exports carry without one) wraps its tensor list in
 becomes (bfloat16) and read as float32 (block FP8, exact before the executor's one cast to the
 destination dtype) or bfloat16 (MXFP4, transformers' own dequantization). The pairing is
 checked on metadata, when the reader opens, so a missing or misshapen scale is refused before
-anything is written. Knows no models: only the names the formats use.
+anything is written. A conversion that knows its destination dtype asks for block FP8 in it
+(:meth:`DequantizedView.dequantize_to`): the same single rounding, without a float32 copy of the
+weight. Knows no models: only the names the formats use.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckpt_ir import dtypes
+from ckpt_ir.dtypes import DType
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import TensorSpec
 from ckpt_ir.quantization import (
@@ -57,6 +60,7 @@ class DequantizedView:
     def __init__(self, quant: Quantization | None, specs: Mapping[str, TensorSpec],
                  read_raw: Callable[[str], torch.Tensor]) -> None:
         self._read_raw = read_raw
+        self._fp8_dtype: DType = dtypes.FLOAT32
         self._pairs: dict[str, _Pair] = {}
         out: dict[str, TensorSpec] = {}
         fp8 = [n for n, s in specs.items() if s.dtype == FP8_DTYPE]
@@ -144,16 +148,23 @@ class DequantizedView:
         """How many tensors are dequantized on read."""
         return len(self._pairs)
 
+    def dequantize_to(self, dtype: DType | None) -> None:
+        """Block-FP8 weights are read already rounded to ``dtype`` (None: the dtype they are
+        presented in), the destination's: the float32 products are rounded once either way,
+        and no float32 copy of a whole weight is held. Until this is called they are read in
+        float32 (what re-quantization needs)."""
+        self._fp8_dtype = dtype or PRESENTED_DTYPE
+
     def read(self, name: str) -> torch.Tensor:
-        """``name`` as the model holds it; a quantized one dequantized (float32 for FP8, whose
-        cast to the destination dtype is the executor's single rounding)."""
+        """``name`` as the model holds it; a quantized one dequantized (block FP8 in float32,
+        or in the dtype given to :meth:`dequantize_to`)."""
         pair = self._pairs.get(name)
         if pair is None:
             return self._read_raw(name)
         data, scale = self._read_raw(pair.data), self._read_raw(pair.scale)
         if pair.kind == "fp8":
             assert self.quant is not None
-            return dequantize_fp8(data, scale, self.quant.block)
+            return dequantize_fp8(data, scale, self.quant.block, self._fp8_dtype.torch)
         return dequantize_mxfp4(data, scale, PRESENTED_DTYPE)
 
     def describe(self) -> str | None:

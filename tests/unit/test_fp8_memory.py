@@ -1,6 +1,7 @@
 """Dequantizing a block-FP8 checkpoint streams per tensor: the peak of an FP8 -> bf16 hf
-conversion does not grow with the model, and stays within the usual bound plus one tensor's
-float32 dequantization (measured in a subprocess, as tests/unit/test_memory.py does)."""
+conversion does not grow with the model, and stays within the usual bound (the weights are
+dequantized straight into bf16, row block by row block: no float32 copy of a weight), measured
+in a subprocess, as tests/unit/test_memory.py does."""
 
 from __future__ import annotations
 
@@ -24,6 +25,5 @@ def test_fp8_dequantization_peak_does_not_grow_with_the_model(tmp_path):
     assert peaks[12] - peaks[6] < 48 * MIB, peaks
     cfg = ModelConfig.from_hf({**CONFIG, "num_hidden_layers": 12})
     largest_bf16 = max(math.prod(s) for s in cfg.schema().values()) * 2
-    # The usual bound (largest tensor + 512 MiB of interpreter and torch), plus one tensor
-    # dequantized in float32 (twice its bf16 bytes).
-    assert peaks[12] < 3 * largest_bf16 + 512 * MIB, (peaks, largest_bf16)
+    # The usual bound: the largest tensor + 512 MiB of interpreter and torch.
+    assert peaks[12] < largest_bf16 + 512 * MIB, (peaks, largest_bf16)

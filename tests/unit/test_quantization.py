@@ -57,6 +57,56 @@ def test_fp8_dequantize_and_quantize_match_the_reference_on_ragged_blocks(rows, 
     assert torch.equal(_bits(q2), _bits(q)) and torch.equal(_bits(s2), _bits(s))
 
 
+_DEQUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _reference_in(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The reference float32 dequantization, rounded once to ``dtype``."""
+    out = reference_dequant(q, s)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN payloads included."""
+    wide = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(wide), b.view(wide))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 300), cols=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+       exponent=st.integers(-40, 12), nan_bytes=st.booleans(),
+       dtype=st.sampled_from(_DEQUANT_DTYPES))
+def test_fp8_dequantization_of_any_bytes_is_the_reference_in_any_dtype(
+        rows, cols, seed, exponent, nan_bytes, dtype):
+    """Every e4m3 byte (subnormals, -0, and NaN's 0x7f / 0xff when drawn), scales from 2**-40
+    to 2**12 (past the 2**8 where the bit-shift widening hands over to torch's decode): the
+    row-block dequantization in float32, bf16 and fp16 is the reference's float32 product
+    rounded once, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (rows, cols), generator=gen, dtype=torch.uint8)
+    if not nan_bytes:
+        raw[(raw & 0x7F) == 0x7F] = 0x7E
+    q = raw.view(FP8)
+    grid = fp8_scale_grid((rows, cols), (128, 128))
+    s = torch.rand(grid, generator=gen) * 2.0 ** exponent
+    assert _same(dequantize_fp8(q, s, dtype=dtype), _reference_in(q, s, dtype))
+
+
+def test_fp8_dequantization_is_exact_with_flush_to_zero_on():
+    """Shifted e4m3 subnormals are float32 subnormals: a caller's flush-to-zero would zero
+    them, so the bit-shift widening steps aside and the result is still the reference's."""
+    raw = torch.arange(256, dtype=torch.uint8).repeat(130, 1)  # every byte, two row blocks,
+    raw[(raw & 0x7F) == 0x7F] = 0  # but NaN's, whose blocks take torch's decode anyway
+    q, s = raw.view(FP8), torch.full((2, 2), 0.75)
+    assert torch.set_flush_denormal(True)  # x86-64 (SSE3) and aarch64 both have the mode
+    try:
+        got = dequantize_fp8(q, s, dtype=torch.bfloat16)
+    finally:
+        torch.set_flush_denormal(False)
+    assert _same(got, _reference_in(q, s, torch.bfloat16))
+    assert _same(dequantize_fp8(q, s, dtype=torch.bfloat16), _reference_in(q, s, torch.bfloat16))
+
+
 def test_fp8_576_rows_has_five_row_blocks_the_last_of_64():
     w = torch.randn(576, 200)
     w[512:] *= 100  # the last, 64-row block has its own scale
