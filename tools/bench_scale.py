@@ -90,8 +90,11 @@ def bench(src: Path, to: str, work: Path, args, env: dict[str, str]) -> dict[str
 def cpu_rates(mib: int = 256, repeat: int = 5) -> dict[str, float]:
     """Single-thread throughput (GB/s of output) of the per-tensor CPU work a conversion does:
     a bf16 copy, an fp32 -> bf16 cast, and block-FP8 (e4m3, 128 x 128 scales) -> bf16
-    dequantization by the releases' formula (``w.float() * scale`` over each block)."""
+    dequantization, by the releases' formula (``w.float() * scale`` over each block, what
+    ckpt-ir did until 2026-12-07) and by ckpt-ir's ``dequantize_fp8`` (same bits)."""
     import torch
+
+    from ckpt_ir.quantization import dequantize_fp8
 
     torch.set_num_threads(1)
     rows = mib * 2**20 // (2 * 4096)
@@ -101,12 +104,16 @@ def cpu_rates(mib: int = 256, repeat: int = 5) -> dict[str, float]:
     fp8 = src32.to(torch.float8_e4m3fn)
     scale = torch.rand(rows // 128, 4096 // 128) + 0.5
 
-    def dequant() -> torch.Tensor:
+    def reference() -> torch.Tensor:
         blocks = fp8.view(rows // 128, 128, 32, 128).float() * scale[:, None, :, None]
         return blocks.view(rows, 4096).to(torch.bfloat16)
 
     work = {"copy bf16": lambda: src16.clone(), "cast fp32->bf16": lambda: src32.to(torch.bfloat16),
-            "dequant fp8->bf16": dequant}
+            "dequant fp8->bf16 (reference formula)": reference,
+            "dequant fp8->bf16 (ckpt-ir)": lambda: dequantize_fp8(fp8, scale,
+                                                                  dtype=torch.bfloat16)}
+    assert torch.equal(reference().view(torch.int16), work["dequant fp8->bf16 (ckpt-ir)"]()
+                       .view(torch.int16))
     out = {}
     for name, fn in work.items():
         fn()
