@@ -56,6 +56,19 @@ def _rm(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def evict(tree: Path) -> None:
+    """Drop ``tree``'s pages from the page cache (``POSIX_FADV_DONTNEED`` after a ``sync``; no
+    root needed): the next reader finds every byte on disk, whatever ran before it."""
+    os.sync()
+    for f in tree.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def _time_cmd(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (KiB) of a command, via GNU time."""
     t0 = time.perf_counter()
@@ -251,6 +264,10 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / ".bench")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--cold-cache", action="store_true",
+                   help="evict the source from the page cache before every timed run, so "
+                        "every method reads it from disk (the spread of a model larger than "
+                        "RAM otherwise depends on what the previous run left cached)")
     p.add_argument("--fp8", action="store_true",
                    help="dequantize a synthetic block-FP8 checkpoint of --gib GiB to bf16 hf, "
                         "against a durable copy of the output's bytes")
@@ -281,26 +298,32 @@ def main() -> int:
         warm_workers[label].convert(source, out, to)
         _rm(out)
     results: dict[str, dict[str, list]] = {}
+
+    def fresh(source: Path) -> None:
+        _rm(out)
+        if args.cold_cache:
+            evict(source)
+
     for _ in range(args.runs):
         for label, source, to in directions:
             r = results.setdefault(label, {})
-            _rm(out)
+            fresh(source)
             r.setdefault("copy", []).append(durable_copy(source, out))
-            _rm(out)
+            fresh(source)
             m = cold(source, out, to, env)
             r.setdefault("cold", []).append(m["wall"])
             r.setdefault("cold_cpu", []).append(m["cpu"])
             r.setdefault("cold_rss", []).append(m["rss"])
-            _rm(out)
+            fresh(source)
             m = warm_workers[label].convert(source, out, to)
             r.setdefault("warm", []).append(m["wall"])
             r.setdefault("warm_cpu", []).append(m["cpu"])
             r.setdefault("warm_rss", []).append(m["rss"])
-            _rm(out)
+            fresh(source)
             wall, rss = cli(source, out, to, env)
             r.setdefault("cli", []).append(wall)
             r.setdefault("cli_rss", []).append(rss)
-            _rm(out)
+            fresh(source)
             if not args.no_naive:
                 wall, rss = naive(source, out, to)
                 r.setdefault("naive", []).append(wall)
