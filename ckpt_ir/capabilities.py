@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from ckpt_ir.layout import ParallelLayout
 
 __all__ = ["AlphaSourceReader", "DequantizingReader", "FileSlabWriter", "LayoutReader",
-           "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "RowsReader", "SlabWriter"]
+           "LocatingReader", "MaybeEmptyReader", "PartitionedWriter", "RangeReader", "RowsReader",
+           "SlabWriter"]
 
 
 @runtime_checkable
@@ -49,6 +50,15 @@ class LocatingReader(Protocol):
     and offset a tensor's bytes start at (None when it is not such a view)."""
 
     def locate(self, tensor: torch.Tensor) -> tuple[Path, int] | None: ...
+
+
+@runtime_checkable
+class RangeReader(Protocol):
+    """A reader that can say, from metadata, where a native tensor's bytes lie in its files:
+    ``(path, offset, length)`` ranges (none when it cannot tell), for
+    :mod:`ckpt_ir.readahead` to ask the kernel for them before they are read."""
+
+    def byte_ranges(self, name: str) -> Sequence[tuple[Path, int, int]]: ...
 
 
 @runtime_checkable

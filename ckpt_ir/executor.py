@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from ckpt_ir.capabilities import FileSlabWriter, LocatingReader, RowsReader, SlabWriter
+from ckpt_ir.capabilities import (
+    FileSlabWriter,
+    LocatingReader,
+    RangeReader,
+    RowsReader,
+    SlabWriter,
+)
 from ckpt_ir.durable import fsync_dir
 from ckpt_ir.errors import (
     CheckpointError,
@@ -31,6 +37,7 @@ from ckpt_ir.errors import (
 )
 from ckpt_ir.ir import TensorSpec
 from ckpt_ir.planner import Plan, Unit
+from ckpt_ir.readahead import Readahead, unit_ranges
 from ckpt_ir.safety.files import open_fd
 from ckpt_ir.slabs import FileSlab
 from ckpt_ir.transforms import TENSOR, Identity, join_rows, rows_shape
@@ -46,12 +53,27 @@ TEMP_MARKER = ".ckpt-ir-tmp-"
 
 def execute(plan: Plan, reader, writer, *,
             on_progress: Callable[[int], None] | None = None,
-            units: Iterable[Unit] | None = None, begin: bool = True) -> None:
+            units: Iterable[Unit] | None = None, begin: bool = True,
+            readahead: Readahead | None = None) -> None:
     """Run the units of ``plan``: read sources, invert their transforms, apply the targets'.
 
     ``units`` restricts the run to a subset (one rank's share in a distributed conversion,
-    whose writer was begun by the caller: ``begin=False``).
+    whose writer was begun by the caller: ``begin=False``). ``readahead``: one the caller
+    started for these units (before importing torch); by default a reader that can say where
+    its bytes are gets one here (:mod:`ckpt_ir.readahead`).
     """
+    todo = list(plan.units if units is None else units)
+    if readahead is None:
+        with Readahead(unit_ranges(reader, todo)
+                       if isinstance(reader, RangeReader) else ()) as own:
+            _execute(plan, reader, writer, todo, on_progress, begin, own)
+    else:
+        _execute(plan, reader, writer, todo, on_progress, begin, readahead)
+
+
+def _execute(plan: Plan, reader, writer, units: list[Unit],
+             on_progress: Callable[[int], None] | None, begin: bool,
+             readahead: Readahead) -> None:
     specs = {s.name: s for s in plan.dest_specs}
     # Writers that stream take a destination tensor as the row-major slabs of its transform
     # (a fused QKV as its q/k/v row blocks), so it is never built here.
@@ -63,9 +85,10 @@ def execute(plan: Plan, reader, writer, *,
     if begin:
         writer.begin(plan.dest_specs)
     with _SourceFiles() as files:
-        for unit in plan.units if units is None else units:
+        for unit in units:
             _run_unit(unit, reader, writer, specs, write_slabs,
                       None if locate is None else lambda t: files.slab(t, locate))
+            readahead.unit_done()
             if on_progress is not None:
                 on_progress(unit.bytes_written)
 
@@ -162,18 +185,19 @@ def _cast(slabs: Iterable[torch.Tensor], dtype: torch.dtype) -> Iterator[torch.T
 def write_checkpoint(plan: Plan, reader, writer_cls, config, options,
                      dest: str | os.PathLike, *, overwrite: bool, protect: tuple[Path, ...],
                      on_progress: Callable[[int], None] | None = None,
-                     replaceable: Callable[[Path], bool] | None = None) -> list[str]:
+                     replaceable: Callable[[Path], bool] | None = None,
+                     readahead: Readahead | None = None) -> list[str]:
     """Execute ``plan`` into ``dest`` atomically (temporary sibling, fsync, rename).
 
     Returns the files written, relative to ``dest``. The writer is aborted and the temporary
     directory removed on any failure; ``dest`` is then left as it was. ``replaceable``: see
-    :func:`atomic_directory`.
+    :func:`atomic_directory`; ``readahead``: see :func:`execute`.
     """
     with atomic_directory(dest, overwrite=overwrite, protect=protect,
                           replaceable=replaceable) as tmp:
         writer = writer_cls(tmp, config, options, plan.dest_params)
         try:
-            execute(plan, reader, writer, on_progress=on_progress)
+            execute(plan, reader, writer, on_progress=on_progress, readahead=readahead)
             writer.finish(reader)
         except BaseException:
             writer.abort()

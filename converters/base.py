@@ -5,7 +5,7 @@ processes share). Optional capabilities, tested with ``isinstance`` by the core,
 :mod:`ckpt_ir.capabilities` and re-exported here: :class:`SlabWriter`, :class:`FileSlabWriter`,
 :class:`LocatingReader`, :class:`LayoutReader`, :class:`MaybeEmptyReader`,
 :class:`PartitionedWriter`, :class:`AlphaSourceReader`, :class:`RowsReader`,
-:class:`DequantizingReader`. Writers take one typed
+:class:`DequantizingReader`, :class:`RangeReader`. Writers take one typed
 :class:`~ckpt_ir.options.WriteOptions`.
 
 A reader exposes *native* tensors (the format's own names, with the unsharded layout of its
@@ -28,6 +28,7 @@ from ckpt_ir.capabilities import (
     LocatingReader,
     MaybeEmptyReader,
     PartitionedWriter,
+    RangeReader,
     RowsReader,
     SlabWriter,
 )
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AdapterTarget", "AlphaSourceReader", "DequantizingReader", "DistributedWriter",
            "FileSlabWriter", "LayoutReader", "LocatingReader", "MaybeEmptyReader",
-           "PartitionedWriter", "Reader", "RowsReader", "SlabWriter", "SourceFiles", "VerlTree",
-           "WriteOptions", "Writer"]
+           "PartitionedWriter", "RangeReader", "Reader", "RowsReader", "SlabWriter",
+           "SourceFiles", "VerlTree", "WriteOptions", "Writer"]
 
 
 @runtime_checkable

@@ -114,6 +114,7 @@ class HfReader:
         self.params = NativeParams()
         self._specs: dict[str, TensorSpec] = {}
         self._where: dict[str, str] = {}
+        self._ranges: dict[str, tuple[Path, int, int]] = {}  # safetensors bytes, for readahead
         self._open: dict[str, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
         self._sharded: ShardedSafetensors | None = None
@@ -166,6 +167,7 @@ class HfReader:
                                                  path=p / file, tensor=name)
                 self._specs[name] = TensorSpec(name, tuple(entry.shape), entry.dtype)
                 self._where[name] = file
+                self._ranges[name] = (p / file, header.data_offset + entry.start, entry.nbytes)
         if expected is not None:
             for name, file in expected.items():
                 if self._where.get(name) != file:
@@ -225,6 +227,10 @@ class HfReader:
 
     def dequantize_to(self, dtype: DType | None) -> None:
         self._view.dequantize_to(dtype)
+
+    def byte_ranges(self, name: str) -> tuple[tuple[Path, int, int], ...]:
+        return tuple(self._ranges[raw] for raw in self._view.raw_names(name)
+                     if raw in self._ranges)
 
     def _read_raw(self, name: str) -> torch.Tensor:
         if not self.has_data:

@@ -457,6 +457,20 @@ class McoreDistReader:
                                        (1,) * n + tuple(t.shape[n:]))
         return region.reshape(t.shape[n:])
 
+    def byte_ranges(self, name: str) -> list[tuple[Path, int, int]]:
+        if name in self._joined:
+            return [r for k in self._joined[name] for r in self._dcp.byte_ranges(k)]
+        where = self._natives.get(name)
+        if where is None:
+            return []
+        fqn, index = where
+        if not index:
+            return self._dcp.byte_ranges(fqn)
+        shape = self._dcp.index.tensors[fqn].shape
+        n = len(index)
+        return self._dcp.byte_ranges(fqn, index + (0,) * (len(shape) - n),
+                                     (1,) * n + tuple(shape[n:]))
+
     def source_files(self) -> SourceFiles:
         src = Path(self._config_source)
         if not src.is_dir():

@@ -100,8 +100,9 @@ def in_process(src: Path, dst: Path, to: str) -> float:
 # so far (KiB).
 WORKER = r'''
 import json, os, resource, sys, time
+import torch  # untimed: the conversion imports it only when it first needs it
 import ckpt_ir
-ckpt_ir.convert  # the lazy attribute: ckpt_ir.api and torch are imported here, untimed
+ckpt_ir.convert  # the lazy attribute: ckpt_ir.api is imported here, untimed
 print("ready", flush=True)
 for line in sys.stdin:
     src, dst, to = line.split()
@@ -228,6 +229,15 @@ def cli(src: Path, dst: Path, to: str, env: dict[str, str]) -> tuple[float, int]
                      env=env)
 
 
+def cli_baseline(src: Path, dst: Path, to: str, env: dict[str, str], tree: Path
+                 ) -> tuple[float, int]:
+    """``python -m ckpt_ir convert`` from another checkout of ckpt-ir (``--baseline``)."""
+    env = {**env, "PYTHONPATH": str(tree),
+           "PYTHONPYCACHEPREFIX": env["PYTHONPYCACHEPREFIX"] + "-baseline"}
+    return _time_cmd([sys.executable, "-m", "ckpt_ir", "convert", str(src), str(dst), "--to",
+                      to, "--no-progress"], env=env)
+
+
 def startup_overhead(env: dict[str, str], *tiny: Path) -> list[list[float]]:
     """Wall times of `import torch`, `ckpt-ir --help`, and `ckpt-ir inspect` of each tiny
     checkpoint, 5 alternating runs."""
@@ -264,6 +274,11 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / ".bench")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--baseline", type=Path, metavar="TREE",
+                   help="also time the CLI of another checkout (e.g. a `git worktree` of the "
+                        "previous commit), alternated with the others: an A/B of a change. "
+                        "The tree must import on its own: `ln -s ../converters "
+                        "TREE/ckpt_ir/converters` (converters/ ships as ckpt_ir.converters)")
     p.add_argument("--cold-cache", action="store_true",
                    help="evict the source from the page cache before every timed run, so "
                         "every method reads it from disk (the spread of a model larger than "
@@ -323,6 +338,11 @@ def main() -> int:
             wall, rss = cli(source, out, to, env)
             r.setdefault("cli", []).append(wall)
             r.setdefault("cli_rss", []).append(rss)
+            if args.baseline:
+                fresh(source)
+                wall, rss = cli_baseline(source, out, to, env, args.baseline.resolve())
+                r.setdefault("cli_base", []).append(wall)
+                r.setdefault("cli_base_rss", []).append(rss)
             fresh(source)
             if not args.no_naive:
                 wall, rss = naive(source, out, to)
@@ -429,6 +449,13 @@ def _table(results: dict, size: int, largest: int, args) -> list[str]:
             f"| {label} | {_span(r['copy'])} | {_span(r['cold'])} | {med(r['cold']) / copy:.2f} "
             f"| {_span(r['cold_cpu'])} | {_span(r['warm'])} | {med(r['warm']) / copy:.2f} | "
             f"{_span(r['warm_cpu'])} | {_span(r['cli'])} | {med(r['cli']) / copy:.2f} |")
+    if args.baseline:
+        lines += ["", f"CLI of the baseline checkout ({args.baseline}), alternated with the rest:",
+                  ""]
+        for label, r in results.items():
+            lines.append(f"* {label}: {_span(r['cli_base'])}, "
+                         f"{med(r['cli_base']) / med(r['copy']):.2f} × copy (this checkout's "
+                         f"CLI {med(r['cli']) / med(r['copy']):.2f} ×)")
     lines += [
         "",
         f"Peak RSS (bound: largest tensor + 512 MiB = {bound:.0f} MiB):",

@@ -148,6 +148,11 @@ class DequantizedView:
         """How many tensors are dequantized on read."""
         return len(self._pairs)
 
+    def raw_names(self, name: str) -> tuple[str, ...]:
+        """The stored tensors ``name`` is read from (a quantized weight and its scale)."""
+        pair = self._pairs.get(name)
+        return (name,) if pair is None else (pair.data, pair.scale)
+
     def dequantize_to(self, dtype: DType | None) -> None:
         """Block-FP8 weights are read already rounded to ``dtype`` (None: the dtype they are
         presented in), the destination's: the float32 products are rounded once either way,

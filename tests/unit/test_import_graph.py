@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 ROOTS = {"ckpt_ir": REPO / "ckpt_ir", "ckpt_ir.converters": REPO / "converters"}
 
 CORE = ("ckpt_ir.ir", "ckpt_ir.transforms", "ckpt_ir.planner", "ckpt_ir.executor",
-        "ckpt_ir.layout", "ckpt_ir.tables", "ckpt_ir.options", "ckpt_ir.capabilities")
+        "ckpt_ir.layout", "ckpt_ir.tables", "ckpt_ir.options", "ckpt_ir.capabilities",
+        "ckpt_ir.readahead")
 """The format-free core: IR, transforms, tables, planner, executor, layouts, typed options and
 the capability protocols the executor asks for."""
 

@@ -289,6 +289,18 @@ class DcpReader:
                 return self.directory / file, offset
         return None
 
+    def byte_ranges(self, fqn: str, offsets: Sequence[int] | None = None,
+                    sizes: Sequence[int] | None = None) -> list[tuple[Path, int, int]]:
+        """Where the chunks overlapping the box ``[offsets, offsets + sizes)`` of tensor
+        ``fqn`` (the whole tensor by default) are stored: ``(path, offset, length)`` each,
+        from the metadata alone."""
+        tensor = self.index.tensors[fqn]
+        if offsets is None or sizes is None:
+            chunks: Sequence[DcpChunk] = tensor.chunks
+        else:
+            chunks = self._overlapping(tensor, (tuple(offsets), tuple(sizes)))
+        return [(self.directory / c.file, c.offset, c.length) for c in chunks]
+
     def _chunk(self, tensor: DcpTensor, chunk: DcpChunk) -> torch.Tensor:
         import torch
 
