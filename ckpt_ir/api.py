@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt_ir import dtypes
 from ckpt_ir.adapter_api import convert_adapter
-from ckpt_ir.capabilities import MaybeEmptyReader, RangeReader
+from ckpt_ir.capabilities import MaybeEmptyReader
 from ckpt_ir.detect import resolve
 from ckpt_ir.distributed import env_world, run_distributed
 from ckpt_ir.dtypes import DType
@@ -35,7 +35,7 @@ from ckpt_ir.orchestration import (
     target_layout,
 )
 from ckpt_ir.planner import SourceView, ir_view, make_plan
-from ckpt_ir.readahead import Readahead, unit_ranges
+from ckpt_ir.readahead import Readahead
 from ckpt_ir.tables import build_table
 
 if TYPE_CHECKING:
@@ -205,8 +205,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *,
         else:
             # Planned without torch: the first units' source bytes are read ahead while the
             # executor imports it (1.3-1.9 s of a fresh process), then ahead of each unit.
-            with Readahead(unit_ranges(reader, plan.units)
-                           if isinstance(reader, RangeReader) else ()) as ahead:
+            with Readahead.for_units(reader, plan.units) as ahead:
                 from ckpt_ir.executor import write_checkpoint
 
                 report.files = write_checkpoint(plan, reader, writer_cls, reader.config, wopts,

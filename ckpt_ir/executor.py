@@ -21,13 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ckpt_ir.capabilities import (
-    FileSlabWriter,
-    LocatingReader,
-    RangeReader,
-    RowsReader,
-    SlabWriter,
-)
+from ckpt_ir.capabilities import FileSlabWriter, LocatingReader, RowsReader, SlabWriter
 from ckpt_ir.durable import fsync_dir
 from ckpt_ir.errors import (
     CheckpointError,
@@ -37,7 +31,7 @@ from ckpt_ir.errors import (
 )
 from ckpt_ir.ir import TensorSpec
 from ckpt_ir.planner import Plan, Unit
-from ckpt_ir.readahead import Readahead, unit_ranges
+from ckpt_ir.readahead import Readahead
 from ckpt_ir.safety.files import open_fd
 from ckpt_ir.slabs import FileSlab
 from ckpt_ir.transforms import TENSOR, Identity, join_rows, rows_shape
@@ -64,8 +58,7 @@ def execute(plan: Plan, reader, writer, *,
     """
     todo = list(plan.units if units is None else units)
     if readahead is None:
-        with Readahead(unit_ranges(reader, todo)
-                       if isinstance(reader, RangeReader) else ()) as own:
+        with Readahead.for_units(reader, todo) as own:
             _execute(plan, reader, writer, todo, on_progress, begin, own)
     else:
         _execute(plan, reader, writer, todo, on_progress, begin, readahead)

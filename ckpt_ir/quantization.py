@@ -209,6 +209,18 @@ def _fast_widening_is_exact() -> bool:
     return bool((tiny * _E4M3_BIAS_GAP).item() == 2.0 ** -9)
 
 
+def _shift_widened(signed: torch.Tensor) -> torch.Tensor | None:
+    """e4m3 bytes (viewed as int8) as float32 values times 2**-120, by a shift and a mask;
+    None when a NaN byte is among them (it would come out as a finite 480 * 2**-120)."""
+    import torch
+
+    bits = signed.to(torch.int16)
+    bits.bitwise_left_shift_(4).bitwise_and_(_SIGN_AND_MAGNITUDE)
+    wide = bits.view(torch.bfloat16).to(torch.float32)
+    lo, hi = torch.aminmax(wide)
+    return None if hi > _E4M3_MAGNITUDE or lo < -_E4M3_MAGNITUDE else wide
+
+
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor,
                    block: tuple[int, int] = (128, 128), dtype: torch.dtype | None = None,
                    ) -> torch.Tensor:
@@ -236,24 +248,17 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor,
     # block's amax below 114688) and subnormals kept.
     fast = bool(scales.numel()) and bool(scales.abs().amax() < 2.0 ** 8) \
         and _fast_widening_is_exact()
-    shifted = per_col * _E4M3_BIAS_GAP if fast else per_col
+    shifted = per_col * _E4M3_BIAS_GAP if fast else None
     signed = weight.view(torch.int8)
     for i in range(grid[0]):
         r0, r1 = i * block[0], min(rows, (i + 1) * block[0])
-        if fast:
-            bits = signed[r0:r1].to(torch.int16)
-            bits.bitwise_left_shift_(4).bitwise_and_(_SIGN_AND_MAGNITUDE)
-            wide = bits.view(torch.bfloat16).to(torch.float32)
-            lo, hi = torch.aminmax(wide)
-            if hi > _E4M3_MAGNITUDE or lo < -_E4M3_MAGNITUDE:  # a NaN byte: decode this block
-                wide = weight[r0:r1].to(torch.float32)
-                wide.mul_(per_col[i])
-            else:
-                wide.mul_(shifted[i])
+        wide = _shift_widened(signed[r0:r1]) if shifted is not None else None
+        if wide is None:  # torch's decode: no fast path here, or a NaN byte in this block
+            wide, scale = weight[r0:r1].to(torch.float32), per_col[i]
         else:
-            wide = weight[r0:r1].to(torch.float32)
-            wide.mul_(per_col[i])
-        out[r0:r1].copy_(wide)
+            scale = shifted[i]
+        # The product is computed in float32 and rounded once as it is stored into ``out``.
+        torch.mul(wide, scale, out=out[r0:r1])
     return out
 
 

@@ -79,6 +79,12 @@ class Readahead:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
+    @classmethod
+    def for_units(cls, reader: object, units: Iterable[Unit]) -> Readahead:
+        """A readahead of ``units``' sources, or an idle one for a reader that cannot say
+        where its bytes are (not a :class:`RangeReader`)."""
+        return cls(unit_ranges(reader, units) if isinstance(reader, RangeReader) else ())
+
     def start(self) -> Readahead:
         if self._thread is None and self._units:
             self._thread = threading.Thread(target=self._run, name="ckpt-ir-readahead",

@@ -78,19 +78,25 @@ def test_hf_to_mcore_dist_conversion_imports_only_its_path(tmp_path: Path) -> No
                 "torch.distributed.checkpoint"} & set(got["imported"]), got
 
 
-def test_inspect_of_an_hf_directory_imports_no_torch(tmp_path: Path) -> None:
-    # Metadata only: the safetensors header, the config, the plan (ckpt_ir.dtypes, not torch
-    # dtypes). What it prints is what it prints with torch imported (the path that reads
-    # tensors), JSON and text alike.
-    src = tmp_path / "hf"
-    write_hf(src)
+def _inspect_without_torch(src: Path) -> dict:
+    """``inspect`` of ``src``, as JSON and as text: it imports no torch and prints what a
+    process with torch imported prints. Returns the JSON report."""
     for argv in (["inspect", str(src), "--json"], ["inspect", str(src)]):
         printed, got = _run_probe(argv)
         assert got == {"code": 0, "imported": []}, (argv, got)
         with_torch, report = _run_probe(argv, with_torch=True)
         assert report["code"] == 0 and "torch" in report["imported"]
         assert printed == with_torch, argv
-    info = json.loads(_run_probe(["inspect", str(src), "--json"])[0])
+    return json.loads(_run_probe(["inspect", str(src), "--json"])[0])
+
+
+def test_inspect_of_an_hf_directory_imports_no_torch(tmp_path: Path) -> None:
+    # Metadata only: the safetensors header, the config, the plan (ckpt_ir.dtypes, not torch
+    # dtypes). What it prints is what it prints with torch imported (the path that reads
+    # tensors), JSON and text alike.
+    src = tmp_path / "hf"
+    write_hf(src)
+    info = _inspect_without_torch(src)
     assert (info["format"], info["dtypes"], info["ir_tensors"]) == ("hf", ["bfloat16"], 21), info
 
 
@@ -107,11 +113,5 @@ def test_inspect_of_pickled_formats_imports_no_torch(tmp_path: Path, to: str,
     write_hf(tmp_path / "hf")
     src = tmp_path / to
     ckpt_ir.convert(tmp_path / "hf", src, to, **options)
-    for argv in (["inspect", str(src), "--json"], ["inspect", str(src)]):
-        printed, got = _run_probe(argv)
-        assert got == {"code": 0, "imported": []}, (argv, got)
-        with_torch, report = _run_probe(argv, with_torch=True)
-        assert report["code"] == 0 and "torch" in report["imported"]
-        assert printed == with_torch, argv
-    info = json.loads(_run_probe(["inspect", str(src), "--json"])[0])
+    info = _inspect_without_torch(src)
     assert (info["format"], info["dtypes"], info["ir_tensors"]) == (to, ["bfloat16"], 21), info

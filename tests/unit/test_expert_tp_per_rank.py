@@ -16,14 +16,19 @@ from tests.clients import hf_models
 EXPERT = "decoder.layers.0.mlp.experts.linear_fc2.weight0"
 
 
-@pytest.fixture(scope="module")
-def etp1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("etp1")
+def write_etp1(root: Path) -> Path:
+    """A tiny qwen3_moe as verl-legacy at TP 2, expert TP 1: both TP ranks hold whole experts
+    (also the checkpoint of tests/unit/test_per_rank_metadata_only.py)."""
     hf = hf_models.make_hf_model("qwen3_moe", root, seed=4)
     out = root / "verl"
     ckpt_ir.convert(hf, out, to="verl-legacy", layout={"tp": 2, "etp": 1},
                     pad_vocab_to_multiple=128)
     return out
+
+
+@pytest.fixture(scope="module")
+def etp1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_etp1(tmp_path_factory.mktemp("etp1"))
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import ckpt_ir
 from ckpt_ir.errors import CorruptCheckpointError, InternalError
 from ckpt_ir.orchestration import open_reader
 from ckpt_ir.safety.unpickler.records import TensorRecord
-from tests.clients import hf_models
+from tests.unit.test_expert_tp_per_rank import write_etp1
 
 EXPERT = "decoder.layers.0.mlp.experts.linear_fc2.weight0"
 
@@ -22,12 +21,7 @@ EXPERT = "decoder.layers.0.mlp.experts.linear_fc2.weight0"
 @pytest.fixture(scope="module")
 def etp1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # TP 2, expert TP 1: both TP ranks hold whole experts, compared while indexing.
-    root = tmp_path_factory.mktemp("etp1")
-    hf = hf_models.make_hf_model("qwen3_moe", root, seed=4)
-    out = root / "verl"
-    ckpt_ir.convert(hf, out, to="verl-legacy", layout={"tp": 2, "etp": 1},
-                    pad_vocab_to_multiple=128)
-    return out
+    return write_etp1(tmp_path_factory.mktemp("etp1"))
 
 
 def test_metadata_only_reader_indexes_what_the_default_reader_does(etp1: Path) -> None:

@@ -452,21 +452,33 @@ def _check_tensor_metadata(metadata: Any) -> None:
            "unsupported tensor metadata")
 
 
+def _v2_arguments(args: tuple[Any, ...], storage_type: type) -> tuple[Any, ...]:
+    """``_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])``
+    as ``_make_tensor`` / ``_make_record`` take them: the dtype is the storage's."""
+    _argc("_rebuild_tensor_v2", args, 6, 7)
+    storage = args[0]
+    _check(type(storage) is storage_type, "tensor rebuilt without a storage")
+    metadata = args[6] if len(args) == 7 else None
+    return storage, args[1], args[2], args[3], storage.dtype, args[4], metadata
+
+
+def _v3_arguments(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``_rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype[,
+    metadata])``: v3 carries the dtype itself (dtypes without a legacy storage class: uint16,
+    float8...)."""
+    _argc("_rebuild_tensor_v3", args, 7, 8)
+    metadata = args[7] if len(args) == 8 else None
+    return args[0], args[1], args[2], args[3], args[6], args[4], metadata
+
+
 def _rebuild_tensor_v2(*args: Any) -> torch.Tensor:
     import torch
 
-    _argc("_rebuild_tensor_v2", args, 6, 7)
-    storage = args[0]
-    _check(type(storage) is torch.storage.TypedStorage, "tensor rebuilt without a storage")
-    metadata = args[6] if len(args) == 7 else None
-    return _make_tensor(storage, args[1], args[2], args[3], storage.dtype, args[4], metadata)
+    return _make_tensor(*_v2_arguments(args, torch.storage.TypedStorage))
 
 
 def _rebuild_tensor_v3(*args: Any) -> torch.Tensor:
-    # v3 carries the dtype explicitly (dtypes without a legacy storage class: uint16, float8...).
-    _argc("_rebuild_tensor_v3", args, 7, 8)
-    metadata = args[7] if len(args) == 8 else None
-    return _make_tensor(args[0], args[1], args[2], args[3], args[6], args[4], metadata)
+    return _make_tensor(*_v3_arguments(args))
 
 
 def _set_safe_state(obj: torch.Tensor, state: Any) -> None:
@@ -807,17 +819,11 @@ def _make_record(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any,
 
 
 def _record_v2(*args: Any) -> records.TensorRecord:
-    _argc("_rebuild_tensor_v2", args, 6, 7)
-    storage = args[0]
-    _check(type(storage) is records.StorageRecord, "tensor rebuilt without a storage")
-    metadata = args[6] if len(args) == 7 else None
-    return _make_record(storage, args[1], args[2], args[3], storage.dtype, args[4], metadata)
+    return _make_record(*_v2_arguments(args, records.StorageRecord))
 
 
 def _record_v3(*args: Any) -> records.TensorRecord:
-    _argc("_rebuild_tensor_v3", args, 7, 8)
-    metadata = args[7] if len(args) == 8 else None
-    return _make_record(args[0], args[1], args[2], args[3], args[6], args[4], metadata)
+    return _make_record(*_v3_arguments(args))
 
 
 def _record_parameter(*args: Any) -> records.TensorRecord:
