@@ -22,7 +22,6 @@ import pytest
 
 from ckpt_ir.detect import describe_entry, resolve
 from ckpt_ir.probes import is_dist_dir, is_plain_dcp_dir
-from tests.clients.mcore_harness import free_port
 from tests.fixtures import tree_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,15 +29,15 @@ REPO = Path(__file__).resolve().parents[2]
 # FSDP2 needs a process group; a one-rank gloo group on CPU is a real one. The model carries
 # HF Llama parameter names, as an FSDP2 training script's model does.
 _FSDP2_SAVE = """
-import os, sys
+import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-dist.init_process_group("gloo", rank=0, world_size=1)
+# One rank: the rendezvous is a file, not a TCP port another test process could take first.
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
 
 
 class Layer(nn.Module):
@@ -93,8 +92,7 @@ def _save(script: str, out: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def plain_dcp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("plain_dcp")
-    port = str(free_port())  # a fixed scheme collides with other test processes' groups
-    return {"fsdp2": _save(_FSDP2_SAVE, root / "fsdp2", port),
+    return {"fsdp2": _save(_FSDP2_SAVE, root / "fsdp2", str(root / "rendezvous")),
             "torchtitan": _save(_TITAN_SAVE, root / "torchtitan")}
 
 

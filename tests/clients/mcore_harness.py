@@ -96,6 +96,12 @@ def _tail(path: Path, limit: int = 4000) -> str:
 _PORT_TAKEN = ("address already in use", "eaddrinuse")
 
 
+def port_taken(output: str) -> bool:
+    """Whether a launch failed only because its rendezvous port was taken (and may be retried
+    on a fresh one)."""
+    return any(m in output.lower() for m in _PORT_TAKEN)
+
+
 def launch(command: str, args: Any, *, world_size: int, timeout: float = 240.0,
            attempts: int = 3, module: str = "tests.clients.mcore_harness",
            env: dict[str, str] | None = None) -> None:
@@ -112,7 +118,7 @@ def launch(command: str, args: Any, *, world_size: int, timeout: float = 240.0,
                          extra_env=env or {})
             return
         except HarnessError as e:
-            if attempt + 1 == attempts or not any(m in str(e).lower() for m in _PORT_TAKEN):
+            if attempt + 1 == attempts or not port_taken(str(e)):
                 raise
 
 

@@ -10,7 +10,6 @@ import logging
 import os
 import pickle
 import random
-import socket
 import struct
 import subprocess
 import sys
@@ -633,9 +632,9 @@ torch.cuda.current_device = lambda: "cpu"
 import torch.distributed as dist
 
 
-def main(out, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def main(out, rendezvous):
+    # One rank: the rendezvous is a file, not a TCP port another test process could take.
+    dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=0, world_size=1)
     from megatron.core import dist_checkpointing, tensor_parallel
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedObject
@@ -685,12 +684,6 @@ if __name__ == "__main__":
 """
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def megatron_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("megatron.core")
@@ -699,7 +692,7 @@ def megatron_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script.write_text(MEGATRON_SAVE)
     ckpt = root / "ckpt"
     ckpt.mkdir()
-    done = subprocess.run([sys.executable, str(script), str(ckpt), free_port()],
+    done = subprocess.run([sys.executable, str(script), str(ckpt), str(root / "rendezvous")],
                           capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return ckpt

@@ -7,7 +7,6 @@ Also the multi-node launch simulated on one machine: two torchrun invocations wi
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from ckpt_ir.errors import CheckpointError, InternalError
 from ckpt_ir.options import WriteOptions
 from ckpt_ir.orchestration import open_reader, plan_conversion
 from ckpt_ir.workers import run_workers
+from tests.clients.mcore_harness import free_port, port_taken
 from tests.fixtures import TINY_LLAMA, load_dcp_tensors, write_hf
 from tests.strategies import bits_equal
 
@@ -170,25 +170,24 @@ def test_cli_workers(model, tmp_path):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "both").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_simulated_with_node_ranks_match_one_process(model, tmp_path):
     """``torchrun --nnodes 2 --node-rank R`` on one machine, one process per 'node', both
     pointing at the same static rendezvous: the launch a two-node job uses."""
     ckpt_ir.convert(model, tmp_path / "single", to="mcore-dist")
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
-         "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-         "-m", "ckpt_ir", "convert", str(model), str(tmp_path / "multi"), "--to",
-         "mcore-dist", "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for n in (0, 1)]
-    outs = [p.communicate(timeout=300) for p in nodes]
+    for attempt in range(3):  # the free port may be taken before the launcher binds it
+        port = free_port()
+        nodes = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
+             "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+             "-m", "ckpt_ir", "convert", str(model), str(tmp_path / "multi"), "--to",
+             "mcore-dist", "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for n in (0, 1)]
+        outs = [p.communicate(timeout=300) for p in nodes]
+        if attempt < 2 and any(p.returncode for p in nodes) \
+                and any(port_taken(err) for _, err in outs):
+            continue
+        break
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
     assert "written by 2 processes" in outs[0][0]  # node 0's rank 0 reports
     assert "written by" not in outs[1][0]
